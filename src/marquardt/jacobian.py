@@ -1,0 +1,103 @@
+"""Jacobians and Jacobian products of a residual function ``fun: R^n -> R^m``: pure tensor code.
+
+The exact Jacobian comes from :mod:`torch.func`: forward mode (``jacfwd``, one JVP per
+parameter) when ``n <= m``, reverse mode (``jacrev``, one VJP per residual) otherwise, both
+vectorised with ``vmap``. Functions that ``vmap`` cannot trace (data-dependent Python control
+flow, ``.item()``) fall back to :func:`torch.autograd.functional.jacobian`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+ResidualFunction = Callable[[Tensor], Tensor]
+
+
+def residuals_and_jacobian(fun: ResidualFunction, x: Tensor, n_residuals: int) -> tuple[Tensor, Tensor]:
+    """Residuals ``fun(x)`` and the exact Jacobian ``d fun / d x`` in one pass.
+
+    Parameters
+    ----------
+    fun : callable
+        Maps a 1-D tensor of shape ``(n,)`` to a 1-D tensor of shape ``(m,)``.
+    x : Tensor
+        Point of evaluation.
+    n_residuals : int
+        ``m``; picks forward mode when ``n <= m``.
+
+    Examples
+    --------
+    >>> fun = lambda x: torch.stack([x[0] ** 2, x[0] * x[1], x[1]])
+    >>> r, J = residuals_and_jacobian(fun, torch.tensor([1.0, 2.0]), 3)
+    >>> J.tolist()
+    [[2.0, 0.0], [2.0, 1.0], [0.0, 1.0]]
+    """
+
+    def with_value(point: Tensor) -> tuple[Tensor, Tensor]:
+        value = fun(point)
+        return value, value
+
+    transform = torch.func.jacfwd if x.shape[0] <= n_residuals else torch.func.jacrev
+    try:
+        jac, value = transform(with_value, has_aux=True)(x)
+    except (RuntimeError, NotImplementedError, TypeError):
+        value = fun(x).detach()
+        jac = torch.autograd.functional.jacobian(fun, x)
+    return value.detach(), jac.detach()
+
+
+def finite_difference_jacobian(fun: ResidualFunction, x: Tensor, value: Tensor) -> Tensor:
+    """Forward-difference (``"2-point"``) Jacobian with steps ``sqrt(eps) * max(1, |x_j|)``.
+
+    Examples
+    --------
+    >>> fun = lambda x: torch.stack([x[0] ** 2, 3 * x[1]])
+    >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> J = finite_difference_jacobian(fun, x, fun(x))
+    >>> [round(v, 5) for v in J.flatten().tolist()]
+    [2.0, 0.0, 0.0, 3.0]
+    """
+    eps = torch.finfo(x.dtype).eps
+    steps = eps**0.5 * torch.clamp(x.abs(), min=1.0)
+    columns = []
+    for j in range(x.shape[0]):
+        shifted = x.clone()
+        shifted[j] += steps[j]
+        delta = shifted[j] - x[j]  # the step actually representable
+        columns.append((fun(shifted) - value) / delta)
+    return torch.stack(columns, dim=1)
+
+
+def second_directional_derivative(fun: ResidualFunction, x: Tensor, direction: Tensor) -> Tensor:
+    """``d^2/dt^2 fun(x + t v)`` at ``t = 0``, by a forward-mode JVP of a JVP.
+
+    Examples
+    --------
+    >>> fun = lambda x: x**3
+    >>> second_directional_derivative(fun, torch.tensor([2.0]), torch.tensor([1.0])).tolist()
+    [12.0]
+    """
+
+    def directional(point: Tensor) -> Tensor:
+        return torch.func.jvp(fun, (point,), (direction,))[1]
+
+    try:
+        return torch.func.jvp(directional, (x,), (direction,))[1].detach()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return finite_difference_second_derivative(fun, x, direction)
+
+
+def finite_difference_second_derivative(
+    fun: ResidualFunction, x: Tensor, direction: Tensor, jvp: Tensor | None = None, h: float = 0.1
+) -> Tensor:
+    """Transtrum & Sethna's finite difference ``(2/h) ((r(x + h v) - r(x)) / h - J v)``.
+
+    Without ``jvp`` (``J v``) it uses the central second difference instead.
+    """
+    value = fun(x)
+    if jvp is not None:
+        return (2.0 / h) * ((fun(x + h * direction) - value) / h - jvp)
+    return (fun(x + h * direction) - 2 * value + fun(x - h * direction)) / h**2

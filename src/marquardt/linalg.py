@@ -1,0 +1,193 @@
+"""Damped linear solves for the Levenberg-Marquardt step: pure tensor code.
+
+Every system answers the same three questions for the LM loop:
+
+* ``solve(grad, damping, scale)``: the step ``h`` with ``(J^T J + damping * diag(scale)) h = -grad``;
+* ``curvature(h)``: ``h^T J^T J h``, for the predicted reduction of the quadratic model;
+* ``diagonal()``: ``diag(J^T J)``, for Jacobi scaling and the first damping value.
+
+:class:`NormalEquations` holds ``J^T J`` (formed once per iteration; a retried damping value
+only refactors it) and solves by Cholesky, falling back to a least-squares solve of the
+augmented system ``[J; sqrt(damping * scale)] h = [-r; 0]`` (QR/SVD, the condition number of
+``J`` rather than its square) when Cholesky fails or the factor is poorly conditioned.
+:class:`SampleSpaceEquations` solves ``h = -J^T (J J^T + damping I)^{-1} r`` in the (smaller)
+space of residuals, for problems with fewer residuals than parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def cholesky_or_none(matrix: Tensor) -> Tensor | None:
+    """Lower Cholesky factor of ``matrix``, or ``None`` when it fails or is ill-conditioned.
+
+    The condition test uses the diagonal of the factor: ``(min L_ii / max L_ii)^2`` estimates
+    ``1 / cond(matrix)`` from below; when it is under ``100 * eps`` the normal equations have lost
+    the accuracy a QR solve on ``J`` would keep.
+
+    Examples
+    --------
+    >>> cholesky_or_none(torch.eye(2, dtype=torch.float64)).diagonal().tolist()
+    [1.0, 1.0]
+    >>> cholesky_or_none(torch.tensor([[1.0, 2.0], [2.0, 1.0]])) is None
+    True
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        return None
+    diag = factor.diagonal()
+    if not bool(torch.isfinite(diag).all()):
+        return None
+    ratio = (diag.min() / diag.max()) ** 2
+    if float(ratio) < 100 * torch.finfo(matrix.dtype).eps:
+        return None
+    return factor
+
+
+def damped_lstsq(jac: Tensor, residuals: Tensor, damping: float, scale: Tensor) -> Tensor:
+    """Minimum-norm solution of ``[J; sqrt(damping * scale)] h = [-r; 0]`` (QR/SVD path)."""
+    n = jac.shape[1]
+    lower = torch.diag(torch.sqrt(damping * scale))
+    augmented = torch.cat([jac, lower])
+    rhs = torch.cat([-residuals, residuals.new_zeros(n)]).unsqueeze(1)
+    driver = "gelsd" if augmented.device.type == "cpu" else "gels"
+    return torch.linalg.lstsq(augmented, rhs, driver=driver).solution.squeeze(1)
+
+
+def damped_eigh_solve(gram: Tensor, grad: Tensor, damping: float, scale: Tensor) -> Tensor:
+    """Pseudo-inverse solve of the damped normal equations, for when no ``J`` is held."""
+    matrix = gram + torch.diag(damping * scale)
+    values, vectors = torch.linalg.eigh(matrix)
+    cutoff = values.abs().max() * matrix.shape[0] * torch.finfo(matrix.dtype).eps
+    inverse = torch.where(values > cutoff, 1.0 / values, torch.zeros_like(values))
+    return -(vectors @ (inverse * (vectors.T @ grad)))
+
+
+@dataclass
+class NormalEquations:
+    """The damped normal equations ``(J^T J + damping * diag(scale)) h = -grad``.
+
+    Parameters
+    ----------
+    gram : Tensor
+        ``J^T J``, shape ``(n, n)``.
+    jac, residuals : Tensor, optional
+        When given, the QR fallback solves the augmented least-squares system instead of the
+        eigen-decomposition of the damped ``gram``.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    >>> r = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    >>> system = NormalEquations(J.T @ J, J, r)
+    >>> system.solve(J.T @ r, 0.0, torch.ones(2, dtype=torch.float64)).tolist()
+    [-1.0, -0.5]
+    """
+
+    gram: Tensor
+    jac: Tensor | None = None
+    residuals: Tensor | None = None
+    path: str = field(default="cholesky", init=False)
+    name = "cholesky"
+
+    def diagonal(self) -> Tensor:
+        """``diag(J^T J)``."""
+        return self.gram.diagonal()
+
+    def solve(self, grad: Tensor, damping: float, scale: Tensor, residuals: Tensor | None = None) -> Tensor:
+        """The damped Gauss-Newton step; records the path taken in ``self.path``.
+
+        ``residuals`` (with ``grad = J^T residuals``) replaces the held residuals, as the
+        geodesic correction needs; without it the held ones are used.
+        """
+        factor = cholesky_or_none(self.gram + torch.diag(damping * scale))
+        if factor is not None:
+            self.path = "cholesky"
+            return -torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
+        residuals = self.residuals if residuals is None else residuals
+        if self.jac is not None and residuals is not None:
+            self.path = "qr"
+            return damped_lstsq(self.jac, residuals, damping, scale)
+        self.path = "eigh"
+        return damped_eigh_solve(self.gram, grad, damping, scale)
+
+    def curvature(self, step: Tensor) -> Tensor:
+        """``h^T J^T J h``."""
+        return step @ (self.gram @ step)
+
+
+@dataclass
+class SampleSpaceEquations:
+    """The LM step in residual space: ``h = -S J^T (J S J^T + damping I)^{-1} r``, ``S = diag(1/scale)``.
+
+    Equal to the normal-equations step (push-through identity) but factors an ``m x m`` matrix,
+    which is cheaper when there are fewer residuals ``m`` than parameters ``n``.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.float64)
+    >>> r = torch.tensor([5.0], dtype=torch.float64)
+    >>> SampleSpaceEquations(J, r).solve(J.T @ r, 0.0, torch.ones(3, dtype=torch.float64)).tolist()
+    [-1.0, -2.0, -0.0]
+    """
+
+    jac: Tensor
+    residuals: Tensor
+    path: str = field(default="sample-space", init=False)
+    name = "sample-space"
+    _cache: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
+
+    def diagonal(self) -> Tensor:
+        """``diag(J^T J)`` without forming ``J^T J``."""
+        return (self.jac * self.jac).sum(dim=0)
+
+    def _scaled_gram(self, scale: Tensor) -> Tensor:
+        # J S J^T is formed once per scale (once per iteration); damping retries reuse it.
+        if self._cache is None or not torch.equal(self._cache[0], scale):
+            scaled = self.jac / scale
+            self._cache = (scale.clone(), scaled @ self.jac.T)
+        return self._cache[1]
+
+    def solve(self, grad: Tensor, damping: float, scale: Tensor, residuals: Tensor | None = None) -> Tensor:
+        """The damped Gauss-Newton step, computed in residual space.
+
+        The right-hand side is ``residuals`` (default: the held ones), with ``grad = J^T residuals``.
+        """
+        residuals = self.residuals if residuals is None else residuals
+        small = self._scaled_gram(scale)
+        eye = torch.eye(small.shape[0], dtype=small.dtype, device=small.device)
+        factor = cholesky_or_none(small + damping * eye)
+        if factor is not None:
+            self.path = "sample-space"
+            coeffs = torch.cholesky_solve(residuals.unsqueeze(1), factor).squeeze(1)
+            return -(self.jac.T @ coeffs) / scale
+        self.path = "qr"
+        return damped_lstsq(self.jac, residuals, damping, scale)
+
+    def curvature(self, step: Tensor) -> Tensor:
+        """``||J h||^2``."""
+        product = self.jac @ step
+        return product @ product
+
+
+def make_system(jac: Tensor, residuals: Tensor) -> NormalEquations | SampleSpaceEquations:
+    """Pick the cheaper exact system for a held Jacobian: residual space when ``m < n``."""
+    m, n = jac.shape
+    if m < n:
+        return SampleSpaceEquations(jac, residuals)
+    return NormalEquations(jac.T @ jac, jac, residuals)
+
+
+def cosine_optimality(jac: Tensor, residuals: Tensor) -> float:
+    """MINPACK's scale-free gradient test: ``max_j |J_j^T r| / (||J_j|| ||r||)``."""
+    rnorm = torch.linalg.vector_norm(residuals)
+    cnorm = torch.linalg.vector_norm(jac, dim=0)
+    if float(rnorm) == 0.0:
+        return 0.0
+    cosines = (jac.T @ residuals).abs() / (cnorm * rnorm)
+    cosines = torch.where(cnorm > 0, cosines, torch.zeros_like(cosines))
+    return float(cosines.max()) if cosines.numel() else 0.0

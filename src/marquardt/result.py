@@ -1,0 +1,108 @@
+"""Termination status codes, their messages, and the typed result of :func:`least_squares`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: Status codes and messages, as in :func:`scipy.optimize.least_squares`.
+TERMINATION_MESSAGES: dict[int, str] = {
+    -2: "Stopped because `callback` function raised `StopIteration` or returned `True`",
+    -1: "Improper input parameters status returned from `leastsq`",
+    0: "The maximum number of function evaluations is exceeded.",
+    1: "`gtol` termination condition is satisfied.",
+    2: "`ftol` termination condition is satisfied.",
+    3: "`xtol` termination condition is satisfied.",
+    4: "Both `ftol` and `xtol` termination conditions are satisfied.",
+}
+
+
+def termination_message(status: int) -> str:
+    """Return the message for a termination ``status`` code.
+
+    Examples
+    --------
+    >>> termination_message(1)
+    '`gtol` termination condition is satisfied.'
+    """
+    return TERMINATION_MESSAGES[status]
+
+
+@dataclass(frozen=True)
+class LeastSquaresResult:
+    """The outcome of :func:`marquardt.least_squares`.
+
+    Attributes
+    ----------
+    x : Tensor or ndarray
+        The solution (numpy when ``x0`` was not a tensor).
+    cost : float
+        ``0.5 * sum(fun**2)`` at the solution.
+    fun : Tensor or ndarray
+        Residuals at the solution, shape ``(m,)``.
+    jac : Tensor or ndarray
+        Jacobian at the solution, shape ``(m, n)``.
+    grad : Tensor or ndarray
+        Gradient of the cost, ``jac.T @ fun``.
+    optimality : float
+        First-order optimality, ``max |grad|``.
+    nfev, njev, n_iter : int
+        Residual evaluations, Jacobian evaluations and accepted-or-rejected iterations.
+    status : int
+        Termination code; see :data:`TERMINATION_MESSAGES`.
+    message : str
+        Human-readable termination reason.
+    success : bool
+        ``status > 0``.
+    covariance : Tensor or ndarray
+        ``s**2 * pinv(J^T J)`` with ``s**2 = 2 cost / (m - n)`` (``inf`` when ``m <= n``),
+        as :func:`scipy.optimize.curve_fit` reports it.
+    stderr : Tensor or ndarray
+        Standard errors of the parameters, ``sqrt(diag(covariance))``.
+    """
+
+    x: Any
+    cost: float
+    fun: Any
+    jac: Any
+    grad: Any
+    optimality: float
+    nfev: int
+    njev: int
+    n_iter: int
+    status: int
+    message: str
+    success: bool
+    covariance: Any
+    stderr: Any
+
+
+@dataclass(frozen=True)
+class IterationInfo:
+    """What a ``callback`` of :func:`marquardt.least_squares` receives after each iteration.
+
+    Attributes
+    ----------
+    n_iter : int
+        Iterations so far (accepted and rejected damping trials count once per outer step).
+    x : Tensor
+        Current point (after the step when it was accepted).
+    cost : float
+        ``0.5 * sum(fun**2)`` at ``x``.
+    optimality : float
+        ``max |J^T r|`` at the point the step was computed from.
+    damping : float
+        Damping after the step.
+    step_norm : float
+        Norm of the last trial step.
+    accepted : bool
+        Whether the last step lowered the cost.
+    """
+
+    n_iter: int
+    x: Any
+    cost: float
+    optimality: float
+    damping: float
+    step_norm: float
+    accepted: bool

@@ -1,0 +1,609 @@
+"""The Levenberg-Marquardt iteration, and :func:`least_squares` built on it.
+
+There is one LM loop in marquardt: :func:`lm_step`. It takes a *problem* (anything with
+``linearize(x)`` and ``cost(x)``), the current linearization, a damping rule and its state, and
+tries damped Gauss-Newton steps until one is accepted, the damping rule gives up, a trial step
+becomes negligible, or the trial budget runs out. :func:`least_squares`, the
+:class:`~marquardt.LevenbergMarquardt` optimizer and :func:`marquardt.fit` all call it; they
+differ only in the problem they hand over and in their stopping rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .damping import DampingRule, DampingState, make_damping
+from .jacobian import (
+    finite_difference_jacobian,
+    finite_difference_second_derivative,
+    residuals_and_jacobian,
+    second_directional_derivative,
+)
+from .linalg import cosine_optimality, make_system
+from .result import IterationInfo, LeastSquaresResult, termination_message
+
+__all__ = [
+    "FixedScaling",
+    "JacobiScaling",
+    "Linearization",
+    "Problem",
+    "StepResult",
+    "least_squares",
+    "lm_step",
+    "make_scaling",
+]
+
+
+@dataclass
+class Linearization:
+    """The local model of a problem at a point.
+
+    Attributes
+    ----------
+    cost : float
+        ``0.5 * sum(r**2)`` at the point.
+    grad : Tensor
+        ``J^T r``, shape ``(n,)``.
+    system : object
+        A damped linear system (see :mod:`marquardt.linalg`): ``solve``, ``curvature``,
+        ``diagonal``, and ``path`` (the solver path last taken).
+    residuals, jac : Tensor, optional
+        Held only when the problem materialises them (small problems, :func:`least_squares`).
+    """
+
+    cost: float
+    grad: Tensor
+    system: Any
+    residuals: Tensor | None = None
+    jac: Tensor | None = None
+
+
+class Problem(Protocol):
+    """What :func:`lm_step` needs of a least-squares problem."""
+
+    def linearize(self, x: Tensor) -> Linearization:
+        """Residuals, gradient and a damped linear system at ``x``."""
+
+    def cost(self, x: Tensor) -> float:
+        """``0.5 * sum(r**2)`` at ``x``; ``inf`` when any residual is not finite."""
+
+
+@dataclass(frozen=True)
+class JacobiScaling:
+    """Scale the damping term by ``diag(J^T J)``, never letting an entry shrink (Moré, 1978).
+
+    Zero columns get scale 1 so that the damped matrix stays positive definite.
+    """
+
+    def update(self, previous: Tensor | None, diagonal: Tensor) -> Tensor:
+        """The scale for the next iteration, from the previous one and ``diag(J^T J)``."""
+        current = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
+        if previous is None:
+            return current
+        return torch.maximum(previous, current)
+
+
+@dataclass(frozen=True)
+class FixedScaling:
+    """A constant damping scale, ``1 / x_scale**2`` (``x_scale=1`` is Marquardt's identity damping)."""
+
+    values: Tensor
+
+    def update(self, previous: Tensor | None, diagonal: Tensor) -> Tensor:
+        """The fixed scale, whatever the curvature."""
+        return self.values.to(dtype=diagonal.dtype, device=diagonal.device)
+
+
+Scaling = JacobiScaling | FixedScaling
+
+
+def make_scaling(x_scale: Any, n: int, *, dtype: torch.dtype, device: torch.device | str) -> Scaling:
+    """Build the damping scale from ``x_scale``: ``"jac"``, a positive number, or ``n`` positive numbers.
+
+    Examples
+    --------
+    >>> make_scaling(2.0, 2, dtype=torch.float64, device="cpu").values.tolist()
+    [0.25, 0.25]
+    """
+    if isinstance(x_scale, str):
+        if x_scale == "jac":
+            return JacobiScaling()
+        raise ValueError(f"Invalid x_scale: {x_scale!r}; expected 'jac', a positive number or an array of {n}.")
+    values = torch.as_tensor(np.asarray(x_scale, dtype=np.float64), dtype=dtype, device=device)
+    if values.ndim == 0:
+        values = values.expand(n)
+    if values.shape != (n,) or not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        raise ValueError(
+            f"Invalid x_scale: expected 'jac', a positive number or {n} positive numbers; "
+            f"received {x_scale!r}."
+        )
+    return FixedScaling(1.0 / values**2)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The outcome of one LM iteration (:func:`lm_step`).
+
+    Attributes
+    ----------
+    x : Tensor
+        The new point when ``accepted``, else the old one.
+    cost : float
+        Cost at ``x``.
+    accepted : bool
+        Whether a trial step was kept.
+    state : DampingState
+        Damping state after the iteration.
+    step : Tensor
+        The last trial step.
+    actual_reduction, predicted_reduction, gain_ratio : float
+        Of the last trial step.
+    n_trials : int
+        Cost evaluations made (one per trial step).
+    small_step : bool
+        The last trial step was negligible (``||h|| <= xtol (xtol + ||x||)``).
+    exhausted : bool
+        The damping rule gave up (damping past its maximum).
+    """
+
+    x: Tensor
+    cost: float
+    accepted: bool
+    state: DampingState
+    step: Tensor
+    actual_reduction: float
+    predicted_reduction: float
+    gain_ratio: float
+    n_trials: int
+    small_step: bool
+    exhausted: bool
+
+    @property
+    def step_norm(self) -> float:
+        """Euclidean norm of the last trial step."""
+        return float(torch.linalg.vector_norm(self.step))
+
+
+GeodesicFn = Callable[[Tensor, Tensor, Tensor, float, Tensor], Tensor | None]
+
+
+def lm_step(
+    problem: Problem,
+    x: Tensor,
+    lin: Linearization,
+    scale: Tensor,
+    rule: DampingRule,
+    state: DampingState,
+    *,
+    max_trials: float = math.inf,
+    xtol: float = 0.0,
+    geodesic: GeodesicFn | None = None,
+) -> StepResult:
+    """One Levenberg-Marquardt iteration: damped trials until a step is accepted.
+
+    Parameters
+    ----------
+    problem : Problem
+        Evaluates the cost at trial points.
+    x : Tensor
+        Current point, shape ``(n,)``.
+    lin : Linearization
+        The problem linearised at ``x`` (its system is factorised again for each damping value,
+        never recomputed).
+    scale : Tensor
+        Damping scale ``D`` (the system is ``J^T J + damping * diag(D)``).
+    rule, state
+        Damping rule and its current state.
+    max_trials : float
+        Most trial steps to try.
+    xtol : float
+        A trial step with ``||h|| <= xtol * (xtol + ||x||)`` ends the iteration.
+    geodesic : callable, optional
+        ``geodesic(x, velocity, grad_scale, damping, scale)`` returns the acceleration correction
+        or ``None`` when it must be rejected (see :func:`least_squares`).
+
+    Returns
+    -------
+    StepResult
+
+    Notes
+    -----
+    The trial step solves ``(J^T J + damping * D) h = -J^T r``. Its gain ratio is
+    ``rho = (cost(x) - cost(x + h)) / (-(g^T h + h^T J^T J h / 2))``. A non-finite step or cost
+    is a rejected trial: damping rises and ``x`` is untouched.
+    """
+    trials = 0
+    xnorm = float(torch.linalg.vector_norm(x))
+    while True:
+        step = lin.system.solve(lin.grad, state.damping, scale)
+        if geodesic is not None and bool(torch.isfinite(step).all()):
+            step = _add_acceleration(geodesic, x, step, state.damping, scale)
+        trials += 1
+        trial_cost, predicted = _evaluate_trial(problem, x, lin, step)
+        actual = lin.cost - trial_cost if math.isfinite(trial_cost) else -math.inf
+        ratio = actual / predicted if predicted > 0 else (-1.0 if actual <= 0 else 1.0)
+        accepted = math.isfinite(actual) and rule.accepts(actual, ratio)
+        state = rule.update(state, accepted=accepted, gain_ratio=ratio)
+        if accepted:
+            return StepResult(x + step, trial_cost, True, state, step, actual, predicted, ratio, trials, False, False)
+        small = _is_small(step, xnorm, xtol)
+        exhausted = rule.exhausted(state)
+        if small or exhausted or trials >= max_trials:
+            return StepResult(x, lin.cost, False, state, step, actual, predicted, ratio, trials, small, exhausted)
+
+
+def _evaluate_trial(problem: Problem, x: Tensor, lin: Linearization, step: Tensor) -> tuple[float, float]:
+    """Cost at ``x + step`` and the reduction the quadratic model predicts for ``step``."""
+    if not bool(torch.isfinite(step).all()):
+        return math.inf, math.nan
+    predicted = -float(lin.grad @ step + 0.5 * lin.system.curvature(step))
+    return problem.cost(x + step), predicted
+
+
+def _is_small(step: Tensor, xnorm: float, xtol: float) -> bool:
+    norm = float(torch.linalg.vector_norm(step))
+    return math.isfinite(norm) and norm <= xtol * (xtol + xnorm)
+
+
+def _add_acceleration(geodesic: GeodesicFn, x: Tensor, velocity: Tensor, damping: float, scale: Tensor) -> Tensor:
+    acceleration = geodesic(x, velocity, velocity, damping, scale)
+    if acceleration is None:
+        return velocity
+    return velocity + 0.5 * acceleration
+
+
+# ---------------------------------------------------------------------------------------------
+# least_squares: a residual function of a parameter vector
+
+
+@dataclass
+class FunctionProblem:
+    """A residual function ``fun(x)`` with an exact, user-supplied or finite-difference Jacobian."""
+
+    fun: Callable[[Tensor], Tensor]
+    jac: Callable[[Tensor], Any] | str | None
+    n_residuals: int
+
+    def residuals(self, x: Tensor) -> Tensor:
+        return _as_tensor_like(self.fun(x), x)
+
+    def cost(self, x: Tensor) -> float:
+        with torch.no_grad():
+            r = self.residuals(x)
+        if not bool(torch.isfinite(r).all()):
+            return math.inf
+        return 0.5 * float(r @ r)
+
+    def residuals_and_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.jac is None:
+            return residuals_and_jacobian(self.residuals, x, self.n_residuals)
+        with torch.no_grad():
+            r = self.residuals(x)
+            if self.jac == "2-point":
+                return r, finite_difference_jacobian(self.residuals, x, r)
+            return r, _as_tensor_like(self.jac(x), x)
+
+    def linearize(self, x: Tensor) -> Linearization:
+        return _linearization(*self.residuals_and_jacobian(x))
+
+    def second_directional(self, x: Tensor, direction: Tensor, jvp: Tensor) -> Tensor:
+        if self.jac is None:
+            return second_directional_derivative(self.residuals, x, direction)
+        with torch.no_grad():
+            return finite_difference_second_derivative(self.residuals, x, direction, jvp)
+
+
+def _linearization(r: Tensor, jac: Tensor) -> Linearization:
+    return Linearization(0.5 * float(r @ r), jac.T @ r, make_system(jac, r), r, jac)
+
+
+def _as_tensor_like(value: Any, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(dtype=like.dtype, device=like.device) if value.dtype != like.dtype else value
+    return torch.as_tensor(np.asarray(value), dtype=like.dtype, device=like.device)
+
+
+@dataclass
+class _Geodesic:
+    """Geodesic acceleration (Transtrum & Sethna, 2012) with the ``2|a|/|v| <= alpha`` test."""
+
+    problem: FunctionProblem
+    lin: Linearization
+    alpha: float = 0.75
+
+    def __call__(self, x: Tensor, velocity: Tensor, _: Tensor, damping: float, scale: Tensor) -> Tensor | None:
+        jac = self.lin.jac
+        rpp = self.problem.second_directional(x, velocity, jac @ velocity)
+        if not bool(torch.isfinite(rpp).all()):
+            return None
+        acceleration = self.lin.system.solve(jac.T @ rpp, damping, scale, residuals=rpp)
+        vnorm = torch.linalg.vector_norm(velocity * scale.sqrt())
+        anorm = torch.linalg.vector_norm(acceleration * scale.sqrt())
+        if not bool(torch.isfinite(acceleration).all()) or float(2 * anorm) > self.alpha * float(vnorm):
+            return None
+        return acceleration
+
+
+def least_squares(
+    fun: Callable[..., Any],
+    x0: Any,
+    *,
+    jac: Callable[..., Any] | str | None = None,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    damping: str | DampingRule = "nielsen",
+    geodesic: bool = False,
+    ftol: float = 1e-8,
+    xtol: float = 1e-8,
+    gtol: float = 1e-8,
+    max_nfev: int | None = None,
+    x_scale: Any = "jac",
+    verbose: int = 0,
+    callback: Callable[[IterationInfo], Any] | None = None,
+) -> LeastSquaresResult:
+    """Minimise ``0.5 * sum(fun(x)**2)`` by Levenberg-Marquardt.
+
+    Parameters
+    ----------
+    fun : callable
+        ``fun(x, *args, **kwargs)`` maps a 1-D tensor of shape ``(n,)`` to the residuals, a 1-D
+        tensor of shape ``(m,)``. It is always called with a tensor (so that autograd can
+        differentiate it), on the device and dtype of the working point.
+    x0 : Tensor or array_like
+        Starting point. A tensor keeps its dtype and device (CPU or CUDA); numpy arrays and Python
+        numbers become float64, and the result is then returned as numpy.
+    jac : callable, "2-point" or None
+        ``None`` (default): the exact Jacobian by :mod:`torch.func` (forward mode when
+        ``n <= m``, reverse mode otherwise). A callable ``jac(x, *args, **kwargs)`` returning the
+        ``(m, n)`` Jacobian. ``"2-point"``: forward differences, only when asked for.
+    args, kwargs
+        Extra arguments passed to ``fun`` and ``jac``.
+    damping : {"nielsen", "marquardt"} or damping rule
+        ``"nielsen"`` (default): gain-ratio update with ``nu`` doubling. ``"marquardt"``: MATLAB
+        ``trainlm``'s ``x0.1`` / ``x10`` rule from ``1e-3``, stopping at ``1e10``.
+    geodesic : bool
+        Add geodesic acceleration (Transtrum & Sethna, 2012): the second directional derivative
+        of the residuals by a forward-mode JVP of a JVP, solved with the same factorisation; the
+        correction is dropped when ``2 |a| / |v| > 0.75``.
+    ftol, xtol, gtol : float
+        Stop when an accepted step reduces the cost, and the model predicts it can reduce it, by
+        less than ``ftol * cost``; when a step is shorter than ``xtol * (xtol + ||x||)``; or when
+        ``max_j |J_j^T r| / (||J_j|| ||r||) <= gtol`` (MINPACK's scale-free test).
+    max_nfev : int, optional
+        Most residual evaluations; default ``max(1000, 100 * n)``.
+    x_scale : "jac", float or array_like
+        Damping scale: ``"jac"`` (default) scales the damping by ``diag(J^T J)``, kept
+        non-decreasing (Moré's scaling); a number or array gives the constant ``1 / x_scale**2``.
+    verbose : {0, 1, 2}
+        1 prints the termination report, 2 also one line per iteration.
+    callback : callable, optional
+        ``callback(info: IterationInfo)`` after each iteration; returning ``True`` or raising
+        ``StopIteration`` stops the run with status -2.
+
+    Returns
+    -------
+    LeastSquaresResult
+
+    Notes
+    -----
+    Each iteration solves ``(J^T J + damping * D) h = -J^T r``, with ``J^T J`` formed once and
+    factorised by Cholesky for each damping value tried (a QR solve of
+    ``[J; sqrt(damping D)] h = [-r; 0]`` takes over when Cholesky fails or is ill-conditioned),
+    or in residual space, ``h = -D^{-1} J^T (J D^{-1} J^T + damping I)^{-1} r``, when ``m < n``.
+    The covariance is ``s^2 (J^T J)^+`` with ``s^2 = 2 cost / (m - n)``, as
+    :func:`scipy.optimize.curve_fit` reports it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.linspace(0, 1, 20)
+    >>> y = 2.0 * np.exp(-1.5 * t)
+    >>> res = least_squares(lambda b: b[0] * torch.exp(-b[1] * torch.as_tensor(t)) - torch.as_tensor(y), [1.0, 1.0])
+    >>> res.success, np.round(res.x, 6).tolist()
+    (True, [2.0, 1.5])
+    """
+    kwargs = {} if kwargs is None else kwargs
+    x, as_numpy = _validate_x0(x0)
+    _validate_options(ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev, verbose=verbose)
+    rule = make_damping(damping)
+    scaling = make_scaling(x_scale, x.shape[0], dtype=x.dtype, device=x.device)
+    bound_fun = _bind(fun, args, kwargs)
+    residuals0 = _validate_residuals(bound_fun, x)
+    problem = FunctionProblem(bound_fun, _bind_jac(jac, args, kwargs), residuals0.shape[0])
+    lin = _first_linearization(problem, x, residuals0.shape[0], jac)
+    max_nfev = max(1000, 100 * x.shape[0]) if max_nfev is None else max_nfev
+    run = _Run(problem, rule, scaling, ftol, xtol, gtol, max_nfev, geodesic, verbose, callback)
+    x, lin, status = run.solve(x, lin)
+    return _make_result(x, lin, status, run, as_numpy)
+
+
+@dataclass
+class _Run:
+    """The stopping rules of :func:`least_squares` around :func:`lm_step`."""
+
+    problem: FunctionProblem
+    rule: DampingRule
+    scaling: Scaling
+    ftol: float
+    xtol: float
+    gtol: float
+    max_nfev: int
+    geodesic: bool
+    verbose: int
+    callback: Callable[[IterationInfo], Any] | None
+    nfev: int = 1
+    njev: int = 1
+    n_iter: int = 0
+
+    def solve(self, x: Tensor, lin: Linearization) -> tuple[Tensor, Linearization, int]:
+        scale = self.scaling.update(None, lin.system.diagonal())
+        state = self.rule.init(float((lin.system.diagonal() / scale).max()))
+        while True:
+            if cosine_optimality(lin.jac, lin.residuals) <= self.gtol:
+                return x, lin, 1
+            if self.nfev >= self.max_nfev:
+                return x, lin, 0
+            geodesic = _Geodesic(self.problem, lin) if self.geodesic else None
+            out = lm_step(self.problem, x, lin, scale, self.rule, state,
+                          max_trials=self.max_nfev - self.nfev, xtol=self.xtol, geodesic=geodesic)
+            self.nfev += out.n_trials
+            self.n_iter += 1
+            state = out.state
+            status = None
+            if out.accepted:
+                x, lin, scale, state, status = self._accept(x, lin, scale, state, out)
+            elif out.small_step:
+                status = 3
+            elif out.exhausted:
+                status = 2
+            if self._report(x, lin, state, out) and status is None:
+                status = -2
+            if status is not None:
+                return x, lin, status
+
+    def _accept(self, x, lin, scale, state, out: StepResult):
+        new_lin = self.problem.linearize(out.x)
+        self.njev += 1
+        if not (bool(torch.isfinite(new_lin.grad).all()) and bool(torch.isfinite(new_lin.jac).all())):
+            # The point is finite but its Jacobian is not: treat the step as rejected.
+            return x, lin, scale, self.rule.update(state, accepted=False, gain_ratio=-1.0), None
+        f_ok = out.actual_reduction <= self.ftol * lin.cost and out.predicted_reduction <= self.ftol * lin.cost
+        x_ok = out.step_norm <= self.xtol * (self.xtol + float(torch.linalg.vector_norm(out.x)))
+        status = 4 if (f_ok and x_ok) else 2 if f_ok else 3 if x_ok else None
+        return out.x, new_lin, self.scaling.update(scale, new_lin.system.diagonal()), state, status
+
+    def _report(self, x: Tensor, lin: Linearization, state: DampingState, out: StepResult) -> bool:
+        info = IterationInfo(self.n_iter, x, lin.cost, float(lin.grad.abs().max()), state.damping,
+                             out.step_norm, out.accepted)
+        if self.verbose >= 2:
+            print(f"{info.n_iter:6d} {self.nfev:6d} {info.cost:14.6e} {info.optimality:11.3e} "
+                  f"{info.damping:10.2e} {info.step_norm:10.3e} {'yes' if info.accepted else 'no'}")
+        if self.callback is None:
+            return False
+        try:
+            return self.callback(info) is True
+        except StopIteration:
+            return True
+
+
+def _make_result(x: Tensor, lin: Linearization, status: int, run: _Run, as_numpy: bool) -> LeastSquaresResult:
+    covariance = _covariance(lin.jac, lin.cost)
+    message = termination_message(status)
+    if run.verbose >= 1:
+        print(f"{message} Function evaluations {run.nfev}, initial cost -, final cost {lin.cost:.4e}, "
+              f"first-order optimality {float(lin.grad.abs().max()):.2e}.")
+    convert = (lambda t: t.detach().cpu().numpy()) if as_numpy else (lambda t: t.detach())
+    return LeastSquaresResult(
+        x=convert(x), cost=lin.cost, fun=convert(lin.residuals), jac=convert(lin.jac),
+        grad=convert(lin.grad), optimality=float(lin.grad.abs().max()), nfev=run.nfev, njev=run.njev,
+        n_iter=run.n_iter, status=status, message=message, success=status > 0,
+        covariance=convert(covariance), stderr=convert(covariance.diagonal().sqrt()),
+    )
+
+
+def _covariance(jac: Tensor, cost: float) -> Tensor:
+    """``s^2 (J^T J)^+`` from the SVD of ``J``, as :func:`scipy.optimize.curve_fit` computes it."""
+    m, n = jac.shape
+    _, singular, vt = torch.linalg.svd(jac, full_matrices=False)
+    cutoff = torch.finfo(jac.dtype).eps * max(m, n) * singular[0]
+    keep = singular > cutoff
+    vt = vt[keep]
+    pinv = vt.T @ (vt / singular[keep, None] ** 2)
+    if m <= n:
+        return torch.full_like(pinv, math.inf)
+    return pinv * (2.0 * cost / (m - n))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation at the entry point
+
+
+def _validate_x0(x0: Any) -> tuple[Tensor, bool]:
+    as_numpy = not isinstance(x0, Tensor)
+    if isinstance(x0, Tensor):
+        x = x0.detach()
+    else:
+        array = np.asarray(x0)
+        if array.dtype.kind in "iub" and not isinstance(x0, (list, tuple, int, float)):
+            raise TypeError(f"x0 has integer dtype {array.dtype}; expected a floating-point array (e.g. x0.astype(float)).")
+        if array.dtype.kind not in "iufb":
+            raise TypeError(f"x0 must be numeric; received dtype {array.dtype}.")
+        x = torch.as_tensor(array.astype(np.float64))
+    if not x.is_floating_point():
+        raise TypeError(f"x0 has dtype {x.dtype}; expected a floating-point tensor (e.g. x0.double()).")
+    if x.ndim > 1:
+        raise ValueError(f"x0 must be 1-D; received shape {tuple(x.shape)}.")
+    x = x.reshape(-1).clone()
+    if x.numel() == 0:
+        raise ValueError("x0 is empty; expected at least one parameter.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x0 must be finite; received non-finite values at index {_first_bad(x)}.")
+    return x, as_numpy
+
+
+def _first_bad(values: Tensor) -> int:
+    return int(torch.nonzero(~torch.isfinite(values.reshape(-1)))[0])
+
+
+def _validate_options(*, ftol: float, xtol: float, gtol: float, max_nfev: int | None, verbose: int) -> None:
+    for name, value in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0.")
+    if max_nfev is not None and (not isinstance(max_nfev, (int, np.integer)) or max_nfev < 1):
+        raise ValueError(f"Invalid max_nfev value: {max_nfev!r}; expected a positive integer or None.")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"Invalid verbose value: {verbose!r}; expected 0, 1 or 2.")
+
+
+def _bind(fun: Callable[..., Any], args: tuple, kwargs: dict) -> Callable[[Tensor], Any]:
+    if not callable(fun):
+        raise TypeError(f"fun must be callable; received {type(fun).__name__}.")
+    return lambda x: fun(x, *args, **kwargs)
+
+
+def _bind_jac(jac: Any, args: tuple, kwargs: dict) -> Any:
+    if jac is None or jac == "2-point":
+        return jac
+    if callable(jac):
+        return lambda x: jac(x, *args, **kwargs)
+    raise ValueError(f"Invalid jac: {jac!r}; expected None (exact, by autograd), '2-point' or a callable.")
+
+
+def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> Tensor:
+    with torch.no_grad():
+        value = fun(x)
+    try:
+        r = _as_tensor_like(value, x)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"fun(x0) must return a 1-D tensor of residuals; received {type(value).__name__}.") from error
+    if r.ndim != 1:
+        raise ValueError(f"fun(x0) must return a 1-D tensor of residuals; received shape {tuple(r.shape)}.")
+    if r.numel() == 0:
+        raise ValueError("fun(x0) returned no residuals; expected at least one.")
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError(f"fun(x0) is not finite at residual index {_first_bad(r)}; choose a starting point where it is.")
+    return r
+
+
+def _first_linearization(problem: FunctionProblem, x: Tensor, m: int, jac: Any) -> Linearization:
+    try:
+        r, J = problem.residuals_and_jacobian(x)
+    except (RuntimeError, TypeError) as error:
+        if jac is None:
+            raise TypeError(
+                "fun could not be differentiated by torch autograd; write it with torch operations, "
+                f"or pass jac='2-point' or a jac callable ({error})."
+            ) from error
+        raise
+    if tuple(J.shape) != (m, x.shape[0]):
+        raise ValueError(f"jac returned shape {tuple(J.shape)}; expected (m, n) = ({m}, {x.shape[0]}).")
+    if not bool(torch.isfinite(J).all()):
+        raise ValueError("The Jacobian at x0 is not finite; choose a starting point where fun is differentiable.")
+    return _linearization(r, J)
