@@ -1,0 +1,331 @@
+"""The training record: one dict per epoch, like MATLAB's ``tr`` and skorch's ``History``.
+
+A :class:`History` is written by the training loop and only read by everything else
+(plots, reports, checkpoints). Epoch 0 holds the initial state, before any update.
+
+Standard keys of a record
+-------------------------
+``epoch``       epoch number (0 = initial state)
+``time``        seconds since training started
+``perf``        training performance (mean squared error)
+``vperf``       validation performance (NaN or None when there is no validation set)
+``tperf``       test performance (NaN or None when there is no test set)
+``damping``     damping parameter; MATLAB calls it ``mu``, and ``history["mu"]`` is an alias
+``gradient``    norm of the gradient of the performance
+``val_fail``    consecutive epochs without validation improvement
+
+Optional keys some methods add: ``gamma`` (effective number of parameters, Bayesian
+regularization), ``ssw`` (sum of squared weights), ``accuracy``, ``vaccuracy``, ``taccuracy``,
+``solver`` (the linear-solver path taken, e.g. ``"cholesky"``, ``"sample-space"``, ``"cg"``)
+and ``lr`` (learning rate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+__all__ = ["History", "STANDARD_KEYS", "OPTIONAL_KEYS"]
+
+STANDARD_KEYS: tuple[str, ...] = (
+    "epoch", "time", "perf", "vperf", "tperf", "damping", "gradient", "val_fail",
+)
+OPTIONAL_KEYS: tuple[str, ...] = (
+    "gamma", "ssw", "accuracy", "vaccuracy", "taccuracy", "solver", "lr",
+)
+# MATLAB-compatible names accepted when reading a history.
+_ALIASES: dict[str, str] = {"mu": "damping"}
+_DICT_FIELDS = frozenset({"method", "stop_reason", "best_epoch", "records"})
+
+Scalar = bool | int | float | str | None
+
+
+class History:
+    """Per-epoch training record, a list of dicts with column access by key.
+
+    Parameters
+    ----------
+    method : str, default "lm"
+        Name of the training method that produced the record (``"lm"``, ``"br"``, ``"gd"``, ...).
+
+    Attributes
+    ----------
+    method : str
+        Training method name.
+    stop_reason : str or None
+        Why training stopped, set by the training loop when it ends.
+    best_epoch : int or None
+        Epoch whose weights were kept (lowest validation performance, or training
+        performance when there is no validation set).
+    records : list of dict
+        One record per epoch; record 0 is the initial state.
+
+    Notes
+    -----
+    Values are stored as Python scalars: 0-d tensors, 0-d arrays and numpy scalars are
+    converted on :meth:`append` with ``.item()`` (floating types become ``float``, integer
+    types ``int``, booleans ``bool``), so a history never keeps a graph or a device alive.
+    Inside the record NaN is kept (it marks "no value"); :meth:`to_dict` turns non-finite
+    floats into ``None`` so that the result is strict JSON.
+
+    Examples
+    --------
+    >>> h = History("lm")
+    >>> h.append(epoch=0, perf=1.0, damping=1e-3, gradient=2.0, val_fail=0)
+    >>> h.append({"epoch": 1, "perf": torch.tensor(0.25), "damping": 1e-4})
+    >>> len(h)
+    2
+    >>> h["perf"]
+    [1.0, 0.25]
+    >>> h["mu"]
+    [0.001, 0.0001]
+    >>> h["gradient"]
+    [2.0, None]
+    >>> h[-1]["epoch"]
+    1
+    >>> h.stop_reason = "Maximum epoch reached."
+    >>> History.from_dict(h.to_dict()) == h
+    True
+    """
+
+    def __init__(self, method: str = "lm") -> None:
+        if not isinstance(method, str) or not method:
+            raise ValueError(
+                f"Invalid method: {method!r}; expected a non-empty string such as 'lm'"
+            )
+        self.method: str = method
+        self.stop_reason: str | None = None
+        self.best_epoch: int | None = None
+        self.records: list[dict[str, Scalar]] = []
+
+    def append(self, record: Mapping[str, Any] | None = None, /, **fields: Any) -> None:
+        """Add the record of one epoch.
+
+        Parameters
+        ----------
+        record : mapping, optional
+            Record as a dict. Keyword arguments are merged into it and win on clashes.
+        **fields
+            Record entries as keywords, e.g. ``append(epoch=3, perf=0.1)``.
+
+        Raises
+        ------
+        TypeError
+            If ``record`` is not a mapping, a key is not a string, or a value is not a scalar.
+
+        Examples
+        --------
+        >>> h = History()
+        >>> h.append(epoch=0, perf=np.float32(0.5))
+        >>> type(h[0]["perf"])
+        <class 'float'>
+        """
+        if record is not None and not isinstance(record, Mapping):
+            raise TypeError(
+                f"append() takes a dict or keyword arguments; received {type(record).__name__}"
+            )
+        merged = {**(record or {}), **fields}
+        self.records.append({_check_key(k): _to_scalar(k, v) for k, v in merged.items()})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Scalar]]:
+        return (dict(r) for r in self.records)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and _ALIASES.get(key, key) in self.keys()
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        """Column ``history["perf"]``, record ``history[-1]`` or records ``history[1:]``.
+
+        A column has one entry per record, ``None`` where the record lacks the key. Asking
+        for a key that no record has and that is not a standard or optional key raises
+        ``KeyError`` (it is most likely a typo). Records are returned as copies.
+        """
+        if isinstance(key, str):
+            return self._column(key)
+        if isinstance(key, bool) or not isinstance(key, int | slice):
+            raise TypeError(
+                f"History indices must be str (a key), int or slice; received {type(key).__name__}"
+            )
+        if isinstance(key, slice):
+            return [dict(r) for r in self.records[key]]
+        try:
+            return dict(self.records[key])
+        except IndexError:
+            raise IndexError(
+                f"History index {key} out of range for a history of {len(self)} records"
+            ) from None
+
+    def _column(self, key: str) -> list[Scalar]:
+        name = _ALIASES.get(key, key)
+        if name not in STANDARD_KEYS + OPTIONAL_KEYS and name not in self.keys():
+            raise KeyError(
+                f"No record has the key {key!r}; keys present: {self.keys()}, "
+                f"standard keys: {list(STANDARD_KEYS + OPTIONAL_KEYS)}"
+            )
+        return [r.get(name) for r in self.records]
+
+    def keys(self) -> list[str]:
+        """Keys present in at least one record, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for record in self.records:
+            seen.update(dict.fromkeys(record))
+        return list(seen)
+
+    @property
+    def last(self) -> dict[str, Scalar]:
+        """The most recent record (a copy).
+
+        Raises
+        ------
+        IndexError
+            If the history is empty.
+        """
+        if not self.records:
+            raise IndexError("History is empty: no record has been appended yet")
+        return dict(self.records[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form: strict-JSON serialisable, non-finite floats become ``None``.
+
+        Returns
+        -------
+        dict
+            ``{"method", "stop_reason", "best_epoch", "records"}``.
+        """
+        return {
+            "method": self.method,
+            "stop_reason": self.stop_reason,
+            "best_epoch": self.best_epoch,
+            "records": [{k: _finite_or_none(v) for k, v in r.items()} for r in self.records],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> History:
+        """Rebuild a history from :meth:`to_dict` output (or JSON loaded from :meth:`to_json`).
+
+        Raises
+        ------
+        ValueError
+            If ``data`` has no ``"records"`` list, or has unexpected fields.
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("records"), list):
+            raise ValueError(
+                "History.from_dict expects a dict with a 'records' list, as written by "
+                f"History.to_dict(); received {type(data).__name__}"
+                + (f" with keys {sorted(data)}" if isinstance(data, Mapping) else "")
+            )
+        unexpected = sorted(set(data) - _DICT_FIELDS)
+        if unexpected:
+            raise ValueError(
+                f"Unexpected fields {unexpected} in History dict; expected {sorted(_DICT_FIELDS)}"
+            )
+        history = cls(data.get("method", "lm"))
+        history.stop_reason = data.get("stop_reason")
+        history.best_epoch = data.get("best_epoch")
+        for record in data["records"]:
+            history.append(record)
+        return history
+
+    def to_json(self, path: str | os.PathLike[str], *, indent: int | None = 2) -> Path:
+        """Write :meth:`to_dict` as JSON, atomically (temporary file, then ``os.replace``).
+
+        A reader never sees a half-written file, and a crash mid-write leaves any previous
+        file intact.
+
+        Returns
+        -------
+        pathlib.Path
+            The path written.
+        """
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        return _write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> History:
+        """Read a history written by :meth:`to_json`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, History):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable container
+
+    def __repr__(self) -> str:
+        epochs = self.records[-1].get("epoch", len(self) - 1) if self.records else 0
+        perf = self.records[-1].get("perf") if self.records else None
+        perf_text = f"{perf:.4g}" if isinstance(perf, int | float) else str(perf)
+        return (
+            f"History(method={self.method!r}, epochs={epochs}, stop_reason={self.stop_reason!r}, "
+            f"best_epoch={self.best_epoch}, final_perf={perf_text})"
+        )
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"History record keys must be strings; received {key!r}")
+    return _ALIASES.get(key, key)
+
+
+def _to_scalar(key: str, value: Any) -> Scalar:
+    """Convert 0-d tensors/arrays and numpy scalars to Python scalars; reject anything else."""
+    if isinstance(value, np.generic):  # before float: np.float64 subclasses float
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, torch.Tensor | np.ndarray):
+        if value.ndim != 0:
+            raise TypeError(
+                f"History value for {key!r} must be a scalar; received a "
+                f"{type(value).__name__} of shape {tuple(value.shape)} (use .item() or a 0-d value)"
+            )
+        value = value.detach() if isinstance(value, torch.Tensor) else value
+        return value.item()
+    raise TypeError(
+        f"History value for {key!r} must be a number, str, bool or None; "
+        f"received {type(value).__name__}"
+    )
+
+
+def _finite_or_none(value: Scalar) -> Scalar:
+    # Strict JSON has no NaN or Infinity; None reads back as "no value".
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write`` on a temporary file next to ``path``, then move it into place.
+
+    The temporary file is opened with default permissions (unlike ``mkstemp``'s 0600), so the
+    final file gets the same mode a plain ``open`` would give it.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"Cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist"
+        )
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

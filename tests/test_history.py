@@ -1,0 +1,254 @@
+"""Tests for marquardt.history.History, the per-epoch training record."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import marquardt.history
+from marquardt.history import History
+
+
+def make_history() -> History:
+    h = History("lm")
+    h.append(epoch=0, time=0.0, perf=1.0, vperf=1.5, tperf=float("nan"), damping=1e-3,
+             gradient=4.0, val_fail=0)
+    h.append(epoch=1, time=0.1, perf=0.5, vperf=0.9, tperf=float("nan"), damping=1e-4,
+             gradient=2.0, val_fail=0, solver="cholesky")
+    h.append(epoch=2, time=0.2, perf=0.25, vperf=1.1, tperf=float("nan"), damping=1e-5,
+             gradient=1.0, val_fail=1, solver="cg")
+    h.stop_reason = "Maximum epoch reached."
+    h.best_epoch = 1
+    return h
+
+
+def test_module_doctests():
+    result = doctest.testmod(marquardt.history)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_new_history_is_empty():
+    h = History()
+    assert (h.method, h.stop_reason, h.best_epoch, h.records, len(h)) == ("lm", None, None, [], 0)
+
+
+# --------------------------------------------------------------------------- append
+
+
+def test_append_accepts_dict_and_keywords_keywords_win():
+    h = History()
+    h.append({"epoch": 0, "perf": 1.0}, perf=2.0, gradient=3.0)
+    assert h.records == [{"epoch": 0, "perf": 2.0, "gradient": 3.0}]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "kind"),
+    [
+        (torch.tensor(0.5), 0.5, float),
+        (torch.tensor(0.5, dtype=torch.float64, requires_grad=True) * 2, 1.0, float),
+        (torch.tensor(3), 3, int),
+        (torch.tensor(True), True, bool),
+        (np.float32(0.25), 0.25, float),
+        (np.float64(0.125), 0.125, float),
+        (np.int64(7), 7, int),
+        (np.array(2.0), 2.0, float),
+        (np.bool_(False), False, bool),
+        (1.5, 1.5, float),
+        (2, 2, int),
+        ("cholesky", "cholesky", str),
+        (None, None, type(None)),
+    ],
+)
+def test_append_converts_scalars_to_python(value, expected, kind):
+    h = History()
+    h.append(x=value)
+    stored = h.records[0]["x"]
+    assert type(stored) is kind and stored == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc", "match"),
+    [
+        (([("perf", 1.0)],), {}, TypeError, "takes a dict or keyword arguments; received list"),
+        (({1: 0.5},), {}, TypeError, "keys must be strings; received 1"),
+        ((), {"perf": torch.ones(3)}, TypeError, r"'perf' must be a scalar; received a Tensor of shape \(3,\)"),
+        ((), {"perf": np.ones((2, 2))}, TypeError, r"'perf' must be a scalar; received a ndarray of shape \(2, 2\)"),
+        ((), {"perf": [1.0]}, TypeError, "'perf' must be a number, str, bool or None; received list"),
+        ((), {"perf": object()}, TypeError, "received object"),
+    ],
+)
+def test_append_rejects_bad_records(args, kwargs, exc, match):
+    h = History()
+    with pytest.raises(exc, match=match):
+        h.append(*args, **kwargs)
+    assert len(h) == 0
+
+
+def test_append_mu_is_stored_as_damping():
+    h = History()
+    h.append(epoch=0, mu=0.01)
+    assert h.records == [{"epoch": 0, "damping": 0.01}]
+
+
+@pytest.mark.parametrize("method", ["", None, 3])
+def test_invalid_method(method):
+    with pytest.raises(ValueError, match="Invalid method"):
+        History(method)
+
+
+# --------------------------------------------------------------------------- access
+
+
+def test_column_access_and_missing_entries():
+    h = make_history()
+    assert h["perf"] == [1.0, 0.5, 0.25]
+    assert h["solver"] == [None, "cholesky", "cg"]
+    assert all(math.isnan(v) for v in h["tperf"])
+
+
+def test_mu_is_an_alias_of_damping():
+    h = make_history()
+    assert h["mu"] == h["damping"] == [1e-3, 1e-4, 1e-5]
+    assert "mu" in h and "damping" in h
+
+
+def test_known_but_absent_key_gives_none_column():
+    h = make_history()
+    assert h["gamma"] == [None, None, None]
+    assert "gamma" not in h
+    assert History()["perf"] == []
+
+
+def test_unknown_key_raises_keyerror_listing_keys():
+    with pytest.raises(KeyError, match=r"No record has the key 'pref'.*'perf'"):
+        make_history()["pref"]
+
+
+def test_integer_and_slice_indexing_return_copies():
+    h = make_history()
+    assert h[-1]["epoch"] == 2 and h[0]["epoch"] == 0
+    assert [r["epoch"] for r in h[1:]] == [1, 2]
+    h[-1]["perf"] = 99.0
+    h.last["perf"] = 99.0
+    assert h.records[-1]["perf"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("key", "exc", "match"),
+    [
+        (3, IndexError, "index 3 out of range for a history of 3 records"),
+        (-4, IndexError, "out of range"),
+        (1.0, TypeError, "must be str .* received float"),
+        (True, TypeError, "received bool"),
+        (("perf",), TypeError, "received tuple"),
+    ],
+)
+def test_bad_indices(key, exc, match):
+    with pytest.raises(exc, match=match):
+        make_history()[key]
+
+
+def test_keys_in_order_of_first_appearance():
+    assert make_history().keys() == [
+        "epoch", "time", "perf", "vperf", "tperf", "damping", "gradient", "val_fail", "solver",
+    ]
+
+
+def test_last_and_iteration():
+    h = make_history()
+    assert h.last == h.records[-1]
+    assert [r["epoch"] for r in h] == [0, 1, 2]
+    with pytest.raises(IndexError, match="History is empty"):
+        History().last
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+def test_to_dict_is_strict_json_with_nan_as_none():
+    h = make_history()
+    h.append(epoch=3, perf=float("inf"), vperf=float("-inf"))
+    d = h.to_dict()
+    text = json.dumps(d, allow_nan=False)
+    assert json.loads(text) == d
+    assert d["method"] == "lm" and d["stop_reason"] == "Maximum epoch reached." and d["best_epoch"] == 1
+    assert [r["tperf"] for r in d["records"][:3]] == [None, None, None]
+    assert d["records"][3] == {"epoch": 3, "perf": None, "vperf": None}
+
+
+def test_from_dict_round_trip():
+    h = make_history()
+    h2 = History.from_dict(json.loads(json.dumps(h.to_dict())))
+    assert h2 == h
+    assert (h2.method, h2.stop_reason, h2.best_epoch) == ("lm", "Maximum epoch reached.", 1)
+    assert h2["perf"] == h["perf"]
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ([], "expects a dict with a 'records' list.*received list"),
+        ({"method": "lm"}, r"'records' list.*keys \['method'\]"),
+        ({"records": {}}, "'records' list"),
+        ({"records": [], "epochs": 3}, r"Unexpected fields \['epochs'\]"),
+    ],
+)
+def test_from_dict_rejects_bad_input(data, match):
+    with pytest.raises(ValueError, match=match):
+        History.from_dict(data)
+
+
+def test_to_json_writes_atomically_and_reads_back(tmp_path):
+    path = tmp_path / "history.json"
+    assert History().to_json(path) == path
+    make_history().to_json(path)
+    assert History.from_json(path) == make_history()
+    assert os.listdir(tmp_path) == ["history.json"]
+
+
+def test_to_json_failure_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "history.json"
+    History("old").to_json(path)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(marquardt.history.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        make_history().to_json(path)
+    assert History.from_json(path).method == "old"
+    assert os.listdir(tmp_path) == ["history.json"]
+
+
+def test_to_json_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_history().to_json(tmp_path / "nope" / "h.json")
+
+
+# --------------------------------------------------------------------------- repr / equality
+
+
+def test_repr_summarises():
+    text = repr(make_history())
+    for part in ["method='lm'", "epochs=2", "stop_reason='Maximum epoch reached.'",
+                 "best_epoch=1", "final_perf=0.25"]:
+        assert part in text
+    assert repr(History("br")) == (
+        "History(method='br', epochs=0, stop_reason=None, best_epoch=None, final_perf=None)"
+    )
+
+
+def test_equality_and_unhashable():
+    assert make_history() == make_history()
+    other = make_history()
+    other.best_epoch = 2
+    assert other != make_history()
+    assert make_history() != "history"
+    with pytest.raises(TypeError):
+        hash(History())

@@ -1,0 +1,340 @@
+"""Tests for marquardt.plot: each plot rendered to PNG, checked by its axes and titles."""
+
+from __future__ import annotations
+
+import doctest
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+import marquardt.plot  # noqa: E402
+from marquardt.history import History  # noqa: E402
+from marquardt.plot import (  # noqa: E402
+    plot_comparison,
+    plot_error_histogram,
+    plot_fit,
+    plot_performance,
+    plot_regression,
+    plot_training_state,
+)
+
+MIN_PNG_BYTES = 5_000
+
+
+def lm_history(epochs: int = 12, *, validation: bool = True) -> History:
+    """Synthetic LM record: training falls steadily, validation bottoms out at epoch 7."""
+    h = History("lm")
+    for e in range(epochs):
+        perf = 10.0 ** (-e / 4)
+        record = dict(epoch=e, time=0.05 * e, perf=perf, damping=10.0 ** (-3 + e % 3),
+                      gradient=3 * perf, val_fail=max(0, e - 7))
+        if validation:
+            record.update(vperf=0.02 + 0.001 * (e - 7) ** 2, tperf=0.03 + perf)
+        h.append(record)
+    h.best_epoch = 7 if validation else None
+    h.stop_reason = "Validation stop."
+    return h
+
+
+def br_history() -> History:
+    h = History("br")
+    for e in range(8):
+        h.append(epoch=e, perf=1.0 / (1 + e), damping=5e-3, gradient=0.5 ** e, val_fail=0,
+                 gamma=4.0 + 0.5 * e, ssw=10.0 - e, solver="cholesky")
+    return h
+
+
+def splits(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    t = rng.normal(size=120)
+    o = t + 0.1 * rng.normal(size=120)
+    return {"Training": (t[:80], o[:80]), "Validation": (t[80:100], o[80:100]),
+            "Test": (t[100:], o[100:])}
+
+
+def assert_png(path) -> None:
+    assert path.is_file()
+    assert path.stat().st_size > MIN_PNG_BYTES
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(path.parent) == [path.name], "temporary file left behind"
+
+
+def test_module_doctests():
+    result = doctest.testmod(marquardt.plot)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- performance
+
+
+def test_plot_performance_png_log_scale_and_best_epoch(tmp_path):
+    path = tmp_path / "perf.png"
+    fig = plot_performance(lm_history(), path=path)
+    assert_png(path)
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log"
+    assert ax.get_title() == "Best Validation Performance is 0.02 at epoch 7"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Train", "Validation", "Test", "Best"]
+    vertical = [ln for ln in ax.lines if ln.get_linestyle() == ":"]
+    assert len(vertical) == 1 and set(vertical[0].get_xdata()) == {7}
+    circle = [ln for ln in ax.lines if ln.get_marker() == "o"]
+    assert len(circle) == 1 and list(circle[0].get_ydata()) == [pytest.approx(0.02)]
+
+
+def test_plot_performance_without_validation_uses_training_minimum():
+    ax = plot_performance(lm_history(validation=False)).axes[0]
+    assert ax.get_title().startswith("Best Training Performance is ")
+    assert ax.get_title().endswith("at epoch 11")
+    assert len(ax.get_legend().get_texts()) == 2
+
+
+def test_plot_performance_custom_title():
+    assert plot_performance(lm_history(), title="My run").axes[0].get_title() == "My run"
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def test_plot_training_state_lm_has_three_panels(tmp_path):
+    path = tmp_path / "state.png"
+    fig = plot_training_state(lm_history(), path=path)
+    assert_png(path)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["gradient", "damping", "val_fail"]
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear"]
+    assert fig.axes[2].get_title() == "Validation Checks = 4, at epoch 11"
+
+
+def test_plot_training_state_br_adds_gamma_and_ssw(tmp_path):
+    path = tmp_path / "state_br.png"
+    fig = plot_training_state(br_history(), path=path)
+    assert_png(path)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["gradient", "damping", "gamma", "ssw", "val_fail"]
+    assert fig.axes[2].get_title() == "Num Parameters = 7.5, at epoch 7"
+
+
+def test_plot_training_state_without_state_keys():
+    h = History()
+    h.append(epoch=0, perf=1.0)
+    with pytest.raises(ValueError, match="no training-state values"):
+        plot_training_state(h)
+
+
+# --------------------------------------------------------------------------- regression
+
+
+def test_plot_regression_single_pair(tmp_path):
+    path = tmp_path / "regression.png"
+    t = torch.linspace(-1.0, 1.0, 40).reshape(-1, 1)
+    fig = plot_regression(t, 2 * t.reshape(-1) + 1, path=path)
+    assert_png(path)
+    (ax,) = fig.axes
+    assert ax.get_title() == "R=1.00000"
+    assert ax.get_ylabel() == "Output ~= 2*Target + 1"
+
+
+def test_plot_regression_splits_add_all_panel(tmp_path):
+    path = tmp_path / "regression_splits.png"
+    fig = plot_regression(splits(), path=path)
+    assert_png(path)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert [t.split(":")[0] for t in titles] == ["Training", "Validation", "Test", "All"]
+    assert all("R=0.99" in t for t in titles)
+
+
+def test_plot_regression_r_matches_numpy():
+    t, o = splits()["Training"]
+    r = np.corrcoef(t, o)[0, 1]
+    assert plot_regression(t, o).axes[0].get_title() == f"R={r:.5f}"
+
+
+def test_plot_regression_dict_of_targets_and_dict_of_outputs():
+    s = splits()
+    fig = plot_regression({k: t for k, (t, _) in s.items()}, {k: o for k, (_, o) in s.items()})
+    assert len(fig.axes) == 4
+
+
+def test_plot_regression_constant_targets_has_no_fit_line():
+    ax = plot_regression(np.ones(5), np.arange(5.0)).axes[0]
+    assert ax.get_title() == "R=nan"
+    assert ax.get_ylabel() == "Output"
+
+
+# --------------------------------------------------------------------------- error histogram
+
+
+def test_plot_error_histogram_stacks_splits(tmp_path):
+    path = tmp_path / "errors.png"
+    fig = plot_error_histogram(splits(), bins=15, path=path)
+    assert_png(path)
+    (ax,) = fig.axes
+    assert ax.get_title() == "Error Histogram with 15 Bins"
+    assert len(ax.patches) == 3 * 15
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["Training", "Validation", "Test", "Zero Error"]
+    zero = [ln for ln in ax.lines if set(ln.get_xdata()) == {0.0}]
+    assert len(zero) == 1
+
+
+def test_plot_error_histogram_single_pair_counts_all_errors():
+    t, o = splits()["Training"]
+    ax = plot_error_histogram(t, o).axes[0]
+    assert sum(p.get_height() for p in ax.patches) == len(t)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def test_plot_fit_linear_model(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    X = torch.linspace(-2.0, 2.0, 25).reshape(-1, 1)
+    path = tmp_path / "fit.png"
+    fig = plot_fit(model, X, torch.sin(X), path=path)
+    assert_png(path)
+    top, bottom = fig.axes
+    assert top.get_title() == "Function Fit"
+    assert bottom.get_ylabel() == "Error"
+    curve = top.lines[1]
+    assert len(curve.get_xdata()) == 200
+    with torch.no_grad():
+        expected = model(torch.tensor([[-2.0]])).item()
+    assert curve.get_ydata()[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_plot_fit_uses_model_dtype_and_restores_training_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 1))
+    model = model.double().train()
+    model[1].eval()  # mixed modes must come back as they were
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, m[1].training, m[0].training)))
+    plot_fit(model, np.linspace(0.0, 1.0, 10), np.zeros(10))
+    assert set(seen) == {(torch.float64, False, False)}
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_plot_fit_accepts_plain_callable():
+    fig = plot_fit(lambda x: x ** 2, [0.0, 1.0, 2.0], [0.0, 1.0, 4.0])
+    assert len(fig.axes) == 2
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def test_plot_comparison_by_epoch_and_time(tmp_path):
+    gd = History("gd")
+    for e in range(30):
+        gd.append(epoch=e, time=0.01 * e, perf=1.0 / (1 + e))
+    histories = {"LM": lm_history(), "GD": gd}
+    path = tmp_path / "comparison.png"
+    fig = plot_comparison(histories, path=path)
+    assert_png(path)
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "Epoch"
+    assert [ln.get_label() for ln in ax.lines] == ["LM", "GD"]
+    ax = plot_comparison(histories, x="time").axes[0]
+    assert ax.get_xlabel() == "Time (s)"
+    assert max(ax.lines[1].get_xdata()) == pytest.approx(0.29)
+
+
+def test_plot_comparison_of_validation_performance():
+    ax = plot_comparison({"LM": lm_history()}, key="vperf").axes[0]
+    assert ax.get_ylabel() == "vperf"
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _no_time() -> History:
+    h = History()
+    h.append(epoch=0, perf=1.0)
+    return h
+
+
+BAD_INPUTS = [
+    (plot_performance, (History(),), {}, ValueError, "history is empty"),
+    (plot_performance, ([{"perf": 1.0}],), {}, TypeError, "must be a marquardt History; received list"),
+    (plot_training_state, (History(),), {}, ValueError, "history is empty"),
+    (plot_comparison, ({},), {}, ValueError, r"non-empty dict .* \(empty\)"),
+    (plot_comparison, ({"LM": History()},), {}, ValueError, r"histories\['LM'\] is empty"),
+    (plot_comparison, ({"LM": lm_history()},), {"x": "epochs"}, ValueError, "Invalid x: 'epochs'"),
+    (plot_comparison, ({"A": _no_time()},), {"x": "time"}, ValueError, r"histories\['A'\] lacks 'time'"),
+    (plot_comparison, ({"A": _no_time()},), {"key": "vperf"}, ValueError, "has no 'vperf' values"),
+    (plot_regression, (np.ones(5), np.ones(4)), {}, ValueError,
+     r"same number of elements; received targets of shape \(5,\) and outputs of shape \(4,\)"),
+    (plot_regression, ({"Test": (np.ones((3, 2)), np.ones(5))},), {}, ValueError,
+     r"for split 'Test'.*shape \(3, 2\) and outputs of shape \(5,\)"),
+    (plot_regression, (np.ones(0), np.ones(0)), {}, ValueError, "are empty"),
+    (plot_regression, (np.ones(3),), {}, TypeError, "outputs is required"),
+    (plot_regression, ({},), {}, ValueError, "empty dict"),
+    (plot_regression, ({"Training": np.ones(3)},), {}, TypeError, r"\(targets, outputs\) pair"),
+    (plot_regression, ({"Training": np.ones(3)}, {"Test": np.ones(3)}), {}, ValueError, "same splits"),
+    (plot_regression, (["a", "b"], [1.0, 2.0]), {}, TypeError, "targets must be an array"),
+    (plot_error_histogram, (np.ones(3), np.ones(3)), {"bins": 0}, ValueError, "Invalid bins: 0"),
+    (plot_error_histogram, (np.ones(3), np.ones(2)), {}, ValueError, r"shape \(3,\).*shape \(2,\)"),
+    (plot_error_histogram, (np.full(2, np.nan), np.ones(2)), {}, ValueError, "NaN or infinite"),
+    (plot_fit, (torch.nn.Linear(2, 1), np.ones((5, 2)), np.ones(5)), {}, ValueError,
+     r"one-dimensional input: X must have shape \(N,\) or \(N, 1\); received shape \(5, 2\)"),
+    (plot_fit, (torch.nn.Linear(1, 2), np.ones(5), np.ones((5, 2))), {}, ValueError,
+     r"one-dimensional target: y must have shape"),
+    (plot_fit, (torch.nn.Linear(1, 2), np.ones(5), np.ones(5)), {}, ValueError,
+     r"one output; for input of shape \(5, 1\) the model returned shape \(5, 2\)"),
+    (plot_fit, (torch.nn.Linear(1, 1), np.ones(5), np.ones(4)), {}, ValueError,
+     r"same number of samples; received X of shape \(5,\) and y of shape \(4,\)"),
+    (plot_fit, ("model", np.ones(5), np.ones(5)), {}, TypeError, "received str"),
+    (plot_fit, (torch.nn.Linear(1, 1), np.ones(5), np.ones(5)), {"grid_points": 1}, ValueError,
+     "Invalid grid_points: 1"),
+]
+
+
+@pytest.mark.parametrize(("func", "args", "kwargs", "exc", "match"), BAD_INPUTS)
+def test_bad_inputs(func, args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        func(*args, **kwargs)
+
+
+def test_best_epoch_not_in_history():
+    h = lm_history()
+    h.best_epoch = 99
+    with pytest.raises(ValueError, match="best_epoch=99 is not the epoch of any record"):
+        plot_performance(h)
+
+
+# --------------------------------------------------------------------------- files and imports
+
+
+def test_save_into_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        plot_performance(lm_history(), path=tmp_path / "missing" / "perf.png")
+
+
+def test_save_format_follows_suffix(tmp_path):
+    path = tmp_path / "perf.svg"
+    plot_performance(lm_history(), path=path)
+    assert path.read_text().lstrip().startswith("<?xml")
+
+
+def test_missing_matplotlib_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot_performance(lm_history())
+
+
+def test_import_and_plotting_do_not_import_pyplot():
+    code = (
+        "import sys\n"
+        "import marquardt.plot\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'\n"
+        "from marquardt.history import History\n"
+        "h = History(); h.append(epoch=0, perf=1.0); h.append(epoch=1, perf=0.5)\n"
+        "marquardt.plot.plot_performance(h)\n"
+        "assert 'matplotlib' in sys.modules\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
