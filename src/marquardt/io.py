@@ -1,0 +1,529 @@
+"""Saving and loading models and checkpoint state as safetensors + JSON, never pickle.
+
+A save writes two files side by side: ``<stem>.safetensors`` with the tensors and
+``<stem>.json`` with what is needed to rebuild and check them (format version,
+class name, architecture, dtype, tensor names and shapes, user metadata). Loading
+parses only these two formats, so a file from an untrusted source cannot run code.
+
+Each file is written to a temporary file in the same directory and moved into place
+with ``os.replace``, so a reader sees either the old or the new file, never a partial
+one. Both files carry the same random ``save_id``; a tensors file and a JSON file from
+different saves (say, a save interrupted between the two moves) are refused on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .mlp import MLP
+
+__all__ = ["save", "load", "load_metadata", "save_state", "load_state", "FORMAT_VERSION"]
+
+FORMAT = "marquardt"
+FORMAT_VERSION = 1
+_READABLE_VERSIONS = (1,)
+_SUFFIXES = (".safetensors", ".json")
+
+# Sequential layers that can be rebuilt from their constructor arguments alone.
+_LAYER_ARGS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "Identity": (nn.Identity, ()),
+    "Tanh": (nn.Tanh, ()),
+    "Sigmoid": (nn.Sigmoid, ()),
+    "ReLU": (nn.ReLU, ()),
+    "SiLU": (nn.SiLU, ()),
+    "Softsign": (nn.Softsign, ()),
+    "Tanhshrink": (nn.Tanhshrink, ()),
+    "Softmax": (nn.Softmax, ("dim",)),
+    "LogSoftmax": (nn.LogSoftmax, ("dim",)),
+    "LeakyReLU": (nn.LeakyReLU, ("negative_slope",)),
+    "ELU": (nn.ELU, ("alpha",)),
+    "GELU": (nn.GELU, ("approximate",)),
+    "Softplus": (nn.Softplus, ("beta", "threshold")),
+    "Hardtanh": (nn.Hardtanh, ("min_val", "max_val")),
+}
+
+
+# ------------------------------------------------------------------------------ paths
+
+
+def _file_pair(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Return the (tensors, JSON) paths for a stem or a path ending in either suffix."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, received {type(path).__name__}")
+    text = os.fspath(path)
+    for suffix in _SUFFIXES:
+        if text.endswith(suffix):
+            text = text[: -len(suffix)]
+            break
+    stem = Path(text)
+    if not stem.name or text.endswith(("/", os.sep)) or stem.is_dir():
+        raise ValueError(
+            f"path must name a file stem such as 'dir/model' or 'dir/model.safetensors', received {path!r}"
+        )
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def _safetensors_torch() -> Any:
+    """Import ``safetensors.torch`` on first use, with an actionable error."""
+    try:
+        import safetensors.torch
+    except ImportError as err:
+        raise ImportError(
+            "saving and loading need the safetensors package; install it with "
+            "`pip install safetensors` (or `pip install marquardt[io]`)"
+        ) from err
+    return safetensors.torch
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``target``, then move it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, _new_file_mode())
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _new_file_mode() -> int:
+    """Permissions of a newly created file under the current umask (mkstemp uses 0o600)."""
+    return 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    # Linux reports the umask read-only; elsewhere os.umask must set it to read it,
+    # which briefly changes it for other threads.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _json_default(obj: Any) -> Any:
+    """Convert tensors, numpy values and dataclasses for ``json.dumps``."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _to_json(record: Mapping[str, Any], argument: str) -> str:
+    """Serialise ``record``; a failure names the user ``argument`` that caused it."""
+    try:
+        return json.dumps(record, indent=2, default=_json_default)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{argument} must hold only JSON values (dict, list, str, int, float, bool, None; "
+            f"tensors and numpy arrays become lists), received one that is not: {err}"
+        ) from err
+
+
+def _cpu_tensors(tensors: Mapping[str, Any], argument: str) -> dict[str, Tensor]:
+    """Copy tensors to contiguous CPU tensors that share no storage (safetensors needs both)."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{argument} must be a dict of str -> Tensor, received {type(tensors).__name__}")
+    out: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"{argument} must map str names to tensors, received {name!r}: {type(tensor).__name__}"
+            )
+        out[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def _tensor_table(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
+    """Name -> dtype and shape, recorded in the JSON to check the tensors file against."""
+    return {name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write_pair(
+    path: Any, kind: str, tensors: dict[str, Tensor], record: dict[str, Any], argument: str
+) -> Path:
+    """Write the tensors and JSON files for ``path`` atomically; return the tensors path."""
+    tensors_path, json_path = _file_pair(path)
+    save_id = uuid.uuid4().hex
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, "save_id": save_id}
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "save_id": save_id}
+    full.update(record)
+    full["tensors"] = _tensor_table(tensors)
+    text = _to_json(full, argument)  # fail before touching any file
+    save_file = _safetensors_torch().save_file
+    _atomic_write(tensors_path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    _atomic_write(json_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return tensors_path
+
+
+# ----------------------------------------------------------------------- architectures
+
+
+def _layer_spec(name: str, layer: nn.Module) -> dict[str, Any] | None:
+    """JSON description of one Sequential entry, or None when it cannot be rebuilt."""
+    kind = type(layer).__name__
+    if type(layer) is nn.Linear:
+        return {
+            "name": name,
+            "type": "Linear",
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": layer.bias is not None,
+        }
+    if type(layer) is nn.Sequential:
+        layers = _sequential_spec(layer)
+        return None if layers is None else {"name": name, "type": "Sequential", "layers": layers}
+    if kind in _LAYER_ARGS and type(layer) is _LAYER_ARGS[kind][0]:
+        return {"name": name, "type": kind, **{arg: getattr(layer, arg) for arg in _LAYER_ARGS[kind][1]}}
+    return None
+
+
+def _sequential_spec(seq: nn.Sequential) -> list[dict[str, Any]] | None:
+    """Layer list of a Sequential of supported layers, or None if any layer is unsupported."""
+    specs = [_layer_spec(name, layer) for name, layer in seq.named_children()]
+    return None if any(spec is None for spec in specs) else specs
+
+
+def _describe(model: nn.Module) -> tuple[str, Any]:
+    """Class name and architecture record (None for modules that need ``model=`` to load)."""
+    if type(model) is MLP:
+        return "MLP", model.config()
+    if type(model) is nn.Sequential:
+        layers = _sequential_spec(model)
+        if layers is not None:
+            return "Sequential", {"layers": layers}
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}", None
+
+
+def _build_layer(spec: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
+    kind = spec["type"]
+    if kind == "Linear":
+        return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
+    if kind == "Sequential":
+        return _build_sequential(spec["layers"], dtype)
+    cls, args = _LAYER_ARGS[kind]
+    return cls(**{arg: spec[arg] for arg in args})
+
+
+def _build_sequential(layers: list[Mapping[str, Any]], dtype: torch.dtype) -> nn.Sequential:
+    return nn.Sequential(OrderedDict((spec["name"], _build_layer(spec, dtype)) for spec in layers))
+
+
+def _build(record: Mapping[str, Any], where: Path) -> nn.Module:
+    """Rebuild the module described by a JSON record, without touching the global RNG."""
+    class_name, architecture = record.get("class"), record.get("architecture")
+    if class_name not in ("MLP", "Sequential") or architecture is None:
+        raise ValueError(
+            f"{where} holds a {class_name} with no architecture record, so it cannot be rebuilt; "
+            f"pass the module to load into: load(path, model=<module instance>)"
+        )
+    try:
+        dtype = getattr(torch, record["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"not a dtype: {record['dtype']!r}")
+        # Fresh layers draw initial weights that are overwritten at once; fork_rng keeps
+        # the caller's random stream as it was.
+        with torch.random.fork_rng(devices=[]):
+            if class_name == "MLP":
+                return MLP.from_config(architecture, dtype=dtype)
+            return _build_sequential(architecture["layers"], dtype)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{where} has an invalid architecture record for {class_name}: {err}") from err
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _read_record(json_path: Path, kind: str) -> dict[str, Any]:
+    """Parse and check the JSON file of a save."""
+    if not json_path.is_file():
+        raise ValueError(
+            f"{json_path} is missing; a marquardt save is a .safetensors file plus a .json file "
+            f"with the same stem, and both are needed to load it"
+        )
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{json_path} is not valid JSON: {err}") from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{json_path} is not a marquardt save (no \"format\": \"{FORMAT}\" entry)")
+    version = record.get("format_version")
+    if version not in _READABLE_VERSIONS:
+        raise ValueError(
+            f"{json_path} has unknown format version {version!r}; this marquardt reads "
+            f"versions {list(_READABLE_VERSIONS)}, a newer marquardt may read it"
+        )
+    if record.get("kind") != kind:
+        other = "load_state" if record.get("kind") == "state" else "load"
+        raise ValueError(f"{json_path} holds a {record.get('kind')!r} save; read it with {other}()")
+    return record
+
+
+def _read_tensors(tensors_path: Path, device: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a safetensors file; anything unreadable becomes a ValueError naming the file."""
+    if not tensors_path.is_file():
+        raise FileNotFoundError(f"{tensors_path} does not exist")
+    safe_open = _safetensors_torch().safe_open
+    try:
+        with safe_open(str(tensors_path), framework="pt", device=device) as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as err:  # safetensors raises its own error type for every malformed file
+        raise ValueError(f"{tensors_path} is not a valid safetensors file: {err}") from err
+    return tensors, header
+
+
+def _read_pair(path: Any, kind: str, map_location: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and cross-check both files of a save."""
+    tensors_path, json_path = _file_pair(path)
+    device = _check_device(map_location)
+    record = _read_record(json_path, kind)
+    tensors, header = _read_tensors(tensors_path, device)
+    if header.get("save_id") != record.get("save_id"):
+        raise ValueError(
+            f"{tensors_path} and {json_path} come from different saves (save_id differs); "
+            f"save the model again"
+        )
+    if _tensor_table(tensors) != record.get("tensors"):
+        raise ValueError(f"{tensors_path} does not hold the tensors that {json_path} lists")
+    return tensors, record
+
+
+def _check_device(map_location: Any) -> str:
+    try:
+        return str(torch.device(map_location))
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"map_location must name a torch device such as 'cpu', received {map_location!r}"
+        ) from err
+
+
+def _check_matches(model: nn.Module, tensors: Mapping[str, Tensor], where: Path, *, dtypes: bool) -> None:
+    """Raise a ValueError listing every name or shape (and dtype if asked) that differs."""
+
+    def signature(t: Tensor) -> str:
+        shape = f"shape {tuple(t.shape)}"
+        return f"{shape} {_dtype_name(t.dtype)}" if dtypes else shape
+
+    expected = {name: signature(t) for name, t in model.state_dict().items()}
+    found = {name: signature(t) for name, t in tensors.items()}
+    problems = [f"missing {n}" for n in sorted(set(expected) - set(found))]
+    problems += [f"unexpected {n}" for n in sorted(set(found) - set(expected))]
+    problems += [
+        f"{n}: file has {found[n]}, model has {expected[n]}"
+        for n in sorted(set(expected) & set(found))
+        if found[n] != expected[n]
+    ]
+    if problems:
+        raise ValueError(f"{where} does not match the model architecture: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def save(
+    model: nn.Module, path: str | os.PathLike[str], *, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Save a model's tensors and architecture as ``<stem>.safetensors`` + ``<stem>.json``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model. :class:`~marquardt.mlp.MLP` and plain ``nn.Sequential`` stacks of
+        ``nn.Linear`` and common activations (Tanh, Sigmoid, ReLU, Identity, Softmax,
+        LogSoftmax, LeakyReLU, ELU, GELU, SiLU, Softplus, Hardtanh, Softsign,
+        Tanhshrink, nested Sequentials) are rebuilt by :func:`load`. Any other module
+        has its ``state_dict`` saved, but must be loaded with
+        ``load(path, model=instance)``.
+    path : str or os.PathLike
+        A file stem (``"runs/model"``) or a path ending in ``.safetensors`` or ``.json``;
+        missing parent directories are created.
+    metadata : dict, optional
+        JSON-able user data stored in the JSON file, e.g. a training record. Tensors and
+        numpy arrays are stored as lists, dataclasses as dicts. Non-finite floats are
+        written as ``NaN``/``Infinity``, which Python's ``json`` reads back.
+
+    Returns
+    -------
+    Path
+        The ``.safetensors`` path written.
+
+    Notes
+    -----
+    Each file is written atomically (temporary file in the same directory, then
+    ``os.replace``); the tensors file is replaced first, then the JSON file.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from marquardt.mlp import mlp
+    >>> model = mlp(2, hidden=(4,), dtype=torch.float64)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = save(model, f"{tmp}/model", metadata={"epochs": 3})
+    ...     loaded = load(f"{tmp}/model")
+    ...     epochs = load_metadata(f"{tmp}/model")["epochs"]
+    >>> x = torch.ones(3, 2, dtype=torch.float64)
+    >>> bool(torch.equal(loaded(x), model(x))), epochs
+    (True, 3)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, received {type(model).__name__}")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict or None, received {type(metadata).__name__}")
+    tensors = _cpu_tensors(model.state_dict(), "model.state_dict()")
+    class_name, architecture = _describe(model)
+    floating = sorted({_dtype_name(t.dtype) for t in tensors.values() if t.is_floating_point()})
+    record = {
+        "class": class_name,
+        "architecture": architecture,
+        "dtype": floating[0] if len(floating) == 1 else None,
+        "metadata": dict(metadata or {}),
+    }
+    return _write_pair(path, "model", tensors, record, "metadata")
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    model: nn.Module | None = None,
+) -> nn.Module:
+    """Load a model written by :func:`save`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The stem or either file of the save.
+    map_location : str or torch.device, default "cpu"
+        Device of the rebuilt model. Ignored when ``model`` is given: its tensors stay
+        where they are.
+    model : nn.Module, optional
+        Module to load the tensors into, in place (values are cast to its tensors'
+        dtypes, as ``load_state_dict`` does). Required for modules other than ``MLP``
+        and plain ``nn.Sequential`` stacks, whose architecture is not recorded.
+
+    Returns
+    -------
+    nn.Module
+        The rebuilt model, or ``model`` itself.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the ``.safetensors`` file does not exist.
+    ValueError
+        If the ``.json`` file is missing, is not a marquardt save, or has an unknown
+        format version; if the tensors file is not valid safetensors (nothing in it is
+        ever executed); if the two files come from different saves; if the tensor names
+        or shapes do not match the architecture; if no architecture is recorded and no
+        ``model`` is given.
+
+    Examples
+    --------
+    See :func:`save`.
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, received {type(model).__name__}")
+    device = _check_device(map_location)
+    tensors, record = _read_pair(path, "model", "cpu")
+    tensors_path, _ = _file_pair(path)
+    if model is not None:
+        _check_matches(model, tensors, tensors_path, dtypes=False)
+        model.load_state_dict(tensors)
+        return model
+    built = _build(record, tensors_path)
+    _check_matches(built, tensors, tensors_path, dtypes=True)
+    built.load_state_dict(tensors)
+    return built.to(device)
+
+
+def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the user ``metadata`` stored by :func:`save` (without reading tensors).
+
+    Examples
+    --------
+    See :func:`save`.
+    """
+    return _read_record(_file_pair(path)[1], "model").get("metadata", {})
+
+
+def save_state(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
+    """Save named tensors plus JSON-able ``meta`` (e.g. a checkpoint), atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file stem or a path ending in ``.safetensors`` or ``.json``.
+    tensors : dict of str to Tensor
+        E.g. weights and ``torch.get_rng_state()`` (a uint8 tensor). Copied to CPU.
+    meta : dict
+        JSON-able data, e.g. damping state, a History as a list of dicts, or
+        ``numpy.random.Generator.bit_generator.state``. Tuples come back as lists and
+        numpy arrays as lists.
+
+    Returns
+    -------
+    Path
+        The ``.safetensors`` path written.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = save_state(f"{tmp}/ckpt", {"rng": torch.get_rng_state()}, {"damping": 1e-3})
+    ...     tensors, meta = load_state(f"{tmp}/ckpt")
+    >>> tensors["rng"].dtype, meta["damping"]
+    (torch.uint8, 0.001)
+    """
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a dict, received {type(meta).__name__}")
+    return _write_pair(path, "state", _cpu_tensors(tensors, "tensors"), {"metadata": dict(meta)}, "meta")
+
+
+def load_state(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load ``(tensors, meta)`` written by :func:`save_state`.
+
+    Raises the same errors as :func:`load` for missing, corrupt, mismatched or
+    unknown-version files.
+
+    Examples
+    --------
+    See :func:`save_state`.
+    """
+    tensors, record = _read_pair(path, "state", map_location)
+    return tensors, record.get("metadata", {})

@@ -1,0 +1,350 @@
+"""Tests for marquardt.mlp: architecture, Nguyen-Widrow init, mapminmax normalisation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from marquardt.mlp import MLP, mlp, nguyen_widrow_
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def _data(dtype: torch.dtype, n: int = 30, n_inputs: int = 3, n_outputs: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, n_inputs, generator=gen, dtype=torch.float64) * 7 + 3
+    y = torch.randn(n, n_outputs, generator=gen, dtype=torch.float64) * 0.01 - 100
+    return X.to(dtype), y.to(dtype)
+
+
+def _linears(model: MLP) -> list[nn.Linear]:
+    return [m for m in model.net if isinstance(m, nn.Linear)]
+
+
+# ------------------------------------------------------------------------- architecture
+
+
+@pytest.mark.parametrize(
+    "hidden, expected_types",
+    [
+        ((), ["Linear"]),
+        ((5,), ["Linear", "Tanh", "Linear"]),
+        (7, ["Linear", "Tanh", "Linear"]),
+        ((4, 3), ["Linear", "Tanh", "Linear", "Tanh", "Linear"]),
+    ],
+)
+@pytest.mark.parametrize("n_outputs", [1, 3])
+def test_layers_and_output_shape(hidden, expected_types, n_outputs):
+    model = mlp(2, hidden, n_outputs)
+    assert isinstance(model.net, nn.Sequential)
+    assert [type(m).__name__ for m in model.net] == expected_types
+    assert model(torch.randn(6, 2)).shape == (6, n_outputs)
+
+
+@pytest.mark.parametrize(
+    "activation, module",
+    [
+        ("tanh", nn.Tanh),
+        ("tansig", nn.Tanh),
+        ("sigmoid", nn.Sigmoid),
+        ("logsig", nn.Sigmoid),
+        ("relu", nn.ReLU),
+        ("linear", nn.Identity),
+        ("purelin", nn.Identity),
+        ("TANH", nn.Tanh),
+    ],
+)
+def test_activation_names(activation, module):
+    model = mlp(2, (3, 3), activation=activation)
+    assert [type(m) for m in model.net][1::2] == [module, module]
+
+
+def test_mlp_factory_matches_class():
+    torch.manual_seed(3)
+    a = mlp(3, (4,), 2, activation="sigmoid", dtype=torch.float64)
+    torch.manual_seed(3)
+    b = MLP(3, (4,), 2, activation="sigmoid", dtype=torch.float64)
+    assert a.config() == b.config()
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtype_of_parameters_buffers_and_output(dtype):
+    model = mlp(3, (4,), 2, dtype=dtype)
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert model.x_min.dtype == dtype and model.y_max.dtype == dtype
+    X, y = _data(dtype)
+    model.set_normalization(X, y)
+    assert model(X).dtype == dtype
+
+
+# ------------------------------------------------------------------------ initialisation
+
+
+def test_init_is_deterministic_given_manual_seed():
+    torch.manual_seed(123)
+    a = mlp(3, (6, 4), 2).state_dict()
+    torch.manual_seed(123)
+    b = mlp(3, (6, 4), 2).state_dict()
+    torch.manual_seed(124)
+    c = mlp(3, (6, 4), 2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["net.0.weight"], c["net.0.weight"])
+
+
+@pytest.mark.parametrize("init", ["nguyen-widrow", "default"])
+def test_init_is_deterministic_given_generator(init):
+    a = mlp(3, (6,), init=init, generator=torch.Generator().manual_seed(5)).state_dict()
+    b = mlp(3, (6,), init=init, generator=torch.Generator().manual_seed(5)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_same_values_in_float32_and_float64():
+    torch.manual_seed(0)
+    single = mlp(3, (5,), dtype=torch.float32)
+    torch.manual_seed(0)
+    double = mlp(3, (5,), dtype=torch.float64)
+    for p32, p64 in zip(single.parameters(), double.parameters()):
+        assert torch.equal(p32, p64.to(torch.float32))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("hidden", [(10,), (7, 3), (1,)])
+def test_nguyen_widrow_rows_have_norm_beta_and_spread_biases(activation, hidden):
+    model = mlp(4, hidden, activation=activation, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for layer in _linears(model)[:-1]:
+        s, r = layer.out_features, layer.in_features
+        beta = 0.7 * s ** (1 / r)
+        torch.testing.assert_close(layer.weight.norm(dim=1), torch.full((s,), beta, dtype=torch.float64))
+        spread = torch.linspace(-beta, beta, s, dtype=torch.float64) if s > 1 else torch.zeros(1, dtype=torch.float64)
+        torch.testing.assert_close(layer.bias, spread * torch.sign(layer.weight[:, 0]))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
+def test_output_layer_and_non_sigmoidal_layers_use_rands(activation):
+    # initnw falls back to rands (uniform [-1, 1]) where the active input range is infinite.
+    model = mlp(3, (50,), 2, activation=activation, dtype=torch.float64)
+    layers = _linears(model) if activation != "tanh" else _linears(model)[-1:]
+    for layer in layers:
+        for tensor in (layer.weight, layer.bias):
+            assert tensor.abs().max() <= 1
+    if activation != "tanh":
+        norms = _linears(model)[0].weight.norm(dim=1)
+        assert not torch.allclose(norms, norms[0].expand_as(norms))
+
+
+def test_default_init_with_generator_stays_in_pytorch_bounds():
+    model = mlp(9, (20,), init="default", generator=torch.Generator().manual_seed(0))
+    for layer in _linears(model):
+        bound = 1 / math.sqrt(layer.in_features)
+        assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
+
+
+def test_generator_leaves_global_rng_alone_for_nguyen_widrow_draws():
+    gen_a = torch.Generator().manual_seed(9)
+    torch.manual_seed(0)
+    a = mlp(2, (3,), generator=gen_a)
+    torch.manual_seed(1)
+    b = mlp(2, (3,), generator=torch.Generator().manual_seed(9))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_nguyen_widrow_needs_bias():
+    with pytest.raises(ValueError, match="bias=None"):
+        nguyen_widrow_(nn.Linear(2, 3, bias=False))
+
+
+# -------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalization_maps_training_range_to_exactly_minus_one_one(dtype):
+    model = mlp(3, (4,), 2, dtype=dtype)
+    X, y = _data(dtype)
+    assert not model.normalization_set
+    model.set_normalization(X, y)
+    assert model.normalization_set
+    for raw, mapped in ((X, model.normalize_inputs(X)), (y, model.normalize_targets(y))):
+        rows_min, rows_max = raw.argmin(dim=0), raw.argmax(dim=0)
+        cols = torch.arange(raw.shape[1])
+        assert torch.all(mapped[rows_min, cols] == -1)
+        assert torch.all(mapped[rows_max, cols] == 1)
+        assert mapped.min() >= -1 and mapped.max() <= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_targets_round_trip(dtype):
+    model = mlp(3, (4,), 2, dtype=dtype)
+    X, y = _data(dtype)
+    model.set_normalization(X, y)
+    torch.testing.assert_close(model.denormalize_outputs(model.normalize_targets(y)), y)
+
+
+def test_one_dimensional_targets_for_one_output():
+    model = mlp(3, (4,), 1, dtype=torch.float64)
+    X, y = _data(torch.float64, n_outputs=1)
+    model.set_normalization(X, y[:, 0])
+    torch.testing.assert_close(model.y_min, y.amin(0))
+    normalized = model.normalize_targets(y[:, 0])
+    assert normalized.shape == (30,) and normalized.min() == -1 and normalized.max() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_input_column_maps_to_zero_without_nan(dtype):
+    model = mlp(3, (4,), 2, dtype=dtype)
+    X, y = _data(dtype)
+    X[:, 1] = 42.0
+    model.set_normalization(X, y)
+    assert torch.all(model.normalize_inputs(X)[:, 1] == 0)
+    x = X.clone().requires_grad_(True)
+    out = model(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_constant_target_comes_back_as_its_constant():
+    model = mlp(3, (4,), 2, dtype=torch.float64)
+    X, y = _data(torch.float64)
+    y[:, 0] = -7.5
+    model.set_normalization(X, y)
+    assert torch.all(model.normalize_targets(y)[:, 0] == 0)
+    assert torch.all(model(X)[:, 0] == -7.5)
+    assert torch.all(model.denormalize_outputs(torch.randn(5, 2, dtype=torch.float64))[:, 0] == -7.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_is_denormalize_net_normalize(dtype):
+    model = mlp(3, (4,), 2, dtype=dtype)
+    X, y = _data(dtype)
+    model.set_normalization(X, y)
+    raw = _data(dtype, seed=1)[0] * 3
+    expected = model.denormalize_outputs(model.net(model.normalize_inputs(raw)))
+    assert torch.equal(model(raw), expected)
+    assert torch.equal(model.forward_normalized(model.normalize_inputs(raw)), model.net(model.normalize_inputs(raw)))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_forward_without_statistics_is_the_bare_network(normalize):
+    model = mlp(3, (4,), 2, normalize=normalize, dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64) * 1e-9  # identity must be exact, even near 0
+    assert torch.equal(model(x), model.net(x))
+    assert torch.equal(model.normalize_targets(x[:, :2]), x[:, :2])
+
+
+def test_normalize_false_refuses_statistics():
+    model = mlp(3, (4,), 2, normalize=False)
+    with pytest.raises(ValueError, match="normalize=False"):
+        model.set_normalization(*_data(torch.float32))
+
+
+def test_statistics_are_buffers_in_state_dict():
+    source = mlp(3, (4,), 2, dtype=torch.float64)
+    source.set_normalization(*_data(torch.float64))
+    target = mlp(3, (4,), 2, dtype=torch.float64)
+    assert {"x_min", "x_max", "y_min", "y_max", "stats_set"} <= set(source.state_dict())
+    target.load_state_dict(source.state_dict())
+    assert target.normalization_set
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.equal(target(x), source(x))
+
+
+def test_set_normalization_accepts_numpy_and_returns_self():
+    X, y = _data(torch.float64)
+    model = mlp(3, (4,), 2, dtype=torch.float64)
+    assert model.set_normalization(X.numpy(), y.numpy()) is model
+    assert torch.equal(model.x_max, X.amax(0))
+
+
+@pytest.mark.parametrize(
+    "X_shape, y_shape, match",
+    [
+        ((10, 2), (10, 2), r"X must have shape \(N, 3\).*received shape \(10, 2\)"),
+        ((10, 3), (10, 1), r"y must have shape \(N, 2\).*received shape \(10, 1\)"),
+        ((10, 3), (9, 2), r"same number of rows, received 10 and 9"),
+        ((0, 3), (0, 2), r"X must have shape .*received shape \(0, 3\)"),
+        ((10,), (10, 2), r"X must have shape .*received shape \(10,\)"),
+    ],
+)
+def test_set_normalization_rejects_bad_shapes(X_shape, y_shape, match):
+    model = mlp(3, (4,), 2)
+    with pytest.raises(ValueError, match=match):
+        model.set_normalization(torch.zeros(X_shape), torch.zeros(y_shape))
+
+
+def test_set_normalization_rejects_non_finite():
+    X, y = _data(torch.float64)
+    X[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="X must be finite"):
+        mlp(3, (4,), 2).set_normalization(X, y)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"hidden": (6, 2), "n_outputs": 3, "activation": "logsig", "normalize": False, "init": "default"},
+        {"hidden": ()},
+    ],
+)
+def test_config_round_trip_through_json(kwargs):
+    model = mlp(4, **kwargs)
+    cfg = json.loads(json.dumps(model.config()))
+    rebuilt = MLP.from_config(cfg)
+    assert rebuilt.config() == model.config()
+    assert [type(m) for m in rebuilt.net] == [type(m) for m in model.net]
+    assert set(cfg) == {"n_inputs", "hidden", "n_outputs", "activation", "normalize", "init"}
+
+
+@pytest.mark.parametrize(
+    "cfg, error, match",
+    [
+        ("not a dict", TypeError, "cfg must be a mapping"),
+        ({"n_inputs": 2}, ValueError, r"missing=\['hidden'"),
+        ({**mlp(2).config(), "extra": 1}, ValueError, r"unknown=\['extra'\]"),
+        ({**mlp(2).config(), "hidden": [3, 0]}, ValueError, r"hidden .*received \(3, 0\)"),
+    ],
+)
+def test_from_config_rejects_bad_configs(cfg, error, match):
+    with pytest.raises(error, match=match):
+        MLP.from_config(cfg)
+
+
+# ---------------------------------------------------------------------------- bad args
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"n_inputs": 0}, ValueError, r"n_inputs must be a positive int, received 0"),
+        ({"n_inputs": -3}, ValueError, r"n_inputs must be a positive int, received -3"),
+        ({"n_inputs": 2.5}, TypeError, r"n_inputs must be a positive int, received 2\.5"),
+        ({"n_inputs": True}, TypeError, r"n_inputs must be a positive int, received True"),
+        ({"n_outputs": 0}, ValueError, r"n_outputs must be a positive int, received 0"),
+        ({"hidden": (10, 0)}, ValueError, r"hidden must contain only positive ints.*received \(10, 0\)"),
+        ({"hidden": 0}, ValueError, r"hidden must contain only positive ints.*received \(0,\)"),
+        ({"hidden": (-1,)}, ValueError, r"hidden must contain only positive ints.*received \(-1,\)"),
+        ({"hidden": (4.0,)}, ValueError, r"hidden must contain only positive ints.*received \(4\.0,\)"),
+        ({"hidden": "10"}, TypeError, r"hidden must be an int or a sequence.*received '10'"),
+        ({"hidden": None}, TypeError, r"hidden must be an int or a sequence.*received None"),
+        ({"activation": "softmax"}, ValueError, r"activation must be one of .*received 'softmax'"),
+        ({"activation": 3}, TypeError, r"activation must be a str, received 3"),
+        ({"init": "xavier"}, ValueError, r"init must be one of .*received 'xavier'"),
+        ({"normalize": "yes"}, TypeError, r"normalize must be a bool, received 'yes'"),
+        ({"dtype": torch.int64}, ValueError, r"dtype must be a real floating dtype.*received torch\.int64"),
+        ({"dtype": "float64"}, TypeError, r"dtype must be a torch\.dtype or None, received 'float64'"),
+        ({"generator": 5}, TypeError, r"generator must be a torch\.Generator or None, received 5"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    args = {"n_inputs": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        mlp(**args)
