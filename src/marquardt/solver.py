@@ -77,15 +77,19 @@ class Problem(Protocol):
 
 @dataclass(frozen=True)
 class JacobiScaling:
-    """Scale the damping term by ``diag(J^T J)``, never letting an entry shrink (Moré, 1978).
+    """Scale the damping term by ``diag(J^T J)``.
 
-    Zero columns get scale 1 so that the damped matrix stays positive definite.
+    With ``accumulate=True`` an entry never shrinks (Moré, 1978, as MINPACK does); by default
+    the current diagonal is used. Zero columns get scale 1 so that the damped matrix stays
+    positive definite.
     """
+
+    accumulate: bool = False
 
     def update(self, previous: Tensor | None, diagonal: Tensor) -> Tensor:
         """The scale for the next iteration, from the previous one and ``diag(J^T J)``."""
         current = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
-        if previous is None:
+        if previous is None or not self.accumulate:
             return current
         return torch.maximum(previous, current)
 
