@@ -1,0 +1,1 @@
+"""marquardt's benchmark suite: ``python -m benchmarks`` (see benchmarks/README.md)."""

@@ -1,0 +1,280 @@
+"""The five cases: what each runs, in which order, and which numbers it keeps.
+
+Every contender runs in its own worker process (``benchmarks.worker``), created afresh for each
+case, so the peak RSS a worker reports when it exits belongs to that case alone. Per-step
+timings are taken in *rounds*: each round every contender runs once, in a rotated order, and
+ratios are computed within a round and then their median taken. On a shared machine whose load
+changes by the minute, that is what "side by side" has to mean.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import CASES, median
+from benchmarks.worker import Worker, WorkerError
+
+T1_TARGET_MSE = 1e-7
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One column of a per-step comparison: an adapter module, its options, a display label."""
+
+    label: str
+    module: str
+    options: dict = field(default_factory=dict)
+    steps: int | None = None  # overrides the case's steps / warmup (a slow peer runs fewer)
+    warmup: int | None = None
+
+
+OURS_FIT = Contender("ours (fit)", "ours", {"api": "fit"})
+OURS_OPT = Contender("ours (optimizer)", "ours", {"api": "optimizer"})
+PEER_QR = Contender("peer (default: qr)", "peer", {"solve_method": "qr"})
+PEER_CHOL = Contender("peer (cholesky)", "peer", {"solve_method": "cholesky"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each case does; ``quick`` shrinks every knob."""
+
+    quick: bool
+    t1_seeds: tuple[int, ...]
+    t1_rounds: int
+    t1_steps: int
+    t1_peer_steps: int  # the issue quotes the peer's MSE after 1000 steps
+    t1_equal_time_s: float  # "MSE after equal wall time" for ours, the peer and Adam
+    t1_ours_budget_s: float
+    t2_rounds: int
+    t2_steps: int
+    t3_steps: int
+    t3_with_peer: bool
+    t4_budget_s: float
+    t5_rounds: int
+    t5_steps: int
+
+    @classmethod
+    def make(cls, quick: bool) -> "Plan":
+        if quick:
+            return cls(True, (0, 1), 1, 30, 300, 1.0, 5.0, 1, 1, 1, False, 10.0, 1, 1)
+        return cls(False, (0, 1, 2, 3, 4), 3, 100, 1000, 2.0, 20.0, 2, 3, 2, True, 60.0, 2, 2)
+
+
+class Session:
+    """The workers of one case, started on first use and closed (RSS read) at the end."""
+
+    def __init__(self, case: str, log_dir: Path) -> None:
+        self.case = case
+        self.log_dir = log_dir
+        self.workers: dict[str, Worker] = {}
+        self.import_rss_mb: dict[str, float] = {}
+        self.unavailable: dict[str, str] = {}
+
+    def available(self, contender: Contender) -> bool:
+        """Ask the worker; print "not available" once per label and skip it from then on."""
+        key = f"{contender.module}:{contender.options.get('api', '')}"
+        if key not in self.unavailable:
+            kwargs = {"api": contender.options["api"]} if "api" in contender.options else {}
+            worker = self.worker(contender.module)
+            try:
+                reason = worker.call("available", timeout=300, **kwargs)
+                self.import_rss_mb.setdefault(contender.module, worker.last_rss_mb)
+            except WorkerError as exc:
+                reason = str(exc).splitlines()[0]
+            self.unavailable[key] = reason or ""
+            if reason:
+                log(f"  {contender.label}: not available ({reason})")
+        return not self.unavailable[key]
+
+    def worker(self, module: str) -> Worker:
+        if module not in self.workers:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.workers[module] = Worker(module, self.log_dir / f"{self.case}-{module}.log")
+        return self.workers[module]
+
+    def call(self, module: str, func: str, timeout: float = 600.0, **kwargs: Any) -> Any:
+        try:
+            return self.worker(module).call(func, timeout=timeout, **kwargs)
+        except WorkerError as exc:
+            log(f"  {module}.{func} failed: {str(exc).splitlines()[-1]}")
+            self.workers.pop(module).close()  # a fresh worker on the next call
+            return None
+
+    def close(self) -> dict[str, float | None]:
+        return {module: w.close() for module, w in self.workers.items()}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def per_step(session: Session, contenders: list[Contender], *, rounds: int, steps: int,
+             warmup: int, bound_repeats: int, timeout: float = 600.0,
+             torch_reference: bool = False) -> dict:
+    """Per-step medians of each contender and of the bound, in interleaved rounds."""
+    active = [c for c in contenders if session.available(c)]
+    by_label: dict[str, dict] = {c.label: {"rounds": [], "times": [], "runs": []} for c in active}
+    bounds: list[dict] = []
+    for r in range(rounds):
+        order = active[r % len(active):] + active[:r % len(active)] if active else []
+        for c in order:
+            log(f"  round {r + 1}/{rounds}: {c.label}")
+            res = session.call(c.module, "step_times", timeout, case=session.case, seed=r,
+                               steps=c.steps or steps,
+                               warmup=warmup if c.warmup is None else c.warmup, **c.options)
+            if res and res["times"]:
+                by_label[c.label]["rounds"].append(statistics.median(res["times"]))
+                by_label[c.label]["times"] += res["times"]
+                by_label[c.label]["runs"].append({k: v for k, v in res.items() if k != "times"})
+        log(f"  round {r + 1}/{rounds}: bound")
+        b = session.call("bound", "bound", timeout, case=session.case, repeats=bound_repeats,
+                         torch_reference=torch_reference and r == 0)
+        bounds.append(b)
+    return {"contenders": {k: _summary(v) for k, v in by_label.items()},
+            "bound": _bound_summary([b for b in bounds if b]), "rounds": rounds}
+
+
+def _summary(entry: dict) -> dict:
+    return {**entry, "median": median(entry["times"])}
+
+
+def _bound_summary(bounds: list[dict]) -> dict:
+    if not bounds:
+        return {}
+    out = dict(bounds[0])
+    for key in ("syrk_s", "chol_s", "total_s", "syrk_gflops", "chol_gflops"):
+        out[key] = median([b[key] for b in bounds])
+    out["rounds"] = [b["total_s"] for b in bounds]
+    return out
+
+
+def round_ratio(result: dict, num: str, den: str) -> float:
+    """Median over rounds of (num's median / den's median) in the same round.
+
+    ``den`` may be ``"bound"``. ``nan`` when either side is missing.
+    """
+    def rounds_of(label: str) -> list[float]:
+        if label == "bound":
+            return result["bound"].get("rounds", [])
+        return result["contenders"].get(label, {}).get("rounds", [])
+
+    pairs = list(zip(rounds_of(num), rounds_of(den)))
+    return median([a / b for a, b in pairs]) if pairs else math.nan
+
+
+def mse_at(run: dict | None, seconds: float) -> float:
+    """MSE of a training curve at wall time ``seconds`` (last point not after it)."""
+    if not run:
+        return math.nan
+    best = math.nan
+    for t, m in zip(run["t"], run["mse"]):
+        if t > seconds:
+            break
+        best = m
+    return best
+
+
+def thin(run: dict | None, points: int = 300) -> dict | None:
+    """A run with its curve thinned (results stay small; the last point is kept)."""
+    if not run:
+        return run
+    stride = max(1, len(run["t"]) // points)
+    return {**run, "t": run["t"][::stride] + run["t"][-1:], "mse": run["mse"][::stride] + run["mse"][-1:]}
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def case_t1(session: Session, plan: Plan) -> dict:
+    steps = per_step(session, [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL], rounds=plan.t1_rounds,
+                     steps=plan.t1_steps, warmup=5, bound_repeats=20, timeout=300)
+    runs: dict[str, list] = {"ours": [], "peer": [], "adam": []}
+    for seed in plan.t1_seeds:  # seed-major: the three contenders side by side per seed
+        log(f"  seed {seed}: training runs")
+        if session.available(OURS_FIT):
+            runs["ours"].append(thin(session.call(
+                "ours", "train", 300, case="T1", seed=seed, max_steps=10_000,
+                budget_s=plan.t1_ours_budget_s, target=T1_TARGET_MSE)))
+        if session.available(PEER_QR):
+            runs["peer"].append(thin(session.call(
+                "peer", "train", 600, case="T1", seed=seed, max_steps=plan.t1_peer_steps,
+                target=T1_TARGET_MSE)))
+        runs["adam"].append(_best_adam(session, "T1", seed, plan.t1_equal_time_s, T1_TARGET_MSE))
+    return {"per_step": steps, "training": runs, "equal_time_s": plan.t1_equal_time_s,
+            "target_mse": T1_TARGET_MSE, "peer_steps": plan.t1_peer_steps, "seeds": list(plan.t1_seeds)}
+
+
+def _best_adam(session: Session, case: str, seed: int, budget_s: float,
+               target: float | None = None) -> dict | None:
+    from benchmarks.adam import LEARNING_RATES
+
+    runs = [session.call("adam", "train", budget_s + 600, case=case, seed=seed, lr=lr,
+                         budget_s=budget_s, target=target) for lr in LEARNING_RATES]
+    runs = [r for r in runs if r]
+    if not runs:
+        return None
+    best = min(runs, key=lambda r: (math.isnan(r["final_mse"]), r["final_mse"]))
+    return {**thin(best), "all_lr": {str(r["lr"]): r["final_mse"] for r in runs}}
+
+
+def case_t2(session: Session, plan: Plan) -> dict:
+    return {"per_step": per_step(session, [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL],
+                                 rounds=plan.t2_rounds, steps=plan.t2_steps, warmup=1,
+                                 bound_repeats=3, torch_reference=True)}
+
+
+def case_t3(session: Session, plan: Plan) -> dict:
+    # Only fit: it is the path with a memory budget. The peer runs its best setting once (its
+    # step takes about a minute here and holds the whole Jacobian), and only in the full suite.
+    peer = replace(PEER_CHOL, steps=1, warmup=0)
+    contenders = [OURS_FIT] + ([peer] if plan.t3_with_peer else [])
+    return {"per_step": per_step(session, contenders, rounds=1, steps=plan.t3_steps, warmup=1,
+                                 bound_repeats=2, timeout=900)}
+
+
+def case_t4(session: Session, plan: Plan) -> dict:
+    budget = plan.t4_budget_s
+    ours = None
+    if session.available(OURS_FIT):
+        log(f"  ours: fit for {budget:.0f} s")
+        ours = thin(session.call("ours", "train", budget + 600, case="T4", seed=0,
+                                 max_steps=10**7, budget_s=budget))
+    log(f"  adam: 3 learning rates x {budget:.0f} s")
+    adam = _best_adam(session, "T4", 0, budget)
+    return {"budget_s": budget, "ours": ours, "adam": adam}
+
+
+def case_t5(session: Session, plan: Plan) -> dict:
+    return {"per_step": per_step(session, [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL],
+                                 rounds=plan.t5_rounds, steps=plan.t5_steps, warmup=1,
+                                 bound_repeats=2)}
+
+
+CASE_RUNNERS = {"T1": case_t1, "T2": case_t2, "T3": case_t3, "T4": case_t4, "T5": case_t5}
+
+
+def run_case(name: str, plan: Plan, log_dir: Path) -> dict:
+    """Run one case in fresh workers; return its JSON-ready result with each worker's peak RSS."""
+    case = CASES[name]
+    session = Session(name, log_dir)
+    start = time.perf_counter()
+    try:
+        result = CASE_RUNNERS[name](session, plan)
+    finally:
+        peak = session.close()
+    return {
+        "case": name, "title": case.title, "architecture": case.architecture,
+        "n_samples": case.n_samples, "n_params": case.n_params, "mode": "quick" if plan.quick else "full",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak, "import_rss_mb": session.import_rss_mb, "unavailable": {k: v for k, v in session.unavailable.items() if v},
+        **result,
+    }
