@@ -1,0 +1,98 @@
+"""Data division into training, validation and test sets, as MATLAB's ``divide*`` functions.
+
+Each function returns three index tensors ``(train, val, test)``. Counts are
+``n_val = round(val * n)``, ``n_test = round(test * n)`` and the rest for training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+DIVISIONS = ("random", "block", "interleaved")
+
+
+def check_split(split: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Validate ``(train, val, test)`` fractions: three numbers >= 0 summing to 1, train > 0.
+
+    Examples
+    --------
+    >>> check_split((0.7, 0.15, 0.15))
+    (0.7, 0.15, 0.15)
+    """
+    try:
+        values = tuple(float(v) for v in split)
+    except (TypeError, ValueError):
+        raise TypeError(f"split must be three fractions (train, val, test); received {split!r}.") from None
+    if len(values) != 3 or any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"split must be three fractions >= 0 (train, val, test); received {split!r}.")
+    if abs(sum(values) - 1.0) > 1e-9 or values[0] <= 0:
+        raise ValueError(f"split fractions must sum to 1 with a positive training share; received {split!r} "
+                         f"(sum {sum(values):g}).")
+    return values  # type: ignore[return-value]
+
+
+def _counts(n: int, split: tuple[float, float, float]) -> tuple[int, int, int]:
+    n_val = int(round(split[1] * n))
+    n_test = int(round(split[2] * n))
+    return n - n_val - n_test, n_val, n_test
+
+
+def divide_random(n: int, split: tuple[float, float, float], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """MATLAB ``dividerand``: a random permutation cut into three parts.
+
+    Examples
+    --------
+    >>> train, val, test = divide_random(20, (0.7, 0.15, 0.15), torch.Generator().manual_seed(0))
+    >>> len(train), len(val), len(test)
+    (14, 3, 3)
+    """
+    n_train, n_val, _ = _counts(n, split)
+    order = torch.randperm(n, generator=generator)
+    return order[:n_train].sort().values, order[n_train : n_train + n_val].sort().values, order[n_train + n_val :].sort().values
+
+
+def divide_block(n: int, split: tuple[float, float, float]) -> tuple[Tensor, Tensor, Tensor]:
+    """MATLAB ``divideblock``: consecutive blocks, training first.
+
+    Examples
+    --------
+    >>> [t.tolist() for t in divide_block(10, (0.6, 0.2, 0.2))]
+    [[0, 1, 2, 3, 4, 5], [6, 7], [8, 9]]
+    """
+    n_train, n_val, _ = _counts(n, split)
+    index = torch.arange(n)
+    return index[:n_train], index[n_train : n_train + n_val], index[n_train + n_val :]
+
+
+def divide_interleaved(n: int, split: tuple[float, float, float]) -> tuple[Tensor, Tensor, Tensor]:
+    """MATLAB ``divideint``: samples dealt in turn, each to the set furthest behind its share.
+
+    Examples
+    --------
+    >>> [t.tolist() for t in divide_interleaved(10, (0.6, 0.2, 0.2))]
+    [[0, 2, 4, 5, 7, 9], [1, 6], [3, 8]]
+    """
+    targets = _counts(n, split)
+    taken = [0, 0, 0]
+    owner = []
+    for i in range(n):
+        lag = [(targets[k] * (i + 1) / n - taken[k]) if taken[k] < targets[k] else -math.inf for k in range(3)]
+        k = max(range(3), key=lambda j: lag[j])
+        taken[k] += 1
+        owner.append(k)
+    owner_t = torch.tensor(owner)
+    return tuple(torch.nonzero(owner_t == k).reshape(-1) for k in range(3))  # type: ignore[return-value]
+
+
+def divide(n: int, division: str, split: tuple[float, float, float], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Dispatch on ``division`` (``"random"``, ``"block"`` or ``"interleaved"``)."""
+    if division == "random":
+        return divide_random(n, split, generator)
+    if division == "block":
+        return divide_block(n, split)
+    if division == "interleaved":
+        return divide_interleaved(n, split)
+    raise ValueError(f"Invalid division: {division!r}; expected one of {DIVISIONS} or None.")

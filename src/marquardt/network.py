@@ -1,0 +1,127 @@
+"""A module's parameters as a least-squares problem, for the LM loop.
+
+:class:`ModuleProblem` is the bridge between an ``nn.Module`` and :func:`marquardt.solver.lm_step`:
+the flattened parameters are the unknowns, ``model(X) - y`` the residuals. The per-sample
+Jacobian comes from :mod:`torch.func` (``vmap`` of ``jacrev`` over samples) in chunks that fit
+a byte budget, folded straight into ``J^T J`` and ``J^T r`` (see :mod:`marquardt.chunked`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from .chunked import DEFAULT_JACOBIAN_BYTES, accumulate_normal, assemble_sample_space, plan_assembly
+from .solver import Linearization
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters that require gradients, in registration order."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def flatten_parameters(model: nn.Module) -> Tensor:
+    """The trainable parameters as one detached 1-D tensor."""
+    return torch.cat([p.detach().reshape(-1) for _, p in trainable_parameters(model)])
+
+
+def write_parameters(model: nn.Module, x: Tensor) -> None:
+    """Copy the flat vector ``x`` into the trainable parameters of ``model`` (in place)."""
+    offset = 0
+    with torch.no_grad():
+        for _, p in trainable_parameters(model):
+            p.copy_(x[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+@dataclass
+class ModuleProblem:
+    """Least squares over the trainable parameters of ``model``: residuals ``model(X) - y``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps a batch ``X`` to outputs of the shape of ``y``.
+    X, y : Tensor
+        Inputs (first dimension: samples) and targets (same first dimension).
+    max_jacobian_bytes : int
+        Budget for the Jacobian rows held at once.
+
+    Examples
+    --------
+    >>> model = nn.Linear(1, 1).double()
+    >>> X = torch.linspace(0, 1, 5, dtype=torch.float64)[:, None]
+    >>> problem = ModuleProblem(model, X, 2 * X + 1)
+    >>> lin = problem.linearize(flatten_parameters(model))
+    >>> lin.grad.shape, lin.system.name
+    (torch.Size([2]), 'cholesky')
+    """
+
+    model: nn.Module
+    X: Tensor
+    y: Tensor
+    max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES
+    names: list[str] = field(init=False)
+    shapes: list[torch.Size] = field(init=False)
+
+    def __post_init__(self) -> None:
+        named = trainable_parameters(self.model)
+        self.names = [name for name, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.n_params = sum(p.numel() for _, p in named)
+        self.outputs_per_sample = max(1, self.y[0].numel()) if self.y.shape[0] else 1
+        itemsize = self.y.element_size()
+        self.plan = plan_assembly(self.y.numel(), self.n_params, itemsize, self.max_jacobian_bytes)
+        self.buffers = dict(self.model.named_buffers())
+
+    @property
+    def n_residuals(self) -> int:
+        """Number of residuals (all target elements)."""
+        return self.y.numel()
+
+    def params(self, x: Tensor) -> dict[str, Tensor]:
+        """The flat vector ``x`` viewed as the module's named parameters."""
+        pieces = torch.split(x, [s.numel() for s in self.shapes])
+        return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
+
+    def outputs(self, x: Tensor, X: Tensor | None = None) -> Tensor:
+        """``model(X)`` with parameters ``x`` (the module itself is untouched)."""
+        X = self.X if X is None else X
+        return functional_call(self.model, (self.params(x), self.buffers), (X,))
+
+    def cost(self, x: Tensor) -> float:
+        """``0.5 * sum((model(X) - y)**2)``; ``inf`` when not finite."""
+        with torch.no_grad():
+            r = (self.outputs(x) - self.y).reshape(-1)
+            value = 0.5 * float(r @ r)
+        return value if value == value and value != float("inf") else float("inf")
+
+    def linearize(self, x: Tensor) -> Linearization:
+        """``J^T J`` (or the rows, in residual space), ``J^T r`` and the cost at ``x``."""
+        chunks = self.jacobian_chunks(x)
+        if self.plan.form == "sample-space":
+            system, grad, cost = assemble_sample_space(chunks)
+            return Linearization(cost, grad, system, system.residuals, system.jac)
+        system, grad, cost = accumulate_normal(chunks, self.n_params, dtype=x.dtype, device=x.device)
+        return Linearization(cost, grad, system)
+
+    def jacobian_chunks(self, x: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(J_rows, residual_rows)`` for consecutive chunks of samples."""
+        params = self.params(x)
+        samples = max(1, self.plan.chunk_rows // self.outputs_per_sample)
+        per_sample = vmap(jacrev(self._single, has_aux=True), in_dims=(None, 0))
+        for start in range(0, self.X.shape[0], samples):
+            X_chunk = self.X[start : start + samples]
+            jacs, outputs = per_sample(params, X_chunk)
+            rows = outputs.reshape(-1).numel()
+            jac = torch.cat([jacs[name].reshape(rows, -1) for name in self.names], dim=1)
+            residuals = (outputs - self.y[start : start + samples]).reshape(-1)
+            yield jac.detach(), residuals.detach()
+
+    def _single(self, params: dict[str, Tensor], sample: Tensor) -> tuple[Tensor, Tensor]:
+        out = functional_call(self.model, (params, self.buffers), (sample.unsqueeze(0),)).squeeze(0)
+        return out, out

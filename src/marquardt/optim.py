@@ -1,0 +1,266 @@
+"""Optimizers with the :mod:`torch.optim` contract: Levenberg-Marquardt, gradient descent, momentum.
+
+:class:`LevenbergMarquardt` is closure-driven, like :class:`torch.optim.LBFGS`: ``step(closure)``
+needs the *residual* tensor for the current parameters, forms the Jacobian of the residuals
+with respect to all parameters by batched backward passes (so the closure may itself use
+autograd, as physics-informed residuals do), and runs one iteration of the same LM loop as
+:func:`marquardt.least_squares` (:func:`marquardt.solver.lm_step`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .chunked import DEFAULT_JACOBIAN_BYTES, accumulate_normal, assemble_sample_space, plan_assembly
+from .damping import DampingState, MarquardtDamping, NielsenDamping
+from .solver import FixedScaling, Linearization, lm_step
+
+__all__ = ["GradientDescent", "LevenbergMarquardt", "Momentum"]
+
+
+def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = True, high: float = math.inf) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok or value > high:
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number {bound}"
+                         + (f" and <= {high}." if math.isfinite(high) else "."))
+
+
+@dataclass
+class ClosureProblem:
+    """The parameters of ``params`` as a least-squares problem whose residuals a closure returns."""
+
+    params: list[Tensor]
+    closure: Callable[[], Tensor]
+    max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES
+
+    def write(self, x: Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(x[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def residuals(self) -> Tensor:
+        value = self.closure()
+        if not isinstance(value, Tensor):
+            raise TypeError(f"The closure must return the residual tensor; received {type(value).__name__}.")
+        if value.ndim == 0:
+            raise ValueError(
+                "The closure returned a scalar loss; LevenbergMarquardt needs the residual tensor "
+                "(e.g. return model(X) - y, not a loss such as mse(model(X), y))."
+            )
+        return value.reshape(-1)
+
+    def cost(self, x: Tensor) -> float:
+        self.write(x)
+        with torch.enable_grad():
+            r = self.residuals().detach()
+        value = 0.5 * float(r @ r)
+        return value if math.isfinite(value) else math.inf
+
+    def linearize(self, x: Tensor) -> Linearization:
+        self.write(x)
+        with torch.enable_grad():
+            r = self.residuals()
+            n = x.numel()
+            plan = plan_assembly(r.numel(), n, r.element_size(), self.max_jacobian_bytes)
+            chunks = self._jacobian_chunks(r, plan.chunk_rows)
+            if plan.form == "sample-space":
+                system, grad, cost = assemble_sample_space(chunks)
+                return Linearization(cost, grad, system, system.residuals, system.jac)
+            system, grad, cost = accumulate_normal(chunks, n, dtype=x.dtype, device=x.device)
+            return Linearization(cost, grad, system)
+
+    def _jacobian_chunks(self, r: Tensor, rows: int) -> Iterator[tuple[Tensor, Tensor]]:
+        eye = torch.eye(r.numel(), dtype=r.dtype, device=r.device)
+        for start in range(0, r.numel(), rows):
+            seeds = eye[start : start + rows]
+            yield self._jacobian_rows(r, seeds), r[start : start + rows].detach()
+
+    def _jacobian_rows(self, r: Tensor, seeds: Tensor) -> Tensor:
+        try:
+            grads = torch.autograd.grad(r, self.params, grad_outputs=seeds, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+        except RuntimeError:
+            # Some double-backward graphs cannot be vmapped; one backward pass per row then.
+            rows = [torch.autograd.grad(r, self.params, grad_outputs=seed, retain_graph=True, allow_unused=True)
+                    for seed in seeds]
+            grads = [torch.stack([row[i] if row[i] is not None else torch.zeros_like(p) for row in rows])
+                     for i, p in enumerate(self.params)]
+        blocks = [g.reshape(seeds.shape[0], -1) if g is not None else seeds.new_zeros(seeds.shape[0], p.numel())
+                  for g, p in zip(grads, self.params)]
+        return torch.cat(blocks, dim=1).detach()
+
+
+class LevenbergMarquardt(Optimizer):
+    """Levenberg-Marquardt as a :class:`torch.optim.Optimizer`.
+
+    Parameters
+    ----------
+    params : iterable of Tensor
+        The parameters to fit (one group).
+    damping : float
+        Initial damping (MATLAB's ``mu``). With ``strategy="nielsen"`` it is relative to the
+        largest diagonal entry of ``J^T J``.
+    damping_dec, damping_inc, damping_max : float
+        MATLAB's ``mu_dec``, ``mu_inc``, ``mu_max`` (``strategy="marquardt"``); Nielsen's rule
+        uses only ``damping_max``.
+    strategy : {"marquardt", "nielsen"}
+        Damping rule (see :mod:`marquardt.damping`).
+    max_jacobian_bytes : int
+        Bytes of Jacobian rows held at once; ``J^T J`` is accumulated chunk by chunk.
+
+    Notes
+    -----
+    Each step solves ``(J^T J + damping I) h = -J^T r`` and retries with more damping until the
+    cost ``0.5 * sum(r**2)`` drops or damping passes ``damping_max``. The parameters are left at
+    the accepted point, or unchanged. A non-finite trial is a rejected step.
+
+    Examples
+    --------
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(1, 1)
+    >>> X = torch.linspace(0, 1, 10)[:, None]; y = 3 * X - 1
+    >>> opt = LevenbergMarquardt(model.parameters())
+    >>> for _ in range(5):
+    ...     cost = opt.step(lambda: model(X) - y)
+    >>> round(float(model.weight), 4), round(float(model.bias), 4)
+    (3.0, -1.0)
+    """
+
+    def __init__(self, params, *, damping: float = 1e-3, damping_dec: float = 0.1, damping_inc: float = 10.0,
+                 damping_max: float = 1e10, strategy: str = "marquardt",
+                 max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES) -> None:
+        _check_number("damping", damping)
+        _check_number("damping_dec", damping_dec, high=1.0)
+        _check_number("damping_inc", damping_inc, low=1.0)
+        _check_number("damping_max", damping_max)
+        if strategy not in ("marquardt", "nielsen"):
+            raise ValueError(f"Invalid strategy: {strategy!r}; expected 'marquardt' or 'nielsen'.")
+        if not isinstance(max_jacobian_bytes, int) or max_jacobian_bytes <= 0:
+            raise ValueError(f"Invalid max_jacobian_bytes value: {max_jacobian_bytes!r}; expected a positive int.")
+        defaults = dict(damping=damping, damping_dec=damping_dec, damping_inc=damping_inc,
+                        damping_max=damping_max, strategy=strategy, max_jacobian_bytes=max_jacobian_bytes)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(f"LevenbergMarquardt supports one parameter group; received {len(self.param_groups)}.")
+        self._params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
+
+    def _rule(self) -> MarquardtDamping | NielsenDamping:
+        group = self.param_groups[0]
+        if group["strategy"] == "nielsen":
+            return NielsenDamping(tau=group["damping"], maximum=group["damping_max"])
+        return MarquardtDamping(group["damping"], group["damping_dec"], group["damping_inc"], group["damping_max"])
+
+    @property
+    def damping_state(self) -> DampingState | None:
+        """The current damping state (``None`` before the first step)."""
+        state = self.state[self._params[0]]
+        return DampingState(state["damping"], state["nu"]) if "damping" in state else None
+
+    @property
+    def exhausted(self) -> bool:
+        """True when the last step found no lower cost before damping passed its maximum."""
+        return bool(self.state[self._params[0]].get("exhausted", False))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """One LM iteration; returns the cost ``0.5 * sum(r**2)`` at the parameters it leaves."""
+        if closure is None:
+            raise ValueError("LevenbergMarquardt.step needs a closure that returns the residual tensor, "
+                             "e.g. opt.step(lambda: model(X) - y).")
+        group = self.param_groups[0]
+        problem = ClosureProblem(self._params, closure, group["max_jacobian_bytes"])
+        x = torch.cat([p.detach().reshape(-1) for p in self._params])
+        lin = problem.linearize(x)
+        rule = self._rule()
+        state = self.damping_state or rule.init(float(lin.system.diagonal().max()))
+        scale = torch.ones_like(x)
+        out = lm_step(problem, x, lin, scale, rule, state, geodesic=None) if math.isfinite(lin.cost) else None
+        if out is None:
+            raise ValueError("The closure returned non-finite residuals at the current parameters.")
+        problem.write(out.x)
+        stored = self.state[self._params[0]]
+        stored.update(damping=out.state.damping, nu=out.state.nu, exhausted=out.exhausted,
+                      solver=lin.system.path, grad_norm=float(torch.linalg.vector_norm(lin.grad)))
+        return torch.tensor(out.cost, dtype=x.dtype)
+
+
+class GradientDescent(Optimizer):
+    """Gradient descent (backpropagation), MATLAB ``traingd``: ``param -= lr * grad``.
+
+    Examples
+    --------
+    >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+    >>> opt = GradientDescent([w], lr=0.5)
+    >>> (w**2).sum().backward(); _ = opt.step()
+    >>> w.item()
+    0.0
+    """
+
+    def __init__(self, params, lr: float = 0.01) -> None:
+        _check_number("lr", lr)
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One step along the negative gradient; calls ``closure`` (with grad enabled) first if given."""
+        loss = _call_closure(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+        return loss
+
+
+class Momentum(Optimizer):
+    """Momentum gradient descent as MATLAB ``traingdm``.
+
+    Notes
+    -----
+    ``velocity = beta * velocity + (1 - beta) * grad``; ``param -= lr * velocity``.
+
+    Examples
+    --------
+    >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+    >>> opt = Momentum([w], lr=1.0, beta=0.5)
+    >>> (w**2).sum().backward(); _ = opt.step()
+    >>> w.item()  # velocity = 0.5 * 2
+    0.0
+    """
+
+    def __init__(self, params, lr: float = 0.01, beta: float = 0.9) -> None:
+        _check_number("lr", lr)
+        _check_number("beta", beta, strict=False, high=1.0)
+        super().__init__(params, dict(lr=lr, beta=beta))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One momentum step; calls ``closure`` (with grad enabled) first if given."""
+        loss = _call_closure(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                velocity = state.get("velocity")
+                if velocity is None:
+                    velocity = state["velocity"] = torch.zeros_like(p)
+                velocity.mul_(group["beta"]).add_(p.grad, alpha=1.0 - group["beta"])
+                p.add_(velocity, alpha=-group["lr"])
+        return loss
+
+
+def _call_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

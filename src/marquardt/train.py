@@ -1,0 +1,514 @@
+"""``fit``: train an ``nn.Module`` by Levenberg-Marquardt or a first-order method, as MATLAB ``train`` does.
+
+The epoch loop records the state (performance, damping, gradient, validation failures), checks
+MATLAB's stopping rules in MATLAB's order, and hands the step to a *trainer*:
+:class:`LMTrainer` runs the shared LM iteration (:func:`marquardt.solver.lm_step`) on a
+:class:`~marquardt.network.ModuleProblem`; :class:`FirstOrderTrainer` runs any
+:class:`torch.optim.Optimizer`. At the end the model holds the best weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .chunked import DEFAULT_JACOBIAN_BYTES
+from .damping import DampingState, MarquardtDamping
+from .division import DIVISIONS, check_split, divide
+from .history import History
+from .network import ModuleProblem, flatten_parameters, write_parameters
+from .optim import GradientDescent, Momentum
+from .solver import lm_step
+
+__all__ = ["Callback", "fit", "STOP_REASONS"]
+
+STOP_REASONS = {
+    "goal": "Performance goal met.",
+    "epochs": "Maximum epoch reached.",
+    "time": "Maximum time elapsed.",
+    "gradient": "Minimum gradient reached.",
+    "mu": "Maximum MU reached.",
+    "validation": "Validation stop.",
+    "user": "User stop.",
+}
+
+_LM_OPTIONS = {"mu": 1e-3, "mu_dec": 0.1, "mu_inc": 10.0, "mu_max": 1e10, "max_jacobian_bytes": DEFAULT_JACOBIAN_BYTES}
+_FIRST_ORDER = {"gd": (GradientDescent, {"lr": 0.01}), "momentum": (Momentum, {"lr": 0.01, "beta": 0.9})}
+
+
+class Callback:
+    """Base class for ``fit`` callbacks; override the hooks you need.
+
+    Raising :class:`StopIteration` in ``on_epoch_end`` stops training with ``"User stop."``.
+    """
+
+    def on_train_begin(self, history: History, model: nn.Module) -> None:
+        """Called once before epoch 0 is recorded."""
+
+    def on_epoch_end(self, history: History, model: nn.Module) -> None:
+        """Called after each epoch's record is appended."""
+
+    def on_train_end(self, history: History, model: nn.Module) -> None:
+        """Called once after the best weights are restored."""
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Split:
+    """One data set (training, validation or test) on the model's device and dtype."""
+
+    X: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+
+def _as_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        tensor = value.detach()
+    else:
+        try:
+            array = np.asarray(value)
+        except Exception as error:  # pragma: no cover - exotic inputs
+            raise TypeError(f"{name} must be an array or tensor; received {type(value).__name__}.") from error
+        if array.dtype.kind not in "iufb":
+            raise TypeError(f"{name} must be numeric; received dtype {array.dtype}.")
+        tensor = torch.as_tensor(array)
+    if tensor.ndim == 0:
+        raise ValueError(f"{name} must have a samples dimension; received a scalar.")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} is empty; expected at least one sample.")
+    tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() or not tensor.dtype.is_complex else dtype)
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"{name} contains NaN or inf; first bad value at index {index if len(index) > 1 else index[0]}.")
+    return tensor
+
+
+def _check_output_shape(model: nn.Module, X: Tensor, y: Tensor, name: str) -> Tensor:
+    with torch.no_grad():
+        out = model(X[:2])
+    if y.ndim == 1 and out.ndim == 2 and out.shape[1] == 1:
+        y = y.reshape(-1, 1)
+    if tuple(out.shape[1:]) != tuple(y.shape[1:]):
+        raise ValueError(
+            f"The model output shape {tuple(out.shape)} does not match the targets {name} shape {tuple(y.shape)} "
+            f"(per sample {tuple(out.shape[1:])} vs {tuple(y.shape[1:])}); reshape {name} or change the model's "
+            "output layer (outputs are never broadcast)."
+        )
+    return y
+
+
+def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str]) -> Split:
+    reference = next(model.parameters(), None)
+    if reference is None:
+        raise ValueError("model has no parameters to train.")
+    X_t = _as_tensor(names[0], X, reference.dtype, reference.device)
+    y_t = _as_tensor(names[1], y, reference.dtype, reference.device)
+    if X_t.shape[0] != y_t.shape[0]:
+        raise ValueError(f"{names[0]} and {names[1]} have different numbers of samples: "
+                         f"{X_t.shape[0]} and {y_t.shape[0]}.")
+    return Split(X_t, _check_output_shape(model, X_t, y_t, names[1]))
+
+
+def _divide_data(data: Split, validation_data: Any, division: str | None, split: tuple, generator: torch.Generator,
+                 model: nn.Module) -> tuple[Split, Split | None, Split | None]:
+    if validation_data is not None:
+        if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+            raise TypeError(f"validation_data must be a pair (X_val, y_val); received {type(validation_data).__name__}.")
+        return data, _prepare(model, *validation_data, ("X_val", "y_val")), None
+    if division is None or division == "none":
+        return data, None, None
+    train, val, test = divide(len(data), division, split, generator)
+    pick = lambda index: Split(data.X[index], data.y[index]) if len(index) else None  # noqa: E731
+    if len(train) == 0:
+        raise ValueError(f"split {split} leaves no training samples out of {len(data)}.")
+    return pick(train), pick(val), pick(test)
+
+
+def mse(model: nn.Module, data: Split | None, chunk: int = 65536) -> float:
+    """Mean squared error over all target elements (MATLAB's ``mse``); NaN when ``data`` is None."""
+    if data is None:
+        return math.nan
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(data), chunk):
+            diff = model(data.X[start : start + chunk]) - data.y[start : start + chunk]
+            total += float((diff * diff).sum())
+    return total / data.y.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# trainers: one epoch's step for each family of methods
+
+
+@dataclass
+class LMTrainer:
+    """MATLAB ``trainlm``: damped Gauss-Newton steps on the training set, ``mu`` x10 / x0.1."""
+
+    model: nn.Module
+    data: Split
+    options: dict[str, Any]
+    batches: list[tuple[Tensor, Tensor]] | None = None
+    state: DampingState = field(init=False)
+    solver: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        o = self.options
+        self.rule = MarquardtDamping(o["mu"], o["mu_dec"], o["mu_inc"], o["mu_max"])
+        self.state = self.rule.init(1.0)
+        self.problem = ModuleProblem(self.model, self.data.X, self.data.y, o["max_jacobian_bytes"])
+        self.x = flatten_parameters(self.model)
+        self.lin = None
+
+    @property
+    def damping(self) -> float:
+        return self.state.damping
+
+    @property
+    def exhausted(self) -> bool:
+        # MATLAB stops when mu >= mu_max, checked before the step.
+        return self.state.damping >= self.rule.maximum
+
+    def evaluate(self) -> float:
+        """Gradient norm of the training MSE at the current weights (prepares the next step)."""
+        if self.batches is not None:
+            return _mse_gradient_norm(self.model, self.data)
+        self.lin = self.problem.linearize(self.x)
+        return 2.0 * float(torch.linalg.vector_norm(self.lin.grad)) / self.data.y.numel()
+
+    def step(self) -> None:
+        if self.batches is None:
+            self._lm_iteration(self.problem, self.lin)
+        else:
+            for X_b, y_b in self.batches:
+                problem = ModuleProblem(self.model, X_b, y_b, self.options["max_jacobian_bytes"])
+                self._lm_iteration(problem, problem.linearize(self.x))
+                if self.exhausted:
+                    break
+        write_parameters(self.model, self.x)
+
+    def _lm_iteration(self, problem: ModuleProblem, lin: Any) -> None:
+        scale = torch.ones_like(self.x)  # MATLAB's J^T J + mu I
+        out = lm_step(problem, self.x, lin, scale, self.rule, self.state)
+        self.solver = lin.system.path
+        self.state = out.state
+        self.x = out.x
+
+    def sync_from_model(self) -> None:
+        self.x = flatten_parameters(self.model)
+
+
+@dataclass
+class FirstOrderTrainer:
+    """Backpropagation with any :class:`torch.optim.Optimizer` on the training MSE."""
+
+    model: nn.Module
+    data: Split
+    optimizer: torch.optim.Optimizer
+    batches: list[tuple[Tensor, Tensor]] | None = None
+    solver: str = "backprop"
+    exhausted: bool = False
+
+    @property
+    def damping(self) -> float:
+        return math.nan
+
+    def evaluate(self) -> float:
+        return _mse_gradient_norm(self.model, self.data)
+
+    def step(self) -> None:
+        for X_b, y_b in self.batches or [(self.data.X, self.data.y)]:
+            self.optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(self.model(X_b), y_b)
+            loss.backward()
+            self.optimizer.step()
+
+    def sync_from_model(self) -> None:
+        pass
+
+
+def _mse_gradient_norm(model: nn.Module, data: Split) -> float:
+    model.zero_grad()
+    with torch.enable_grad():
+        torch.nn.functional.mse_loss(model(data.X), data.y).backward()
+    norms = [p.grad.detach().reshape(-1) for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    return float(torch.linalg.vector_norm(torch.cat(norms))) if norms else 0.0
+
+
+def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
+    if isinstance(method, str) and method == "lm":
+        unknown = set(options) - set(_LM_OPTIONS)
+        if unknown:
+            raise TypeError(f"Unknown option(s) for method='lm': {sorted(unknown)}; expected {sorted(_LM_OPTIONS)}.")
+        merged = {**_LM_OPTIONS, **options}
+        MarquardtDamping(merged["mu"], merged["mu_dec"], merged["mu_inc"], merged["mu_max"])  # validates
+        return "lm", merged
+    if isinstance(method, str) and method in _FIRST_ORDER:
+        cls, defaults = _FIRST_ORDER[method]
+        unknown = set(options) - set(defaults)
+        if unknown:
+            raise TypeError(f"Unknown option(s) for method={method!r}: {sorted(unknown)}; expected {sorted(defaults)}.")
+        return method, (cls, {**defaults, **options})
+    if inspect.isclass(method) and issubclass(method, torch.optim.Optimizer):
+        return method.__name__.lower(), (method, dict(options))
+    raise ValueError(f"Invalid method: {method!r}; expected 'lm', 'gd', 'momentum' or a torch.optim.Optimizer class.")
+
+
+def _make_trainer(kind: str, spec: Any, model: nn.Module, data: Split, batches) -> LMTrainer | FirstOrderTrainer:
+    if kind == "lm":
+        return LMTrainer(model, data, spec, batches)
+    cls, options = spec
+    return FirstOrderTrainer(model, data, cls(model.parameters(), **options), batches)
+
+
+def _make_batches(data: Split, batch_size: int | None, generator: torch.Generator) -> list[tuple[Tensor, Tensor]] | None:
+    if batch_size is None or batch_size >= len(data):
+        return None
+    order = torch.randperm(len(data), generator=generator).to(data.X.device)
+    return [(data.X[idx], data.y[idx]) for idx in torch.split(order, batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the epoch loop
+
+
+@dataclass
+class _Best:
+    perf: float = math.inf
+    epoch: int = 0
+    weights: dict[str, Tensor] | None = None
+
+    def offer(self, value: float, epoch: int, model: nn.Module) -> bool:
+        if value < self.perf:
+            self.perf, self.epoch = value, epoch
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return True
+        return False
+
+
+def _stop_reason(record: dict, *, goal: float, epochs: int, time_limit: float | None, min_grad: float,
+                 exhausted: bool, max_fail: int) -> str | None:
+    if record["perf"] <= goal:
+        return STOP_REASONS["goal"]
+    if record["epoch"] >= epochs:
+        return STOP_REASONS["epochs"]
+    if time_limit is not None and record["time"] >= time_limit:
+        return STOP_REASONS["time"]
+    if record["gradient"] <= min_grad:
+        return STOP_REASONS["gradient"]
+    if exhausted:
+        return STOP_REASONS["mu"]
+    if record["val_fail"] >= max_fail:
+        return STOP_REASONS["validation"]
+    return None
+
+
+def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time_limit: Any, batch_size: Any,
+                      division: Any, callbacks: Any) -> None:
+    checks = [
+        ("epochs", epochs, isinstance(epochs, (int, np.integer)) and not isinstance(epochs, bool) and epochs >= 0, "an integer >= 0"),
+        ("goal", goal, isinstance(goal, (int, float)) and goal >= 0, "a number >= 0"),
+        ("min_grad", min_grad, isinstance(min_grad, (int, float)) and min_grad >= 0, "a number >= 0"),
+        ("max_fail", max_fail, isinstance(max_fail, (int, np.integer)) and max_fail >= 1, "an integer >= 1"),
+        ("time_limit", time_limit, time_limit is None or (isinstance(time_limit, (int, float)) and time_limit > 0), "None or a number > 0"),
+        ("batch_size", batch_size, batch_size is None or (isinstance(batch_size, (int, np.integer)) and batch_size >= 1), "None or an integer >= 1"),
+    ]
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"Invalid {name} value: {value!r}; expected {expected}.")
+    if division is not None and division not in DIVISIONS + ("none",):
+        raise ValueError(f"Invalid division: {division!r}; expected one of {DIVISIONS} or None.")
+    for callback in callbacks:
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks must be marquardt.Callback instances; received {type(callback).__name__}.")
+
+
+def fit(
+    model: nn.Module,
+    X: Any,
+    y: Any,
+    *,
+    method: str | type = "lm",
+    epochs: int = 1000,
+    goal: float = 0.0,
+    min_grad: float = 1e-7,
+    max_fail: int = 6,
+    time_limit: float | None = None,
+    validation_data: tuple[Any, Any] | None = None,
+    division: str | None = None,
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    batch_size: int | None = None,
+    seed: int | None = None,
+    progress: bool | None = None,
+    callbacks: Sequence[Callback] = (),
+    **method_options: Any,
+) -> History:
+    """Train ``model`` on ``(X, y)`` and return the training record.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Maps a batch of inputs to outputs of the shape of ``y`` (a 1-D ``y`` matches outputs of
+        shape ``(N, 1)``). Trained in place, on its own device and dtype.
+    X, y : array_like or Tensor
+        Inputs and targets, samples along the first dimension.
+    method : {"lm", "gd", "momentum"} or torch.optim.Optimizer class
+        Levenberg-Marquardt (MATLAB ``trainlm``), gradient descent (``traingd``), momentum
+        (``traingdm``), or any optimizer class such as :class:`torch.optim.Adam`.
+    epochs, goal, min_grad, max_fail, time_limit
+        MATLAB's ``epochs``, ``goal``, ``min_grad``, ``max_fail`` and ``time`` (seconds).
+    validation_data : (X_val, y_val), optional
+        Explicit validation set (early stopping after ``max_fail`` consecutive failures).
+    division : {"random", "block", "interleaved"}, optional
+        Divide ``(X, y)`` into train/validation/test as MATLAB's ``dividerand``,
+        ``divideblock`` and ``divideint``, with fractions ``split``. Default: all data trains.
+    batch_size : int, optional
+        Mini-batches: one step per batch (for LM, damping carries across batches).
+    seed : int, optional
+        Seeds the division and batch order (and ``torch.manual_seed``) for determinism.
+    progress : bool, optional
+        Live progress display (tqdm); default only when standard output is a terminal.
+    callbacks : sequence of Callback
+        Hooks called at the start, after each epoch and at the end.
+    **method_options
+        For ``"lm"``: ``mu=1e-3``, ``mu_dec=0.1``, ``mu_inc=10``, ``mu_max=1e10``,
+        ``max_jacobian_bytes`` (Jacobian rows held at once). For ``"gd"``: ``lr=0.01``; for
+        ``"momentum"``: ``lr=0.01``, ``beta=0.9``; for an optimizer class: its options.
+
+    Returns
+    -------
+    History
+        Per-epoch ``epoch, time, perf, vperf, tperf, damping, gradient, val_fail, solver``,
+        with ``best_epoch`` and ``stop_reason``.
+
+    Notes
+    -----
+    Performance is the mean squared error over all target elements. The LM step solves
+    ``(J^T J + mu I) dw = -J^T e`` and is kept only if training performance drops; ``mu`` is
+    multiplied by ``mu_dec`` on success and by ``mu_inc`` on failure. The run stops with one of
+    :data:`STOP_REASONS`, and the model ends with the weights of the best epoch (best validation
+    performance when there is validation data, else best training performance). Memory: the
+    Jacobian is formed in row chunks of at most ``max_jacobian_bytes`` and folded into
+    ``J^T J`` (``n_params**2`` floats), so it grows with parameters squared, not with samples.
+
+    Examples
+    --------
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(1, 10), torch.nn.Tanh(), torch.nn.Linear(10, 1))
+    >>> X = torch.linspace(-1, 1, 50)[:, None]
+    >>> history = fit(model, X, torch.sin(3 * X), epochs=100, goal=1e-6)
+    >>> history.stop_reason
+    'Performance goal met.'
+    """
+    callbacks = list(callbacks)
+    _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks)
+    kind, spec = _split_options(method, method_options)
+    if division is not None:
+        split = check_split(split)
+    if seed is not None:
+        torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
+    data = _prepare(model, X, y, ("X", "y"))
+    train, val, test = _divide_data(data, validation_data, division, split, generator, model)
+    trainer = _make_trainer(kind, spec, model, train, _make_batches(train, batch_size, generator))
+    history = History(kind)
+    loop = _Loop(model, trainer, train, val, test, history, callbacks,
+                 dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad, max_fail=max_fail))
+    display = _progress_display(progress, epochs)
+    try:
+        loop.run(display)
+    finally:
+        if display is not None:
+            display.close()
+    return history
+
+
+@dataclass
+class _Loop:
+    model: nn.Module
+    trainer: Any
+    train: Split
+    val: Split | None
+    test: Split | None
+    history: History
+    callbacks: list[Callback]
+    rules: dict[str, Any]
+
+    def run(self, display: Any) -> None:
+        best, val_fail, start = _Best(), 0, time.perf_counter()
+        for callback in self.callbacks:
+            callback.on_train_begin(self.history, self.model)
+        epoch = 0
+        while True:
+            gradient = self.trainer.evaluate()
+            record = self._record(epoch, time.perf_counter() - start, gradient, val_fail)
+            val_fail = self._update_best(best, record, val_fail)
+            record["val_fail"] = val_fail
+            reason = _stop_reason(record, exhausted=self.trainer.exhausted, **self.rules)
+            self.history.append(record)
+            if display is not None:
+                display(record)
+            reason = reason or self._callbacks_stop()
+            if reason is not None:
+                break
+            self.trainer.step()
+            epoch += 1
+        self._finish(best, reason)
+
+    def _record(self, epoch: int, elapsed: float, gradient: float, val_fail: int) -> dict[str, Any]:
+        return dict(epoch=epoch, time=elapsed, perf=mse(self.model, self.train), vperf=mse(self.model, self.val),
+                    tperf=mse(self.model, self.test), damping=self.trainer.damping, gradient=gradient,
+                    val_fail=val_fail, solver=self.trainer.solver or None)
+
+    def _update_best(self, best: _Best, record: dict, val_fail: int) -> int:
+        watched = record["vperf"] if self.val is not None else record["perf"]
+        if not math.isfinite(watched):
+            return val_fail + 1 if self.val is not None else val_fail
+        if best.offer(watched, record["epoch"], self.model):
+            return 0
+        return val_fail + 1 if (self.val is not None and watched > best.perf) else val_fail
+
+    def _callbacks_stop(self) -> str | None:
+        for callback in self.callbacks:
+            try:
+                callback.on_epoch_end(self.history, self.model)
+            except StopIteration:
+                return STOP_REASONS["user"]
+        return None
+
+    def _finish(self, best: _Best, reason: str) -> None:
+        if best.weights is not None:
+            self.model.load_state_dict(best.weights)
+            self.trainer.sync_from_model()
+        self.history.best_epoch = best.epoch
+        self.history.stop_reason = reason
+        for callback in self.callbacks:
+            callback.on_train_end(self.history, self.model)
+
+
+def _progress_display(progress: bool | None, epochs: int) -> Callable[[dict], None] | None:
+    import sys
+
+    if progress is None:
+        progress = sys.stdout.isatty()
+    if not progress:
+        return None
+    from .progress import ProgressDisplay
+
+    return ProgressDisplay(total=epochs)
