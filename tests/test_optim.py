@@ -1,0 +1,188 @@
+"""The torch.optim-style optimizers: LevenbergMarquardt, GradientDescent, Momentum."""
+
+import math
+
+import pytest
+import torch
+
+from marquardt import GradientDescent, LevenbergMarquardt, Momentum
+
+
+def _line_problem(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1).to(dtype)
+    X = torch.linspace(0, 1, 20, dtype=dtype)[:, None]
+    return model, X, 3 * X - 1
+
+
+def test_lm_solves_linear_least_squares_in_a_few_steps():
+    model, X, y = _line_problem()
+    opt = LevenbergMarquardt(model.parameters())
+    for _ in range(4):
+        cost = opt.step(lambda: model(X) - y)
+    assert float(model.weight.detach()) == pytest.approx(3.0, abs=1e-8)
+    assert float(model.bias.detach()) == pytest.approx(-1.0, abs=1e-8)
+    assert float(cost) < 1e-15
+
+
+def test_lm_step_returns_cost_at_the_parameters_it_leaves():
+    model, X, y = _line_problem()
+    opt = LevenbergMarquardt(model.parameters())
+    cost = opt.step(lambda: model(X) - y)
+    with torch.no_grad():
+        r = (model(X) - y).reshape(-1)
+    assert float(cost) == pytest.approx(0.5 * float(r @ r), rel=1e-12)
+
+
+def test_lm_damping_follows_matlab_rule_and_round_trips_through_state_dict():
+    model, X, y = _line_problem()
+    opt = LevenbergMarquardt(model.parameters(), damping=1e-3)
+    opt.step(lambda: model(X) - y)
+    assert opt.damping_state.damping == pytest.approx(1e-4)  # accepted: x0.1
+    saved = opt.state_dict()
+    fresh_model, _, _ = _line_problem()
+    fresh = LevenbergMarquardt(fresh_model.parameters())
+    fresh.load_state_dict(saved)
+    assert fresh.damping_state == opt.damping_state
+
+
+def test_lm_rejects_non_finite_trials_and_keeps_weights_finite():
+    # Residuals are NaN whenever the weight exceeds 2: every long step is rejected.
+    w = torch.nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+    target = torch.tensor([10.0], dtype=torch.float64)
+
+    def closure():
+        r = w - target
+        return torch.where(w > 2, torch.full_like(r, math.nan), r)
+
+    opt = LevenbergMarquardt([w], damping=1e-6)
+    before = opt.damping_state
+    cost = opt.step(closure)
+    assert torch.isfinite(w).all() and float(w) <= 2
+    assert math.isfinite(float(cost))
+    assert before is None and opt.damping_state.damping > 1e-6
+
+
+def test_lm_nielsen_strategy_also_converges():
+    model, X, y = _line_problem()
+    opt = LevenbergMarquardt(model.parameters(), strategy="nielsen")
+    for _ in range(10):
+        opt.step(lambda: model(X) - y)
+    assert float(model.weight.detach()) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_lm_solves_physics_informed_poisson_problem():
+    """u'' = -pi^2 sin(pi x) on [0, 1], u(0) = u(1) = 0, 1-20-1 tanh network, float64."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1)).double()
+    x = torch.linspace(0, 1, 102, dtype=torch.float64)[1:-1, None].requires_grad_(True)
+    boundary = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+
+    def closure():
+        u = net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        d2u = torch.autograd.grad(du.sum(), x, create_graph=True)[0]
+        pde = d2u + math.pi**2 * torch.sin(math.pi * x)
+        return torch.cat([pde.reshape(-1), 10 * net(boundary).reshape(-1)])
+
+    opt = LevenbergMarquardt(net.parameters())
+    for _ in range(300):
+        opt.step(closure)
+        if opt.exhausted:
+            break
+    grid = torch.linspace(0, 1, 1001, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        exact = torch.sin(math.pi * grid)
+        error = float(torch.linalg.vector_norm(net(grid) - exact) / torch.linalg.vector_norm(exact))
+    assert error < 1e-6
+
+
+def test_adam_stalls_far_above_lm_on_the_same_physics_problem():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1)).double()
+    x = torch.linspace(0, 1, 102, dtype=torch.float64)[1:-1, None].requires_grad_(True)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        u = net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        d2u = torch.autograd.grad(du.sum(), x, create_graph=True)[0]
+        boundary = net(torch.tensor([[0.0], [1.0]], dtype=torch.float64))
+        loss = ((d2u + math.pi**2 * torch.sin(math.pi * x)) ** 2).mean() + (boundary**2).sum()
+        loss.backward()
+        opt.step()
+    grid = torch.linspace(0, 1, 101, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        exact = torch.sin(math.pi * grid)
+        error = float(torch.linalg.vector_norm(net(grid) - exact) / torch.linalg.vector_norm(exact))
+    assert error > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(damping=-1.0), ValueError, "Invalid damping value: -1.0"),
+        (dict(damping_dec=1.5), ValueError, "Invalid damping_dec value: 1.5"),
+        (dict(damping_inc=0.5), ValueError, "Invalid damping_inc value: 0.5"),
+        (dict(damping_max=0), ValueError, "Invalid damping_max value: 0"),
+        (dict(strategy="trust"), ValueError, "Invalid strategy: 'trust'"),
+        (dict(max_jacobian_bytes=0), ValueError, "Invalid max_jacobian_bytes value: 0"),
+    ],
+)
+def test_lm_rejects_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LevenbergMarquardt(torch.nn.Linear(1, 1).parameters(), **kwargs)
+
+
+def test_lm_rejects_several_parameter_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.Linear(2, 1))
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
+    with pytest.raises(ValueError, match="one parameter group; received 2"):
+        LevenbergMarquardt(groups)
+
+
+def test_lm_step_without_closure_is_a_clear_error():
+    opt = LevenbergMarquardt(torch.nn.Linear(1, 1).parameters())
+    with pytest.raises(ValueError, match="needs a closure that returns the residual tensor"):
+        opt.step()
+
+
+def test_lm_step_with_scalar_loss_closure_is_a_clear_error():
+    model, X, y = _line_problem()
+    opt = LevenbergMarquardt(model.parameters())
+    with pytest.raises(ValueError, match="returned a scalar loss"):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(X), y))
+
+
+def test_gradient_descent_step_is_exact():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = GradientDescent([w], lr=0.1)
+    (w**2).sum().backward()
+    opt.step()
+    assert w.detach().tolist() == pytest.approx([0.8, -1.6])
+
+
+def test_momentum_update_is_matlab_traingdm_form():
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = Momentum([w], lr=0.5, beta=0.9)
+    expected_w, velocity = 1.0, 0.0
+    for _ in range(3):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        velocity = 0.9 * velocity + 0.1 * (2 * expected_w)
+        expected_w -= 0.5 * velocity
+        opt.step()
+        assert float(w) == pytest.approx(expected_w, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (GradientDescent, dict(lr=-0.1), "Invalid lr value: -0.1"),
+        (Momentum, dict(lr=0.0), "Invalid lr value: 0.0"),
+        (Momentum, dict(beta=1.5), "Invalid beta value: 1.5"),
+    ],
+)
+def test_first_order_optimizers_reject_bad_options(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(torch.nn.Linear(1, 1).parameters(), **kwargs)
