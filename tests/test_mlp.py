@@ -113,16 +113,63 @@ def test_init_same_values_in_float32_and_float64():
         assert torch.equal(p32, p64.to(torch.float32))
 
 
-@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
-@pytest.mark.parametrize("hidden", [(10,), (7, 3), (1,)])
-def test_nguyen_widrow_rows_have_norm_beta_and_spread_biases(activation, hidden):
+# initnw's conversions: net inputs of [-1, 1] stretched to the active input range (x2 for
+# tansig's [-2, 2], x4 for logsig's [-4, 4]); a layer fed by logsig outputs in [0, 1] has
+# its inputs mapped to [-1, 1] (weights x2, bias - sum of the stretched weights).
+INITNW_CASES = [
+    # activation, layer index, (weight norm factor on beta, input gain, input offset)
+    ("tanh", 0, 2.0, 1.0, 0.0),
+    ("tanh", 1, 2.0, 1.0, 0.0),
+    ("sigmoid", 0, 4.0, 1.0, 0.0),
+    ("sigmoid", 1, 4.0, 2.0, -1.0),
+]
+
+
+@pytest.mark.parametrize("activation, index, stretch, gain, offset", INITNW_CASES)
+@pytest.mark.parametrize("hidden", [(10, 4), (7, 3), (1, 1)])
+def test_nguyen_widrow_matches_matlab_initnw(activation, index, stretch, gain, offset, hidden):
     model = mlp(4, hidden, activation=activation, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    for layer in _linears(model)[:-1]:
-        s, r = layer.out_features, layer.in_features
-        beta = 0.7 * s ** (1 / r)
-        torch.testing.assert_close(layer.weight.norm(dim=1), torch.full((s,), beta, dtype=torch.float64))
-        spread = torch.linspace(-beta, beta, s, dtype=torch.float64) if s > 1 else torch.zeros(1, dtype=torch.float64)
-        torch.testing.assert_close(layer.bias, spread * torch.sign(layer.weight[:, 0]))
+    layer = _linears(model)[index]
+    s, r = layer.out_features, layer.in_features
+    beta = 0.7 * s ** (1 / r)
+    # Undo the input conversion to recover initnw's [-1, 1] weights and biases.
+    weight = layer.weight / gain
+    bias = layer.bias - offset * weight.sum(dim=1)
+    torch.testing.assert_close(weight.norm(dim=1), torch.full((s,), stretch * beta, dtype=torch.float64))
+    spread = torch.linspace(-beta, beta, s, dtype=torch.float64) if s > 1 else torch.zeros(1, dtype=torch.float64)
+    torch.testing.assert_close(bias, stretch * spread * torch.sign(weight[:, 0]))
+
+
+def test_nguyen_widrow_hand_computed_single_input():
+    # One input, S = 3: beta = 2.1, every direction is +-1; tansig doubles weights and biases.
+    layer = nn.Linear(1, 3, dtype=torch.float64)
+    nguyen_widrow_(layer, torch.Generator().manual_seed(0))
+    signs = torch.sign(layer.weight[:, 0])
+    torch.testing.assert_close(layer.weight[:, 0], 4.2 * signs)
+    torch.testing.assert_close(layer.bias, torch.tensor([-4.2, 0.0, 4.2], dtype=torch.float64) * signs)
+
+
+def test_nguyen_widrow_logsig_input_range_shifts_biases():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 5, dtype=torch.float64), nn.Linear(3, 5, dtype=torch.float64)
+    nguyen_widrow_(a, torch.Generator().manual_seed(2), activation="logsig")
+    nguyen_widrow_(b, torch.Generator().manual_seed(2), activation="logsig", input_range=(0.0, 1.0))
+    # Same net inputs: inputs u in [0, 1] through b equal 2u - 1 in [-1, 1] through a.
+    u = torch.rand(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(b(u), a(2 * u - 1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"activation": "relu"}, "finite active input range"),
+        ({"input_range": (1.0, 1.0)}, "input_range"),
+        ({"input_range": (0.0, math.inf)}, "input_range"),
+    ],
+)
+def test_nguyen_widrow_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nguyen_widrow_(nn.Linear(2, 3), **kwargs)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])

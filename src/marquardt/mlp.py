@@ -32,8 +32,11 @@ _ALIASES: dict[str, str] = {
     "identity": "linear",
 }
 # initnw uses Nguyen-Widrow only where the transfer function has a finite active input
-# range (tansig, logsig); other layers, the linear output layer included, get rands.
-_NGUYEN_WIDROW_ACTIVATIONS = frozenset({"tanh", "sigmoid"})
+# range (MATLAB's activeInputRange, where it is not saturated: tansig, logsig); other
+# layers, the linear output layer included, get rands.
+_ACTIVE_INPUT_RANGES: dict[str, tuple[float, float]] = {"tanh": (-2.0, 2.0), "sigmoid": (-4.0, 4.0)}
+# Output range of each hidden activation: the input range of the next layer.
+_OUTPUT_RANGES: dict[str, tuple[float, float]] = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0)}
 _INITS = ("nguyen-widrow", "default")
 _CONFIG_KEYS = ("n_inputs", "hidden", "n_outputs", "activation", "normalize", "init")
 
@@ -116,7 +119,13 @@ def _rands(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
     return torch.rand(shape, generator=generator, dtype=torch.float64, device=device) * 2 - 1
 
 
-def nguyen_widrow_(linear: nn.Linear, generator: torch.Generator | None = None) -> None:
+def nguyen_widrow_(
+    linear: nn.Linear,
+    generator: torch.Generator | None = None,
+    *,
+    activation: str = "tanh",
+    input_range: tuple[float, float] = (-1.0, 1.0),
+) -> None:
     """Initialise ``linear`` in place with the Nguyen-Widrow rule of MATLAB's ``initnw``.
 
     Parameters
@@ -126,26 +135,62 @@ def nguyen_widrow_(linear: nn.Linear, generator: torch.Generator | None = None) 
         have a bias.
     generator : torch.Generator, optional
         Source of randomness; the global torch generator when omitted.
+    activation : {"tanh", "sigmoid"}, default "tanh"
+        The layer's transfer function, whose active input range the net inputs are
+        stretched to: [-2, 2] for tanh (``tansig``), [-4, 4] for sigmoid (``logsig``).
+    input_range : (float, float), default (-1, 1)
+        Range of every input of the layer: [-1, 1] after ``mapminmax`` or a tanh layer,
+        [0, 1] after a sigmoid layer.
 
     Notes
     -----
-    Inputs and net inputs are assumed to lie in [-1, 1] (true after ``mapminmax``).
-    With :math:`\\beta = 0.7\\, S^{1/R}` each weight row is a uniform draw on
-    [-1, 1]^R rescaled to norm :math:`\\beta`, and the biases are
+    ``initnw`` first assumes inputs and net inputs in [-1, 1]: with
+    :math:`\\beta = 0.7\\, S^{1/R}` each weight row is a uniform draw on [-1, 1]^R
+    rescaled to norm :math:`\\beta`, and the biases are
     :math:`b_i = \\beta\\, \\mathrm{linspace}(-1, 1, S)_i\\, \\mathrm{sign}(w_{i1})`
-    (zero for a single neuron), spreading the neurons' active regions evenly.
+    (zero for a single neuron). It then converts net inputs of [-1, 1] to the active
+    range :math:`[n_{min}, n_{max}]`,
+
+    .. math:: W \\leftarrow c W, \\quad b \\leftarrow c b + d, \\quad
+              c = (n_{max} - n_{min}) / 2, \\quad d = (n_{max} + n_{min}) / 2,
+
+    so :math:`c = 2` for tanh and :math:`c = 4` for sigmoid (:math:`d = 0`), and inputs
+    of :math:`[p_{min}, p_{max}]` to [-1, 1]: with :math:`g = 2 / (p_{max} - p_{min})`
+    and :math:`o = 1 - p_{max} g`, :math:`b \\leftarrow W o \\mathbf{1} + b` and
+    :math:`W \\leftarrow g W` (no change for [-1, 1]).
 
     Examples
     --------
     >>> layer = nn.Linear(2, 5, dtype=torch.float64)
     >>> nguyen_widrow_(layer, torch.Generator().manual_seed(0))
     >>> beta = 0.7 * 5 ** (1 / 2)
-    >>> bool(torch.allclose(layer.weight.norm(dim=1), torch.full((5,), beta, dtype=torch.float64)))
+    >>> bool(torch.allclose(layer.weight.norm(dim=1), torch.full((5,), 2 * beta, dtype=torch.float64)))
     True
     """
     if linear.bias is None:
         raise ValueError("linear must have a bias for Nguyen-Widrow initialisation, received bias=None")
-    n_neurons, n_in = linear.out_features, linear.in_features
+    name = _check_activation(activation)
+    if name not in _ACTIVE_INPUT_RANGES:
+        raise ValueError(
+            f"activation must be one of {sorted(_ACTIVE_INPUT_RANGES)} (a finite active input range), "
+            f"received {activation!r}"
+        )
+    low, high = input_range
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise ValueError(f"input_range must be finite (low, high) with high > low, received {input_range!r}")
+    weight, bias = _nguyen_widrow_unit(linear.out_features, linear.in_features, generator)
+    n_min, n_max = _ACTIVE_INPUT_RANGES[name]
+    weight, bias = weight * (n_max - n_min) / 2, bias * (n_max - n_min) / 2 + (n_max + n_min) / 2
+    gain = 2.0 / (high - low)
+    bias = bias + weight.sum(dim=1) * (1.0 - high * gain)
+    weight = weight * gain
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+
+
+def _nguyen_widrow_unit(n_neurons: int, n_in: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Nguyen-Widrow weights and biases for inputs and net inputs in [-1, 1] (float64)."""
     beta = 0.7 * n_neurons ** (1.0 / n_in)
     directions = _rands((n_neurons, n_in), generator)
     weight = beta * directions / directions.norm(dim=1, keepdim=True)
@@ -154,9 +199,7 @@ def nguyen_widrow_(linear: nn.Linear, generator: torch.Generator | None = None) 
     else:
         spread = torch.linspace(-beta, beta, n_neurons, dtype=torch.float64, device=weight.device)
         bias = spread * torch.sign(weight[:, 0])
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
+    return weight, bias
 
 
 def _rands_(linear: nn.Linear, generator: torch.Generator | None) -> None:
@@ -320,8 +363,10 @@ class MLP(nn.Module):
             is_hidden = index < len(linears) - 1
             if self.init == "default":
                 _default_(linear, generator)
-            elif is_hidden and self.activation in _NGUYEN_WIDROW_ACTIVATIONS:
-                nguyen_widrow_(linear, generator)
+            elif is_hidden and self.activation in _ACTIVE_INPUT_RANGES:
+                # The first layer sees mapminmax's [-1, 1]; later ones the previous layer's outputs.
+                input_range = (-1.0, 1.0) if index == 0 else _OUTPUT_RANGES[self.activation]
+                nguyen_widrow_(linear, generator, activation=self.activation, input_range=input_range)
             else:
                 _rands_(linear, generator)
 
