@@ -49,7 +49,7 @@ def column(history: Any, key: str) -> list:
     data = history.to_dict() if hasattr(history, "to_dict") else history
     if isinstance(data, dict) and key in data and isinstance(data[key], (list, tuple)):
         return list(data[key])
-    records = data.get("epochs", data.get("history")) if isinstance(data, dict) else data
+    records = data.get("records", data.get("epochs")) if isinstance(data, dict) else data
     if isinstance(records, (list, tuple)) and records and isinstance(records[0], dict):
         return [r.get(key) for r in records]
     raise KeyError(f"History has no per-epoch column {key!r}")

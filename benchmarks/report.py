@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from pathlib import Path
 
@@ -190,6 +191,11 @@ def section_t5(r: dict) -> tuple[str, list]:
 SECTIONS = {"T1": section_t1, "T2": section_t2, "T3": section_t3, "T4": section_t4, "T5": section_t5}
 
 
+def _load(r: dict) -> str:
+    load = r.get("load_avg")
+    return f"{load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else "not recorded"
+
+
 # --------------------------------------------------------------------------- charts
 
 
@@ -256,7 +262,8 @@ def build(out: Path) -> Path:
         pics = "".join(f"\n![{p}]({p})\n" for p in charts(r, out))
         c = CASES[name]
         body.append(f"## {name} {c.title}: {c.architecture} tanh MLP ({c.n_params:,} parameters), "
-                    f"{c.n_samples:,} samples\n\n_{r['mode']} run, {r['date']}, {r['seconds']:.0f} s._\n\n"
+                    f"{c.n_samples:,} samples\n\n_{r['mode']} run, {r['date']}, {r['seconds']:.0f} s, "
+                    f"1-minute load average {_load(r)} on {os.cpu_count()} cores._\n\n"
                     f"{text}{pics}")
     page = (
         "# Performance: ours vs torch-levenberg-marquardt vs the machine bound\n\n"

@@ -10,6 +10,7 @@ changes by the minute, that is what "side by side" has to mean.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -266,6 +267,7 @@ def run_case(name: str, plan: Plan, log_dir: Path) -> dict:
     """Run one case in fresh workers; return its JSON-ready result with each worker's peak RSS."""
     case = CASES[name]
     session = Session(name, log_dir)
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     try:
         result = CASE_RUNNERS[name](session, plan)
@@ -275,6 +277,7 @@ def run_case(name: str, plan: Plan, log_dir: Path) -> dict:
         "case": name, "title": case.title, "architecture": case.architecture,
         "n_samples": case.n_samples, "n_params": case.n_params, "mode": "quick" if plan.quick else "full",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.perf_counter() - start,
+        "load_avg": [load_before, os.getloadavg()[0]],  # 1-minute load: other users of the cores
         "peak_rss_mb": peak, "import_rss_mb": session.import_rss_mb, "unavailable": {k: v for k, v in session.unavailable.items() if v},
         **result,
     }
