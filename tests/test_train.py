@@ -1,0 +1,257 @@
+"""fit(): MATLAB stop reasons, best-weights rollback, validation, determinism, architectures, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from marquardt import STOP_REASONS, Callback, fit
+from marquardt.division import divide_block, divide_interleaved, divide_random
+
+
+def tanh_net(hidden=10, inputs=1, outputs=1, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, outputs)).to(dtype)
+
+
+def smooth_data(n=50, dtype=torch.float64):
+    X = torch.linspace(-1, 1, n, dtype=dtype)[:, None]
+    return X, torch.sin(2 * X)
+
+
+def test_lm_reaches_mse_below_1e6_on_smooth_function_within_200_epochs():
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, epochs=200, goal=1e-6)
+    assert history.stop_reason == "Performance goal met."
+    assert history["perf"][-1] <= 1e-6
+    assert len(history) <= 201
+
+
+def test_history_records_matlab_fields_from_epoch_zero():
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, epochs=5)
+    assert history["epoch"] == [0, 1, 2, 3, 4, 5]
+    assert history.stop_reason == "Maximum epoch reached."
+    assert history["mu"] == history["damping"]
+    assert history["damping"][0] == pytest.approx(1e-3)
+    for key in ("time", "perf", "gradient", "val_fail"):
+        assert all(v is not None for v in history[key])
+    assert all(b <= a for a, b in zip(history["perf"], history["perf"][1:]))  # LM never accepts an uphill step
+    as_dict = history.to_dict()
+    assert as_dict["stop_reason"] == "Maximum epoch reached." and len(as_dict["records"]) == 6
+
+
+def test_performance_goal_stop():
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, goal=1e-3, epochs=500)
+    assert history.stop_reason == STOP_REASONS["goal"]
+    assert history["perf"][-1] <= 1e-3 < history["perf"][-2]
+
+
+def test_maximum_time_stop():
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, time_limit=1e-6, epochs=500)
+    assert history.stop_reason == STOP_REASONS["time"]
+    assert len(history) == 1
+
+
+def test_minimum_gradient_stop():
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, min_grad=1e3)
+    assert history.stop_reason == STOP_REASONS["gradient"]
+    assert history["gradient"][-1] <= 1e3
+
+
+def test_maximum_mu_stop_at_an_exact_minimum():
+    torch.manual_seed(0)
+    X = torch.rand(30, 1, dtype=torch.float64)
+    y = 2 * X + 1 + 0.1 * torch.randn(30, 1, dtype=torch.float64)
+    model = nn.Linear(1, 1).double()
+    history = fit(model, X, y, min_grad=0.0, epochs=1000)
+    assert history.stop_reason == STOP_REASONS["mu"]
+    assert history["damping"][-1] >= 1e10
+    lstsq = torch.linalg.lstsq(torch.cat([X, torch.ones_like(X)], 1), y).solution.reshape(-1)
+    assert float(model.weight.detach()) == pytest.approx(float(lstsq[0]), rel=1e-9)
+
+
+def test_validation_stop_restores_best_weights():
+    X, y = smooth_data()
+    # Validation targets of the opposite sign: validation performance worsens as training improves.
+    history = fit(tanh_net(), X, y, validation_data=(X, -y), epochs=500)
+    assert history.stop_reason == STOP_REASONS["validation"]
+    vperf = history["vperf"]
+    best = history.best_epoch
+    assert vperf[best] == min(vperf)
+    assert history["val_fail"][-1] == 6
+    model_perf = history["vperf"][best]
+    # The model holds the weights of the best epoch.
+    return_model = tanh_net()
+    fit(return_model, X, y, validation_data=(X, -y), epochs=500)
+    with torch.no_grad():
+        assert float(((return_model(X) + y) ** 2).mean()) == pytest.approx(model_perf, rel=1e-12)
+
+
+def test_best_training_weights_kept_without_validation():
+    X, y = smooth_data()
+    model = tanh_net()
+    history = fit(model, X, y, epochs=20)
+    with torch.no_grad():
+        final = float(((model(X) - y) ** 2).mean())
+    assert final == pytest.approx(min(history["perf"]), rel=1e-12)
+    assert history.best_epoch == int(np.argmin(history["perf"]))
+
+
+def test_user_stop_from_callback():
+    class StopAtThree(Callback):
+        def on_epoch_end(self, history, model):
+            if len(history) == 3:
+                raise StopIteration
+
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, epochs=100, callbacks=[StopAtThree()])
+    assert history.stop_reason == "User stop." and len(history) == 3
+
+
+@pytest.mark.parametrize("division", ["random", "block", "interleaved"])
+def test_division_records_validation_and_test_performance(division):
+    X, y = smooth_data(100)
+    history = fit(tanh_net(), X, y, division=division, epochs=10, seed=1)
+    assert all(math.isfinite(v) for v in history["vperf"])
+    assert all(math.isfinite(v) for v in history["tperf"])
+
+
+def test_seed_makes_runs_identical():
+    X, y = smooth_data(100)
+    first = fit(tanh_net(seed=3), X, y, division="random", epochs=10, seed=7, batch_size=30)
+    second = fit(tanh_net(seed=3), X, y, division="random", epochs=10, seed=7, batch_size=30)
+    assert first["perf"] == second["perf"] and first["vperf"] == second["vperf"]
+
+
+def test_mini_batch_lm_carries_damping_and_lowers_the_error():
+    X, y = smooth_data(200)
+    history = fit(tanh_net(), X, y, batch_size=50, epochs=30)
+    assert history["perf"][-1] < 0.01 * history["perf"][0]
+
+
+def test_multi_output_model():
+    X = torch.linspace(-1, 1, 60, dtype=torch.float64)[:, None]
+    y = torch.cat([torch.sin(2 * X), torch.cos(2 * X)], dim=1)
+    history = fit(tanh_net(hidden=15, outputs=2), X, y, epochs=300, goal=1e-6)
+    assert history["perf"][-1] <= 1e-6
+
+
+def test_convolutional_model():
+    torch.manual_seed(0)
+    X = torch.randn(64, 1, 8, dtype=torch.float64)
+    y = X.mean(dim=(1, 2))[:, None] ** 2
+    model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 1)).double()
+    history = fit(model, X, y, epochs=30)
+    assert history["perf"][-1] < 0.1 * history["perf"][0]
+
+
+def test_float32_training():
+    X, y = smooth_data(dtype=torch.float32)
+    history = fit(tanh_net(dtype=torch.float32), X, y, epochs=100, goal=1e-5)
+    assert history.stop_reason == "Performance goal met."
+
+
+def test_one_dimensional_targets_match_single_output():
+    X, y = smooth_data()
+    history = fit(tanh_net(), X.numpy(), y.reshape(-1).numpy(), epochs=3)
+    assert len(history) == 4
+
+
+def test_memory_budget_smaller_than_the_jacobian_gives_the_same_training():
+    X, y = smooth_data(100)
+    full = fit(tanh_net(), X, y, epochs=5)
+    chunked = fit(tanh_net(), X, y, epochs=5, max_jacobian_bytes=31 * 8 * 7)  # 7 rows at a time
+    assert chunked["perf"] == pytest.approx(full["perf"], rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["gd", "momentum", torch.optim.Adam])
+def test_first_order_methods_lower_the_error(method):
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, method=method, epochs=50, lr=0.05)
+    assert history["perf"][-1] < history["perf"][0]
+    assert math.isnan(history["damping"][-1])
+
+
+def test_momentum_matches_closed_form_linear_regression():
+    rng = np.random.default_rng(0)
+    x = 2 * rng.random((100, 1))
+    y = 4 + 3 * x + rng.standard_normal((100, 1))
+    model = nn.Linear(1, 1).double()
+    fit(model, x, y, method="momentum", lr=0.1, beta=0.9, epochs=3000, min_grad=0.0)
+    design = np.hstack([np.ones_like(x), x])
+    intercept, slope = np.linalg.lstsq(design, y, rcond=None)[0].reshape(-1)
+    assert float(model.bias.detach()) == pytest.approx(intercept, abs=1e-3)
+    assert float(model.weight.detach()) == pytest.approx(slope, abs=1e-3)
+
+
+def test_non_finite_cost_is_a_rejected_step_and_weights_stay_finite():
+    class Fragile(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+
+        def forward(self, x):
+            out = self.w * x
+            return torch.where(self.w > 1.5, torch.full_like(out, math.inf), out)
+
+    X = torch.linspace(0, 1, 10, dtype=torch.float64)[:, None]
+    model = Fragile()
+    history = fit(model, X, 3 * X, epochs=20, mu=1e-8)
+    assert torch.isfinite(model.w).all() and float(model.w.detach()) <= 1.5
+    assert all(math.isfinite(p) for p in history["perf"])
+
+
+X_OK = torch.zeros(4, 1, dtype=torch.float64)
+Y_OK = torch.zeros(4, 1, dtype=torch.float64)
+X_NAN = X_OK.clone()
+X_NAN[2, 0] = math.nan
+Y_INF = Y_OK.clone()
+Y_INF[1, 0] = math.inf
+
+
+@pytest.mark.parametrize(
+    ("X", "y", "kwargs", "error", "match"),
+    [
+        (X_NAN, Y_OK, {}, ValueError, r"X contains NaN or inf; first bad value at index \(2, 0\)"),
+        (X_OK, Y_INF, {}, ValueError, r"y contains NaN or inf; first bad value at index \(1, 0\)"),
+        (X_OK, Y_OK[:3], {}, ValueError, "X and y have different numbers of samples: 4 and 3"),
+        (X_OK, torch.zeros(4, 2, dtype=torch.float64), {}, ValueError,
+         r"model output shape \(2, 1\) does not match the targets y shape \(4, 2\)"),
+        (X_OK[:0], Y_OK[:0], {}, ValueError, "X is empty"),
+        (X_OK, Y_OK, dict(method="newton"), ValueError, "Invalid method: 'newton'"),
+        (X_OK, Y_OK, dict(epochs=-1), ValueError, "Invalid epochs value: -1"),
+        (X_OK, Y_OK, dict(goal=-1.0), ValueError, "Invalid goal value: -1.0"),
+        (X_OK, Y_OK, dict(max_fail=0), ValueError, "Invalid max_fail value: 0"),
+        (X_OK, Y_OK, dict(batch_size=0), ValueError, "Invalid batch_size value: 0"),
+        (X_OK, Y_OK, dict(division="random", split=(0.5, 0.2, 0.2)), ValueError, "must sum to 1"),
+        (X_OK, Y_OK, dict(division="shuffle"), ValueError, "Invalid division: 'shuffle'"),
+        (X_OK, Y_OK, dict(mu=-1.0), ValueError, "Invalid damping value: -1.0"),
+        (X_OK, Y_OK, dict(momentum=0.9), TypeError, r"Unknown option\(s\) for method='lm': \['momentum'\]"),
+        (X_OK, Y_OK, dict(method="gd", beta=0.9), TypeError, r"Unknown option\(s\) for method='gd': \['beta'\]"),
+        (X_OK, Y_OK, dict(validation_data=X_OK), TypeError, "validation_data must be a pair"),
+        (X_OK, Y_OK, dict(callbacks=[print]), TypeError, "callbacks must be marquardt.Callback instances"),
+    ],
+)
+def test_bad_input_is_rejected_before_training(X, y, kwargs, error, match):
+    model = tanh_net()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        fit(model, X, y, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_division_functions_match_matlab_counts():
+    generator = torch.Generator().manual_seed(0)
+    parts = divide_random(100, (0.7, 0.15, 0.15), generator)
+    assert [len(p) for p in parts] == [70, 15, 15]
+    assert sorted(torch.cat(parts).tolist()) == list(range(100))
+    assert [p.tolist() for p in divide_block(6, (0.5, 0.5, 0.0))] == [[0, 1, 2], [3, 4, 5], []]
+    train, val, test = divide_interleaved(20, (0.6, 0.2, 0.2))
+    assert (len(train), len(val), len(test)) == (12, 4, 4)
+    assert sorted(torch.cat([train, val, test]).tolist()) == list(range(20))
