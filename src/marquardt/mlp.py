@@ -446,15 +446,16 @@ class MLP(nn.Module):
         return bool(self.stats_set)
 
     @torch.no_grad()
-    def set_normalization(self, X: Tensor, y: Tensor) -> MLP:
+    def set_normalization(self, X: Tensor, y: Tensor | None) -> MLP:
         """Store per-feature ranges of training inputs ``X`` and targets ``y``.
 
         Parameters
         ----------
         X : Tensor, shape (N, n_inputs)
             Training inputs, raw units.
-        y : Tensor, shape (N, n_outputs), or (N,) when ``n_outputs == 1``
-            Training targets, raw units.
+        y : Tensor, shape (N, n_outputs), or (N,) when ``n_outputs == 1``; or None
+            Training targets, raw units. ``None`` leaves the outputs unmapped (ranges
+            [-1, 1], an identity), as for classifiers whose outputs are logits.
 
         Returns
         -------
@@ -467,8 +468,12 @@ class MLP(nn.Module):
                 "with normalize=False; build it with mlp(..., normalize=True)"
             )
         X = self._as_matrix("X", X, self.n_inputs)
-        Y = self._as_matrix("y", y, self.n_outputs)
-        if X.shape[0] != Y.shape[0]:
+        if y is None:
+            # The rows -1 and 1 give ranges [-1, 1]: the target maps are identities.
+            Y = torch.stack([-self.y_max.new_ones(self.n_outputs), self.y_max.new_ones(self.n_outputs)])
+        else:
+            Y = self._as_matrix("y", y, self.n_outputs)
+        if y is not None and X.shape[0] != Y.shape[0]:
             raise ValueError(
                 f"X and y must have the same number of rows, received {X.shape[0]} and {Y.shape[0]}"
             )

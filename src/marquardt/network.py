@@ -4,6 +4,8 @@
 the flattened parameters are the unknowns, ``model(X) - y`` the residuals. The per-sample
 Jacobian comes from :mod:`torch.func` (``vmap`` of ``jacrev`` over samples) in chunks that fit
 a byte budget, folded straight into ``J^T J`` and ``J^T r`` (see :mod:`marquardt.chunked`).
+With a cross-entropy loss (:mod:`marquardt.losses`) the chunks are folded into the generalized
+Gauss-Newton matrix ``J^T H J`` and the gradient ``J^T dl/dz`` instead.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from .chunked import DEFAULT_JACOBIAN_BYTES, accumulate_normal, assemble_sample_space, plan_assembly
+from .chunked import DEFAULT_JACOBIAN_BYTES, Plan, accumulate_normal, assemble_sample_space, plan_assembly
+from .losses import Loss, SquaredError, accumulate_gauss_newton
 from .solver import Linearization
 
 
@@ -47,9 +50,14 @@ class ModuleProblem:
     model : nn.Module
         Maps a batch ``X`` to outputs of the shape of ``y``.
     X, y : Tensor
-        Inputs (first dimension: samples) and targets (same first dimension).
+        Inputs (first dimension: samples) and targets (same first dimension), ``y`` as the
+        loss holds it (see :meth:`marquardt.losses.Loss.targets`).
     max_jacobian_bytes : int
         Budget for the Jacobian rows held at once.
+    loss : Loss
+        :class:`~marquardt.losses.SquaredError` (default) gives the least-squares problem
+        above; a cross-entropy loss gives its cost and generalized Gauss-Newton model, always
+        in the ``n x n`` normal form.
 
     Examples
     --------
@@ -65,6 +73,7 @@ class ModuleProblem:
     X: Tensor
     y: Tensor
     max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES
+    loss: Loss = field(default_factory=SquaredError)
     names: list[str] = field(init=False)
     shapes: list[torch.Size] = field(init=False)
 
@@ -76,7 +85,15 @@ class ModuleProblem:
         self.outputs_per_sample = max(1, self.y[0].numel()) if self.y.shape[0] else 1
         itemsize = self.y.element_size()
         self.plan = plan_assembly(self.y.numel(), self.n_params, itemsize, self.max_jacobian_bytes)
+        if not self.least_squares:
+            # The residual-space solve needs residuals r with grad = J^T r; a loss gradient has none.
+            self.plan = Plan("normal", self.plan.chunk_rows)
         self.buffers = dict(self.model.named_buffers())
+
+    @property
+    def least_squares(self) -> bool:
+        """Whether the loss is the squared error (residuals ``model(X) - y``)."""
+        return isinstance(self.loss, SquaredError)
 
     @property
     def n_residuals(self) -> int:
@@ -94,14 +111,20 @@ class ModuleProblem:
         return functional_call(self.model, (self.params(x), self.buffers), (X,))
 
     def cost(self, x: Tensor) -> float:
-        """``0.5 * sum((model(X) - y)**2)``; ``inf`` when not finite."""
+        """The loss's cost, ``0.5 * sum((model(X) - y)**2)`` for least squares; ``inf`` when not finite."""
         with torch.no_grad():
-            r = (self.outputs(x) - self.y).reshape(-1)
-            value = 0.5 * float(r @ r)
+            value = float(self.loss.cost(self.outputs(x), self.y))
         return value if value == value and value != float("inf") else float("inf")
 
     def linearize(self, x: Tensor) -> Linearization:
-        """``J^T J`` (or the rows, in residual space), ``J^T r`` and the cost at ``x``."""
+        """``J^T J`` (or the rows, in residual space), ``J^T r`` and the cost at ``x``.
+
+        For a cross-entropy loss: ``J^T H J``, ``J^T dl/dz`` and the cost.
+        """
+        if not self.least_squares:
+            terms = (self.loss.gauss_newton(jac, out, y) for jac, out, y in self._jacobian_outputs(x))
+            system, grad, cost = accumulate_gauss_newton(terms, self.n_params, dtype=x.dtype, device=x.device)
+            return Linearization(cost, grad, system)
         chunks = self.jacobian_chunks(x)
         if self.plan.form == "sample-space":
             system, grad, cost = assemble_sample_space(chunks)
@@ -111,6 +134,11 @@ class ModuleProblem:
 
     def jacobian_chunks(self, x: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(J_rows, residual_rows)`` for consecutive chunks of samples."""
+        for jac, outputs, targets in self._jacobian_outputs(x):
+            yield jac, (outputs - targets).reshape(-1)
+
+    def _jacobian_outputs(self, x: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(J_rows, outputs, targets)`` for consecutive chunks of samples."""
         params = self.params(x)
         samples = max(1, self.plan.chunk_rows // self.outputs_per_sample)
         per_sample = vmap(jacrev(self._single, has_aux=True), in_dims=(None, 0))
@@ -119,8 +147,7 @@ class ModuleProblem:
             jacs, outputs = per_sample(params, X_chunk)
             rows = outputs.reshape(-1).numel()
             jac = torch.cat([jacs[name].reshape(rows, -1) for name in self.names], dim=1)
-            residuals = (outputs - self.y[start : start + samples]).reshape(-1)
-            yield jac.detach(), residuals.detach()
+            yield jac.detach(), outputs.detach(), self.y[start : start + samples]
 
     def _single(self, params: dict[str, Tensor], sample: Tensor) -> tuple[Tensor, Tensor]:
         out = functional_call(self.model, (params, self.buffers), (sample.unsqueeze(0),)).squeeze(0)

@@ -3,8 +3,14 @@
 The epoch loop records the state (performance, damping, gradient, validation failures), checks
 MATLAB's stopping rules in MATLAB's order, and hands the step to a *trainer*:
 :class:`LMTrainer` runs the shared LM iteration (:func:`marquardt.solver.lm_step`) on a
-:class:`~marquardt.network.ModuleProblem`; :class:`FirstOrderTrainer` runs any
-:class:`torch.optim.Optimizer`. At the end the model holds the best weights.
+:class:`~marquardt.network.ModuleProblem` (wrapped in a
+:class:`~marquardt.bayesian.RegularizedProblem` for Bayesian regularization);
+:class:`FirstOrderTrainer` runs any :class:`torch.optim.Optimizer`. At the end the model holds
+the best weights (the last ones for Bayesian regularization, as MATLAB ``trainbr``).
+
+Trainers work in *training units*: a :class:`~marquardt.mlp.MLP` with normalization trains its
+layers on ``mapminmax``-normalized inputs and targets, while the History reports performance
+in the original target units, as MATLAB does.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_state, update_state
 from .chunked import DEFAULT_JACOBIAN_BYTES
 from .damping import DampingState, MarquardtDamping
 from .division import DIVISIONS, check_split, divide
 from .history import History
+from .losses import Loss, SquaredError, make_loss
+from .mlp import MLP
 from .network import ModuleProblem, flatten_parameters, write_parameters
 from .optim import GradientDescent, Momentum
 from .solver import lm_step
@@ -41,6 +50,9 @@ STOP_REASONS = {
 }
 
 _LM_OPTIONS = {"mu": 1e-3, "mu_dec": 0.1, "mu_inc": 10.0, "mu_max": 1e10, "max_jacobian_bytes": DEFAULT_JACOBIAN_BYTES}
+# MATLAB trainbr starts from mu = 0.005; the other defaults are trainlm's.
+_DAMPED = {"lm": _LM_OPTIONS, "br": {**_LM_OPTIONS, "mu": 0.005}}
+_DEFAULT_MAX_FAIL = 6
 _FIRST_ORDER = {"gd": (GradientDescent, {"lr": 0.01}), "momentum": (Momentum, {"lr": 0.01, "beta": 0.9})}
 
 
@@ -98,21 +110,7 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
     return tensor
 
 
-def _check_output_shape(model: nn.Module, X: Tensor, y: Tensor, name: str) -> Tensor:
-    with torch.no_grad():
-        out = model(X[:2])
-    if y.ndim == 1 and out.ndim == 2 and out.shape[1] == 1:
-        y = y.reshape(-1, 1)
-    if tuple(out.shape[1:]) != tuple(y.shape[1:]):
-        raise ValueError(
-            f"The model output shape {tuple(out.shape)} does not match the targets {name} shape {tuple(y.shape)} "
-            f"(per sample {tuple(out.shape[1:])} vs {tuple(y.shape[1:])}); reshape {name} or change the model's "
-            "output layer (outputs are never broadcast)."
-        )
-    return y
-
-
-def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str]) -> Split:
+def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Loss) -> Split:
     reference = next(model.parameters(), None)
     if reference is None:
         raise ValueError("model has no parameters to train.")
@@ -121,15 +119,17 @@ def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str]) -> Split:
     if X_t.shape[0] != y_t.shape[0]:
         raise ValueError(f"{names[0]} and {names[1]} have different numbers of samples: "
                          f"{X_t.shape[0]} and {y_t.shape[0]}.")
-    return Split(X_t, _check_output_shape(model, X_t, y_t, names[1]))
+    with torch.no_grad():
+        probe_shape = tuple(model(X_t[:2]).shape)
+    return Split(X_t, loss.targets(y_t, probe_shape, names[1]))
 
 
 def _divide_data(data: Split, validation_data: Any, division: str | None, split: tuple, generator: torch.Generator,
-                 model: nn.Module) -> tuple[Split, Split | None, Split | None]:
+                 model: nn.Module, loss: Loss) -> tuple[Split, Split | None, Split | None]:
     if validation_data is not None:
         if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
             raise TypeError(f"validation_data must be a pair (X_val, y_val); received {type(validation_data).__name__}.")
-        return data, _prepare(model, *validation_data, ("X_val", "y_val")), None
+        return data, _prepare(model, *validation_data, ("X_val", "y_val"), loss), None
     if division is None or division == "none":
         return data, None, None
     train, val, test = divide(len(data), division, split, generator)
@@ -141,14 +141,54 @@ def _divide_data(data: Split, validation_data: Any, division: str | None, split:
 
 def mse(model: nn.Module, data: Split | None, chunk: int = 65536) -> float:
     """Mean squared error over all target elements (MATLAB's ``mse``); NaN when ``data`` is None."""
+    return evaluate(model, data, SquaredError(), chunk)[0]
+
+
+def evaluate(model: nn.Module, data: Split | None, loss: Loss, chunk: int = 65536) -> tuple[float, float]:
+    """``(performance, accuracy)`` of ``model`` on ``data``; NaN for what does not apply.
+
+    Performance is the loss's mean (mean squared error, mean cross-entropy); accuracy is the
+    fraction of correct predictions for classification losses.
+    """
     if data is None:
-        return math.nan
-    total = 0.0
+        return math.nan, math.nan
+    cost, correct = 0.0, 0.0
     with torch.no_grad():
         for start in range(0, len(data), chunk):
-            diff = model(data.X[start : start + chunk]) - data.y[start : start + chunk]
-            total += float((diff * diff).sum())
-    return total / data.y.numel()
+            outputs, targets = model(data.X[start : start + chunk]), data.y[start : start + chunk]
+            cost += float(loss.cost(outputs, targets))
+            correct += float(loss.correct(outputs, targets))
+    return cost * loss.perf_scale(data.y), correct / loss.predictions(data.y)
+
+
+# ---------------------------------------------------------------------------------------------
+# training units
+
+
+def _set_normalization(model: nn.Module, data: Split, loss: Loss) -> None:
+    """MATLAB's ``configure``: an MLP with unset ``mapminmax`` ranges takes them from the data."""
+    if isinstance(model, MLP) and model.normalize and not model.normalization_set:
+        # Classifier outputs are logits: their map stays the identity.
+        model.set_normalization(data.X, None if loss.classification else data.y)
+
+
+def _training_view(model: nn.Module, loss: Loss) -> tuple[nn.Module, Callable[[Split], Split]]:
+    """The module the trainer updates and the map from data to its (training) units.
+
+    A normalized MLP trains its layers on normalized inputs and targets, so that ``J^T J`` and
+    the absolute damping ``mu`` do not depend on the data's units; other models train as they are.
+    """
+    if not (isinstance(model, MLP) and model.normalize and model.normalization_set):
+        return model, lambda split: split
+    if loss.classification and not (bool((model.y_min == -1).all()) and bool((model.y_max == 1).all())):
+        return model, lambda split: split  # logits mapped by target ranges: train through them
+
+    def convert(split: Split) -> Split:
+        with torch.no_grad():
+            targets = split.y if loss.classification else model.normalize_targets(split.y)
+            return Split(model.normalize_inputs(split.X), targets)
+
+    return model.net, convert
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,12 +197,18 @@ def mse(model: nn.Module, data: Split | None, chunk: int = 65536) -> float:
 
 @dataclass
 class LMTrainer:
-    """MATLAB ``trainlm``: damped Gauss-Newton steps on the training set, ``mu`` x10 / x0.1."""
+    """MATLAB ``trainlm``: damped Gauss-Newton steps on the training set, ``mu`` x10 / x0.1.
+
+    With ``bayesian=True``, MATLAB ``trainbr``: the steps minimise ``F = beta E_D + alpha E_W``
+    and ``alpha``, ``beta`` are re-estimated after each accepted step (:mod:`marquardt.bayesian`).
+    """
 
     model: nn.Module
     data: Split
     options: dict[str, Any]
+    loss: Loss = field(default_factory=SquaredError)
     batches: list[tuple[Tensor, Tensor]] | None = None
+    bayesian: bool = False
     state: DampingState = field(init=False)
     solver: str = field(default="", init=False)
 
@@ -170,9 +216,14 @@ class LMTrainer:
         o = self.options
         self.rule = MarquardtDamping(o["mu"], o["mu_dec"], o["mu_inc"], o["mu_max"])
         self.state = self.rule.init(1.0)
-        self.problem = ModuleProblem(self.model, self.data.X, self.data.y, o["max_jacobian_bytes"])
+        self.problem = self._problem(self.data.X, self.data.y)
         self.x = flatten_parameters(self.model)
         self.lin = None
+        self.regularization: BayesianState | None = None
+        self.accepted = False
+
+    def _problem(self, X: Tensor, y: Tensor) -> ModuleProblem:
+        return ModuleProblem(self.model, X, y, self.options["max_jacobian_bytes"], self.loss)
 
     @property
     def damping(self) -> float:
@@ -184,29 +235,52 @@ class LMTrainer:
         return self.state.damping >= self.rule.maximum
 
     def evaluate(self) -> float:
-        """Gradient norm of the training MSE at the current weights (prepares the next step)."""
+        """Gradient norm of the training performance at the current weights (prepares the next step).
+
+        For Bayesian regularization this is the gradient of the data term, as MATLAB reports it.
+        """
         if self.batches is not None:
-            return _mse_gradient_norm(self.model, self.data)
+            return _gradient_norm(self.model, self.data, self.loss)
         self.lin = self.problem.linearize(self.x)
-        return 2.0 * float(torch.linalg.vector_norm(self.lin.grad)) / self.data.y.numel()
+        if self.bayesian:
+            self._estimate_regularization()
+        return self.loss.perf_scale(self.data.y) * float(torch.linalg.vector_norm(self.lin.grad))
+
+    def _estimate_regularization(self) -> None:
+        sse, ssw, n_errors = 2.0 * self.lin.cost, float(self.x @ self.x), self.data.y.numel()
+        if self.regularization is None:
+            self.regularization = initial_state(self.x.numel(), n_errors, sse, ssw)
+        elif self.accepted:
+            # After a failed iteration (mu past mu_max) MATLAB keeps alpha and beta.
+            self.regularization = update_state(self.regularization, data_gram(self.lin.system), sse, ssw, n_errors)
+
+    def extras(self) -> dict[str, float]:
+        """Per-epoch record entries beyond the standard ones: ``gamma`` and ``ssw`` for ``trainbr``."""
+        if self.regularization is None:
+            return {}
+        return {"gamma": self.regularization.gamma, "ssw": self.regularization.ssw}
 
     def step(self) -> None:
         if self.batches is None:
             self._lm_iteration(self.problem, self.lin)
         else:
             for X_b, y_b in self.batches:
-                problem = ModuleProblem(self.model, X_b, y_b, self.options["max_jacobian_bytes"])
+                problem = self._problem(X_b, y_b)
                 self._lm_iteration(problem, problem.linearize(self.x))
                 if self.exhausted:
                     break
         write_parameters(self.model, self.x)
 
-    def _lm_iteration(self, problem: ModuleProblem, lin: Any) -> None:
+    def _lm_iteration(self, problem: Any, lin: Any) -> None:
+        if self.regularization is not None:
+            problem = RegularizedProblem(problem, self.regularization.alpha, self.regularization.beta)
+            lin = problem.regularize(lin, self.x)
         scale = torch.ones_like(self.x)  # MATLAB's J^T J + mu I
         out = lm_step(problem, self.x, lin, scale, self.rule, self.state)
         self.solver = lin.system.path
         self.state = out.state
         self.x = out.x
+        self.accepted = out.accepted
 
     def sync_from_model(self) -> None:
         self.x = flatten_parameters(self.model)
@@ -214,11 +288,12 @@ class LMTrainer:
 
 @dataclass
 class FirstOrderTrainer:
-    """Backpropagation with any :class:`torch.optim.Optimizer` on the training MSE."""
+    """Backpropagation with any :class:`torch.optim.Optimizer` on the training performance."""
 
     model: nn.Module
     data: Split
     optimizer: torch.optim.Optimizer
+    loss: Loss = field(default_factory=SquaredError)
     batches: list[tuple[Tensor, Tensor]] | None = None
     solver: str = "backprop"
     exhausted: bool = False
@@ -228,36 +303,39 @@ class FirstOrderTrainer:
         return math.nan
 
     def evaluate(self) -> float:
-        return _mse_gradient_norm(self.model, self.data)
+        return _gradient_norm(self.model, self.data, self.loss)
+
+    def extras(self) -> dict[str, float]:
+        return {}
 
     def step(self) -> None:
         for X_b, y_b in self.batches or [(self.data.X, self.data.y)]:
             self.optimizer.zero_grad()
-            loss = torch.nn.functional.mse_loss(self.model(X_b), y_b)
-            loss.backward()
+            self.loss.criterion(self.model(X_b), y_b).backward()
             self.optimizer.step()
 
     def sync_from_model(self) -> None:
         pass
 
 
-def _mse_gradient_norm(model: nn.Module, data: Split) -> float:
+def _gradient_norm(model: nn.Module, data: Split, loss: Loss) -> float:
     model.zero_grad()
     with torch.enable_grad():
-        torch.nn.functional.mse_loss(model(data.X), data.y).backward()
+        loss.criterion(model(data.X), data.y).backward()
     norms = [p.grad.detach().reshape(-1) for p in model.parameters() if p.grad is not None]
     model.zero_grad()
     return float(torch.linalg.vector_norm(torch.cat(norms))) if norms else 0.0
 
 
 def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
-    if isinstance(method, str) and method == "lm":
-        unknown = set(options) - set(_LM_OPTIONS)
+    if isinstance(method, str) and method in _DAMPED:
+        defaults = _DAMPED[method]
+        unknown = set(options) - set(defaults)
         if unknown:
-            raise TypeError(f"Unknown option(s) for method='lm': {sorted(unknown)}; expected {sorted(_LM_OPTIONS)}.")
-        merged = {**_LM_OPTIONS, **options}
+            raise TypeError(f"Unknown option(s) for method={method!r}: {sorted(unknown)}; expected {sorted(defaults)}.")
+        merged = {**defaults, **options}
         MarquardtDamping(merged["mu"], merged["mu_dec"], merged["mu_inc"], merged["mu_max"])  # validates
-        return "lm", merged
+        return method, merged
     if isinstance(method, str) and method in _FIRST_ORDER:
         cls, defaults = _FIRST_ORDER[method]
         unknown = set(options) - set(defaults)
@@ -266,14 +344,15 @@ def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
         return method, (cls, {**defaults, **options})
     if inspect.isclass(method) and issubclass(method, torch.optim.Optimizer):
         return method.__name__.lower(), (method, dict(options))
-    raise ValueError(f"Invalid method: {method!r}; expected 'lm', 'gd', 'momentum' or a torch.optim.Optimizer class.")
+    raise ValueError(f"Invalid method: {method!r}; expected 'lm', 'br', 'gd', 'momentum' or a torch.optim.Optimizer class.")
 
 
-def _make_trainer(kind: str, spec: Any, model: nn.Module, data: Split, batches) -> LMTrainer | FirstOrderTrainer:
-    if kind == "lm":
-        return LMTrainer(model, data, spec, batches)
+def _make_trainer(kind: str, spec: Any, module: nn.Module, data: Split, loss: Loss,
+                  batches) -> LMTrainer | FirstOrderTrainer:
+    if kind in _DAMPED:
+        return LMTrainer(module, data, spec, loss, batches, bayesian=kind == "br")
     cls, options = spec
-    return FirstOrderTrainer(model, data, cls(model.parameters(), **options), batches)
+    return FirstOrderTrainer(module, data, cls(module.parameters(), **options), loss, batches)
 
 
 def _make_batches(data: Split, batch_size: int | None, generator: torch.Generator) -> list[tuple[Tensor, Tensor]] | None:
@@ -293,10 +372,11 @@ class _Best:
     epoch: int = 0
     weights: dict[str, Tensor] | None = None
 
-    def offer(self, value: float, epoch: int, model: nn.Module) -> bool:
+    def offer(self, value: float, epoch: int, model: nn.Module, keep_weights: bool = True) -> bool:
         if value < self.perf:
             self.perf, self.epoch = value, epoch
-            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if keep_weights:
+                self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return True
         return False
 
@@ -324,7 +404,7 @@ def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time
         ("epochs", epochs, isinstance(epochs, (int, np.integer)) and not isinstance(epochs, bool) and epochs >= 0, "an integer >= 0"),
         ("goal", goal, isinstance(goal, (int, float)) and goal >= 0, "a number >= 0"),
         ("min_grad", min_grad, isinstance(min_grad, (int, float)) and min_grad >= 0, "a number >= 0"),
-        ("max_fail", max_fail, isinstance(max_fail, (int, np.integer)) and max_fail >= 1, "an integer >= 1"),
+        ("max_fail", max_fail, max_fail is None or (isinstance(max_fail, (int, np.integer)) and max_fail >= 1), "None or an integer >= 1"),
         ("time_limit", time_limit, time_limit is None or (isinstance(time_limit, (int, float)) and time_limit > 0), "None or a number > 0"),
         ("batch_size", batch_size, batch_size is None or (isinstance(batch_size, (int, np.integer)) and batch_size >= 1), "None or an integer >= 1"),
     ]
@@ -338,16 +418,28 @@ def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time
             raise TypeError(f"callbacks must be marquardt.Callback instances; received {type(callback).__name__}.")
 
 
+def _validate_method_loss(kind: str, loss: Loss, batch_size: int | None) -> None:
+    if kind != "br":
+        return
+    if loss.classification:
+        raise ValueError(f"Invalid loss for method='br': {loss.name!r}; Bayesian regularization (trainbr) "
+                         "needs loss='mse' (a sum of squared errors).")
+    if batch_size is not None:
+        raise ValueError(f"Invalid batch_size for method='br': {batch_size!r}; Bayesian regularization "
+                         "re-estimates its hyperparameters from the whole training set, so it needs batch_size=None.")
+
+
 def fit(
     model: nn.Module,
     X: Any,
     y: Any,
     *,
     method: str | type = "lm",
+    loss: str = "mse",
     epochs: int = 1000,
     goal: float = 0.0,
     min_grad: float = 1e-7,
-    max_fail: int = 6,
+    max_fail: int | None = None,
     time_limit: float | None = None,
     validation_data: tuple[Any, Any] | None = None,
     division: str | None = None,
@@ -364,21 +456,32 @@ def fit(
     ----------
     model : nn.Module
         Maps a batch of inputs to outputs of the shape of ``y`` (a 1-D ``y`` matches outputs of
-        shape ``(N, 1)``). Trained in place, on its own device and dtype.
+        shape ``(N, 1)``). Trained in place, on its own device and dtype. A
+        :class:`~marquardt.mlp.MLP` built with ``normalize=True`` whose ranges are not set
+        gets them from ``(X, y)`` first (MATLAB's ``configure``; only inputs for classification).
     X, y : array_like or Tensor
-        Inputs and targets, samples along the first dimension.
-    method : {"lm", "gd", "momentum"} or torch.optim.Optimizer class
-        Levenberg-Marquardt (MATLAB ``trainlm``), gradient descent (``traingd``), momentum
-        (``traingdm``), or any optimizer class such as :class:`torch.optim.Adam`.
+        Inputs and targets, samples along the first dimension. For ``loss="cross_entropy"``,
+        ``y`` holds class indices ``(N,)`` in ``[0, K)`` or one-hot rows ``(N, K)``; for
+        ``loss="binary_cross_entropy"``, 0/1 values shaped like the outputs.
+    method : {"lm", "br", "gd", "momentum"} or torch.optim.Optimizer class
+        Levenberg-Marquardt (MATLAB ``trainlm``), Bayesian regularization (``trainbr``),
+        gradient descent (``traingd``), momentum (``traingdm``), or any optimizer class such as
+        :class:`torch.optim.Adam`.
+    loss : {"mse", "cross_entropy", "binary_cross_entropy"}
+        Squared error; softmax cross-entropy over the outputs (logits); sigmoid cross-entropy
+        on each output. LM uses the generalized Gauss-Newton matrix of the cross-entropies.
     epochs, goal, min_grad, max_fail, time_limit
         MATLAB's ``epochs``, ``goal``, ``min_grad``, ``max_fail`` and ``time`` (seconds).
+        ``max_fail=None`` means 6, except for ``method="br"``, which then never stops on
+        validation (as ``trainbr``); give ``max_fail`` to make it.
     validation_data : (X_val, y_val), optional
         Explicit validation set (early stopping after ``max_fail`` consecutive failures).
     division : {"random", "block", "interleaved"}, optional
         Divide ``(X, y)`` into train/validation/test as MATLAB's ``dividerand``,
         ``divideblock`` and ``divideint``, with fractions ``split``. Default: all data trains.
     batch_size : int, optional
-        Mini-batches: one step per batch (for LM, damping carries across batches).
+        Mini-batches: one step per batch (for LM, damping carries across batches). Not for
+        ``method="br"``.
     seed : int, optional
         Seeds the division and batch order (and ``torch.manual_seed``) for determinism.
     progress : bool, optional
@@ -387,24 +490,53 @@ def fit(
         Hooks called at the start, after each epoch and at the end.
     **method_options
         For ``"lm"``: ``mu=1e-3``, ``mu_dec=0.1``, ``mu_inc=10``, ``mu_max=1e10``,
-        ``max_jacobian_bytes`` (Jacobian rows held at once). For ``"gd"``: ``lr=0.01``; for
-        ``"momentum"``: ``lr=0.01``, ``beta=0.9``; for an optimizer class: its options.
+        ``max_jacobian_bytes`` (Jacobian rows held at once); for ``"br"`` the same with
+        ``mu=0.005``. For ``"gd"``: ``lr=0.01``; for ``"momentum"``: ``lr=0.01``,
+        ``beta=0.9``; for an optimizer class: its options.
 
     Returns
     -------
     History
         Per-epoch ``epoch, time, perf, vperf, tperf, damping, gradient, val_fail, solver``,
-        with ``best_epoch`` and ``stop_reason``.
+        plus ``accuracy, vaccuracy, taccuracy`` for classification losses and ``gamma, ssw``
+        for ``method="br"``; with ``best_epoch`` and ``stop_reason``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``method`` or ``loss``, targets that do not fit the loss (shape, class
+        index out of range, non 0/1 values), bad option values, ``method="br"`` with a
+        classification loss or with ``batch_size``.
 
     Notes
     -----
-    Performance is the mean squared error over all target elements. The LM step solves
-    ``(J^T J + mu I) dw = -J^T e`` and is kept only if training performance drops; ``mu`` is
-    multiplied by ``mu_dec`` on success and by ``mu_inc`` on failure. The run stops with one of
-    :data:`STOP_REASONS`, and the model ends with the weights of the best epoch (best validation
-    performance when there is validation data, else best training performance). Memory: the
-    Jacobian is formed in row chunks of at most ``max_jacobian_bytes`` and folded into
-    ``J^T J`` (``n_params**2`` floats), so it grows with parameters squared, not with samples.
+    Performance is the mean squared error over all target elements, the mean cross-entropy
+    per sample (``cross_entropy``) or per target element (``binary_cross_entropy``), always
+    in the original target units. The LM step solves ``(G + mu I) dw = -g`` and is kept only
+    if the training cost drops; ``mu`` is multiplied by ``mu_dec`` on success and by
+    ``mu_inc`` on failure. For the squared error ``G = J^T J``, ``g = J^T e``; for the
+    cross-entropies ``G = J^T H J`` with ``H`` the Hessian of the loss in the outputs
+    (``diag(p) - p p^T`` for softmax, ``diag(p (1 - p))`` for sigmoid) and ``g = J^T (p - y)``.
+
+    Bayesian regularization (MacKay, 1992; Foresee & Hagan, 1997) minimises
+    ``F = beta E_D + alpha E_W`` (sum of squared errors and of squared weights) with
+    ``(beta J^T J + alpha I + mu I) dw = -(beta J^T e + alpha w)``. It starts from
+    ``gamma = P`` (the number of parameters), ``beta = (N - gamma) / (2 E_D)``,
+    ``alpha = gamma / (2 E_W)`` (``N`` target elements) and after each accepted step sets
+
+    ``gamma = P - alpha trace((beta J^T J + alpha I)^-1)``,
+    ``alpha = gamma / (2 E_W)``, ``beta = (N - gamma) / (2 E_D)``,
+
+    with the trace from the eigenvalues of the dense ``P x P`` matrix ``J^T J`` (practical to
+    a few thousand parameters). ``"Maximum MU reached."`` is its normal end. A normalized
+    MLP trains in normalized units (so ``E_D`` and ``gamma`` are in those units).
+
+    The run stops with one of :data:`STOP_REASONS`, and the model ends with the weights of
+    the best epoch (best validation performance when there is validation data and validation
+    stops apply, else best training performance; the last epoch for ``method="br"`` without
+    validation stops). Memory: the Jacobian is formed in row chunks of at most
+    ``max_jacobian_bytes`` and folded into ``J^T J`` (``n_params**2`` floats), so it grows
+    with parameters squared, not with samples.
 
     Examples
     --------
@@ -419,17 +551,25 @@ def fit(
     callbacks = list(callbacks)
     _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks)
     kind, spec = _split_options(method, method_options)
+    loss_fn = make_loss(loss)
+    _validate_method_loss(kind, loss_fn, batch_size)
     if division is not None:
         split = check_split(split)
     if seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
-    data = _prepare(model, X, y, ("X", "y"))
-    train, val, test = _divide_data(data, validation_data, division, split, generator, model)
-    trainer = _make_trainer(kind, spec, model, train, _make_batches(train, batch_size, generator))
+    data = _prepare(model, X, y, ("X", "y"), loss_fn)
+    _set_normalization(model, data, loss_fn)
+    train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
+    module, to_training_units = _training_view(model, loss_fn)
+    fitting = to_training_units(train)
+    trainer = _make_trainer(kind, spec, module, fitting, loss_fn, _make_batches(fitting, batch_size, generator))
+    validation_stops = val is not None and (kind != "br" or max_fail is not None)
     history = History(kind)
-    loop = _Loop(model, trainer, train, val, test, history, callbacks,
-                 dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad, max_fail=max_fail))
+    loop = _Loop(model, trainer, train, val, test, history, callbacks, loss_fn,
+                 dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad,
+                      max_fail=(max_fail or _DEFAULT_MAX_FAIL) if validation_stops else math.inf),
+                 keep_last=kind == "br" and not validation_stops)
     display = _progress_display(progress, epochs)
     try:
         loop.run(display)
@@ -448,7 +588,9 @@ class _Loop:
     test: Split | None
     history: History
     callbacks: list[Callback]
+    loss: Loss
     rules: dict[str, Any]
+    keep_last: bool = False
 
     def run(self, display: Any) -> None:
         best, val_fail, start = _Best(), 0, time.perf_counter()
@@ -469,18 +611,23 @@ class _Loop:
                 break
             self.trainer.step()
             epoch += 1
-        self._finish(best, reason)
+        self._finish(best, reason, epoch)
 
     def _record(self, epoch: int, elapsed: float, gradient: float, val_fail: int) -> dict[str, Any]:
-        return dict(epoch=epoch, time=elapsed, perf=mse(self.model, self.train), vperf=mse(self.model, self.val),
-                    tperf=mse(self.model, self.test), damping=self.trainer.damping, gradient=gradient,
-                    val_fail=val_fail, solver=self.trainer.solver or None)
+        (perf, accuracy), (vperf, vaccuracy), (tperf, taccuracy) = (
+            evaluate(self.model, data, self.loss) for data in (self.train, self.val, self.test))
+        record = dict(epoch=epoch, time=elapsed, perf=perf, vperf=vperf, tperf=tperf, damping=self.trainer.damping,
+                      gradient=gradient, val_fail=val_fail, solver=self.trainer.solver or None)
+        if self.loss.classification:
+            record.update(accuracy=accuracy, vaccuracy=vaccuracy, taccuracy=taccuracy)
+        record.update(self.trainer.extras())
+        return record
 
     def _update_best(self, best: _Best, record: dict, val_fail: int) -> int:
         watched = record["vperf"] if self.val is not None else record["perf"]
         if not math.isfinite(watched):
             return val_fail + 1 if self.val is not None else val_fail
-        if best.offer(watched, record["epoch"], self.model):
+        if best.offer(watched, record["epoch"], self.model, keep_weights=not self.keep_last):
             return 0
         return val_fail + 1 if (self.val is not None and watched > best.perf) else val_fail
 
@@ -492,8 +639,10 @@ class _Loop:
                 return STOP_REASONS["user"]
         return None
 
-    def _finish(self, best: _Best, reason: str) -> None:
-        if best.weights is not None:
+    def _finish(self, best: _Best, reason: str, last_epoch: int) -> None:
+        if self.keep_last:
+            best.epoch = last_epoch  # trainbr keeps the final weights
+        elif best.weights is not None:
             self.model.load_state_dict(best.weights)
             self.trainer.sync_from_model()
         self.history.best_epoch = best.epoch
