@@ -1,0 +1,271 @@
+"""Checkpoints of a training run, for ``fit(..., checkpoint=DIR, resume=True)``.
+
+A checkpoint holds everything the epoch loop of :func:`marquardt.train.fit` carries from one
+epoch to the next: the weights, the trainer's state (LM damping, optimizer buffers), the
+History so far, the epoch counter, the validation-failure count, the best weights so far, the
+elapsed time and the random states (torch's global generator, numpy's global generator and the
+generator that drew the data division and batches). It is written after a training step, so a
+resumed run starts by evaluating that epoch, exactly as the uninterrupted run does next: with
+the same seed and data, a run killed and resumed ends with the same weights, bit for bit.
+
+Layout of ``DIR``: ``checkpoint-<epoch>.safetensors`` + ``.json`` (via
+:func:`marquardt.io.save_state`, each file written to a temporary file and renamed) and
+``latest.txt`` naming the newest complete pair. The pointer moves only after both files are in
+place, and older pairs are deleted only after it moves, so a process killed at any moment
+leaves a readable checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .bayesian import BayesianState
+from .damping import DampingState
+from .history import History
+from .io import _atomic_write, load_state, save_state
+
+__all__ = ["NO_CHECKPOINT", "Checkpointer", "NoCheckpoint", "latest_checkpoint"]
+
+_POINTER = "latest.txt"
+_PREFIX = "checkpoint-"
+_FORMAT = 1
+# What a trainer carries between epochs besides the weights (and an optimizer's buffers): LM's
+# damping state and last solver path, trainbr's hyperparameters and whether the last step was kept.
+_TRAINER_FIELDS = ("state", "regularization", "accepted", "solver")
+_STATE_CLASSES = {cls.__name__: cls for cls in (DampingState, BayesianState)}
+
+
+def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
+    """The ``.safetensors`` file of the newest complete checkpoint in ``folder``, or None.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     latest_checkpoint(tmp) is None
+    True
+    """
+    pointer = Path(folder) / _POINTER
+    if not pointer.is_file():
+        return None
+    return Path(folder) / f"{pointer.read_text(encoding='utf-8').strip()}.safetensors"
+
+
+@dataclass
+class Checkpointer:
+    """Writes the training state to ``folder`` every ``every`` epochs and restores it on resume.
+
+    Parameters
+    ----------
+    folder : path
+        Checkpoint folder, created if missing.
+    every : int, default 10
+        Write a checkpoint after every ``every``-th training step.
+    resume : bool, default True
+        Continue from the newest checkpoint in ``folder`` when there is one; with False an
+        existing checkpoint is ignored and replaced.
+    generator : torch.Generator, optional
+        The generator of the data division and batch order, saved and restored with the rest.
+
+    Notes
+    -----
+    The epoch loop calls :meth:`restore` once before its first evaluation and
+    :meth:`epoch_done` after each training step. ``loop`` is the loop object of
+    :mod:`marquardt.train` (``model``, ``trainer``, ``history``, ``train``); ``best`` its
+    best-epoch tracker (``perf``, ``epoch``, ``weights``).
+    """
+
+    folder: Path
+    every: int = 10
+    resume: bool = True
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.folder, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a folder path; received {type(self.folder).__name__}.")
+        self.folder = Path(self.folder)
+        if isinstance(self.every, bool) or not isinstance(self.every, (int, np.integer)) or self.every < 1:
+            raise ValueError(f"Invalid checkpoint_every value: {self.every!r}; expected an integer >= 1.")
+        if not isinstance(self.resume, bool):
+            raise TypeError(f"resume must be True or False; received {self.resume!r}.")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"checkpoint={str(self.folder)!r} is a file; pass a folder for the checkpoints.")
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def restore(self, loop: Any, best: Any) -> tuple[int, int, float]:
+        """Load the newest checkpoint into ``loop`` and ``best``; return (epoch, val_fail, elapsed).
+
+        Returns ``(0, 0, 0.0)``, a fresh start, when there is no checkpoint or ``resume`` is False.
+        """
+        path = latest_checkpoint(self.folder) if self.resume else None
+        if path is None:
+            return 0, 0, 0.0
+        tensors, meta = load_state(path)
+        self._check_compatible(path, loop, meta)
+        device = next(loop.model.parameters()).device
+        loop.model.load_state_dict(_prefixed(tensors, "model/"))
+        loop.trainer.sync_from_model()
+        _restore_trainer(loop.trainer, _prefixed(tensors, "trainer/"), meta["trainer"], device)
+        _restore_history(loop.history, meta["history"])
+        best.perf, best.epoch = meta["best"]["perf"], meta["best"]["epoch"]
+        weights = _prefixed(tensors, "best/")
+        best.weights = {name: value.to(device) for name, value in weights.items()} if weights else None
+        _restore_random(tensors, meta["random"], self.generator)
+        return meta["epoch"], meta["val_fail"], meta["elapsed"]
+
+    def _check_compatible(self, path: Path, loop: Any, meta: Mapping[str, Any]) -> None:
+        expected = _fingerprint(loop)
+        found = meta.get("run")
+        if meta.get("format") != _FORMAT or found != expected:
+            differences = [f"{key} {found.get(key)!r} there, {value!r} here" for key, value in expected.items()
+                           if not isinstance(found, Mapping) or found.get(key) != value]
+            raise ValueError(
+                f"The checkpoint {path} belongs to a different run ({'; '.join(differences) or 'unknown format'}). "
+                "Pass another checkpoint folder, or resume=False to start over and replace it."
+            )
+
+    # -- write ----------------------------------------------------------------------------------
+
+    def epoch_done(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> None:
+        """After the training step that leads to ``epoch``: write a checkpoint every ``every`` epochs."""
+        if epoch % self.every == 0:
+            self.write(loop, epoch, best, val_fail, elapsed)
+
+    def write(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> Path:
+        """Write the state before ``epoch`` is evaluated; return the ``.safetensors`` path."""
+        tensors = {f"model/{name}": value for name, value in loop.model.state_dict().items()}
+        tensors.update({f"best/{name}": value for name, value in (best.weights or {}).items()})
+        trainer_tensors, trainer_meta = _trainer_state(loop.trainer)
+        tensors.update({f"trainer/{name}": value for name, value in trainer_tensors.items()})
+        random_tensors, random_meta = _random_state(self.generator)
+        tensors.update(random_tensors)
+        meta = {
+            "format": _FORMAT, "run": _fingerprint(loop), "epoch": epoch, "val_fail": val_fail, "elapsed": elapsed,
+            "best": {"perf": best.perf, "epoch": best.epoch}, "trainer": trainer_meta, "random": random_meta,
+            "history": {"method": loop.history.method, "records": loop.history.records},
+        }
+        stem = f"{_PREFIX}{epoch:08d}"
+        path = save_state(self.folder / stem, tensors, meta)
+        _atomic_write(self.folder / _POINTER, lambda tmp: tmp.write_text(stem + "\n", encoding="utf-8"))
+        self._remove_older(stem)
+        return path
+
+    def _remove_older(self, keep: str) -> None:
+        for old in self.folder.glob(f"{_PREFIX}*"):
+            if old.name.split(".")[0] != keep:
+                old.unlink(missing_ok=True)
+
+
+class NoCheckpoint:
+    """The loop's checkpointer when ``fit`` has no ``checkpoint`` folder: a fresh start, no writes."""
+
+    def restore(self, loop: Any, best: Any) -> tuple[int, int, float]:
+        return 0, 0, 0.0
+
+    def epoch_done(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> None:
+        pass
+
+
+NO_CHECKPOINT = NoCheckpoint()
+
+
+def _fingerprint(loop: Any) -> dict[str, Any]:
+    """What must match between the checkpointed run and the one resuming it."""
+    return {
+        "method": loop.history.method,
+        "trainer": type(loop.trainer).__name__,
+        "training_samples": len(loop.train),
+        "parameters": {name: list(value.shape) for name, value in loop.model.state_dict().items()},
+    }
+
+
+def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+
+
+# -------------------------------------------------------------------------------------------------
+# trainer state: LM damping, Bayesian hyperparameters, optimizer buffers
+
+
+def _trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    meta: dict[str, Any] = {"fields": {name: _plain(getattr(trainer, name)) for name in _TRAINER_FIELDS
+                                       if hasattr(trainer, name)}}
+    tensors: dict[str, Tensor] = {}
+    optimizer = getattr(trainer, "optimizer", None)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        state = optimizer.state_dict()["state"]
+        meta["optimizer"] = {str(index): {key: None if isinstance(value, Tensor) else value
+                                          for key, value in entry.items()} for index, entry in state.items()}
+        tensors.update({f"optimizer/{index}/{key}": value for index, entry in state.items()
+                        for key, value in entry.items() if isinstance(value, Tensor)})
+    return tensors, meta
+
+
+def _restore_trainer(trainer: Any, tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
+                     device: torch.device) -> None:
+    for name, value in meta["fields"].items():
+        setattr(trainer, name, _rebuilt(value))
+    if "optimizer" in meta:
+        state = {int(index): {key: tensors[f"optimizer/{index}/{key}"].to(device) if value is None else value
+                              for key, value in entry.items()} for index, entry in meta["optimizer"].items()}
+        groups = trainer.optimizer.state_dict()["param_groups"]
+        trainer.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _plain(value: Any) -> Any:
+    """A trainer field as JSON: scalars as they are, state dataclasses as their class and fields."""
+    if type(value) in _STATE_CLASSES.values():
+        return {"class": type(value).__name__, "fields": dataclasses.asdict(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot checkpoint a trainer field of type {type(value).__name__}")  # pragma: no cover
+
+
+def _rebuilt(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _STATE_CLASSES[value["class"]](**value["fields"])
+    return value
+
+
+def _restore_history(history: History, saved: Mapping[str, Any]) -> None:
+    # Records are stored as they were (NaN included, which the checkpoint's JSON keeps), so the
+    # resumed history equals the uninterrupted one value for value.
+    history.method = saved["method"]
+    history.records = []
+    for record in saved["records"]:
+        history.append(record)
+
+
+# -------------------------------------------------------------------------------------------------
+# random state: torch, numpy, the division generator
+
+
+def _random_state(generator: torch.Generator | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    tensors = {"random/torch": torch.get_rng_state(), "random/numpy": torch.from_numpy(keys.astype(np.int64))}
+    if generator is not None:
+        tensors["random/generator"] = generator.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"random/cuda/{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors, {"numpy": [kind, position, has_gauss, cached]}
+
+
+def _restore_random(tensors: Mapping[str, Tensor], meta: Mapping[str, Any], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(tensors["random/torch"])
+    kind, position, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["random/numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    if generator is not None and "random/generator" in tensors:
+        generator.set_state(tensors["random/generator"])
+    cuda = _prefixed(tensors, "random/cuda/")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([cuda[index] for index in sorted(cuda, key=int)])
