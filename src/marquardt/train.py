@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_state, update_state
+from .checkpoint import NO_CHECKPOINT, Checkpointer
 from .chunked import DEFAULT_JACOBIAN_BYTES
 from .damping import DampingState, MarquardtDamping
 from .division import DIVISIONS, check_split, divide
@@ -448,6 +450,9 @@ def fit(
     seed: int | None = None,
     progress: bool | None = None,
     callbacks: Sequence[Callback] = (),
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    checkpoint_every: int = 10,
     **method_options: Any,
 ) -> History:
     """Train ``model`` on ``(X, y)`` and return the training record.
@@ -488,6 +493,11 @@ def fit(
         Live progress display (tqdm); default only when standard output is a terminal.
     callbacks : sequence of Callback
         Hooks called at the start, after each epoch and at the end.
+    checkpoint : path, optional
+        Folder for checkpoints, written atomically every ``checkpoint_every`` epochs (weights,
+        damping or optimizer state, History, best weights, random states). With ``resume=True``
+        an existing checkpoint there is continued: with the same arguments the run ends with
+        the weights of an uninterrupted one (:mod:`marquardt.checkpoint`).
     **method_options
         For ``"lm"``: ``mu=1e-3``, ``mu_dec=0.1``, ``mu_inc=10``, ``mu_max=1e10``,
         ``max_jacobian_bytes`` (Jacobian rows held at once); for ``"br"`` the same with
@@ -558,6 +568,7 @@ def fit(
     if seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
+    checkpointer = NO_CHECKPOINT if checkpoint is None else Checkpointer(checkpoint, checkpoint_every, resume, generator)
     data = _prepare(model, X, y, ("X", "y"), loss_fn)
     _set_normalization(model, data, loss_fn)
     train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
@@ -569,7 +580,7 @@ def fit(
     loop = _Loop(model, trainer, train, val, test, history, callbacks, loss_fn,
                  dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad,
                       max_fail=(max_fail or _DEFAULT_MAX_FAIL) if validation_stops else math.inf),
-                 keep_last=kind == "br" and not validation_stops)
+                 keep_last=kind == "br" and not validation_stops, checkpoint=checkpointer)
     display = _progress_display(progress, epochs)
     try:
         loop.run(display)
@@ -591,12 +602,14 @@ class _Loop:
     loss: Loss
     rules: dict[str, Any]
     keep_last: bool = False
+    checkpoint: Any = NO_CHECKPOINT
 
     def run(self, display: Any) -> None:
-        best, val_fail, start = _Best(), 0, time.perf_counter()
+        best = _Best()
+        epoch, val_fail, elapsed = self.checkpoint.restore(self, best)
+        start = time.perf_counter() - elapsed
         for callback in self.callbacks:
             callback.on_train_begin(self.history, self.model)
-        epoch = 0
         while True:
             gradient = self.trainer.evaluate()
             record = self._record(epoch, time.perf_counter() - start, gradient, val_fail)
@@ -611,6 +624,7 @@ class _Loop:
                 break
             self.trainer.step()
             epoch += 1
+            self.checkpoint.epoch_done(self, epoch, best, val_fail, time.perf_counter() - start)
         self._finish(best, reason, epoch)
 
     def _record(self, epoch: int, elapsed: float, gradient: float, val_fail: int) -> dict[str, Any]:

@@ -1,0 +1,224 @@
+"""fit(checkpoint=...): periodic atomic checkpoints, and a killed run resumed to the same weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from marquardt import Callback, fit, mlp
+from marquardt.checkpoint import Checkpointer, latest_checkpoint
+from marquardt.io import load_state
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def problem():
+    X = torch.linspace(-1, 1, 60, dtype=torch.float64)[:, None]
+    return X, torch.sin(3 * X) + 0.05 * torch.cos(17 * X)
+
+
+def network(hidden=6):
+    return mlp(1, hidden, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def without_time(history):
+    return [{k: v for k, v in record.items() if k != "time"} for record in history.to_dict()["records"]]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+# ------------------------------------------------------------------------------------------------
+# killed with SIGKILL in a subprocess, then resumed
+
+RUN = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from marquardt import Callback, fit, mlp
+    from marquardt.io import save_state
+
+    mode, folder, out = sys.argv[1:4]
+    X = torch.linspace(-1, 1, 60, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * X) + 0.05 * torch.cos(17 * X)
+    model = mlp(1, 6, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    class Kill(Callback):
+        def on_epoch_end(self, history, model):
+            if len(history) == 9:  # epoch 8 recorded; the last checkpoint is from epoch 6
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks = [Kill()] if mode == "kill" else []
+    options = dict(checkpoint=folder, checkpoint_every=3) if mode != "plain" else {}
+    history = fit(model, X, y, epochs=25, min_grad=0.0, max_fail=1000, division="random", seed=0,
+                  progress=False, callbacks=callbacks, **options)
+    save_state(out, dict(model.state_dict()), {"history": history.to_dict()})
+""")
+
+
+def run(mode: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), mode, str(tmp_path / "ckpt"), str(tmp_path / mode)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_lm_run_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    killed = run("kill", tmp_path)
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / "kill.safetensors").exists()
+    checkpoint = latest_checkpoint(tmp_path / "ckpt")
+    assert checkpoint is not None and checkpoint.name == "checkpoint-00000006.safetensors"
+    assert load_state(checkpoint)[1]["epoch"] == 6
+
+    for mode in ("resume", "plain"):
+        done = run(mode, tmp_path)
+        assert done.returncode == 0, done.stderr
+    resumed, resumed_meta = load_state(tmp_path / "resume")
+    plain, plain_meta = load_state(tmp_path / "plain")
+    assert same_weights(resumed, plain)
+    records = [{k: v for k, v in r.items() if k != "time"} for r in resumed_meta["history"]["records"]]
+    assert records == [{k: v for k, v in r.items() if k != "time"} for r in plain_meta["history"]["records"]]
+    assert resumed_meta["history"]["stop_reason"] == plain_meta["history"]["stop_reason"]
+    assert resumed_meta["history"]["best_epoch"] == plain_meta["history"]["best_epoch"]
+    assert len(records) == 26
+
+
+# ------------------------------------------------------------------------------------------------
+# interrupted in-process (an exception from a callback), for every trainer
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(Callback):
+    def __init__(self, records: int) -> None:
+        self.records = records
+
+    def on_epoch_end(self, history, model):
+        if len(history) == self.records:
+            raise Interrupted
+
+
+@pytest.mark.parametrize("method, options", [("lm", {}), ("br", {}), ("br", {"max_fail": None}), ("gd", {}),
+                                             ("momentum", {}), (torch.optim.Adam, {"lr": 0.01})])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, method, options):
+    X, y = problem()
+    common = dict(method=method, epochs=12, min_grad=0.0, max_fail=1000, division="interleaved", seed=3,
+                  progress=False)
+    common.update(options)
+    plain = network()
+    expected = fit(plain, X, y, **common)
+
+    model = network()
+    with pytest.raises(Interrupted):
+        fit(model, X, y, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(8)], **common)
+    assert load_state(latest_checkpoint(tmp_path))[1]["epoch"] == 6
+    resumed_model = network()
+    resumed = fit(resumed_model, X, y, checkpoint=tmp_path, checkpoint_every=2, **common)
+    assert same_weights(resumed_model.state_dict(), plain.state_dict())
+    assert without_time(resumed) == without_time(expected)
+    assert resumed.stop_reason == expected.stop_reason and resumed.best_epoch == expected.best_epoch
+    times = resumed["time"]
+    assert all(b >= a for a, b in zip(times, times[1:]))
+
+
+def test_validation_stop_and_best_weights_survive_a_resume(tmp_path):
+    X, y = problem()
+    common = dict(epochs=200, division="random", seed=1, progress=False, max_fail=3)
+    plain = network(8)
+    expected = fit(plain, X, y, **common)
+    assert expected.stop_reason == "Validation stop."
+    stop = len(expected) - 2  # interrupt while failures are counting
+    with pytest.raises(Interrupted):
+        fit(network(8), X, y, checkpoint=tmp_path, checkpoint_every=1, callbacks=[InterruptAt(stop)], **common)
+    model = network(8)
+    resumed = fit(model, X, y, checkpoint=tmp_path, **common)
+    assert same_weights(model.state_dict(), plain.state_dict())
+    assert without_time(resumed) == without_time(expected) and resumed.best_epoch == expected.best_epoch
+
+
+# ------------------------------------------------------------------------------------------------
+# files and refusals
+
+
+def test_folder_holds_one_checkpoint_and_a_pointer(tmp_path):
+    X, y = problem()
+    fit(network(), X, y, epochs=7, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["checkpoint-00000006.json", "checkpoint-00000006.safetensors", "latest.txt"]
+    _, meta = load_state(tmp_path / "checkpoint-00000006")
+    assert meta["epoch"] == 6 and len(meta["history"]["records"]) == 6
+
+
+def test_a_pair_left_half_written_is_ignored(tmp_path):
+    X, y = problem()
+    fit(network(), X, y, epochs=4, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    # A kill between the two renames of the next checkpoint: the pointer still names epoch 4.
+    (tmp_path / "checkpoint-00000006.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000004.safetensors"
+    model = network()
+    history = fit(model, X, y, epochs=6, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    assert len(history) == 7 and latest_checkpoint(tmp_path).name == "checkpoint-00000006.safetensors"
+
+
+def test_resume_false_starts_over(tmp_path):
+    X, y = problem()
+    fit(network(), X, y, epochs=4, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    model = network()
+    history = fit(model, X, y, epochs=2, checkpoint=tmp_path, resume=False, checkpoint_every=1, progress=False)
+    assert history["epoch"] == [0, 1, 2]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000002.safetensors"
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    X, y = problem()
+    common = dict(min_grad=0.0, progress=False)
+    fit(network(), X, y, epochs=4, checkpoint=tmp_path, checkpoint_every=2, **common)
+    longer = network()
+    history = fit(longer, X, y, epochs=8, checkpoint=tmp_path, checkpoint_every=2, **common)
+    plain = network()
+    fit(plain, X, y, epochs=8, **common)
+    assert len(history) == 9 and same_weights(longer.state_dict(), plain.state_dict())
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    X, y = problem()
+    fit(network(6), X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=1, progress=False)
+    with pytest.raises(ValueError, match="belongs to a different run .*parameters.* resume=False"):
+        fit(network(5), X, y, epochs=2, checkpoint=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="belongs to a different run .*method 'lm' there, 'gd' here"):
+        fit(network(6), X, y, method="gd", epochs=2, checkpoint=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"checkpoint_every": 0}, ValueError, "Invalid checkpoint_every value: 0"),
+    ({"checkpoint_every": 2.5}, ValueError, "Invalid checkpoint_every value: 2.5"),
+    ({"resume": "yes"}, TypeError, "resume must be True or False"),
+])
+def test_bad_checkpoint_options(tmp_path, options, error, message):
+    X, y = problem()
+    with pytest.raises(error, match=message):
+        fit(network(), X, y, epochs=1, checkpoint=tmp_path, **options)
+
+
+def test_checkpoint_path_that_is_a_file(tmp_path):
+    file = tmp_path / "f"
+    file.write_text("")
+    with pytest.raises(ValueError, match="is a file; pass a folder"):
+        Checkpointer(file)
