@@ -1,0 +1,533 @@
+"""Data-parallel Levenberg-Marquardt: every rank holds a shard of the samples.
+
+The LM loop (:func:`marquardt.solver.lm_step`) never sees a process rank. It sees a
+:class:`ReducedProblem`, which linearises the local shard exactly as on one machine (Jacobian
+rows in chunks, folded into ``J^T J``) and then sums ``J^T J``, ``J^T r`` and the cost over the
+ranks through a :class:`Reducer`. Every rank then holds the same system, computes the same step
+and takes the same accept/reject decision, so the weights stay identical without being sent
+again after the initial broadcast.
+
+The sums are exact re-associations of the one-machine sums: the rows of ``J`` are split by
+sample, ``J^T J = sum_k J_k^T J_k``, ``J^T r = sum_k J_k^T r_k`` and the cost likewise. Only
+the residual-space solve (``m < n``) cannot be split this way (it factors ``J J^T``, whose
+blocks live on different ranks), so a reduced problem always uses the ``n x n`` normal form.
+
+:class:`Reducer` is the seam: :class:`LocalReducer` (one process, every operation the identity)
+and :class:`TorchDistributedReducer` (``all_reduce`` with ``SUM`` over :mod:`torch.distributed`:
+gloo on CPU, NCCL on GPU). Only this module imports :mod:`torch.distributed`.
+
+Faults: each collective of :class:`TorchDistributedReducer` is preceded by an ``all_reduce`` of
+one flag per rank. A rank that raises inside :func:`fail_together` joins that flag reduction
+with its flag set, so the ranks waiting in their next collective learn of the failure and raise
+:class:`DistributedError` naming the failed rank and its error, instead of waiting for it
+forever. A rank that dies without a word (killed, segfault) is caught by the process group
+itself: its peers' collectives fail when the connection drops, or after the process-group
+timeout (``initialize(timeout=...)``), and that failure is raised as :class:`DistributedError`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .linalg import NormalEquations
+from .solver import Linearization, Problem
+
+__all__ = [
+    "DistributedError",
+    "LocalReducer",
+    "ReducedProblem",
+    "Reducer",
+    "TorchDistributedReducer",
+    "average_gradients",
+    "fail_together",
+    "global_range",
+    "global_scale",
+    "initialize",
+    "make_reducer",
+    "shard_bounds",
+    "synchronize_module",
+]
+
+#: Default process-group timeout (seconds): how long a rank waits in a collective for a peer
+#: that neither arrives nor reports a failure before it gives up with DistributedError.
+DEFAULT_TIMEOUT = 300.0
+
+_MESSAGE_BYTES = 512
+
+
+class DistributedError(RuntimeError):
+    """Another rank failed, or a collective could not complete; every rank stops with it."""
+
+
+class Reducer(Protocol):
+    """Sums over the ranks of a data-parallel run (see the module docstring).
+
+    Every rank must call the same operations in the same order with tensors of the same shape.
+    ``bytes`` and ``calls`` count the collectives made (payload bytes sent per rank, flags
+    included), for measurements.
+    """
+
+    rank: int
+    world_size: int
+    bytes: int
+    calls: int
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The element-wise sum of ``tensor`` over the ranks (``tensor`` itself is not modified)."""
+
+    def sum_scalar(self, value: float) -> float:
+        """The sum of ``value`` over the ranks."""
+
+    def maximum(self, tensor: Tensor) -> Tensor:
+        """The element-wise maximum of ``tensor`` over the ranks."""
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """Rank 0's ``tensor``, on every rank."""
+
+    def signal_failure(self, error: BaseException) -> None:
+        """Tell the other ranks that this one failed with ``error`` (they raise DistributedError)."""
+
+    def check(self) -> None:
+        """Agree that no rank has failed; raises DistributedError if one has."""
+
+
+@dataclass
+class LocalReducer:
+    """The reducer of a single process: every sum is over one rank, the identity.
+
+    Examples
+    --------
+    >>> reducer = LocalReducer()
+    >>> reducer.sum_scalar(2.5), reducer.sum(torch.ones(2)).tolist(), reducer.world_size
+    (2.5, [1.0, 1.0], 1)
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    bytes: int = 0
+    calls: int = 0
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` itself."""
+        return tensor
+
+    def sum_scalar(self, value: float) -> float:
+        """``value`` itself."""
+        return value
+
+    def maximum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` itself."""
+        return tensor
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """``tensor`` itself."""
+        return tensor
+
+    def signal_failure(self, error: BaseException) -> None:
+        """Nothing to tell."""
+
+    def check(self) -> None:
+        """Nothing to check."""
+
+
+class TorchDistributedReducer:
+    """Sums over the ranks of an initialised :mod:`torch.distributed` process group.
+
+    Parameters
+    ----------
+    group : ProcessGroup, optional
+        The group to reduce over; default the whole world.
+
+    Notes
+    -----
+    Tensors are reduced on the backend's device (CPU for gloo, the current CUDA device for
+    NCCL) and returned on the device they came from. Every collective first reduces one
+    ``int32`` flag per rank (``4 * world_size`` bytes, latency-bound) so that a failure on one
+    rank stops all of them (see :func:`fail_together`). A collective that fails (a peer
+    exited, or the process-group timeout passed) raises :class:`DistributedError`; after that
+    the reducer refuses further collectives, since the group is no longer in step.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise DistributedError(
+                "torch.distributed is not initialized; call marquardt.distributed.initialize() "
+                "(or torch.distributed.init_process_group) in every process first, e.g. under "
+                "torchrun, or pass distributed=False to train on this process's data alone."
+            )
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.bytes = 0
+        self.calls = 0
+        self.broken = False
+
+    def __repr__(self) -> str:
+        return f"TorchDistributedReducer(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The element-wise sum over the ranks, on ``tensor``'s device."""
+        return self._reduce(tensor, self._dist.ReduceOp.SUM)
+
+    def sum_scalar(self, value: float) -> float:
+        """The sum of a Python number over the ranks (in float64)."""
+        return float(self.sum(torch.tensor([value], dtype=torch.float64))[0])
+
+    def maximum(self, tensor: Tensor) -> Tensor:
+        """The element-wise maximum over the ranks."""
+        return self._reduce(tensor, self._dist.ReduceOp.MAX)
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """Rank 0's ``tensor`` on every rank (a new tensor on ``tensor``'s device)."""
+        self.check()
+        buffer = tensor.detach().to(self.device, copy=True).contiguous()
+        self._collective(lambda: self._dist.broadcast(buffer, src=self._global_rank(0), group=self.group), buffer)
+        return buffer.to(tensor.device)
+
+    def check(self) -> None:
+        """Reduce the failure flags; raise DistributedError naming any rank that failed."""
+        self._exchange_flags(None)
+
+    def signal_failure(self, error: BaseException) -> None:
+        """Join the peers' next flag reduction with this rank's flag set, then mark the group broken."""
+        if self.broken:
+            return
+        try:
+            self._exchange_flags(error)
+        except DistributedError:
+            pass  # expected: the exchange reports this rank's own failure
+        finally:
+            self.broken = True
+
+    def _reduce(self, tensor: Tensor, op: Any) -> Tensor:
+        self.check()
+        buffer = tensor.detach().to(self.device, copy=True).contiguous()
+        self._collective(lambda: self._dist.all_reduce(buffer, op=op, group=self.group), buffer)
+        return buffer.to(tensor.device)
+
+    def _exchange_flags(self, error: BaseException | None) -> None:
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        if error is not None:
+            flags[self.rank] = 1
+        self._collective(lambda: self._dist.all_reduce(flags, group=self.group), flags)
+        failed = [int(r) for r in torch.nonzero(flags.cpu()).reshape(-1)]
+        if failed:
+            messages = self._exchange_messages(error)
+            self.broken = True
+            details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+            raise DistributedError(
+                f"Stopping rank {self.rank} of {self.world_size}: {len(failed)} rank(s) failed ({details})."
+            )
+
+    def _exchange_messages(self, error: BaseException | None) -> list[str]:
+        # Every rank knows a failure happened, so all of them join this one extra collective.
+        table = torch.zeros(self.world_size, _MESSAGE_BYTES, dtype=torch.uint8, device=self.device)
+        if error is not None:
+            text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES]
+            table[self.rank, : len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(self.device)
+        self._collective(lambda: self._dist.all_reduce(table, group=self.group), table)
+        rows = table.cpu().numpy()
+        return [bytes(row).rstrip(b"\0").decode("utf-8", "replace") for row in rows]
+
+    def _collective(self, run: Any, buffer: Tensor) -> None:
+        if self.broken:
+            raise DistributedError(
+                f"Rank {self.rank}: the process group is out of step after an earlier failure; "
+                "no further collectives are possible. Restart the run (from a checkpoint)."
+            )
+        try:
+            run()
+        except RuntimeError as error:
+            self.broken = True
+            raise DistributedError(
+                f"Rank {self.rank} of {self.world_size}: a collective failed ({error}). Another rank "
+                "probably exited, crashed or stopped reducing; the process-group timeout bounds the wait."
+            ) from error
+        self.calls += 1
+        self.bytes += buffer.numel() * buffer.element_size()
+
+    def _global_rank(self, group_rank: int) -> int:
+        if self.group is None:
+            return group_rank
+        return self._dist.get_global_rank(self.group, group_rank)
+
+
+def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> TorchDistributedReducer:
+    """Initialise :mod:`torch.distributed` from the environment (as ``torchrun`` sets it) and return a reducer.
+
+    Parameters
+    ----------
+    backend : {"gloo", "nccl"}, optional
+        Default NCCL when CUDA is available, else gloo. With NCCL each process uses the GPU
+        ``LOCAL_RANK``.
+    timeout : float
+        Seconds a collective may wait for a peer before failing (the process-group timeout).
+
+    Notes
+    -----
+    Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. An already initialised
+    process group is kept as it is.
+    """
+    import torch.distributed as dist
+
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"Invalid timeout value: {timeout!r}; expected a finite number of seconds > 0.")
+    if not dist.is_initialized():
+        missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise DistributedError(f"Cannot initialize torch.distributed: environment variables {missing} are not "
+                                   "set; start the processes with torchrun (torchrun --nproc-per-node=K ...).")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    return TorchDistributedReducer()
+
+
+def make_reducer(distributed: bool | None = None) -> Reducer:
+    """The reducer for ``fit(..., distributed=...)``.
+
+    ``None``: a :class:`TorchDistributedReducer` when :mod:`torch.distributed` is initialized,
+    else a :class:`LocalReducer`. ``True`` requires an initialized process group; ``False``
+    always trains on this process's data alone.
+
+    Examples
+    --------
+    >>> make_reducer(None).world_size
+    1
+    """
+    if distributed is None:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+    elif not isinstance(distributed, bool):
+        raise ValueError(f"Invalid distributed value: {distributed!r}; expected None, True or False.")
+    return TorchDistributedReducer() if distributed else LocalReducer()
+
+
+@contextmanager
+def fail_together(reducer: Reducer) -> Iterator[Reducer]:
+    """Run a block on every rank so that a failure on one rank stops all of them.
+
+    An exception on this rank is signalled to the peers (who raise :class:`DistributedError`
+    from their next collective) and then re-raised here. When the block ends normally, the
+    ranks check once more that none failed, so no rank reports success for a run another
+    rank abandoned.
+
+    Examples
+    --------
+    >>> with fail_together(LocalReducer()):
+    ...     pass
+    """
+    try:
+        yield reducer
+    except DistributedError:
+        raise
+    except Exception as error:
+        reducer.signal_failure(error)
+        raise
+    reducer.check()
+
+
+# ---------------------------------------------------------------------------------------------
+# the reduced least-squares problem
+
+
+def _upper_blocks(n: int) -> list[tuple[int, int]]:
+    # Row blocks of the upper triangle: block [i, j) sends gram[i:j, i:]. With about 32
+    # blocks the lower-triangle entries sent along (inside the diagonal blocks) add ~3 %.
+    width = max(16, -(-n // 32))
+    return [(i, min(n, i + width)) for i in range(0, n, width)]
+
+
+def pack_upper(gram: Tensor) -> Tensor:
+    """The upper triangle of the symmetric ``gram`` (in row blocks) as one flat tensor.
+
+    Examples
+    --------
+    >>> g = torch.arange(9.0).reshape(3, 3); g = g + g.T
+    >>> torch.equal(unpack_upper(pack_upper(g), 3), g)
+    True
+    """
+    n = gram.shape[0]
+    return torch.cat([gram[i:j, i:].reshape(-1) for i, j in _upper_blocks(n)])
+
+
+def unpack_upper(packed: Tensor, n: int) -> Tensor:
+    """The symmetric ``n x n`` matrix whose upper triangle :func:`pack_upper` packed."""
+    gram = packed.new_zeros(n, n)
+    offset = 0
+    for i, j in _upper_blocks(n):
+        size = (j - i) * (n - i)
+        gram[i:j, i:] = packed[offset : offset + size].view(j - i, n - i)
+        offset += size
+    return torch.triu(gram) + torch.triu(gram, 1).T
+
+
+def _gram(system: Any) -> Tensor:
+    gram = getattr(system, "gram", None)
+    if gram is not None:
+        return gram
+    # A residual-space system holds its rows; their Gram matrix is the normal form.
+    return system.jac.T @ system.jac
+
+
+def payload_bytes(n_params: int, itemsize: int) -> int:
+    """Bytes one rank sends to reduce a linearization: upper ``J^T J``, ``J^T r`` and the cost.
+
+    Examples
+    --------
+    >>> payload_bytes(100, 8) > 8 * 100 * 101 // 2
+    True
+    """
+    blocks = sum((j - i) * (n_params - i) for i, j in _upper_blocks(n_params))
+    return (blocks + n_params + 1) * itemsize
+
+
+@dataclass
+class ReducedProblem:
+    """The sum over the ranks of each rank's local problem (its shard of the samples).
+
+    Parameters
+    ----------
+    problem : Problem
+        This rank's problem (e.g. a :class:`~marquardt.network.ModuleProblem` on its shard).
+    reducer : Reducer
+        Sums over the ranks.
+
+    Notes
+    -----
+    With the rows of ``J`` and ``r`` split by sample over ranks ``k``:
+
+    ``J^T J = sum_k J_k^T J_k``, ``J^T r = sum_k J_k^T r_k``, ``cost = sum_k cost_k``.
+
+    :meth:`linearize` sends the upper triangle of ``J^T J`` (about ``n^2 / 2`` numbers), ``J^T r``
+    and the cost in one reduction; :meth:`cost` sends one number. The result is a
+    :class:`~marquardt.linalg.NormalEquations` system without rows, so a solve that Cholesky
+    refuses falls back to the eigen-decomposition of the damped ``J^T J``.
+
+    Examples
+    --------
+    >>> from marquardt.solver import FunctionProblem
+    >>> local = FunctionProblem(lambda x: x - 1.0, None, 2)
+    >>> problem = ReducedProblem(local, LocalReducer())
+    >>> lin = problem.linearize(torch.zeros(2, dtype=torch.float64))
+    >>> lin.cost, lin.grad.tolist(), lin.system.name
+    (1.0, [-1.0, -1.0], 'cholesky')
+    """
+
+    problem: Problem
+    reducer: Reducer = field(default_factory=LocalReducer)
+
+    def cost(self, x: Tensor) -> float:
+        """The total cost over the ranks (``inf`` when it is not finite on any rank)."""
+        value = self.reducer.sum_scalar(self.problem.cost(x))
+        return value if math.isfinite(value) else math.inf
+
+    def linearize(self, x: Tensor) -> Linearization:
+        """The summed normal equations, gradient and cost at ``x``."""
+        lin = self.problem.linearize(x)
+        if self.reducer.world_size == 1:
+            return lin
+        n = lin.grad.numel()
+        gram = _gram(lin.system)
+        cost = torch.tensor([lin.cost], dtype=gram.dtype, device=gram.device)
+        total = self.reducer.sum(torch.cat([pack_upper(gram), lin.grad, cost]))
+        split = total.numel() - n - 1
+        return Linearization(float(total[-1]), total[split:-1].clone(), NormalEquations(unpack_upper(total[:split], n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces of a sharded training run
+
+
+def shard_bounds(n_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous block of samples ``[start, stop)`` that ``rank`` holds.
+
+    Blocks differ in size by at most one sample and cover ``range(n_samples)`` in rank order.
+
+    Examples
+    --------
+    >>> [shard_bounds(10, r, 3) for r in range(3)]
+    [(0, 3), (3, 6), (6, 10)]
+    """
+    if not (0 <= rank < world_size):
+        raise ValueError(f"Invalid rank {rank!r} for world_size {world_size!r}; expected 0 <= rank < world_size.")
+    if n_samples < world_size:
+        raise ValueError(f"Cannot shard {n_samples} samples over {world_size} ranks; every rank needs at least one.")
+    return rank * n_samples // world_size, (rank + 1) * n_samples // world_size
+
+
+def synchronize_module(model: nn.Module, reducer: Reducer) -> None:
+    """Copy rank 0's parameters and buffers into ``model`` on every rank (in place, once)."""
+    if reducer.world_size == 1:
+        return
+    with torch.no_grad():
+        for tensor in _state_tensors(model):
+            tensor.copy_(reducer.broadcast(tensor))
+
+
+def _state_tensors(model: nn.Module) -> Iterable[Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def global_scale(local_scale: float, reducer: Reducer) -> float:
+    """The performance scale of the whole data set from one shard's (``c / count`` for every loss).
+
+    ``perf = scale * cost`` with ``scale = c / count`` (``count`` elements or samples), so the
+    counts, ``c / scale``, add over the ranks.
+
+    Examples
+    --------
+    >>> global_scale(2.0 / 10, LocalReducer())
+    0.2
+    """
+    if reducer.world_size == 1:
+        return local_scale
+    return 1.0 / reducer.sum_scalar(1.0 / local_scale)
+
+
+def average_gradients(parameters: Iterable[Tensor], reducer: Reducer, weight: float) -> None:
+    """Replace each ``.grad`` by ``sum_k weight_k * grad_k`` over the ranks, in one reduction.
+
+    With ``weight`` this rank's share of the samples (``count_k / count``), the gradients of
+    per-rank mean losses become the gradient of the mean loss over all samples.
+    """
+    if reducer.world_size == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    total = reducer.sum(torch.cat([g.reshape(-1) for g in grads]) * weight)
+    offset = 0
+    for g in grads:
+        g.copy_(total[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def global_range(data: Tensor, reducer: Reducer) -> Tensor:
+    """Rows ``[min, max]`` over the samples of all ranks, feature by feature (shape ``(2, ...)``).
+
+    Examples
+    --------
+    >>> global_range(torch.tensor([[1.0, 5.0], [3.0, -2.0]]), LocalReducer()).tolist()
+    [[1.0, -2.0], [3.0, 5.0]]
+    """
+    extremes = torch.stack([-data.amin(dim=0), data.amax(dim=0)])
+    extremes = reducer.maximum(extremes)
+    return torch.stack([-extremes[0], extremes[1]])
