@@ -44,8 +44,10 @@ from .solver import Linearization, Problem
 __all__ = [
     "DistributedError",
     "LocalReducer",
+    "ReducedMatrixFree",
     "ReducedProblem",
     "Reducer",
+    "ShardedCheckpoint",
     "TorchDistributedReducer",
     "average_gradients",
     "fail_together",
@@ -53,7 +55,10 @@ __all__ = [
     "global_scale",
     "initialize",
     "make_reducer",
+    "require_same",
     "shard_bounds",
+    "slowest",
+    "sum_values",
     "synchronize_module",
 ]
 
@@ -420,6 +425,11 @@ class ReducedProblem:
     :class:`~marquardt.linalg.NormalEquations` system without rows, so a solve that Cholesky
     refuses falls back to the eigen-decomposition of the damped ``J^T J``.
 
+    When the local system is matrix-free (:mod:`marquardt.matfree`: ``J^T J`` is never formed),
+    only ``J^T r`` and the cost are reduced here, and the system becomes a
+    :class:`ReducedMatrixFree`: each conjugate-gradient product ``J^T J v = sum_k J_k^T (J_k v)``
+    reduces one ``n``-vector.
+
     Examples
     --------
     >>> from marquardt.solver import FunctionProblem
@@ -439,16 +449,90 @@ class ReducedProblem:
         return value if math.isfinite(value) else math.inf
 
     def linearize(self, x: Tensor) -> Linearization:
-        """The summed normal equations, gradient and cost at ``x``."""
+        """The summed normal equations (or matrix-free operator), gradient and cost at ``x``."""
         lin = self.problem.linearize(x)
         if self.reducer.world_size == 1:
             return lin
+        if _is_matrix_free(lin.system):
+            total = self.reducer.sum(torch.cat([lin.grad, lin.grad.new_tensor([lin.cost])]))
+            return Linearization(float(total[-1]), total[:-1].clone(), ReducedMatrixFree(lin.system, self.reducer))
         n = lin.grad.numel()
         gram = _gram(lin.system)
         cost = torch.tensor([lin.cost], dtype=gram.dtype, device=gram.device)
         total = self.reducer.sum(torch.cat([pack_upper(gram), lin.grad, cost]))
         split = total.numel() - n - 1
         return Linearization(float(total[-1]), total[split:-1].clone(), NormalEquations(unpack_upper(total[:split], n)))
+
+
+def _is_matrix_free(system: Any) -> bool:
+    return callable(getattr(system, "jvp", None)) and callable(getattr(system, "vjp", None))
+
+
+class ReducedMatrixFree:
+    """A matrix-free system (:class:`marquardt.matfree.MatrixFreeEquations`) summed over the ranks.
+
+    Parameters
+    ----------
+    local : MatrixFreeEquations
+        This rank's system: ``jvp`` and ``vjp`` of its shard's Jacobian ``J_k``.
+    reducer : Reducer
+        Sums over the ranks.
+
+    Notes
+    -----
+    The solve is conjugate gradients on ``(sum_k J_k^T J_k + damping D) h = -g``: every
+    product ``J_k^T (J_k v)`` is computed locally and its ``n``-vector reduced, so a solve of
+    ``i`` iterations sends ``i`` vectors of ``n`` numbers instead of one ``n x n`` matrix. The
+    diagonal is reduced once. Every rank runs the same iterations on the same reduced vectors,
+    so all take the same number of iterations and reach the same step.
+    """
+
+    def __init__(self, local: Any, reducer: Reducer) -> None:
+        from .matfree import MatrixFreeEquations
+
+        self.reducer = reducer
+        self.name = local.name
+        self._local = local
+        self._system = MatrixFreeEquations(
+            local.jvp, lambda u: reducer.sum(local.vjp(u)), lambda: reducer.sum(local.diagonal()),
+            initial=local.initial, rtol=local.rtol, max_iter=local.max_iter, precondition=local.precondition,
+        )
+        self._solution: Tensor | None = None
+
+    @property
+    def path(self) -> str:
+        """The solver path last taken (``"cg"``)."""
+        return self._system.path
+
+    @property
+    def iterations(self) -> int:
+        """CG iterations of the last solve (each one reduction of ``n`` numbers)."""
+        return self._system.iterations
+
+    @property
+    def reason(self) -> str:
+        """Why the last CG solve stopped."""
+        return self._system.reason
+
+    def diagonal(self) -> Tensor:
+        """``diag(J^T J)`` summed over the ranks."""
+        return self._system.diagonal()
+
+    def gram_product(self, vector: Tensor) -> Tensor:
+        """``J^T J v`` summed over the ranks."""
+        return self._system.gram_product(vector)
+
+    def solve(self, grad: Tensor, damping: float, scale: Tensor, residuals: Tensor | None = None) -> Tensor:
+        """The inexact damped step by CG on the summed operator."""
+        self._solution = self._system.solve(grad, damping, scale)
+        return self._solution
+
+    def curvature(self, step: Tensor) -> Tensor:
+        """``h^T J^T J h``: free for the step just solved (CG keeps ``A h``), else one reduction."""
+        if self._solution is not None and torch.equal(step, self._solution):
+            return self._system.curvature(step)
+        local = self._local.jvp(step)
+        return self.reducer.sum((local @ local).reshape(1))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,6 +602,80 @@ def average_gradients(parameters: Iterable[Tensor], reducer: Reducer, weight: fl
     for g in grads:
         g.copy_(total[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def slowest(seconds: float, reducer: Reducer) -> float:
+    """The largest ``seconds`` over the ranks, so that a time limit stops every rank at the same epoch."""
+    if reducer.world_size == 1:
+        return seconds
+    return float(reducer.maximum(torch.tensor([seconds], dtype=torch.float64))[0])
+
+
+def sum_values(values: Iterable[float], reducer: Reducer) -> list[float]:
+    """Several numbers summed over the ranks in one reduction (float64).
+
+    Examples
+    --------
+    >>> sum_values([1.0, 2.5], LocalReducer())
+    [1.0, 2.5]
+    """
+    values = [float(v) for v in values]
+    if reducer.world_size == 1:
+        return values
+    return reducer.sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def require_same(flags: dict[str, bool], reducer: Reducer) -> None:
+    """Raise ValueError on every rank unless all ranks hold the same ``flags`` (one reduction).
+
+    Examples
+    --------
+    >>> require_same({"validation data": True}, LocalReducer())
+    """
+    if reducer.world_size == 1:
+        return
+    totals = sum_values(flags.values(), reducer)
+    mixed = [name for name, total in zip(flags, totals) if 0 < total < reducer.world_size]
+    if mixed:
+        counts = ", ".join(f"{name} on {int(total)} of {reducer.world_size} ranks"
+                           for name, total in zip(flags, totals) if name in mixed)
+        raise ValueError(f"Ranks disagree: {counts}. Every rank must hold a shard of each data set: give every "
+                         "rank validation_data, or enough samples that division leaves some in each set.")
+
+
+@dataclass
+class ShardedCheckpoint:
+    """A :class:`marquardt.checkpoint.Checkpointer` for a sharded run: rank 0 writes, every rank reads.
+
+    Everything a checkpoint holds (weights, damping, History, best weights) is the same on every
+    rank, and its record of the run counts the training samples of all ranks, so a run resumes
+    on any number of ranks (each with its shard of the same training set), or on one process.
+    The checkpoint folder must be visible to every rank (a shared file system).
+    """
+
+    inner: Any
+    reducer: Reducer
+    training_samples: int
+
+    def restore(self, loop: Any, best: Any) -> tuple[int, int, float]:
+        """Every rank loads the newest checkpoint."""
+        return self.inner.restore(_WholeRun(loop, self.training_samples), best)
+
+    def epoch_done(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> None:
+        """Rank 0 writes; the others carry on."""
+        if self.reducer.rank == 0:
+            self.inner.epoch_done(_WholeRun(loop, self.training_samples), epoch, best, val_fail, elapsed)
+
+
+class _WholeRun:
+    """The epoch loop as a checkpoint sees it: the training set is all ranks' samples."""
+
+    def __init__(self, loop: Any, training_samples: int) -> None:
+        self._loop = loop
+        self.train = range(training_samples)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
 
 
 def global_range(data: Tensor, reducer: Reducer) -> Tensor:

@@ -31,6 +31,9 @@ from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_stat
 from .checkpoint import NO_CHECKPOINT, Checkpointer
 from .chunked import DEFAULT_JACOBIAN_BYTES
 from .damping import DampingState, MarquardtDamping
+from .distributed import (LocalReducer, ReducedProblem, Reducer, ShardedCheckpoint, average_gradients, fail_together,
+                          global_range, global_scale, make_reducer, require_same, slowest, sum_values,
+                          synchronize_module)
 from .division import DIVISIONS, check_split, divide
 from .history import History
 from .losses import Loss, SquaredError, make_loss
@@ -146,11 +149,13 @@ def mse(model: nn.Module, data: Split | None, chunk: int = 65536) -> float:
     return evaluate(model, data, SquaredError(), chunk)[0]
 
 
-def evaluate(model: nn.Module, data: Split | None, loss: Loss, chunk: int = 65536) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: Split | None, loss: Loss, chunk: int = 65536, *,
+             reducer: Reducer | None = None) -> tuple[float, float]:
     """``(performance, accuracy)`` of ``model`` on ``data``; NaN for what does not apply.
 
     Performance is the loss's mean (mean squared error, mean cross-entropy); accuracy is the
-    fraction of correct predictions for classification losses.
+    fraction of correct predictions for classification losses. With a ``reducer`` of several
+    ranks, both are over the samples of all ranks (every rank holding a shard of ``data``).
     """
     if data is None:
         return math.nan, math.nan
@@ -160,6 +165,11 @@ def evaluate(model: nn.Module, data: Split | None, loss: Loss, chunk: int = 6553
             outputs, targets = model(data.X[start : start + chunk]), data.y[start : start + chunk]
             cost += float(loss.cost(outputs, targets))
             correct += float(loss.correct(outputs, targets))
+    if reducer is not None and reducer.world_size > 1:
+        # perf_scale is c / count for every loss: the counts c / perf_scale add over the ranks.
+        cost, correct, count, predictions = sum_values(
+            (cost, correct, 1.0 / loss.perf_scale(data.y), loss.predictions(data.y)), reducer)
+        return cost / count, correct / predictions
     return cost * loss.perf_scale(data.y), correct / loss.predictions(data.y)
 
 
@@ -167,9 +177,11 @@ def evaluate(model: nn.Module, data: Split | None, loss: Loss, chunk: int = 6553
 # training units
 
 
-def _set_normalization(model: nn.Module, data: Split, loss: Loss) -> None:
-    """MATLAB's ``configure``: an MLP with unset ``mapminmax`` ranges takes them from the data."""
+def _set_normalization(model: nn.Module, data: Split, loss: Loss, reducer: Reducer) -> None:
+    """MATLAB's ``configure``: an MLP with unset ``mapminmax`` ranges takes them from the data (of all ranks)."""
     if isinstance(model, MLP) and model.normalize and not model.normalization_set:
+        if reducer.world_size > 1:
+            data = Split(global_range(data.X, reducer), data.y if loss.classification else global_range(data.y, reducer))
         # Classifier outputs are logits: their map stays the identity.
         model.set_normalization(data.X, None if loss.classification else data.y)
 
@@ -211,6 +223,7 @@ class LMTrainer:
     loss: Loss = field(default_factory=SquaredError)
     batches: list[tuple[Tensor, Tensor]] | None = None
     bayesian: bool = False
+    reducer: Reducer = field(default_factory=LocalReducer)
     state: DampingState = field(init=False)
     solver: str = field(default="", init=False)
 
@@ -218,14 +231,18 @@ class LMTrainer:
         o = self.options
         self.rule = MarquardtDamping(o["mu"], o["mu_dec"], o["mu_inc"], o["mu_max"])
         self.state = self.rule.init(1.0)
+        # Over the samples of all ranks (the data itself when training alone).
+        self.perf_scale = global_scale(self.loss.perf_scale(self.data.y), self.reducer)
+        self.n_errors = int(sum_values([self.data.y.numel()], self.reducer)[0])
         self.problem = self._problem(self.data.X, self.data.y)
         self.x = flatten_parameters(self.model)
         self.lin = None
         self.regularization: BayesianState | None = None
         self.accepted = False
 
-    def _problem(self, X: Tensor, y: Tensor) -> ModuleProblem:
-        return ModuleProblem(self.model, X, y, self.options["max_jacobian_bytes"], self.loss)
+    def _problem(self, X: Tensor, y: Tensor) -> ModuleProblem | ReducedProblem:
+        problem = ModuleProblem(self.model, X, y, self.options["max_jacobian_bytes"], self.loss)
+        return ReducedProblem(problem, self.reducer) if self.reducer.world_size > 1 else problem
 
     @property
     def damping(self) -> float:
@@ -246,10 +263,10 @@ class LMTrainer:
         self.lin = self.problem.linearize(self.x)
         if self.bayesian:
             self._estimate_regularization()
-        return self.loss.perf_scale(self.data.y) * float(torch.linalg.vector_norm(self.lin.grad))
+        return self.perf_scale * float(torch.linalg.vector_norm(self.lin.grad))
 
     def _estimate_regularization(self) -> None:
-        sse, ssw, n_errors = 2.0 * self.lin.cost, float(self.x @ self.x), self.data.y.numel()
+        sse, ssw, n_errors = 2.0 * self.lin.cost, float(self.x @ self.x), self.n_errors
         if self.regularization is None:
             self.regularization = initial_state(self.x.numel(), n_errors, sse, ssw)
         elif self.accepted:
@@ -299,13 +316,19 @@ class FirstOrderTrainer:
     batches: list[tuple[Tensor, Tensor]] | None = None
     solver: str = "backprop"
     exhausted: bool = False
+    reducer: Reducer = field(default_factory=LocalReducer)
+
+    def __post_init__(self) -> None:
+        # This rank's share of the samples: the weight of its mean-loss gradient in the global one.
+        local = self.loss.perf_scale(self.data.y)
+        self.share = global_scale(local, self.reducer) / local
 
     @property
     def damping(self) -> float:
         return math.nan
 
     def evaluate(self) -> float:
-        return _gradient_norm(self.model, self.data, self.loss)
+        return _gradient_norm(self.model, self.data, self.loss, self.reducer, self.share)
 
     def extras(self) -> dict[str, float]:
         return {}
@@ -314,16 +337,20 @@ class FirstOrderTrainer:
         for X_b, y_b in self.batches or [(self.data.X, self.data.y)]:
             self.optimizer.zero_grad()
             self.loss.criterion(self.model(X_b), y_b).backward()
+            average_gradients(self.model.parameters(), self.reducer, self.share)
             self.optimizer.step()
 
     def sync_from_model(self) -> None:
         pass
 
 
-def _gradient_norm(model: nn.Module, data: Split, loss: Loss) -> float:
+def _gradient_norm(model: nn.Module, data: Split, loss: Loss, reducer: Reducer | None = None,
+                   share: float = 1.0) -> float:
     model.zero_grad()
     with torch.enable_grad():
         loss.criterion(model(data.X), data.y).backward()
+    if reducer is not None:
+        average_gradients(model.parameters(), reducer, share)
     norms = [p.grad.detach().reshape(-1) for p in model.parameters() if p.grad is not None]
     model.zero_grad()
     return float(torch.linalg.vector_norm(torch.cat(norms))) if norms else 0.0
@@ -350,11 +377,11 @@ def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _make_trainer(kind: str, spec: Any, module: nn.Module, data: Split, loss: Loss,
-                  batches) -> LMTrainer | FirstOrderTrainer:
+                  batches, reducer: Reducer) -> LMTrainer | FirstOrderTrainer:
     if kind in _DAMPED:
-        return LMTrainer(module, data, spec, loss, batches, bayesian=kind == "br")
+        return LMTrainer(module, data, spec, loss, batches, bayesian=kind == "br", reducer=reducer)
     cls, options = spec
-    return FirstOrderTrainer(module, data, cls(module.parameters(), **options), loss, batches)
+    return FirstOrderTrainer(module, data, cls(module.parameters(), **options), loss, batches, reducer=reducer)
 
 
 def _make_batches(data: Split, batch_size: int | None, generator: torch.Generator) -> list[tuple[Tensor, Tensor]] | None:
@@ -453,6 +480,7 @@ def fit(
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = True,
     checkpoint_every: int = 10,
+    distributed: bool | None = None,
     **method_options: Any,
 ) -> History:
     """Train ``model`` on ``(X, y)`` and return the training record.
@@ -498,6 +526,16 @@ def fit(
         damping or optimizer state, History, best weights, random states). With ``resume=True``
         an existing checkpoint there is continued: with the same arguments the run ends with
         the weights of an uninterrupted one (:mod:`marquardt.checkpoint`).
+    distributed : bool, optional
+        Data-parallel training over :mod:`torch.distributed` (:mod:`marquardt.distributed`);
+        by default whenever a process group is initialized. Each rank passes *its own shard*
+        of the samples as ``X, y`` (and of ``validation_data``; ``division`` divides each
+        shard). ``J^T J``, ``J^T e``, costs and performances (gradients for first-order
+        methods) are summed over the ranks, so every rank takes the same steps as one process
+        training on all the samples. Rank 0's initial weights are sent to all ranks. Not with
+        ``batch_size``. Rank 0 alone writes checkpoints (to a folder every rank can read; a run
+        resumes on any number of ranks) and shows progress; callbacks run on every rank and
+        see the same History. An error on one rank stops every rank.
     **method_options
         For ``"lm"``: ``mu=1e-3``, ``mu_dec=0.1``, ``mu_inc=10``, ``mu_max=1e10``,
         ``max_jacobian_bytes`` (Jacobian rows held at once); for ``"br"`` the same with
@@ -569,24 +607,34 @@ def fit(
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
     checkpointer = NO_CHECKPOINT if checkpoint is None else Checkpointer(checkpoint, checkpoint_every, resume, generator)
-    data = _prepare(model, X, y, ("X", "y"), loss_fn)
-    _set_normalization(model, data, loss_fn)
-    train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
-    module, to_training_units = _training_view(model, loss_fn)
-    fitting = to_training_units(train)
-    trainer = _make_trainer(kind, spec, module, fitting, loss_fn, _make_batches(fitting, batch_size, generator))
-    validation_stops = val is not None and (kind != "br" or max_fail is not None)
-    history = History(kind)
-    loop = _Loop(model, trainer, train, val, test, history, callbacks, loss_fn,
-                 dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad,
-                      max_fail=(max_fail or _DEFAULT_MAX_FAIL) if validation_stops else math.inf),
-                 keep_last=kind == "br" and not validation_stops, checkpoint=checkpointer)
-    display = _progress_display(progress, epochs)
-    try:
-        loop.run(display)
-    finally:
-        if display is not None:
-            display.close()
+    reducer = make_reducer(distributed)
+    if reducer.world_size > 1 and batch_size is not None:
+        raise ValueError(f"Invalid batch_size for distributed training: {batch_size!r}; each step uses every "
+                         "rank's whole shard, so pass batch_size=None (or distributed=False).")
+    with fail_together(reducer):
+        data = _prepare(model, X, y, ("X", "y"), loss_fn)
+        synchronize_module(model, reducer)
+        _set_normalization(model, data, loss_fn, reducer)
+        train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
+        require_same({"validation data": val is not None, "test data": test is not None}, reducer)
+        if reducer.world_size > 1 and checkpoint is not None:
+            checkpointer = ShardedCheckpoint(checkpointer, reducer, int(sum_values([len(train)], reducer)[0]))
+        module, to_training_units = _training_view(model, loss_fn)
+        fitting = to_training_units(train)
+        trainer = _make_trainer(kind, spec, module, fitting, loss_fn, _make_batches(fitting, batch_size, generator),
+                                reducer)
+        validation_stops = val is not None and (kind != "br" or max_fail is not None)
+        history = History(kind)
+        loop = _Loop(model, trainer, train, val, test, history, callbacks, loss_fn,
+                     dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad,
+                          max_fail=(max_fail or _DEFAULT_MAX_FAIL) if validation_stops else math.inf),
+                     keep_last=kind == "br" and not validation_stops, checkpoint=checkpointer, reducer=reducer)
+        display = _progress_display(progress if reducer.rank == 0 else False, epochs)
+        try:
+            loop.run(display)
+        finally:
+            if display is not None:
+                display.close()
     return history
 
 
@@ -603,6 +651,7 @@ class _Loop:
     rules: dict[str, Any]
     keep_last: bool = False
     checkpoint: Any = NO_CHECKPOINT
+    reducer: Reducer = field(default_factory=LocalReducer)
 
     def run(self, display: Any) -> None:
         best = _Best()
@@ -612,7 +661,7 @@ class _Loop:
             callback.on_train_begin(self.history, self.model)
         while True:
             gradient = self.trainer.evaluate()
-            record = self._record(epoch, time.perf_counter() - start, gradient, val_fail)
+            record = self._record(epoch, slowest(time.perf_counter() - start, self.reducer), gradient, val_fail)
             val_fail = self._update_best(best, record, val_fail)
             record["val_fail"] = val_fail
             reason = _stop_reason(record, exhausted=self.trainer.exhausted, **self.rules)
@@ -629,7 +678,7 @@ class _Loop:
 
     def _record(self, epoch: int, elapsed: float, gradient: float, val_fail: int) -> dict[str, Any]:
         (perf, accuracy), (vperf, vaccuracy), (tperf, taccuracy) = (
-            evaluate(self.model, data, self.loss) for data in (self.train, self.val, self.test))
+            evaluate(self.model, data, self.loss, reducer=self.reducer) for data in (self.train, self.val, self.test))
         record = dict(epoch=epoch, time=elapsed, perf=perf, vperf=vperf, tperf=tperf, damping=self.trainer.damping,
                       gradient=gradient, val_fail=val_fail, solver=self.trainer.solver or None)
         if self.loss.classification:
