@@ -19,6 +19,15 @@ from marquardt.train import fit
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Small networks run faster on one BLAS thread (and share the machine fairly); digits keeps two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2) if "digits" in request.node.name else 1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def net(inputs=2, hidden=6, outputs=3, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, outputs)).to(dtype)

@@ -1,4 +1,4 @@
-"""Tests for marquardt.mlp: architecture, Nguyen-Widrow init, mapminmax normalisation."""
+"""Tests for marquardt.mlp: architecture, Nguyen-Widrow init, mapminmax normalisation, training units in fit."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from marquardt.io import load, save
 from marquardt.mlp import MLP, mlp, nguyen_widrow_
+from marquardt.train import fit
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -395,3 +397,85 @@ def test_bad_arguments(kwargs, error, match):
     args = {"n_inputs": 2, **kwargs}
     with pytest.raises(error, match=match):
         mlp(**args)
+
+
+def test_set_normalization_without_targets_leaves_outputs_unmapped():
+    model = mlp(3, (4,), 2, dtype=torch.float64)
+    X, y = _data(torch.float64)
+    model.set_normalization(X, None)
+    assert model.normalization_set
+    torch.testing.assert_close(model.normalize_targets(y), y)
+    torch.testing.assert_close(model(X), model.net(model.normalize_inputs(X)))
+
+
+# ------------------------------------------------------------------- training with fit
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks: one BLAS thread is faster, and fair to a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _wide_range_problem():
+    """A curve sampled on [0, 1] in 'unit' form and as inputs on [0, 1000], targets on [-1e4, 1e4]."""
+    u = torch.linspace(0, 1, 200, dtype=torch.float64)[:, None]
+    noise = 0.02 * torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    curve = torch.sin(2 * math.pi * u) * (1 - 0.5 * u) + noise
+    curve = 2 * (curve - curve.min()) / (curve.max() - curve.min()) - 1  # exactly [-1, 1]
+    return {"scaled": (2 * u - 1, curve), "raw": (1000 * u, 1e4 * curve)}
+
+
+def _normalized_mse(model, X, y):
+    half_range = float(y.max() - y.min()) / 2
+    with torch.no_grad():
+        return float(((model(X) - y) ** 2).mean()) / half_range**2
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fit_sets_normalization_and_trains_wide_ranges_as_well_as_scaled_data(tmp_path):
+    results = {}
+    for name, (X, y) in _wide_range_problem().items():
+        model = mlp(1, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        history = fit(model, X, y, epochs=100, seed=0)
+        assert model.normalization_set
+        assert (float(model.x_min), float(model.x_max)) == (float(X.min()), float(X.max()))
+        # History is in the original target units, the model's outputs are too.
+        assert history[history.best_epoch]["perf"] == pytest.approx(_normalized_mse(model, X, y) * float(y.max()) ** 2, rel=1e-9)
+        results[name] = (_normalized_mse(model, X, y), model, X)
+    raw, scaled = results["raw"][0], results["scaled"][0]
+    assert raw < 2e-3 and raw == pytest.approx(scaled, rel=1e-3)
+    model, X = results["raw"][1:]
+    save(model, tmp_path / "wide")
+    assert torch.equal(load(tmp_path / "wide")(X), model(X))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_without_normalization_wide_ranges_train_badly():
+    # The contrast that motivates mapminmax: the same network on raw units stalls.
+    X, y = _wide_range_problem()["raw"]
+    model = mlp(1, 10, normalize=False, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fit(model, X, y, epochs=100, seed=0)
+    assert _normalized_mse(model, X, y) > 0.1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fit_keeps_normalization_that_is_already_set():
+    X, y = _wide_range_problem()["raw"]
+    model = mlp(1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model.set_normalization(torch.tensor([[-5.0], [2000.0]], dtype=torch.float64), torch.tensor([-2e4, 3e4], dtype=torch.float64))
+    fit(model, X, y, epochs=3)
+    assert (float(model.x_min), float(model.x_max), float(model.y_min), float(model.y_max)) == (-5.0, 2000.0, -2e4, 3e4)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method, options", [("gd", {"lr": 0.05}), ("lm", {"batch_size": 50})])
+def test_other_trainers_also_work_in_normalized_units(method, options):
+    X, y = _wide_range_problem()["raw"]
+    model = mlp(1, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    history = fit(model, X, y, method=method, epochs=20, seed=0, **options)
+    assert all(math.isfinite(r["perf"]) for r in history.records)
+    assert history[history.best_epoch]["perf"] < history[0]["perf"]

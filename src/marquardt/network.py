@@ -85,13 +85,13 @@ class ModuleProblem:
         self.outputs_per_sample = max(1, self.y[0].numel()) if self.y.shape[0] else 1
         itemsize = self.y.element_size()
         self.plan = plan_assembly(self.y.numel(), self.n_params, itemsize, self.max_jacobian_bytes)
-        if not self.least_squares:
+        if not self.is_least_squares:
             # The residual-space solve needs residuals r with grad = J^T r; a loss gradient has none.
             self.plan = Plan("normal", self.plan.chunk_rows)
         self.buffers = dict(self.model.named_buffers())
 
     @property
-    def least_squares(self) -> bool:
+    def is_least_squares(self) -> bool:
         """Whether the loss is the squared error (residuals ``model(X) - y``)."""
         return isinstance(self.loss, SquaredError)
 
@@ -121,7 +121,7 @@ class ModuleProblem:
 
         For a cross-entropy loss: ``J^T H J``, ``J^T dl/dz`` and the cost.
         """
-        if not self.least_squares:
+        if not self.is_least_squares:
             terms = (self.loss.gauss_newton(jac, out, y) for jac, out, y in self._jacobian_outputs(x))
             system, grad, cost = accumulate_gauss_newton(terms, self.n_params, dtype=x.dtype, device=x.device)
             return Linearization(cost, grad, system)
