@@ -7,6 +7,8 @@ waits for them with a bounded join. Networks are tiny and runs short.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import socket
 import time
@@ -21,13 +23,13 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from marquardt import Callback, fit, mlp
 from marquardt.damping import MarquardtDamping
 from marquardt.distributed import (
     DistributedError,
     LocalReducer,
     ReducedProblem,
     average_gradients,
-    fail_together,
     global_range,
     global_scale,
     initialize,
@@ -79,6 +81,32 @@ def gd_run(model: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, reduc
         average_gradients(model.parameters(), reducer, weight)
         optimizer.step()
     return flatten_parameters(model)
+
+
+def validation_data() -> tuple[torch.Tensor, torch.Tensor]:
+    X, y = tiny_data(24)
+    return X.flip(0) * 0.9, y.flip(0)
+
+
+def fit_runs(shard: Callable, distributed: bool, checkpoint: str | None = None) -> dict[str, Any]:
+    """fit() by LM (with validation data), trainbr, momentum and a normalized MLP; weights and History."""
+    X, y = shard(*tiny_data())
+    Xv, yv = shard(*validation_data())
+    out: dict[str, Any] = {}
+    for name, options in {"lm": dict(method="lm", validation_data=(Xv, yv)), "br": dict(method="br"),
+                          "momentum": dict(method="momentum", lr=0.2)}.items():
+        model = tiny_net(seed=int(os.environ.get("RANK", "0")))  # fit sends rank 0's weights
+        history = fit(model, X, y, epochs=8, distributed=distributed, **options)
+        out[name] = flatten_parameters(model)
+        out[name + "_history"] = {k: history[k] for k in ("perf", "vperf", "gradient", "damping", "gamma")
+                                  if k in history.records[0]}
+    torch.manual_seed(int(os.environ.get("RANK", "0")))
+    model = mlp(2, 4, 1, dtype=torch.float64)
+    fit(model, X * 3 + 1, y * 5, epochs=6, distributed=distributed)
+    out["mlp"] = torch.cat([t.reshape(-1) for t in model.state_dict().values() if t.is_floating_point()])
+    if checkpoint is not None:
+        fit(tiny_net(), X, y, epochs=4, distributed=distributed, checkpoint=checkpoint, checkpoint_every=2)
+    return out
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,7 +193,7 @@ def _shard(reducer: Any, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t[start:stop] for t in tensors]
 
 
-def _agreement_body(reducer: Any) -> dict[str, Any]:
+def _agreement_body(folder: str, reducer: Any) -> dict[str, Any]:
     X, y = tiny_data()
     X_k, y_k = _shard(reducer, X, y)
     model = tiny_net(seed=reducer.rank)  # different on each rank until synchronised
@@ -185,33 +213,86 @@ def _agreement_body(reducer: Any) -> dict[str, Any]:
     weight = global_scale(local_scale, reducer) / local_scale  # this rank's share of the elements
     out["gd"] = gd_run(model, X_k, y_k, steps=10, reducer=reducer, weight=weight)
     out["range"] = global_range(X_k, reducer)
+    out["matrix_free"] = _matrix_free_run(reducer, X_k, y_k) if _has_matrix_free() else None
+    out.update({f"fit_{k}": v for k, v in fit_runs(functools.partial(_shard, reducer), True, folder).items()})
     return out
 
 
-def _raise_on_rank_1(reducer: Any) -> str:
-    X, y = tiny_data()
-    X_k, y_k = _shard(reducer, X, y)
-    model = tiny_net()
-    problem = ReducedProblem(ModuleProblem(model, X_k, y_k), reducer)
-    with fail_together(reducer):
-        x = flatten_parameters(model)
-        for step in range(50):
-            if reducer.rank == 1 and step == 2:
+def _has_matrix_free() -> bool:
+    try:
+        import marquardt.matfree  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cg_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+
+
+class MatrixFreeShard:
+    """A module problem whose linear system is matrix-free: ``J v`` and ``J^T u`` on its samples.
+
+    CG in floating point amplifies rounding from one iteration to the next, the more so the
+    worse ``J^T J`` is conditioned: on ``tiny_net`` (25 parameters, eigenvalues of ``J^T J`` down
+    to 1e-15) merely summing ``J^T u`` in two blocks *in one process* moves the weights after
+    8 inexact LM steps by 7e-2 (relative). The comparison therefore uses ``cg_net`` (9
+    parameters), where the same change moves them by 5e-9, so that what is measured is the
+    reduction, not CG's sensitivity.
+    """
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.inner = ModuleProblem(cg_net(), X, y)
+
+    def cost(self, x: torch.Tensor) -> float:
+        return self.inner.cost(x)
+
+    def linearize(self, x: torch.Tensor) -> Any:
+        from marquardt.matfree import MatrixFreeEquations
+        from marquardt.solver import Linearization
+
+        J, r = (torch.cat(parts) for parts in zip(*self.inner.jacobian_chunks(x)))
+        system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, lambda: (J * J).sum(0), rtol=1e-3)
+        return Linearization(0.5 * float(r @ r), J.T @ r, system)
+
+
+def _matrix_free_run(reducer: Any, X: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    problem = ReducedProblem(MatrixFreeShard(X, y), reducer)
+    x0 = flatten_parameters(cg_net())
+    lin = problem.linearize(x0)
+    before = reducer.bytes, reducer.calls
+    lin.system.solve(lin.grad, 1e-3, torch.ones_like(x0))
+    sent = reducer.bytes - before[0], reducer.calls - before[1]
+    return {"x": lm_run(problem, x0, steps=8), "iterations": lin.system.iterations, "bytes": sent[0],
+            "calls": sent[1]}
+
+
+class FailAt(Callback):
+    """Rank 1 fails after epoch 2: by raising, or by exiting without a word."""
+
+    def __init__(self, rank: int, how: str) -> None:
+        self.rank, self.how = rank, how
+
+    def on_epoch_end(self, history: Any, model: nn.Module) -> None:
+        if self.rank == 1 and len(history) == 3:
+            if self.how == "raise":
                 raise ValueError("boom on purpose")
-            x = lm_run(problem, x, steps=1)
+            os._exit(3)  # dies without a word: the peer must not wait forever
+
+
+def _fail_in_fit(how: str, reducer: Any) -> str:
+    X, y = _shard(reducer, *tiny_data())
+    fit(tiny_net(), X, y, epochs=50, callbacks=[FailAt(reducer.rank, how)])
     return "finished"
 
 
-def _exit_on_rank_1(reducer: Any) -> str:
-    X, y = tiny_data()
-    X_k, y_k = _shard(reducer, X, y)
-    problem = ReducedProblem(ModuleProblem(tiny_net(), X_k, y_k), reducer)
-    with fail_together(reducer):
-        x = flatten_parameters(tiny_net())
-        for step in range(50):
-            if reducer.rank == 1 and step == 2:
-                os._exit(3)  # dies without a word: the peer must not wait forever
-            x = lm_run(problem, x, steps=1)
+def _bad_shard_in_fit(reducer: Any) -> str:
+    X, y = _shard(reducer, *tiny_data())
+    if reducer.rank == 0:
+        y = y.clone()
+        y[3, 0] = math.nan
+    fit(tiny_net(), X, y, epochs=5)
     return "finished"
 
 
@@ -277,8 +358,9 @@ def test_initialize_outside_torchrun_says_how_to_start(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def agreement() -> dict[int, tuple[str, Any]]:
-    return launch(_agreement_body)
+def agreement(tmp_path_factory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("checkpoint")
+    return {"ranks": launch(functools.partial(_agreement_body, str(folder))), "folder": folder}
 
 
 def _reference() -> dict[str, Any]:
@@ -291,19 +373,32 @@ def _reference() -> dict[str, Any]:
     ref["lm"] = lm_run(problem, x0, steps=8)
     ref["gd"] = gd_run(model, X, y, steps=10, reducer=LocalReducer(), weight=1.0)
     ref["range"] = torch.stack([X.amin(0), X.amax(0)])
+    if _has_matrix_free():
+        ref["matrix_free"] = lm_run(MatrixFreeShard(X, y), flatten_parameters(cg_net()), steps=8)
+    ref.update({f"fit_{k}": v for k, v in fit_runs(lambda *t: list(t), False).items()})
     return ref
 
 
-def test_two_ranks_report_success(agreement):
-    assert sorted(agreement) == [0, 1], agreement
-    for outcome, value in agreement.values():
+@pytest.fixture(scope="module")
+def ranks(agreement) -> dict[int, tuple[str, Any]]:
+    return agreement["ranks"]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    return _reference()
+
+
+def test_two_ranks_report_success(ranks):
+    assert sorted(ranks) == [0, 1], ranks
+    for outcome, value in ranks.values():
         assert outcome == "ok", value
 
 
-def test_two_ranks_start_from_rank_0_weights_and_sum_the_normal_equations(agreement):
-    ref = _reference()
+def test_two_ranks_start_from_rank_0_weights_and_sum_the_normal_equations(ranks, reference):
+    ref = reference
     assert ref["form"] == "normal"
-    for _, out in agreement.values():
+    for _, out in ranks.values():
         assert out["local_form"] == "sample-space"  # converted to J^T J before the reduction
         assert torch.equal(out["x0"], ref["x0"])
         assert relative_difference(out["gram"], ref["gram"]) <= 1e-12
@@ -312,38 +407,96 @@ def test_two_ranks_start_from_rank_0_weights_and_sum_the_normal_equations(agreem
         assert torch.equal(out["range"], ref["range"])
 
 
-def test_two_ranks_lm_weights_equal_one_process_on_all_data(agreement):
-    ref = _reference()
+def test_two_ranks_lm_weights_equal_one_process_on_all_data(ranks, reference):
+    ref = reference
     assert relative_difference(ref["lm"], ref["x0"]) > 1e-2  # the run moved
-    for _, out in agreement.values():
+    for _, out in ranks.values():
         assert relative_difference(out["lm"], ref["lm"]) <= 1e-6
-    assert torch.equal(agreement[0][1]["lm"], agreement[1][1]["lm"])  # same decisions on every rank
+    assert torch.equal(ranks[0][1]["lm"], ranks[1][1]["lm"])  # same decisions on every rank
 
 
-def test_two_ranks_first_order_weights_equal_one_process_on_all_data(agreement):
-    ref = _reference()
-    for _, out in agreement.values():
+def test_two_ranks_first_order_weights_equal_one_process_on_all_data(ranks, reference):
+    ref = reference
+    for _, out in ranks.values():
         assert relative_difference(out["gd"], ref["gd"]) <= 1e-6
 
 
-def test_linearize_sends_the_upper_gram_gradient_and_cost_in_one_reduction(agreement):
+def test_linearize_sends_the_upper_gram_gradient_and_cost_in_one_reduction(ranks, reference):
     n = 25
-    out = agreement[0][1]
+    out = ranks[0][1]
     assert out["linearize_calls"] == 2  # failure flags, then the payload
     assert out["linearize_bytes"] == payload_bytes(n, 8) + 4 * WORLD
     assert payload_bytes(n, 8) < 8 * (n * n + n + 1)
 
 
+@pytest.mark.parametrize("method", ["lm", "br", "momentum"])
+def test_fit_on_two_ranks_equals_fit_on_all_data_in_one_process(ranks, reference, method):
+    assert relative_difference(reference[f"fit_{method}"], reference["x0"]) > 1e-2
+    for _, out in ranks.values():
+        assert relative_difference(out[f"fit_{method}"], reference[f"fit_{method}"]) <= 1e-6
+        for key, values in reference[f"fit_{method}_history"].items():
+            assert out[f"fit_{method}_history"][key] == pytest.approx(values, rel=1e-6, nan_ok=True), key
+
+
+def test_fit_on_two_ranks_reduces_validation_performance(ranks, reference):
+    vperf = reference["fit_lm_history"]["vperf"]
+    assert all(math.isfinite(v) for v in vperf)
+    assert ranks[0][1]["fit_lm_history"]["vperf"] == ranks[1][1]["fit_lm_history"]["vperf"]
+
+
+def test_normalized_mlp_takes_its_ranges_from_all_ranks(ranks, reference):
+    for _, out in ranks.values():
+        assert relative_difference(out["fit_mlp"], reference["fit_mlp"]) <= 1e-6
+
+
+def test_matrix_free_reduces_one_vector_per_cg_iteration(ranks, reference):
+    if reference.get("matrix_free") is None:
+        pytest.skip("marquardt.matfree is not available")
+    n = 9
+    for _, out in ranks.values():
+        mf = out["matrix_free"]
+        assert relative_difference(mf["x"], reference["matrix_free"]) <= 1e-6
+        assert mf["iterations"] >= 2
+        # Per product: failure flags (4 * WORLD bytes) and one n-vector; the diagonal once.
+        assert mf["calls"] == 2 * (mf["iterations"] + 1)
+        assert mf["bytes"] == (mf["iterations"] + 1) * (8 * n + 4 * WORLD)
+
+
+def test_checkpoint_written_by_two_ranks_resumes_in_one_process(agreement, reference):
+    folder = agreement["folder"]
+    assert (folder / "latest.txt").read_text().strip() == "checkpoint-00000004"
+    X, y = tiny_data()
+    resumed, straight = tiny_net(seed=5), tiny_net()
+    history = fit(resumed, X, y, epochs=7, checkpoint=folder, checkpoint_every=2, distributed=False)
+    fit(straight, X, y, epochs=7, distributed=False)
+    assert history["epoch"] == list(range(8))
+    assert relative_difference(flatten_parameters(resumed), flatten_parameters(straight)) <= 1e-6
+
+
+def test_fit_distributed_needs_a_process_group_and_a_bool():
+    X, y = tiny_data()
+    with pytest.raises(DistributedError, match="not initialized"):
+        fit(tiny_net(), X, y, epochs=1, distributed=True)
+    with pytest.raises(ValueError, match="Invalid distributed value"):
+        fit(tiny_net(), X, y, epochs=1, distributed="yes")
+
+
 def test_an_exception_on_one_rank_stops_every_rank_with_its_message():
-    results = launch(_raise_on_rank_1, timeout=60.0)
+    results = launch(functools.partial(_fail_in_fit, "raise"), timeout=60.0)
     assert sorted(results) == [0, 1], results
     assert results[1][0] == "ValueError" and "boom on purpose" in results[1][1]
     assert results[0][0] == "DistributedError"
     assert "rank 1: ValueError: boom on purpose" in results[0][1]
 
 
+def test_bad_data_on_one_rank_stops_every_rank_before_training():
+    results = launch(_bad_shard_in_fit, timeout=60.0)
+    assert results[0][0] == "ValueError" and "NaN" in results[0][1]
+    assert results[1][0] == "DistributedError" and "rank 0: ValueError: y contains NaN" in results[1][1]
+
+
 def test_a_rank_that_dies_ends_the_run_with_an_error_on_the_others():
-    results = launch(_exit_on_rank_1, timeout=20.0)
+    results = launch(functools.partial(_fail_in_fit, "exit"), timeout=20.0)
     assert 1 not in results  # exited without reporting
     assert results[0][0] == "DistributedError", results
     assert "collective failed" in results[0][1]
