@@ -64,16 +64,32 @@ def test_minimum_gradient_stop():
     assert history["gradient"][-1] <= 1e3
 
 
-def test_maximum_mu_stop_at_an_exact_minimum():
-    torch.manual_seed(0)
-    X = torch.rand(30, 1, dtype=torch.float64)
-    y = 2 * X + 1 + 0.1 * torch.randn(30, 1, dtype=torch.float64)
-    model = nn.Linear(1, 1).double()
-    history = fit(model, X, y, min_grad=0.0, epochs=1000)
+class Frozen(nn.Module):
+    """Finite only at its initial weight: every trial step is rejected, so damping must escalate."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+
+    def forward(self, x):
+        out = self.w * x
+        return torch.where(self.w == 0.5, out, torch.full_like(out, math.nan))
+
+
+def test_maximum_mu_stop_after_damping_escalates():
+    X = torch.linspace(0, 1, 10, dtype=torch.float64)[:, None]
+    model = Frozen()
+    history = fit(model, X, 2 * X, epochs=100)
     assert history.stop_reason == STOP_REASONS["mu"]
-    assert history["damping"][-1] >= 1e10
-    lstsq = torch.linalg.lstsq(torch.cat([X, torch.ones_like(X)], 1), y).solution.reshape(-1)
-    assert float(model.weight.detach()) == pytest.approx(float(lstsq[0]), rel=1e-9)
+    assert len(history) == 2  # epoch 0, then one epoch of rejected trials from 1e-3 past 1e10
+    assert history["damping"][-1] == pytest.approx(1e11)
+    assert float(model.w.detach()) == 0.5
+
+
+def test_maximum_mu_checked_before_the_first_step():
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, mu=1e10, mu_max=1e10)
+    assert history.stop_reason == STOP_REASONS["mu"] and len(history) == 1
 
 
 def test_validation_stop_restores_best_weights():
