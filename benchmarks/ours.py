@@ -96,28 +96,35 @@ def _fit(model, x, y, **options):
     return history, time.perf_counter() - start
 
 
-def step_times(case: str, seed: int, steps: int, warmup: int = 1, api: str = "fit") -> dict:
+def step_times(case: str, seed: int, steps: int, warmup: int = 1, api: str = "fit",
+               max_seconds: float | None = None) -> dict:
     """Wall time of each of ``steps`` LM steps after ``warmup`` untimed ones.
 
     ``api="fit"``: one ``fit`` run of ``warmup + steps`` epochs, per-epoch times from its
     History. ``api="optimizer"``: ``LevenbergMarquardt.step(closure)`` timed from outside.
+    ``max_seconds`` stops early (fewer steps timed) so a slow build cannot stall the suite.
     """
     if api not in APIS:
         raise ValueError(f"Invalid api: {api!r} (expected one of {APIS})")
     x, y = make_data(case)
     model = make_model(case, seed)
     if api == "fit":
-        history, _ = _fit(model, x, y, epochs=warmup + steps)
+        limit = {} if max_seconds is None else {"time_limit": max_seconds}
+        history, _ = _fit(model, x, y, epochs=warmup + steps, **limit)
         cum = elapsed(history)
-        times = [b - a for a, b in zip(cum, cum[1:])][warmup:]
+        times = [b - a for a, b in zip(cum, cum[1:])]
         extra = {"solvers": _solvers(history), "stop_reason": stop_reason(history)}
     else:
-        times = _optimizer_steps(model, x, y, warmup + steps)[warmup:]
+        times = _optimizer_steps(model, x, y, warmup + steps, max_seconds)
         extra = {"solvers": {}, "stop_reason": None}
-    return {"times": times, "mse": mse(model, x, y), "api": api, **extra}
+    # Stopped by max_seconds within the warm-up: better a warm-up step than no number at all.
+    warmup_included = len(times) <= warmup
+    times = times if warmup_included else times[warmup:]
+    return {"times": times, "mse": mse(model, x, y), "api": api,
+            "warmup_included": warmup_included, **extra}
 
 
-def _optimizer_steps(model, x, y, n: int) -> list[float]:
+def _optimizer_steps(model, x, y, n: int, max_seconds: float | None) -> list[float]:
     import marquardt
 
     opt = marquardt.LevenbergMarquardt(model.parameters())
@@ -125,11 +132,13 @@ def _optimizer_steps(model, x, y, n: int) -> list[float]:
     def closure():
         return (model(x) - y).reshape(-1)
 
-    times = []
+    times: list[float] = []
     for _ in range(n):
         start = time.perf_counter()
         opt.step(closure)
         times.append(time.perf_counter() - start)
+        if max_seconds is not None and sum(times) >= max_seconds:
+            break
     return times
 
 

@@ -39,7 +39,7 @@ def per_step_table(result: dict) -> str:
             label, fmt_seconds(entry["median"]), len(entry["times"]),
             fmt_ratio(round_ratio(ps, label, "bound")) if bound else "n/a",
             fmt_ratio(round_ratio(ps, label, ours)) if ours and label != ours else "",
-            fmt_float(median([r["mse"] for r in runs])), _step_notes(runs),
+            fmt_float(median([r["mse"] for r in runs])), _step_notes(runs, entry.get("errors", [])),
         ])
     if bound:
         rows.append(["**bound** (ssyrk + spotrf)", fmt_seconds(bound["total_s"]), bound["repeats"],
@@ -54,16 +54,24 @@ def per_step_table(result: dict) -> str:
     return markdown_table(headers, rows)
 
 
-def _step_notes(runs: list[dict]) -> str:
+def _step_notes(runs: list[dict], errors: list[str] = ()) -> str:
+    if not runs and errors:
+        return f"failed: {_short(errors[0])}"
     notes = set()
     for r in runs:
         if r.get("form"):
             notes.add(f"{r['form']}, {r['solver']}")
         for s in (r.get("solvers") or {}):
             notes.add(f"solver {s}")
+        if r.get("warmup_included"):
+            notes.add("stopped by the time cap: warm-up step timed")
         if r.get("attempts"):
             notes.add(f"attempts/step {median(r['attempts']):.0f}")
     return "; ".join(sorted(notes))
+
+
+def _short(error: str, limit: int = 160) -> str:
+    return error if len(error) <= limit else error[:limit] + "..."
 
 
 def _bound_notes(b: dict) -> str:
@@ -78,6 +86,13 @@ def memory_line(result: dict) -> str:
     parts = [f"{m}: {fmt_mb(v)}" + (f" (after imports {fmt_mb(base[m])})" if base.get(m) else "")
              for m, v in peak.items()]
     return "Peak RSS of each worker process (whole process, `wait4`): " + ", ".join(parts) + ".\n"
+
+
+def failures(r: dict) -> str:
+    """Calls that crashed, timed out or were killed, with the worker's peak RSS at the end."""
+    lines = [f"- `{f['module']}.{f['func']}` ({', '.join(f'{k}={v}' for k, v in f['kwargs'].items() if k != 'case')}): "
+             f"{f['error']}; worker peak RSS {fmt_mb(f['peak_rss_mb'])}" for f in r.get("failures", [])]
+    return "\nFailed calls:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def peer_best(ps: dict) -> str | None:
@@ -130,8 +145,8 @@ def section_bound_ratio(r: dict, limit: float) -> tuple[str, list]:
     ratio = round_ratio(ps, OURS_FIT.label, "bound") if OURS_FIT.label in ps["contenders"] else math.nan
     best = peer_best(ps)
     peer_ratio = round_ratio(ps, best, "bound") if best else math.nan
-    targets = [[r["case"], f"per-step time at most {limit}x the bound",
-                f"{fmt_ratio(ratio)} (peer's {best}: {fmt_ratio(peer_ratio)})",
+    peer_text = f"{best}: {fmt_ratio(peer_ratio)}" if best else "peer not run"
+    targets = [[r["case"], f"per-step time at most {limit}x the bound", f"{fmt_ratio(ratio)} ({peer_text})",
                 status(None if math.isnan(ratio) else ratio <= limit)]]
     return per_step_table(r) + "\n" + memory_line(r), targets
 
@@ -157,7 +172,10 @@ def section_t4(r: dict) -> tuple[str, list]:
                      fmt_seconds(ours["wall_s"]), fmt_mb(peak.get("ours")),
                      "; ".join(f"solver {s}" for s in ours.get("solvers", {})) + f"; stop: {ours.get('stop_reason')}"])
     else:
-        rows.append(["ours (fit)", "not available", "", "", "", ""])
+        why = next((f"failed: {_short(f['error'])}" for f in r.get("failures", []) if f["module"] == "ours"),
+                   "not available")
+        rows.append(["ours (fit)", why, "", "", fmt_mb(next(
+            (f["peak_rss_mb"] for f in r.get("failures", []) if f["module"] == "ours"), None)), ""])
     if adam:
         rows.append([f"Adam (best lr = {adam['lr']:g})", fmt_float(adam["final_mse"]), adam["steps"],
                      fmt_seconds(adam["wall_s"]), fmt_mb(peak.get("adam")),
@@ -259,6 +277,7 @@ def build(out: Path) -> Path:
     for name, r in results.items():
         text, rows = SECTIONS[name](r)
         targets += rows
+        text += failures(r)
         pics = "".join(f"\n![{p}]({p})\n" for p in charts(r, out))
         c = CASES[name]
         body.append(f"## {name} {c.title}: {c.architecture} tanh MLP ({c.n_params:,} parameters), "

@@ -34,6 +34,10 @@ class Contender:
     steps: int | None = None  # overrides the case's steps / warmup (a slow peer runs fewer)
     warmup: int | None = None
 
+    @property
+    def can_stop_early(self) -> bool:
+        return self.module == "ours"  # ours' step_times takes max_seconds; the peer's cannot
+
 
 OURS_FIT = Contender("ours (fit)", "ours", {"api": "fit"})
 OURS_OPT = Contender("ours (optimizer)", "ours", {"api": "optimizer"})
@@ -59,12 +63,19 @@ class Plan:
     t4_budget_s: float
     t5_rounds: int
     t5_steps: int
+    cap_s: float  # seconds one per-step run of ours may take on T2/T5 (twice that on T3)
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
         if quick:
-            return cls(True, (0, 1), 1, 30, 300, 1.0, 5.0, 1, 1, 1, False, 10.0, 1, 1)
-        return cls(False, (0, 1, 2, 3, 4), 3, 100, 1000, 2.0, 20.0, 2, 3, 2, True, 60.0, 2, 2)
+            return cls(quick=True, t1_seeds=(0, 1), t1_rounds=1, t1_steps=30, t1_peer_steps=300,
+                       t1_equal_time_s=1.0, t1_ours_budget_s=5.0, t2_rounds=1, t2_steps=1,
+                       t3_steps=1, t3_with_peer=False, t4_budget_s=10.0, t5_rounds=1,
+                       t5_steps=1, cap_s=45.0)
+        return cls(quick=False, t1_seeds=(0, 1, 2, 3, 4), t1_rounds=3, t1_steps=100,
+                   t1_peer_steps=1000, t1_equal_time_s=2.0, t1_ours_budget_s=20.0, t2_rounds=2,
+                   t2_steps=3, t3_steps=2, t3_with_peer=True, t4_budget_s=60.0, t5_rounds=2,
+                   t5_steps=2, cap_s=90.0)
 
 
 class Session:
@@ -76,6 +87,7 @@ class Session:
         self.workers: dict[str, Worker] = {}
         self.import_rss_mb: dict[str, float] = {}
         self.unavailable: dict[str, str] = {}
+        self.failures: list[dict] = []
 
     def available(self, contender: Contender) -> bool:
         """Ask the worker; print "not available" once per label and skip it from then on."""
@@ -103,8 +115,11 @@ class Session:
         try:
             return self.worker(module).call(func, timeout=timeout, **kwargs)
         except WorkerError as exc:
-            log(f"  {module}.{func} failed: {str(exc).splitlines()[-1]}")
-            self.workers.pop(module).close()  # a fresh worker on the next call
+            message = str(exc).splitlines()[-1]
+            log(f"  {module}.{func} failed: {message}")
+            worker = self.workers.pop(module)  # a fresh worker on the next call
+            self.failures.append({"module": module, "func": func, "kwargs": kwargs,
+                                  "error": message, "peak_rss_mb": worker.close()})
             return None
 
     def close(self) -> dict[str, float | None]:
@@ -119,9 +134,13 @@ def log(message: str) -> None:
 
 
 def per_step(session: Session, contenders: list[Contender], *, rounds: int, steps: int,
-             warmup: int, bound_repeats: int, timeout: float = 600.0,
+             warmup: int, bound_repeats: int, cap_s: float, timeout: float = 600.0,
              torch_reference: bool = False) -> dict:
-    """Per-step medians of each contender and of the bound, in interleaved rounds."""
+    """Per-step medians of each contender and of the bound, in interleaved rounds.
+
+    A run of ours stops after ``cap_s`` seconds (fewer steps are then timed), so a slow build
+    cannot stall the suite; any call past ``timeout`` is killed and recorded as a failure.
+    """
     active = [c for c in contenders if session.available(c)]
     by_label: dict[str, dict] = {c.label: {"rounds": [], "times": [], "runs": []} for c in active}
     bounds: list[dict] = []
@@ -129,13 +148,16 @@ def per_step(session: Session, contenders: list[Contender], *, rounds: int, step
         order = active[r % len(active):] + active[:r % len(active)] if active else []
         for c in order:
             log(f"  round {r + 1}/{rounds}: {c.label}")
+            cap = {"max_seconds": cap_s} if c.can_stop_early else {}
             res = session.call(c.module, "step_times", timeout, case=session.case, seed=r,
                                steps=c.steps or steps,
-                               warmup=warmup if c.warmup is None else c.warmup, **c.options)
+                               warmup=warmup if c.warmup is None else c.warmup, **c.options, **cap)
             if res and res["times"]:
                 by_label[c.label]["rounds"].append(statistics.median(res["times"]))
                 by_label[c.label]["times"] += res["times"]
                 by_label[c.label]["runs"].append({k: v for k, v in res.items() if k != "times"})
+            elif res is None and session.failures:
+                by_label[c.label].setdefault("errors", []).append(session.failures[-1]["error"])
         log(f"  round {r + 1}/{rounds}: bound")
         b = session.call("bound", "bound", timeout, case=session.case, repeats=bound_repeats,
                          torch_reference=torch_reference and r == 0)
@@ -197,7 +219,7 @@ def thin(run: dict | None, points: int = 300) -> dict | None:
 
 def case_t1(session: Session, plan: Plan) -> dict:
     steps = per_step(session, [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL], rounds=plan.t1_rounds,
-                     steps=plan.t1_steps, warmup=5, bound_repeats=20, timeout=300)
+                     steps=plan.t1_steps, warmup=5, bound_repeats=20, cap_s=30, timeout=300)
     runs: dict[str, list] = {"ours": [], "peer": [], "adam": []}
     for seed in plan.t1_seeds:  # seed-major: the three contenders side by side per seed
         log(f"  seed {seed}: training runs")
@@ -227,10 +249,15 @@ def _best_adam(session: Session, case: str, seed: int, budget_s: float,
     return {**thin(best), "all_lr": {str(r["lr"]): r["final_mse"] for r in runs}}
 
 
+def _step_contenders(plan: Plan) -> list[Contender]:
+    """All four in the full suite; the quick run keeps ours' fit and the peer's best setting."""
+    return [OURS_FIT, PEER_CHOL] if plan.quick else [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL]
+
+
 def case_t2(session: Session, plan: Plan) -> dict:
-    return {"per_step": per_step(session, [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL],
+    return {"per_step": per_step(session, _step_contenders(plan),
                                  rounds=plan.t2_rounds, steps=plan.t2_steps, warmup=1,
-                                 bound_repeats=3, torch_reference=True)}
+                                 bound_repeats=3, cap_s=plan.cap_s, torch_reference=True)}
 
 
 def case_t3(session: Session, plan: Plan) -> dict:
@@ -239,7 +266,7 @@ def case_t3(session: Session, plan: Plan) -> dict:
     peer = replace(PEER_CHOL, steps=1, warmup=0)
     contenders = [OURS_FIT] + ([peer] if plan.t3_with_peer else [])
     return {"per_step": per_step(session, contenders, rounds=1, steps=plan.t3_steps, warmup=1,
-                                 bound_repeats=2, timeout=900)}
+                                 bound_repeats=2, cap_s=2 * plan.cap_s, timeout=900)}
 
 
 def case_t4(session: Session, plan: Plan) -> dict:
@@ -255,9 +282,9 @@ def case_t4(session: Session, plan: Plan) -> dict:
 
 
 def case_t5(session: Session, plan: Plan) -> dict:
-    return {"per_step": per_step(session, [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL],
+    return {"per_step": per_step(session, _step_contenders(plan),
                                  rounds=plan.t5_rounds, steps=plan.t5_steps, warmup=1,
-                                 bound_repeats=2)}
+                                 bound_repeats=2, cap_s=plan.cap_s)}
 
 
 CASE_RUNNERS = {"T1": case_t1, "T2": case_t2, "T3": case_t3, "T4": case_t4, "T5": case_t5}
@@ -279,5 +306,6 @@ def run_case(name: str, plan: Plan, log_dir: Path) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.perf_counter() - start,
         "load_avg": [load_before, os.getloadavg()[0]],  # 1-minute load: other users of the cores
         "peak_rss_mb": peak, "import_rss_mb": session.import_rss_mb, "unavailable": {k: v for k, v in session.unavailable.items() if v},
+        "failures": session.failures,
         **result,
     }

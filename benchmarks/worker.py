@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import resource
 import select
 import subprocess
 import sys
@@ -128,7 +129,21 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def limit_memory() -> None:
+    """Cap the worker's address space (``BENCH_MEMORY_LIMIT_GB``, default 12).
+
+    The machine is shared: a contender that tries to hold a 20 GB Jacobian should fail with a
+    ``MemoryError`` in its own worker, not wake the kernel's OOM killer for everyone. Address
+    space, not RSS, is what the kernel can cap; torch reserves about 1-2 GB of it up front.
+    """
+    gb = float(os.environ.get("BENCH_MEMORY_LIMIT_GB", "12"))
+    if gb > 0:
+        limit = int(gb * 1e9)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def main() -> None:
+    limit_memory()
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed by libraries goes to stderr, not into the protocol
     configure_threads()
