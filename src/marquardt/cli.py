@@ -1,0 +1,738 @@
+"""The ``marquardt`` command line: ``demo``, ``fit``, ``predict`` and ``evaluate``.
+
+``marquardt demo`` trains one network by LM, momentum and gradient descent on a data set made
+in code and prints the comparison. ``marquardt fit DATA.csv --target y --out DIR`` trains an
+:func:`~marquardt.mlp.mlp` with MATLAB's defaults (one hidden layer of 10, Levenberg-Marquardt,
+random 70/15/15 division) and writes the model, a report and the training plots to ``DIR``;
+``predict`` and ``evaluate`` read that model back.
+
+CSV files are read with the :mod:`csv` module: a header line naming the columns, then one
+sample per line. A mistake in the input (a missing file or column, a value that is not a
+number, an empty file, a target also given as a feature) is reported on one line of standard
+error, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["UsageError", "main"]
+
+EXIT_USAGE = 2
+_METHODS = ("lm", "br", "gd", "momentum", "adam")
+_LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
+_DIVISIONS = ("random", "block", "interleaved", "none")
+_SPLIT_NAMES = ("Training", "Validation", "Test")
+_LOSS_KEYS = {"Training": "perf", "Validation": "vperf", "Test": "tperf"}  # History keys per split
+_MODEL_STEM = "model"
+_PLOTS = ("performance.png", "training_state.png", "regression.png", "error_histogram.png")
+
+
+class UsageError(Exception):
+    """An input the user can fix; :func:`main` prints it on one line and returns 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV tables
+
+
+@dataclass(frozen=True)
+class Table:
+    """The cells of a CSV file as strings, with the file line of each row for messages."""
+
+    path: str
+    columns: list[str]
+    rows: list[list[str]]
+    lines: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> list[str]:
+        index = self.columns.index(name)
+        return [row[index] for row in self.rows]
+
+    def numbers(self, names: Sequence[str]) -> np.ndarray:
+        """The named columns as a float64 array (rows, columns); non-numbers raise UsageError."""
+        picked = [[row[self.columns.index(name)] for name in names] for row in self.rows]
+        try:
+            values = np.array(picked, dtype=np.str_).astype(np.float64).reshape(len(self.rows), len(names))
+        except ValueError:
+            values = None
+        if values is None or not np.isfinite(values).all():
+            self._raise_first_bad(names)
+        return values
+
+    def _raise_first_bad(self, names: Sequence[str]) -> None:
+        for row, line in zip(self.rows, self.lines):
+            for name in names:
+                text = row[self.columns.index(name)]
+                try:
+                    ok = math.isfinite(float(text))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    what = "an empty value" if not text.strip() else f"{text!r}"
+                    raise UsageError(f"{self.path} line {line}, column {name!r}: {what} is not a finite number")
+        raise AssertionError("unreachable: a value failed to convert but none is bad")  # pragma: no cover
+
+
+def read_table(path: str | Path) -> Table:
+    """Read a CSV file with a header line; every problem becomes a one-line UsageError.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     name = os.path.join(tmp, "d.csv")
+    ...     _ = open(name, "w").write("x,y\\n1,2\\n3,4\\n")
+    ...     table = read_table(name)
+    >>> table.columns, table.numbers(["y"]).ravel().tolist()
+    (['x', 'y'], [2.0, 4.0])
+    """
+    file = Path(path)
+    if not file.exists():
+        raise UsageError(f"{path}: no such file")
+    if not file.is_file():
+        raise UsageError(f"{path} is not a file")
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as handle:
+            return _parse(str(path), csv.reader(handle))
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise UsageError(f"{path}: malformed CSV: {error}") from None
+
+
+def _parse(path: str, reader: Any) -> Table:
+    header = next((row for row in reader if row), None)
+    if header is None:
+        raise UsageError(f"{path} is empty; expected a header line naming the columns, then data rows")
+    columns = _check_header(path, [name.strip() for name in header])
+    rows, lines = [], []
+    for row in reader:
+        if not row:
+            continue  # blank line
+        if len(row) != len(columns):
+            raise UsageError(f"{path} line {reader.line_num} has {len(row)} fields; the header has {len(columns)}")
+        rows.append(row)
+        lines.append(reader.line_num)
+    if not rows:
+        raise UsageError(f"{path} has a header but no data rows")
+    return Table(path, columns, rows, lines)
+
+
+def _check_header(path: str, columns: list[str]) -> list[str]:
+    if "" in columns:
+        raise UsageError(f"{path}: header column {columns.index('') + 1} has no name; every column needs one")
+    duplicates = sorted({name for name in columns if columns.count(name) > 1})
+    if duplicates:
+        raise UsageError(f"{path}: the header names column(s) {', '.join(map(repr, duplicates))} more than once")
+    return columns
+
+
+def _check_columns(table: Table, names: Sequence[str], option: str) -> list[str]:
+    for name in names:
+        if name not in table.columns:
+            close = _closest(name, table.columns)
+            hint = f"did you mean {close!r}?" if close else f"the columns are {', '.join(table.columns)}"
+            raise UsageError(f"{option}: {table.path} has no column {name!r}; {hint}")
+    return list(names)
+
+
+def _closest(name: str, columns: list[str]) -> str | None:
+    """The column ``name`` most likely meant, ignoring case (difflib's ratio >= 0.6), or None."""
+    lowered = {column.lower(): column for column in columns}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+    return lowered[close[0]] if close else None
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks: how targets are encoded, predicted and scored
+
+
+@dataclass
+class Regression:
+    """Numeric targets, one network output each; scored by MSE, RMSE and R^2."""
+
+    targets: list[str]
+    loss: str = "mse"
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.targets)
+
+    def encode(self, table: Table) -> np.ndarray:
+        return table.numbers(self.targets)
+
+    def matrix(self, y: np.ndarray) -> np.ndarray:
+        """Targets as the matrix the plots compare outputs with."""
+        return y
+
+    def predictions(self, outputs: np.ndarray) -> np.ndarray:
+        return outputs
+
+    def prediction_columns(self, outputs: np.ndarray) -> tuple[list[str], list[list[str]]]:
+        return list(self.targets), [[repr(float(v)) for v in row] for row in outputs]
+
+    def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        return regression_metrics(y, outputs)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"task": "regression", "targets": self.targets, "loss": self.loss, "classes": None}
+
+
+@dataclass
+class Classification:
+    """One column of class labels mapped to indices; scored by accuracy.
+
+    With ``loss="cross_entropy"`` the network has one output (a logit) per class; with
+    ``"binary_cross_entropy"`` it has one logit for the second class.
+    """
+
+    target: str
+    loss: str
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target]
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.loss == "binary_cross_entropy" else len(self.classes)
+
+    def learn_classes(self, table: Table) -> None:
+        labels = sorted(set(table.column(self.target)), key=_label_order)
+        if len(labels) < 2:
+            raise UsageError(f"--target {self.target}: classification needs at least two classes; "
+                             f"{table.path} has only {labels!r}")
+        if self.loss == "binary_cross_entropy" and len(labels) != 2:
+            raise UsageError(f"--loss binary_cross_entropy needs exactly two classes in column {self.target!r}; "
+                             f"found {len(labels)}: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''} "
+                             "(use --loss cross_entropy)")
+        self.classes = labels
+
+    def encode(self, table: Table) -> np.ndarray:
+        index = {label: i for i, label in enumerate(self.classes)}
+        codes = []
+        for label, line in zip(table.column(self.target), table.lines):
+            if label not in index:
+                raise UsageError(f"{table.path} line {line}, column {self.target!r}: label {label!r} is not one of "
+                                 f"the model's classes {self.classes}")
+            codes.append(index[label])
+        return np.array(codes, dtype=np.int64)
+
+    def matrix(self, y: np.ndarray) -> np.ndarray:
+        return np.eye(len(self.classes))[y]
+
+    def probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        logits = torch.from_numpy(outputs)
+        if self.loss == "binary_cross_entropy":
+            p = torch.sigmoid(logits[:, 0])
+            return torch.stack([1 - p, p], dim=1).numpy()
+        return torch.softmax(logits, dim=1).numpy()
+
+    def predictions(self, outputs: np.ndarray) -> np.ndarray:
+        return self.probabilities(outputs)
+
+    def prediction_columns(self, outputs: np.ndarray) -> tuple[list[str], list[list[str]]]:
+        probabilities = self.probabilities(outputs)
+        labels = [self.classes[i] for i in probabilities.argmax(axis=1)]
+        header = [self.target] + [f"p({label})" for label in self.classes]
+        return header, [[label] + [repr(float(p)) for p in row] for label, row in zip(labels, probabilities)]
+
+    def metrics(self, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+        predicted = self.probabilities(outputs).argmax(axis=1)
+        return {"accuracy": float((predicted == y).mean()), "errors": int((predicted != y).sum())}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"task": "classification", "targets": self.targets, "loss": self.loss, "classes": self.classes}
+
+
+def _label_order(label: str) -> tuple[int, float, str]:
+    # Numeric labels in numeric order (2 before 10), then any others alphabetically.
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def regression_metrics(y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+    """MSE over all target elements, its root, and R^2 averaged over target columns.
+
+    Notes
+    -----
+    ``R^2 = 1 - sum (y - o)^2 / sum (y - mean y)^2`` per column (NaN for a constant column).
+
+    Examples
+    --------
+    >>> y = np.array([[1.0], [2.0], [3.0]])
+    >>> regression_metrics(y, y + 0.5)
+    {'mse': 0.25, 'rmse': 0.5, 'r2': 0.625}
+    """
+    errors = y - outputs
+    mse = float(np.mean(errors**2))
+    total = ((y - y.mean(axis=0)) ** 2).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(total > 0, 1.0 - (errors**2).sum(axis=0) / total, np.nan)
+    return {"mse": mse, "rmse": math.sqrt(mse), "r2": float(np.mean(r2))}
+
+
+def _task(loss: str, targets: list[str]) -> Regression | Classification:
+    if loss == "mse":
+        return Regression(targets)
+    if len(targets) != 1:
+        raise UsageError(f"--loss {loss} takes one --target column of class labels; received {len(targets)}: "
+                         f"{','.join(targets)}")
+    return Classification(targets[0], loss)
+
+
+def _task_from_metadata(meta: dict[str, Any]) -> Regression | Classification:
+    if meta["task"] == "regression":
+        return Regression(list(meta["targets"]), meta["loss"])
+    return Classification(meta["targets"][0], meta["loss"], list(meta["classes"]))
+
+
+def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
+    """Rows of equal keys as an aligned plain-text (or Markdown) table; floats to 4 digits.
+
+    Examples
+    --------
+    >>> print(format_table([{"method": "LM", "mse": 0.000123}, {"method": "GD", "mse": None}]))
+    method  mse
+    ------  --------
+    LM      0.000123
+    GD      -
+    """
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cells = [[_cell(row[key]) for key in keys] for row in rows]
+    widths = [max(len(key), *(len(line[i]) for line in cells)) for i, key in enumerate(keys)]
+    lines = [keys, ["-" * w for w in widths], *cells]
+    if markdown:
+        return "\n".join("| " + " | ".join(text.ljust(w) for text, w in zip(line, widths)) + " |" for line in lines)
+    return "\n".join("  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, received {text!r}")
+    return names
+
+
+def _hidden(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected layer sizes such as 10 or 10,10 (positive integers), received {text!r}")
+    return sizes
+
+
+def _split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-9 or parts[0] <= 0:
+        raise argparse.ArgumentTypeError(f"expected train,val,test fractions summing to 1 such as 0.7,0.15,0.15, "
+                                         f"received {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``marquardt``, one subcommand per job."""
+    parser = argparse.ArgumentParser(prog="marquardt", description="Levenberg-Marquardt training of "
+                                     "PyTorch networks, with MATLAB fitnet/trainlm defaults.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser("demo", help="compare LM, momentum and gradient descent on a built-in data set")
+    demo.add_argument("--out", type=Path, default=Path("marquardt-demo"), help="folder for the plots "
+                      "(default: ./marquardt-demo)")
+    demo.add_argument("--epochs", type=_count, default=1000, help="maximum epochs per method (default: 1000)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the division (default: 0)")
+    demo.set_defaults(run=run_demo_command)
+    _add_fit_parser(commands)
+    predict = commands.add_parser("predict", help="write a trained model's predictions for a CSV file")
+    predict.add_argument("model_dir", type=Path, metavar="DIR", help="folder written by marquardt fit")
+    predict.add_argument("data", metavar="DATA.csv")
+    predict.add_argument("-o", "--output", required=True, metavar="OUT.csv", help="predictions CSV to write")
+    predict.set_defaults(run=run_predict)
+    evaluate = commands.add_parser("evaluate", help="score a trained model on a CSV file with targets")
+    evaluate.add_argument("model_dir", type=Path, metavar="DIR", help="folder written by marquardt fit")
+    evaluate.add_argument("data", metavar="DATA.csv")
+    evaluate.set_defaults(run=run_evaluate)
+    return parser
+
+
+def _add_fit_parser(commands: Any) -> None:
+    fit = commands.add_parser("fit", help="train a network on a CSV file and write model, report and plots")
+    fit.add_argument("data", metavar="DATA.csv")
+    fit.add_argument("--target", type=_names, required=True, metavar="COL[,COL...]", help="target column(s)")
+    fit.add_argument("--features", type=_names, metavar="COLS", help="feature columns (default: all others)")
+    fit.add_argument("--hidden", type=_hidden, default=[10], metavar="N[,N...]", help="hidden layer sizes (default: 10)")
+    fit.add_argument("--method", choices=_METHODS, default="lm", help="training method (default: lm)")
+    fit.add_argument("--epochs", type=_count, default=1000, help="maximum epochs (default: 1000)")
+    fit.add_argument("--goal", type=_non_negative, default=0.0, help="performance goal (default: 0)")
+    fit.add_argument("--max-fail", type=_positive, help="validation failures before stopping (default: 6; for br, "
+                     "no validation stop, as trainbr)")
+    fit.add_argument("--division", choices=_DIVISIONS, default="random", help="data division (default: random)")
+    fit.add_argument("--split", type=_split, default=(0.7, 0.15, 0.15), metavar="TRAIN,VAL,TEST",
+                     help="division fractions (default: 0.7,0.15,0.15)")
+    fit.add_argument("--loss", choices=_LOSSES, default="mse", help="mse for regression, cross_entropy or "
+                     "binary_cross_entropy for class labels (default: mse)")
+    fit.add_argument("--seed", type=int, help="seed of the weights and the division (default: random)")
+    fit.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    fit.add_argument("--checkpoint", type=Path, metavar="CKPT_DIR", help="write checkpoints to CKPT_DIR and resume "
+                     "from the newest one there (the same command continues a killed run)")
+    fit.add_argument("--checkpoint-every", type=_positive, default=10, metavar="N",
+                     help="epochs between checkpoints (default: 10)")
+    fit.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for model, report and plots")
+    fit.set_defaults(run=run_fit)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Examples
+    --------
+    >>> main(["fit", "no-such-file.csv", "--target", "y", "--out", "out"])
+    2
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse has printed the usage and the error
+        return int(stop.code or 0)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"marquardt {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """``marquardt demo``: the comparison table and convergence plots."""
+    from .demo import run_demo, write_plots
+
+    print(f"Training mlp 1-10-1 on the built-in simplefit-style data (94 samples, random 70/15/15, "
+          f"seed {args.seed}) with {'LM, momentum and gradient descent'}...")
+    runs = run_demo(epochs=args.epochs, seed=args.seed)
+    print(format_table([run.row() for run in runs]))
+    for path in write_plots(runs, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """``marquardt fit``: train, then write the model, the report and the plots."""
+    started = time.perf_counter()
+    table = read_table(args.data)
+    task, features = _fit_columns(args, table)
+    X, y = table.numbers(features), task.encode(table)
+    read_s = time.perf_counter() - started
+    device = _device(args.device)
+    if args.checkpoint is not None and args.seed is None:
+        raise UsageError("--checkpoint needs --seed, so that a resumed run divides the data and starts the same way")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    model, history, train_s = train_model(args, task, X, y, seed, device)
+    outputs = _outputs(model, X)
+    splits = split_indices(len(X), args.division, args.split, seed)
+    rows = _split_rows(task, splits, y, outputs, history)
+    options = _options(args, seed)
+    record = FitRecord(args.data, features, task, options, history, rows, {"read_s": read_s, "train_s": train_s})
+    written = write_fit_outputs(args.out, model, record, splits, y, outputs)
+    _print_summary(record, written)
+    return 0
+
+
+def _fit_columns(args: argparse.Namespace, table: Table) -> tuple[Regression | Classification, list[str]]:
+    targets = _check_columns(table, args.target, "--target")
+    if args.features is None:
+        features = [name for name in table.columns if name not in targets]
+        if not features:
+            raise UsageError(f"{table.path} has no columns left for features after --target {','.join(targets)}")
+    else:
+        features = _check_columns(table, args.features, "--features")
+        both = [name for name in features if name in targets]
+        if both:
+            raise UsageError(f"column {both[0]!r} is given both as --target and in --features; a target cannot "
+                             "be a feature (drop it from --features)")
+    task = _task(args.loss, targets)
+    if isinstance(task, Classification):
+        task.learn_classes(table)
+    return task, features
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available to this PyTorch build on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def train_model(args: argparse.Namespace, task: Regression | Classification, X: np.ndarray, y: np.ndarray,
+                seed: int, device: torch.device) -> tuple[Any, Any, float]:
+    """Build ``mlp(F, hidden, outputs)`` from ``seed`` and train it with ``fit``; return model, history, seconds."""
+    from .checkpoint import CheckpointMismatch
+    from .mlp import mlp
+    from .train import fit
+
+    generator = torch.Generator().manual_seed(seed)
+    model = mlp(X.shape[1], args.hidden, task.n_outputs, dtype=torch.float64, device=device, generator=generator)
+    targets = torch.from_numpy(y)
+    if isinstance(task, Classification) and task.loss == "binary_cross_entropy":
+        targets = targets.to(torch.float64)[:, None]
+    method = torch.optim.Adam if args.method == "adam" else args.method
+    start = time.perf_counter()
+    try:
+        history = fit(model, torch.from_numpy(X), targets, method=method, epochs=args.epochs, goal=args.goal,
+                      max_fail=args.max_fail, division=None if args.division == "none" else args.division,
+                      split=args.split, loss=task.loss, seed=seed, progress=sys.stdout.isatty(),
+                      checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
+    except CheckpointMismatch as error:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {error}") from None
+    return model, history, time.perf_counter() - start
+
+
+def split_indices(n: int, division: str, split: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+    """The sample indices of each non-empty split, as ``fit(division=..., seed=seed)`` draws them.
+
+    ``fit`` seeds a fresh ``torch.Generator`` with ``seed`` and divides before anything else
+    draws from it; the same call here gives the same indices.
+    """
+    from .division import divide
+
+    if division == "none":
+        return {"Training": np.arange(n)}
+    parts = divide(n, division, split, torch.Generator().manual_seed(seed))
+    return {name: part.numpy() for name, part in zip(_SPLIT_NAMES, parts) if len(part)}
+
+
+def _outputs(model: Any, X: np.ndarray) -> np.ndarray:
+    reference = next(model.parameters())
+    with torch.no_grad():
+        return model(torch.from_numpy(X).to(reference)).cpu().numpy()
+
+
+def _split_rows(task: Regression | Classification, splits: dict[str, np.ndarray], y: np.ndarray,
+                outputs: np.ndarray, history: Any) -> list[dict[str, Any]]:
+    """Metrics of the final model per split; for classes also the loss that ``fit`` recorded for it."""
+    kept = history[history.best_epoch]
+    rows = []
+    for name, index in [*splits.items(), ("All", np.arange(len(y)))]:
+        row: dict[str, Any] = {"split": name, "samples": len(index)}
+        if isinstance(task, Classification):
+            row["loss"] = kept.get(_LOSS_KEYS.get(name, ""))
+        rows.append({**row, **task.metrics(y[index], outputs[index])})
+    return rows
+
+
+def _options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    return {"hidden": args.hidden, "method": args.method, "epochs": args.epochs, "goal": args.goal,
+            "max_fail": args.max_fail, "division": args.division, "split": list(args.split), "loss": args.loss,
+            "seed": seed, "device": args.device}
+
+
+@dataclass
+class FitRecord:
+    """What ``marquardt fit`` learned and measured, for the model metadata, report and summary."""
+
+    data: str
+    features: list[str]
+    task: Regression | Classification
+    options: dict[str, Any]
+    history: Any
+    rows: list[dict[str, Any]]
+    timings: dict[str, float]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"cli": {"data": str(self.data), "features": self.features, **self.task.metadata(),
+                        "options": self.options, "metrics": self.rows, "timings": self.timings},
+                "history": self.history.to_dict()}
+
+
+def write_fit_outputs(out: Path, model: Any, record: FitRecord, splits: dict[str, np.ndarray],
+                      y: np.ndarray, outputs: np.ndarray) -> list[Path]:
+    """Write ``model.safetensors``/``model.json``, the plots and ``report.md`` to ``out``."""
+    from .io import save
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    written = [save(model, out / _MODEL_STEM, metadata=record.metadata())]
+    written.append(written[0].with_suffix(".json"))
+    written += _write_plots(out, record, splits, record.task.matrix(y), record.task.predictions(outputs))
+    record.timings["write_s"] = time.perf_counter() - start
+    report = out / "report.md"
+    report.write_text(format_report(record, written), encoding="utf-8")
+    return [*written, report]
+
+
+def _write_plots(out: Path, record: FitRecord, splits: dict[str, np.ndarray], targets: np.ndarray,
+                 outputs: np.ndarray) -> list[Path]:
+    from .plot import plot_error_histogram, plot_performance, plot_regression, plot_training_state
+
+    pairs = {name: (targets[index], outputs[index]) for name, index in splits.items()}
+    paths = [out / name for name in _PLOTS]
+    plot_performance(record.history, path=paths[0])
+    plot_training_state(record.history, path=paths[1])
+    plot_regression(pairs, path=paths[2])
+    plot_error_histogram(pairs, path=paths[3])
+    return paths
+
+
+def format_report(record: FitRecord, written: Sequence[Path]) -> str:
+    """``report.md``: data, network, metrics per split, stop reason, timings, files."""
+    history, options = record.history, record.options
+    epochs = history.last["epoch"]
+    train_s = record.timings["train_s"]
+    lines = [
+        "# marquardt fit report",
+        "",
+        f"- data: `{record.data}`, {record.rows[-1]['samples']} samples",
+        f"- features ({len(record.features)}): {', '.join(record.features)}",
+        f"- targets: {', '.join(record.task.targets)}"
+        + (f" (classes: {', '.join(record.task.classes)})" if isinstance(record.task, Classification) else ""),
+        f"- network: mlp {len(record.features)}-{'-'.join(map(str, options['hidden']))}-{record.task.n_outputs}, "
+        f"method {options['method']}, loss {options['loss']}",
+        f"- division: {options['division']} {'/'.join(f'{s:g}' for s in options['split'])}, seed {options['seed']}, "
+        f"device {options['device']}",
+        "",
+        "## Result",
+        "",
+        f"Stop reason: {history.stop_reason} Epochs: {epochs}; best epoch: {history.best_epoch}.",
+        "",
+        format_table(record.rows, markdown=True),
+        "",
+        "## Timings",
+        "",
+        format_table([
+            {"step": "read CSV", "seconds": record.timings["read_s"]},
+            {"step": "training", "seconds": train_s},
+            {"step": "per epoch", "seconds": train_s / max(epochs, 1)},
+            {"step": "save model and plots", "seconds": record.timings["write_s"]},
+        ], markdown=True),
+        "",
+        "## Files",
+        "",
+        *[f"- `{path.name}`" for path in written],
+        "- `report.md`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _print_summary(record: FitRecord, written: Sequence[Path]) -> None:
+    history = record.history
+    print(format_table(record.rows))
+    print(f"stop reason: {history.stop_reason} epochs: {history.last['epoch']}, best epoch: {history.best_epoch}, "
+          f"training time: {record.timings['train_s']:.3g} s")
+    print(f"wrote {', '.join(str(path) for path in written)}")
+
+
+def _load_model(model_dir: Path) -> tuple[Any, dict[str, Any]]:
+    from .io import load, load_metadata
+
+    path = model_dir / f"{_MODEL_STEM}.safetensors"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist; train a model with `marquardt fit DATA.csv --target COL --out "
+                         f"{model_dir}`")
+    try:
+        meta = load_metadata(path)
+        model = load(path)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if "cli" not in meta:
+        raise UsageError(f"{path} has no feature names in its metadata; was it written by `marquardt fit`?")
+    return model, meta["cli"]
+
+
+def _model_inputs(model_dir: Path, data: str) -> tuple[Any, dict[str, Any], Table, np.ndarray]:
+    model, meta = _load_model(model_dir)
+    table = read_table(data)
+    features = _check_columns(table, meta["features"], f"the model in {model_dir} needs feature")
+    return model, meta, table, table.numbers(features)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``marquardt predict``: one output row per input row (labels and probabilities for classes)."""
+    model, meta, _, X = _model_inputs(args.model_dir, args.data)
+    header, rows = _task_from_metadata(meta).prediction_columns(_outputs(model, X))
+    output = Path(args.output)
+    if output.parent and not output.parent.is_dir():
+        raise UsageError(f"-o {args.output}: folder {output.parent} does not exist")
+    with open(output, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} predictions to {output}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``marquardt evaluate``: MSE, RMSE and R^2, or accuracy, on a CSV file with targets."""
+    model, meta, table, X = _model_inputs(args.model_dir, args.data)
+    task = _task_from_metadata(meta)
+    _check_columns(table, task.targets, f"the model in {args.model_dir} needs target")
+    metrics = task.metrics(task.encode(table), _outputs(model, X))
+    print(format_table([{"metric": name, "value": value} for name, value in metrics.items()]))
+    print(f"on {len(table)} samples of {args.data}")
+    return 0

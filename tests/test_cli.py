@@ -1,0 +1,379 @@
+"""The ``marquardt`` command line: demo, fit, predict, evaluate, and every bad input with exit status 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from marquardt import cli
+from marquardt.io import load, load_metadata
+
+# Tiny networks and few epochs: the point is the plumbing, not the fit.
+FAST = ["--hidden", "4", "--epochs", "8", "--seed", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: intra-op threads only add overhead, and the machine is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[0], rows[1:]
+
+
+@pytest.fixture
+def regression_csv(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-2, 2, size=(50, 2))
+    y = np.sin(x[:, 0]) + 0.5 * x[:, 1] ** 2
+    rows = [[a, b, "ignored", t] for (a, b), t in zip(x.tolist(), y.tolist())]
+    return write_csv(tmp_path / "data.csv", ["x1", "x2", "note", "y"], rows)
+
+
+@pytest.fixture
+def classes_csv(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    centers = {"bird": (-2.0, 0.0), "cat": (2.0, 0.0), "dog": (0.0, 2.5)}
+    rows = []
+    for label, (cx, cy) in centers.items():
+        for a, b in (rng.normal(size=(20, 2)) * 0.5).tolist():
+            rows.append([cx + a, cy + b, label])
+    return write_csv(tmp_path / "animals.csv", ["length", "weight", "species"], rows)
+
+
+def run_fit(data: Path, out: Path, *extra: str) -> int:
+    return cli.main(["fit", str(data), "--out", str(out), *FAST, *extra])
+
+
+# ------------------------------------------------------------------------------------------------
+# fit, predict, evaluate
+
+
+def test_fit_writes_model_report_and_plots(regression_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_fit(regression_csv, out, "--target", "y", "--features", "x1,x2") == 0
+    for name in ("model.safetensors", "model.json", "report.md", *cli._PLOTS):
+        assert (out / name).is_file(), name
+    meta = load_metadata(out / "model")
+    assert meta["cli"]["features"] == ["x1", "x2"] and meta["cli"]["targets"] == ["y"]
+    assert meta["cli"]["loss"] == "mse" and meta["cli"]["options"]["method"] == "lm"
+    assert meta["cli"]["options"]["seed"] == 0 and meta["cli"]["options"]["hidden"] == [4]
+    assert len(meta["history"]["records"]) == 9 and meta["history"]["stop_reason"]
+    report = (out / "report.md").read_text()
+    assert "Stop reason:" in report and "| Validation" in report and "| training" in report
+    printed = capsys.readouterr().out
+    assert "Training" in printed and "Test" in printed and "r2" in printed
+
+
+def test_default_features_are_all_other_columns_and_must_be_numeric(regression_csv, tmp_path, capsys):
+    # "note" is text, so the default feature set (all but the target) fails on it, naming it.
+    assert run_fit(regression_csv, tmp_path / "run", "--target", "y") == 2
+    assert "column 'note': 'ignored' is not a finite number" in capsys.readouterr().err
+
+
+def test_split_metrics_match_the_training_record(regression_csv, tmp_path):
+    """The CLI rebuilds fit's division from the seed; its per-split MSE equals fit's own record."""
+    out = tmp_path / "run"
+    assert run_fit(regression_csv, out, "--target", "y", "--features", "x1,x2", "--division", "random") == 0
+    meta = load_metadata(out / "model")
+    rows = {row["split"]: row for row in meta["cli"]["metrics"]}
+    assert set(rows) == {"Training", "Validation", "Test", "All"}
+    assert [rows[s]["samples"] for s in ("Training", "Validation", "Test")] == [34, 8, 8]
+    kept = meta["history"]["records"][meta["history"]["best_epoch"]]
+    for split, key in (("Training", "perf"), ("Validation", "vperf"), ("Test", "tperf")):
+        assert rows[split]["mse"] == pytest.approx(kept[key], rel=1e-10, abs=1e-14)
+
+
+@pytest.mark.parametrize("division", ["block", "interleaved", "none"])
+def test_divisions(regression_csv, tmp_path, division):
+    out = tmp_path / division
+    assert run_fit(regression_csv, out, "--target", "y", "--features", "x1,x2", "--division", division) == 0
+    meta = load_metadata(out / "model")
+    rows = {row["split"]: row for row in meta["cli"]["metrics"]}
+    kept = meta["history"]["records"][meta["history"]["best_epoch"]]
+    assert rows["Training"]["mse"] == pytest.approx(kept["perf"], rel=1e-10)
+    assert ("Validation" in rows) == (division != "none")
+
+
+def test_predict_and_evaluate_round_trip_bit_for_bit(regression_csv, tmp_path, monkeypatch, capsys):
+    trained = {}
+    train_model = cli.train_model
+
+    def capture(*args, **kwargs):
+        trained["model"], history, seconds = train_model(*args, **kwargs)
+        return trained["model"], history, seconds
+
+    monkeypatch.setattr(cli, "train_model", capture)
+    out = tmp_path / "run"
+    assert run_fit(regression_csv, out, "--target", "y", "--features", "x1,x2") == 0
+    X = torch.from_numpy(cli.read_table(regression_csv).numbers(["x1", "x2"]))
+    loaded = load(out / "model")
+    with torch.no_grad():
+        expected = trained["model"](X)
+        assert torch.equal(loaded(X), expected)
+
+    predictions = tmp_path / "pred.csv"
+    assert cli.main(["predict", str(out), str(regression_csv), "-o", str(predictions)]) == 0
+    header, rows = read_csv(predictions)
+    assert header == ["y"] and len(rows) == 50
+    assert torch.equal(torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64), expected)
+
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out), str(regression_csv)]) == 0
+    printed = capsys.readouterr().out
+    y = cli.read_table(regression_csv).numbers(["y"])
+    metrics = cli.regression_metrics(y, expected.numpy())
+    for name in ("mse", "rmse", "r2"):
+        assert f"{metrics[name]:.4g}" in printed
+
+
+def test_predict_needs_only_the_feature_columns(regression_csv, tmp_path):
+    out = tmp_path / "run"
+    assert run_fit(regression_csv, out, "--target", "y", "--features", "x2,x1") == 0
+    _, rows = read_csv(regression_csv)
+    features_only = write_csv(tmp_path / "new.csv", ["x1", "x2"], [[r[0], r[1]] for r in rows[:5]])
+    assert cli.main(["predict", str(out), str(features_only), "-o", str(tmp_path / "p.csv")]) == 0
+    assert len(read_csv(tmp_path / "p.csv")[1]) == 5
+
+
+def test_multiple_targets(regression_csv, tmp_path):
+    out = tmp_path / "run"
+    assert run_fit(regression_csv, out, "--target", "y,x2", "--features", "x1") == 0
+    assert load(out / "model").n_outputs == 2
+    assert cli.main(["predict", str(out), str(regression_csv), "-o", str(tmp_path / "p.csv")]) == 0
+    assert read_csv(tmp_path / "p.csv")[0] == ["y", "x2"]
+
+
+@pytest.mark.parametrize("method", ["br", "gd", "momentum", "adam"])
+def test_other_methods(regression_csv, tmp_path, method):
+    out = tmp_path / method
+    assert run_fit(regression_csv, out, "--target", "y", "--features", "x1,x2", "--method", method) == 0
+    assert load_metadata(out / "model")["history"]["method"] in {method, "adam"}
+
+
+def test_classification_with_string_labels(classes_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["fit", str(classes_csv), "--target", "species", "--loss", "cross_entropy", "--out", str(out),
+                     "--hidden", "4", "--epochs", "15", "--seed", "0"]) == 0
+    meta = load_metadata(out / "model")["cli"]
+    assert meta["classes"] == ["bird", "cat", "dog"] and meta["task"] == "classification"
+    assert load(out / "model").n_outputs == 3
+    assert {row["split"]: row["accuracy"] for row in meta["metrics"]}["All"] > 0.9
+    assert "accuracy" in load_metadata(out / "model")["history"]["records"][-1]
+
+    assert cli.main(["predict", str(out), str(classes_csv), "-o", str(tmp_path / "p.csv")]) == 0
+    header, rows = read_csv(tmp_path / "p.csv")
+    assert header == ["species", "p(bird)", "p(cat)", "p(dog)"]
+    assert {row[0] for row in rows} <= {"bird", "cat", "dog"}
+    assert all(math.isclose(sum(float(v) for v in row[1:]), 1.0) for row in rows)
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out), str(classes_csv)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_binary_classification_with_integer_labels(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 2))
+    rows = [[a, b, int(a + b > 0)] for a, b in x.tolist()]
+    data = write_csv(tmp_path / "b.csv", ["a", "b", "label"], rows)
+    out = tmp_path / "run"
+    assert run_fit(data, out, "--target", "label", "--loss", "binary_cross_entropy") == 0
+    assert load_metadata(out / "model")["cli"]["classes"] == ["0", "1"]
+    assert load(out / "model").n_outputs == 1
+
+
+def test_numeric_labels_sort_as_numbers(tmp_path):
+    rows = [[i, ["2", "10", "1"][i % 3]] for i in range(12)]
+    data = write_csv(tmp_path / "c.csv", ["x", "c"], rows)
+    assert run_fit(data, tmp_path / "run", "--target", "c", "--loss", "cross_entropy") == 0
+    assert load_metadata(tmp_path / "run" / "model")["cli"]["classes"] == ["1", "2", "10"]
+
+
+def test_demo_prints_a_comparison_and_writes_plots(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "4"]) == 0
+    printed = capsys.readouterr().out
+    for text in ("method", "LM", "Momentum", "GD", "stop_reason", "Maximum epoch reached."):
+        assert text in printed
+    assert (tmp_path / "demo" / "comparison.png").is_file()
+    assert (tmp_path / "demo" / "comparison_time.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one line on stderr, exit status 2, no traceback
+
+
+@pytest.fixture
+def files(tmp_path: Path, regression_csv: Path) -> dict[str, Path]:
+    """The data files of the bad-input table, by name."""
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "ragged.csv").write_text("x,y\n1,2\n3\n")
+    return {
+        "tmp": tmp_path,
+        "data": regression_csv,
+        "empty": tmp_path / "empty.csv",
+        "ragged": tmp_path / "ragged.csv",
+        "header": write_csv(tmp_path / "header.csv", ["x", "y"], []),
+        "text": write_csv(tmp_path / "text.csv", ["x", "y"], [[1, 2], [2, 3], ["abc", 4]]),
+        "blank": write_csv(tmp_path / "blank.csv", ["x", "y"], [[1, 2], [2, ""]]),
+        "nan": write_csv(tmp_path / "nan.csv", ["x", "y"], [[1, 2], ["nan", 3]]),
+        "three": write_csv(tmp_path / "three.csv", ["x", "c"], [[1, "a"], [2, "b"], [3, "c"]]),
+        "one": write_csv(tmp_path / "one.csv", ["x", "c"], [[1, "a"], [2, "a"]]),
+    }
+
+
+OUT = ["--out", "{tmp}/out"]
+# (case, argv with {file} placeholders, the message expected on stderr)
+BAD_INPUT = [
+    ("missing file", ["fit", "{tmp}/nope.csv", "--target", "y", *OUT], "{tmp}/nope.csv: no such file"),
+    ("misspelled target", ["fit", "{data}", "--target", "yy", *OUT],
+     "--target: {data} has no column 'yy'; did you mean 'y'?"),
+    ("misspelled feature", ["fit", "{data}", "--target", "y", "--features", "x1,X_2", *OUT],
+     "--features: {data} has no column 'X_2'; did you mean 'x2'?"),
+    ("unrelated column", ["fit", "{data}", "--target", "zzz", *OUT],
+     "has no column 'zzz'; the columns are x1, x2, note, y"),
+    ("non-numeric value", ["fit", "{text}", "--target", "y", *OUT],
+     "{text} line 4, column 'x': 'abc' is not a finite number"),
+    ("empty value", ["fit", "{blank}", "--target", "y", *OUT],
+     "{blank} line 3, column 'y': an empty value is not a finite number"),
+    ("nan value", ["fit", "{nan}", "--target", "y", *OUT], "{nan} line 3, column 'x': 'nan' is not a finite number"),
+    ("empty file", ["fit", "{empty}", "--target", "y", *OUT],
+     "{empty} is empty; expected a header line naming the columns, then data rows"),
+    ("header only", ["fit", "{header}", "--target", "y", *OUT], "{header} has a header but no data rows"),
+    ("ragged row", ["fit", "{ragged}", "--target", "y", *OUT], "{ragged} line 3 has 1 fields; the header has 2"),
+    ("target as feature", ["fit", "{data}", "--target", "y", "--features", "x1,y", *OUT],
+     "column 'y' is given both as --target and in --features; a target cannot be a feature"),
+    ("binary with three classes", ["fit", "{three}", "--target", "c", "--loss", "binary_cross_entropy", *OUT],
+     "--loss binary_cross_entropy needs exactly two classes in column 'c'; found 3: a, b, c"),
+    ("one class", ["fit", "{one}", "--target", "c", "--loss", "cross_entropy", *OUT],
+     "--target c: classification needs at least two classes; {one} has only ['a']"),
+    ("two label columns", ["fit", "{data}", "--target", "y,x1", "--loss", "cross_entropy", *OUT],
+     "--loss cross_entropy takes one --target column of class labels; received 2: y,x1"),
+    ("predict without a model", ["predict", "{tmp}/nomodel", "{data}", "-o", "{tmp}/p.csv"],
+     "{tmp}/nomodel/model.safetensors does not exist; train a model with `marquardt fit"),
+    ("evaluate without a model", ["evaluate", "{tmp}/nomodel", "{data}"],
+     "{tmp}/nomodel/model.safetensors does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT])
+def test_bad_input_is_one_line_with_exit_status_2(argv, message, files, capsys):
+    argv = [arg.format(**files) for arg in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.format(**files) in err, err
+    assert err.count("\n") == 1 and err.startswith(f"marquardt {argv[0]}: error: ")
+    assert not (files["tmp"] / "out").exists()  # nothing half-written
+
+
+def test_checkpoint_resumes_the_same_command(regression_csv, tmp_path, capsys):
+    argv = ["--target", "y", "--features", "x1,x2", "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-every", "2"]
+    assert run_fit(regression_csv, tmp_path / "a", *argv) == 0
+    assert (tmp_path / "ckpt" / "latest.txt").is_file()
+    assert run_fit(regression_csv, tmp_path / "b", *argv) == 0  # resumes from the last checkpoint
+    assert torch.equal(load(tmp_path / "a" / "model").net[0].weight, load(tmp_path / "b" / "model").net[0].weight)
+    capsys.readouterr()
+    assert run_fit(regression_csv, tmp_path / "c", *argv, "--hidden", "5") == 2
+    assert "belongs to a different run" in capsys.readouterr().err
+    assert cli.main(["fit", str(regression_csv), "--out", str(tmp_path / "d"), *argv]) == 2
+    assert "--checkpoint needs --seed" in capsys.readouterr().err
+
+
+def test_cuda_unavailable_is_a_usage_error(regression_csv, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert run_fit(regression_csv, tmp_path / "o", "--target", "y", "--features", "x1", "--device", "cuda") == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.fixture
+def trained(regression_csv, tmp_path) -> Path:
+    out = tmp_path / "run"
+    assert run_fit(regression_csv, out, "--target", "y", "--features", "x1,x2") == 0
+    return out
+
+
+def test_predict_on_data_without_a_feature(trained, tmp_path, capsys):
+    data = write_csv(tmp_path / "few.csv", ["x1", "z"], [[1, 2]])
+    assert cli.main(["predict", str(trained), str(data), "-o", str(tmp_path / "p.csv")]) == 2
+    assert "has no column 'x2'" in capsys.readouterr().err
+
+
+def test_evaluate_on_data_without_the_target(trained, tmp_path, capsys):
+    data = write_csv(tmp_path / "few.csv", ["x1", "x2"], [[1, 2]])
+    assert cli.main(["evaluate", str(trained), str(data)]) == 2
+    assert "needs target: " in capsys.readouterr().err
+
+
+def test_evaluate_unknown_class_label(classes_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_fit(classes_csv, out, "--target", "species", "--loss", "cross_entropy") == 0
+    data = write_csv(tmp_path / "new.csv", ["length", "weight", "species"], [[0, 0, "cat"], [1, 1, "cow"]])
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out), str(data)]) == 2
+    assert "line 3, column 'species': label 'cow' is not one of the model's classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["fit", "d.csv", "--target", "y", "--out", "o", "--hidden", "10,0"],
+                                  ["fit", "d.csv", "--out", "o"],
+                                  ["fit", "d.csv", "--target", "y", "--out", "o", "--method", "newton"],
+                                  ["fit", "d.csv", "--target", "y", "--out", "o", "--split", "0.5,0.5"],
+                                  []])
+def test_bad_options_exit_2(argv, capsys):
+    assert cli.main(argv) == 2
+    assert "usage: marquardt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# as a program
+
+
+def _python_m(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "marquardt", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_python_m_marquardt_fit_predict_evaluate(regression_csv, tmp_path):
+    done = _python_m("fit", str(regression_csv), "--target", "y", "--features", "x1,x2", "--out", "run", *FAST,
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Training" in done.stdout and (tmp_path / "run" / "model.safetensors").is_file()
+    done = _python_m("predict", "run", str(regression_csv), "-o", "p.csv", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    done = _python_m("evaluate", "run", str(regression_csv), cwd=tmp_path)
+    assert done.returncode == 0 and "rmse" in done.stdout
+
+
+def test_python_m_marquardt_bad_input(regression_csv, tmp_path):
+    done = _python_m("fit", str(regression_csv), "--target", "Y", "--out", "run", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == f"marquardt fit: error: --target: {regression_csv} has no column 'Y'; did you mean 'y'?\n"
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_metadata_is_plain_json(trained):
+    record = json.loads((trained / "model.json").read_text())
+    assert record["metadata"]["cli"]["timings"]["train_s"] > 0
