@@ -1,0 +1,280 @@
+"""scikit-learn estimators around :func:`marquardt.mlp.mlp` and :func:`marquardt.train.fit`.
+
+:class:`LMRegressor` and :class:`LMClassifier` follow the scikit-learn contract (parameters
+stored untouched in ``__init__``, fitted attributes ending in ``_``, inputs checked with
+:func:`sklearn.utils.validation.validate_data`), so they work in ``Pipeline``,
+``GridSearchCV`` and ``cross_val_score``. Training is one call of ``fit`` with MATLAB's
+stopping rules; ``validation_fraction`` of the samples, drawn at random, is held out for early
+stopping (MATLAB's ``max_fail`` validation checks).
+
+scikit-learn is an optional dependency (``pip install marquardt[sklearn]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .history import History
+from .mlp import MLP, mlp
+from .train import fit
+
+__all__ = ["LMClassifier", "LMRegressor"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class _LMEstimator(BaseEstimator):
+    """Parameters, training and inference shared by :class:`LMRegressor` and :class:`LMClassifier`."""
+
+    def __init__(
+        self,
+        hidden_layer_sizes: tuple[int, ...] = (10,),
+        *,
+        activation: str = "tanh",
+        method: str | type = "lm",
+        epochs: int = 1000,
+        goal: float = 0.0,
+        min_grad: float = 1e-7,
+        max_fail: int = 6,
+        validation_fraction: float = 0.15,
+        batch_size: int | None = None,
+        time_limit: float | None = None,
+        method_options: dict[str, Any] | None = None,
+        dtype: str = "float64",
+        device: str = "cpu",
+        random_state: int | np.random.RandomState | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.method = method
+        self.epochs = epochs
+        self.goal = goal
+        self.min_grad = min_grad
+        self.max_fail = max_fail
+        self.validation_fraction = validation_fraction
+        self.batch_size = batch_size
+        self.time_limit = time_limit
+        self.method_options = method_options
+        self.dtype = dtype
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _train(self, X: np.ndarray, y: np.ndarray, n_outputs: int, loss: str) -> None:
+        """Build the network from ``random_state`` and train it on ``(X, y)``; set fitted attributes."""
+        dtype = self._torch_dtype()
+        if not (isinstance(self.validation_fraction, (int, float)) and 0 <= self.validation_fraction < 1):
+            raise ValueError(f"Invalid validation_fraction value: {self.validation_fraction!r}; expected a "
+                             "number in [0, 1).")
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        hidden = (self.hidden_layer_sizes,) if isinstance(self.hidden_layer_sizes, int) else self.hidden_layer_sizes
+        # fit(seed=...) seeds torch's global generator; fork_rng leaves the caller's stream as it was.
+        with torch.random.fork_rng(devices=[]):
+            model = mlp(X.shape[1], tuple(hidden), n_outputs, activation=self.activation, dtype=dtype,
+                        device=self.device, generator=torch.Generator().manual_seed(seed))
+            history = fit(model, self._tensor(X, model), self._tensor(y, model), **self._fit_options(seed, loss))
+        self.model_: MLP = model.eval()
+        self.history_: History = history
+        self.n_iter_: int = int(history.last["epoch"])
+
+    def _fit_options(self, seed: int, loss: str) -> dict[str, Any]:
+        held_out = float(self.validation_fraction)
+        method = torch.optim.Adam if self.method == "adam" else self.method
+        return dict(method=method, loss=loss, epochs=self.epochs, goal=self.goal, min_grad=self.min_grad,
+                    max_fail=self.max_fail, division="random" if held_out > 0 else None,
+                    split=(1.0 - held_out, held_out, 0.0), batch_size=self.batch_size, time_limit=self.time_limit,
+                    seed=seed, progress=bool(self.verbose), **(self.method_options or {}))
+
+    def _torch_dtype(self) -> torch.dtype:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"Invalid dtype: {self.dtype!r}; expected one of {sorted(_DTYPES)}.")
+        return _DTYPES[self.dtype]
+
+    @staticmethod
+    def _tensor(array: np.ndarray, model: MLP) -> torch.Tensor:
+        # A copy: scikit-learn may pass read-only (memory-mapped) arrays, which torch cannot wrap.
+        return torch.tensor(array, dtype=model.x_min.dtype, device=model.x_min.device)
+
+    def _outputs(self, X: Any) -> np.ndarray:
+        """Raw network outputs for ``X``, shape (n_samples, n_outputs)."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        with torch.no_grad():
+            return self.model_(self._tensor(X, self.model_)).cpu().numpy().astype(np.float64, copy=False)
+
+
+class LMRegressor(RegressorMixin, _LMEstimator):
+    """A fitting network trained by Levenberg-Marquardt (MATLAB ``fitnet`` + ``trainlm``).
+
+    Parameters
+    ----------
+    hidden_layer_sizes : tuple of int, default (10,)
+        Sizes of the tanh hidden layers.
+    activation : {"tanh", "sigmoid", "relu", "linear"}, default "tanh"
+        Hidden-layer activation (MATLAB names such as ``"tansig"`` are accepted too).
+    method : {"lm", "br", "gd", "momentum", "adam"} or torch.optim.Optimizer class, default "lm"
+        Training method: Levenberg-Marquardt, Bayesian regularization, gradient descent,
+        momentum, :class:`torch.optim.Adam`, or any optimizer class.
+    epochs : int, default 1000
+        Maximum epochs (LM iterations).
+    goal, min_grad, max_fail, time_limit
+        MATLAB's ``goal``, ``min_grad``, ``max_fail`` and ``time`` stopping rules.
+    validation_fraction : float, default 0.15
+        Share of the samples held out at random for early stopping; 0 trains on all of them.
+    batch_size : int, optional
+        Mini-batches (one step per batch); full batch by default, as MATLAB.
+    method_options : dict, optional
+        Options of the method, e.g. ``{"mu": 1e-2}`` for LM or ``{"lr": 1e-3}`` for Adam.
+    dtype : {"float64", "float32"}, default "float64"
+        Precision of the network.
+    device : str, default "cpu"
+        Torch device of the network (``"cuda"`` for a GPU).
+    random_state : int, RandomState instance or None, default None
+        Seeds the initial weights and the validation split.
+    verbose : bool, default False
+        Show live progress.
+
+    Attributes
+    ----------
+    model_ : marquardt.MLP
+        The trained network (inputs and targets normalised inside it, as ``mapminmax``).
+    history_ : marquardt.History
+        The training record: performance, damping and gradient per epoch, stop reason.
+    n_iter_ : int
+        Epochs run.
+    n_features_in_ : int
+        Number of features seen in ``fit``.
+    n_outputs_ : int
+        Number of targets.
+
+    Examples
+    --------
+    >>> X = np.linspace(-1, 1, 60)[:, None]
+    >>> reg = LMRegressor((8,), random_state=0).fit(X, np.sin(3 * X).ravel())
+    >>> reg.score(X, np.sin(3 * X).ravel()) > 0.99
+    True
+    >>> reg.history_.stop_reason in {"Validation stop.", "Minimum gradient reached.", "Maximum MU reached."}
+    True
+    """
+
+    def fit(self, X: Any, y: Any) -> LMRegressor:
+        """Train on ``X`` (n_samples, n_features) and ``y`` (n_samples,) or (n_samples, n_targets)."""
+        X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
+        self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
+        self._train(X, y.reshape(len(y), self.n_outputs_), self.n_outputs_, "mse")
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Network outputs: shape (n_samples,) for one target, else (n_samples, n_targets)."""
+        outputs = self._outputs(X)
+        return outputs.ravel() if self.n_outputs_ == 1 else outputs
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+
+class LMClassifier(ClassifierMixin, _LMEstimator):
+    """A pattern-recognition network trained by Levenberg-Marquardt on the cross-entropy.
+
+    Parameters
+    ----------
+    loss : {"cross_entropy", "binary_cross_entropy"}, default "cross_entropy"
+        ``"cross_entropy"``: one logit per class, softmax probabilities (the generalized
+        Gauss-Newton LM step). ``"binary_cross_entropy"``: two classes, one logit.
+    hidden_layer_sizes, activation, method, epochs, goal, min_grad, max_fail, validation_fraction,
+    batch_size, time_limit, method_options, dtype, device, random_state, verbose
+        As :class:`LMRegressor`.
+
+    Labels may be any values :func:`numpy.unique` can sort (ints, strings).
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The class labels, sorted; output ``k`` of the network belongs to ``classes_[k]``.
+    model_, history_, n_iter_, n_features_in_
+        As :class:`LMRegressor`. The history also has ``accuracy`` (and ``vaccuracy``).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(80, 2))
+    >>> labels = np.where(X[:, 0] + X[:, 1] > 0, "up", "down")
+    >>> clf = LMClassifier((5,), random_state=0).fit(X, labels)
+    >>> clf.classes_.tolist(), clf.score(X, labels) > 0.9
+    (['down', 'up'], True)
+    >>> clf.predict_proba(X[:2]).sum(axis=1).round(12).tolist()
+    [1.0, 1.0]
+    """
+
+    # scikit-learn reads the parameters from the signature, so it is spelled out again here.
+    def __init__(
+        self,
+        hidden_layer_sizes: tuple[int, ...] = (10,),
+        *,
+        activation: str = "tanh",
+        method: str | type = "lm",
+        loss: str = "cross_entropy",
+        epochs: int = 1000,
+        goal: float = 0.0,
+        min_grad: float = 1e-7,
+        max_fail: int = 6,
+        validation_fraction: float = 0.15,
+        batch_size: int | None = None,
+        time_limit: float | None = None,
+        method_options: dict[str, Any] | None = None,
+        dtype: str = "float64",
+        device: str = "cpu",
+        random_state: int | np.random.RandomState | None = None,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(
+            hidden_layer_sizes, activation=activation, method=method, epochs=epochs, goal=goal, min_grad=min_grad,
+            max_fail=max_fail, validation_fraction=validation_fraction, batch_size=batch_size, time_limit=time_limit,
+            method_options=method_options, dtype=dtype, device=device, random_state=random_state, verbose=verbose,
+        )
+        self.loss = loss
+
+    def fit(self, X: Any, y: Any) -> LMClassifier:
+        """Train on ``X`` (n_samples, n_features) and class labels ``y`` (n_samples,)."""
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"LMClassifier needs samples of at least two classes; received one class, "
+                             f"{self.classes_[0]!r}.")
+        if self.loss == "binary_cross_entropy":
+            if len(self.classes_) != 2:
+                raise ValueError(f"Only binary classification is supported with loss='binary_cross_entropy'; "
+                                 f"received {len(self.classes_)} classes. Use loss='cross_entropy'.")
+            self._train(X, codes.astype(np.float64)[:, None], 1, self.loss)
+        else:
+            self._train(X, codes.astype(np.float64), len(self.classes_), self.loss)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, shape (n_samples, n_classes), columns in the order of ``classes_``."""
+        logits = torch.from_numpy(self._outputs(X))
+        if self.loss == "binary_cross_entropy":
+            p = torch.sigmoid(logits[:, 0])
+            return torch.stack([1.0 - p, p], dim=1).numpy()
+        return torch.softmax(logits, dim=1).numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class of each sample."""
+        probabilities = self.predict_proba(X)  # checks fitting first
+        return self.classes_[probabilities.argmax(axis=1)]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = self.loss != "binary_cross_entropy"
+        return tags

@@ -1,0 +1,143 @@
+"""LMRegressor and LMClassifier: scikit-learn's estimator checks, Pipeline, GridSearchCV, cross_val_score."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from sklearn.datasets import make_classification, make_regression  # noqa: E402
+from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from marquardt import History, MLP  # noqa: E402
+from marquardt.estimators import LMClassifier, LMRegressor  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: intra-op threads only add overhead, and the machine is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Every check passes: no expected_failed_checks. Few epochs keep the ~60 checks per estimator
+# fast; LM still fits their small data sets. (Without pandas or SCIPY_ARRAY_API set, scikit-learn
+# skips its pandas and array-API checks.)
+@parametrize_with_checks([LMRegressor(epochs=15), LMClassifier(epochs=15),
+                          LMClassifier(epochs=15, loss="binary_cross_entropy")])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def regression_data(n=80, seed=0):
+    X, y = make_regression(n_samples=n, n_features=3, noise=1.0, random_state=seed)
+    return X, y / y.std()
+
+
+def test_regressor_fits_and_exposes_fitted_attributes():
+    X, y = regression_data()
+    reg = LMRegressor((5,), epochs=50, random_state=0).fit(X, y)
+    assert isinstance(reg.model_, MLP) and isinstance(reg.history_, History)
+    assert reg.n_features_in_ == 3 and reg.n_outputs_ == 1 and reg.n_iter_ == reg.history_.last["epoch"]
+    assert reg.predict(X).shape == (80,)
+    assert reg.score(X, y) > 0.95
+    assert reg.history_.method == "lm"
+
+
+def test_regressor_multi_output():
+    X, y = regression_data()
+    Y = np.column_stack([y, np.sin(y)])
+    reg = LMRegressor((6,), epochs=30, random_state=0).fit(X, Y)
+    assert reg.predict(X).shape == (80, 2) and reg.model_.n_outputs == 2
+
+
+def test_same_random_state_same_weights_and_global_rng_untouched():
+    X, y = regression_data()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = LMRegressor((4,), epochs=10, random_state=7).fit(X, y)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = LMRegressor((4,), epochs=10, random_state=7).fit(X, y)
+    assert all(torch.equal(p, q) for p, q in zip(a.model_.parameters(), b.model_.parameters()))
+
+
+def test_validation_fraction():
+    X, y = regression_data()
+    held_out = LMRegressor((4,), epochs=5, validation_fraction=0.25, random_state=0).fit(X, y)
+    assert held_out.history_.last["vperf"] is not None and not np.isnan(held_out.history_.last["vperf"])
+    all_train = LMRegressor((4,), epochs=5, validation_fraction=0.0, random_state=0).fit(X, y)
+    assert np.isnan(all_train.history_.last["vperf"])
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"validation_fraction": 1.0}, "Invalid validation_fraction value: 1.0"),
+    ({"dtype": "float16"}, "Invalid dtype: 'float16'"),
+    ({"method": "newton"}, "Invalid method: 'newton'"),
+    ({"epochs": -1}, "Invalid epochs value: -1"),
+])
+def test_bad_parameters_raise_at_fit(params, message):
+    X, y = regression_data(20)
+    with pytest.raises(ValueError, match=message):
+        LMRegressor(**params).fit(X, y)
+
+
+@pytest.mark.parametrize("method", ["br", "gd", "momentum", "adam"])
+def test_other_methods(method):
+    X, y = regression_data(40)
+    reg = LMRegressor((4,), method=method, epochs=5, random_state=0).fit(X, y)
+    assert reg.n_iter_ == 5 or reg.history_.stop_reason != "Maximum epoch reached."
+
+
+def test_classifier_string_labels_and_probabilities():
+    X, y = make_classification(n_samples=90, n_features=4, n_informative=3, n_redundant=0, n_classes=3,
+                               n_clusters_per_class=1, class_sep=2.0, random_state=0)
+    labels = np.array(["red", "green", "blue"])[y]
+    clf = LMClassifier((5,), epochs=30, random_state=0).fit(X, labels)
+    assert clf.classes_.tolist() == ["blue", "green", "red"] and clf.model_.n_outputs == 3
+    proba = clf.predict_proba(X)
+    assert proba.shape == (90, 3) and np.allclose(proba.sum(axis=1), 1.0)
+    assert set(clf.predict(X)) <= set(labels) and clf.score(X, labels) > 0.9
+    assert "accuracy" in clf.history_.keys()
+
+
+def test_binary_classifier_has_one_output():
+    X, y = make_classification(n_samples=60, n_features=3, n_informative=2, n_redundant=0, random_state=1)
+    clf = LMClassifier((4,), loss="binary_cross_entropy", epochs=20, random_state=0).fit(X, y + 5)
+    assert clf.model_.n_outputs == 1 and clf.classes_.tolist() == [5, 6]
+    assert clf.predict_proba(X).shape == (60, 2) and clf.score(X, y + 5) > 0.85
+
+
+def test_binary_loss_refuses_three_classes():
+    X = np.arange(12.0).reshape(6, 2)
+    with pytest.raises(ValueError, match="Only binary classification is supported with loss='binary_cross_entropy'; "
+                       "received 3 classes"):
+        LMClassifier(loss="binary_cross_entropy").fit(X, [0, 1, 2, 0, 1, 2])
+
+
+def test_pipeline_grid_search_and_cross_val_score():
+    X, y = regression_data(60)
+    pipe = make_pipeline(StandardScaler(), LMRegressor(epochs=10, random_state=0))
+    search = GridSearchCV(pipe, {"lmregressor__hidden_layer_sizes": [(2,), (5,)]}, cv=3).fit(X, y)
+    assert search.best_params_["lmregressor__hidden_layer_sizes"] in {(2,), (5,)}
+    assert search.best_estimator_.score(X, y) > 0.9
+
+    Xc, yc = make_classification(n_samples=60, n_features=3, n_informative=2, n_redundant=0, class_sep=2.0,
+                                 random_state=0)
+    scores = cross_val_score(LMClassifier((4,), epochs=10, random_state=0), Xc, yc, cv=3)
+    assert scores.shape == (3,) and scores.mean() > 0.8
+
+
+def test_pickle_round_trip_predicts_identically():
+    X, y = regression_data(40)
+    reg = LMRegressor((4,), epochs=5, random_state=0).fit(X, y)
+    again = pickle.loads(pickle.dumps(reg))
+    assert np.array_equal(again.predict(X), reg.predict(X))
