@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from marquardt import Callback, fit, mlp
-from marquardt.checkpoint import Checkpointer, latest_checkpoint
+from marquardt.checkpoint import CheckpointMismatch, Checkpointer, latest_checkpoint
 from marquardt.io import load_state
 
 
@@ -204,6 +204,13 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
         fit(network(5), X, y, epochs=2, checkpoint=tmp_path, progress=False)
     with pytest.raises(ValueError, match="belongs to a different run .*method 'lm' there, 'gd' here"):
         fit(network(6), X, y, method="gd", epochs=2, checkpoint=tmp_path, progress=False)
+
+
+def test_resume_with_another_division_is_refused(tmp_path):
+    X, y = problem()
+    fit(network(), X, y, epochs=2, division="random", seed=0, checkpoint=tmp_path, checkpoint_every=1, progress=False)
+    with pytest.raises(CheckpointMismatch, match="belongs to a different run .*data"):
+        fit(network(), X, y, epochs=2, division="random", seed=1, checkpoint=tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("options, error, message", [

@@ -18,6 +18,7 @@ leaves a readable checkpoint behind.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from .damping import DampingState
 from .history import History
 from .io import _atomic_write, load_state, save_state
 
-__all__ = ["NO_CHECKPOINT", "Checkpointer", "NoCheckpoint", "latest_checkpoint"]
+__all__ = ["NO_CHECKPOINT", "CheckpointMismatch", "Checkpointer", "NoCheckpoint", "latest_checkpoint"]
 
 _POINTER = "latest.txt"
 _PREFIX = "checkpoint-"
@@ -42,6 +43,10 @@ _FORMAT = 1
 # damping state and last solver path, trainbr's hyperparameters and whether the last step was kept.
 _TRAINER_FIELDS = ("state", "regularization", "accepted", "solver")
 _STATE_CLASSES = {cls.__name__: cls for cls in (DampingState, BayesianState)}
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint in the folder was written by a run with another model, method or data."""
 
 
 def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
@@ -129,7 +134,7 @@ class Checkpointer:
         if meta.get("format") != _FORMAT or found != expected:
             differences = [f"{key} {found.get(key)!r} there, {value!r} here" for key, value in expected.items()
                            if not isinstance(found, Mapping) or found.get(key) != value]
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"The checkpoint {path} belongs to a different run ({'; '.join(differences) or 'unknown format'}). "
                 "Pass another checkpoint folder, or resume=False to start over and replace it."
             )
@@ -180,13 +185,26 @@ NO_CHECKPOINT = NoCheckpoint()
 
 
 def _fingerprint(loop: Any) -> dict[str, Any]:
-    """What must match between the checkpointed run and the one resuming it."""
+    """What must match between the checkpointed run and the one resuming it.
+
+    The data digest covers the divided sets, so a resume with another seed (hence another
+    random division) or other data is refused rather than silently trained on.
+    """
     return {
         "method": loop.history.method,
         "trainer": type(loop.trainer).__name__,
-        "training_samples": len(loop.train),
         "parameters": {name: list(value.shape) for name, value in loop.model.state_dict().items()},
+        "data": _digest(loop.train, loop.val, loop.test),
     }
+
+
+def _digest(*splits: Any) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for split in splits:
+        for tensor in () if split is None else (split.X, split.y):
+            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
