@@ -271,6 +271,8 @@ BAD_INPUT = [
      "--target c: classification needs at least two classes; {one} has only ['a']"),
     ("two label columns", ["fit", "{data}", "--target", "y,x1", "--loss", "cross_entropy", *OUT],
      "--loss cross_entropy takes one --target column of class labels; received 2: y,x1"),
+    ("out is a file", ["fit", "{data}", "--target", "y", "--features", "x1", "--out", "{data}"],
+     "--out {data} is a file; pass a folder"),
     ("predict without a model", ["predict", "{tmp}/nomodel", "{data}", "-o", "{tmp}/p.csv"],
      "{tmp}/nomodel/model.safetensors does not exist; train a model with `marquardt fit"),
     ("evaluate without a model", ["evaluate", "{tmp}/nomodel", "{data}"],

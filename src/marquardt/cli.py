@@ -67,27 +67,28 @@ class Table:
 
     def numbers(self, names: Sequence[str]) -> np.ndarray:
         """The named columns as a float64 array (rows, columns); non-numbers raise UsageError."""
-        picked = [[row[self.columns.index(name)] for name in names] for row in self.rows]
+        indices = [self.columns.index(name) for name in names]
         try:
-            values = np.array(picked, dtype=np.str_).astype(np.float64).reshape(len(self.rows), len(names))
+            values = np.array([[row[i] for i in indices] for row in self.rows], dtype=np.str_).astype(np.float64)
         except ValueError:
             values = None
         if values is None or not np.isfinite(values).all():
-            self._raise_first_bad(names)
+            values = self._numbers_one_by_one(names)  # names the first bad cell
         return values
 
-    def _raise_first_bad(self, names: Sequence[str]) -> None:
-        for row, line in zip(self.rows, self.lines):
-            for name in names:
+    def _numbers_one_by_one(self, names: Sequence[str]) -> np.ndarray:
+        values = np.empty((len(self.rows), len(names)))
+        for r, (row, line) in enumerate(zip(self.rows, self.lines)):
+            for c, name in enumerate(names):
                 text = row[self.columns.index(name)]
                 try:
-                    ok = math.isfinite(float(text))
+                    values[r, c] = float(text)
                 except ValueError:
-                    ok = False
-                if not ok:
+                    values[r, c] = math.nan
+                if not math.isfinite(values[r, c]):
                     what = "an empty value" if not text.strip() else f"{text!r}"
                     raise UsageError(f"{self.path} line {line}, column {name!r}: {what} is not a finite number")
-        raise AssertionError("unreachable: a value failed to convert but none is bad")  # pragma: no cover
+        return values
 
 
 def read_table(path: str | Path) -> Table:
@@ -178,12 +179,13 @@ class Regression:
     def encode(self, table: Table) -> np.ndarray:
         return table.numbers(self.targets)
 
-    def matrix(self, y: np.ndarray) -> np.ndarray:
-        """Targets as the matrix the plots compare outputs with."""
-        return y
+    def training_targets(self, y: np.ndarray) -> torch.Tensor:
+        """Targets as ``fit`` takes them for this loss."""
+        return torch.from_numpy(y)
 
-    def predictions(self, outputs: np.ndarray) -> np.ndarray:
-        return outputs
+    def plot_pairs(self, y: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(targets, outputs) for the regression and error plots."""
+        return y, outputs
 
     def prediction_columns(self, outputs: np.ndarray) -> tuple[list[str], list[list[str]]]:
         return list(self.targets), [[repr(float(v)) for v in row] for row in outputs]
@@ -236,8 +238,14 @@ class Classification:
             codes.append(index[label])
         return np.array(codes, dtype=np.int64)
 
-    def matrix(self, y: np.ndarray) -> np.ndarray:
-        return np.eye(len(self.classes))[y]
+    def training_targets(self, y: np.ndarray) -> torch.Tensor:
+        # Class indices for the softmax cross-entropy, a 0/1 column for the single logit.
+        codes = torch.from_numpy(y)
+        return codes.to(torch.float64)[:, None] if self.loss == "binary_cross_entropy" else codes
+
+    def plot_pairs(self, y: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One-hot targets and class probabilities, as MATLAB plots a pattern-recognition network."""
+        return np.eye(len(self.classes))[y], self.probabilities(outputs)
 
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
         logits = torch.from_numpy(outputs)
@@ -245,9 +253,6 @@ class Classification:
             p = torch.sigmoid(logits[:, 0])
             return torch.stack([1 - p, p], dim=1).numpy()
         return torch.softmax(logits, dim=1).numpy()
-
-    def predictions(self, outputs: np.ndarray) -> np.ndarray:
-        return self.probabilities(outputs)
 
     def prediction_columns(self, outputs: np.ndarray) -> tuple[list[str], list[list[str]]]:
         probabilities = self.probabilities(outputs)
@@ -475,7 +480,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from .demo import run_demo, write_plots
 
     print(f"Training mlp 1-10-1 on the built-in simplefit-style data (94 samples, random 70/15/15, "
-          f"seed {args.seed}) with {'LM, momentum and gradient descent'}...")
+          f"seed {args.seed}) with LM, momentum and gradient descent...")
     runs = run_demo(epochs=args.epochs, seed=args.seed)
     print(format_table([run.row() for run in runs]))
     for path in write_plots(runs, args.out):
@@ -491,6 +496,8 @@ def run_fit(args: argparse.Namespace) -> int:
     X, y = table.numbers(features), task.encode(table)
     read_s = time.perf_counter() - started
     device = _device(args.device)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; pass a folder for the model, report and plots")
     if args.checkpoint is not None and args.seed is None:
         raise UsageError("--checkpoint needs --seed, so that a resumed run divides the data and starts the same way")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
@@ -538,9 +545,7 @@ def train_model(args: argparse.Namespace, task: Regression | Classification, X: 
 
     generator = torch.Generator().manual_seed(seed)
     model = mlp(X.shape[1], args.hidden, task.n_outputs, dtype=torch.float64, device=device, generator=generator)
-    targets = torch.from_numpy(y)
-    if isinstance(task, Classification) and task.loss == "binary_cross_entropy":
-        targets = targets.to(torch.float64)[:, None]
+    targets = task.training_targets(y)
     method = torch.optim.Adam if args.method == "adam" else args.method
     start = time.perf_counter()
     try:
@@ -575,13 +580,13 @@ def _outputs(model: Any, X: np.ndarray) -> np.ndarray:
 
 def _split_rows(task: Regression | Classification, splits: dict[str, np.ndarray], y: np.ndarray,
                 outputs: np.ndarray, history: Any) -> list[dict[str, Any]]:
-    """Metrics of the final model per split; for classes also the loss that ``fit`` recorded for it."""
+    """Metrics of the final model per split; for classes also the cross-entropy ``fit`` recorded for it."""
     kept = history[history.best_epoch]
     rows = []
     for name, index in [*splits.items(), ("All", np.arange(len(y)))]:
         row: dict[str, Any] = {"split": name, "samples": len(index)}
         if isinstance(task, Classification):
-            row["loss"] = kept.get(_LOSS_KEYS.get(name, ""))
+            row[task.loss] = kept.get(_LOSS_KEYS.get(name, ""))
         rows.append({**row, **task.metrics(y[index], outputs[index])})
     return rows
 
@@ -619,7 +624,7 @@ def write_fit_outputs(out: Path, model: Any, record: FitRecord, splits: dict[str
     out.mkdir(parents=True, exist_ok=True)
     written = [save(model, out / _MODEL_STEM, metadata=record.metadata())]
     written.append(written[0].with_suffix(".json"))
-    written += _write_plots(out, record, splits, record.task.matrix(y), record.task.predictions(outputs))
+    written += _write_plots(out, record, splits, *record.task.plot_pairs(y, outputs))
     record.timings["write_s"] = time.perf_counter() - start
     report = out / "report.md"
     report.write_text(format_report(record, written), encoding="utf-8")
