@@ -93,6 +93,7 @@ class Checkpointer:
     every: int = 10
     resume: bool = True
     generator: torch.Generator | None = None
+    _run: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.folder, (str, os.PathLike)):
@@ -129,7 +130,7 @@ class Checkpointer:
         return meta["epoch"], meta["val_fail"], meta["elapsed"]
 
     def _check_compatible(self, path: Path, loop: Any, meta: Mapping[str, Any]) -> None:
-        expected = _fingerprint(loop)
+        expected = self._fingerprint(loop)
         found = meta.get("run")
         if meta.get("format") != _FORMAT or found != expected:
             differences = [f"{key} {found.get(key)!r} there, {value!r} here" for key, value in expected.items()
@@ -155,7 +156,7 @@ class Checkpointer:
         random_tensors, random_meta = _random_state(self.generator)
         tensors.update(random_tensors)
         meta = {
-            "format": _FORMAT, "run": _fingerprint(loop), "epoch": epoch, "val_fail": val_fail, "elapsed": elapsed,
+            "format": _FORMAT, "run": self._fingerprint(loop), "epoch": epoch, "val_fail": val_fail, "elapsed": elapsed,
             "best": {"perf": best.perf, "epoch": best.epoch}, "trainer": trainer_meta, "random": random_meta,
             "history": {"method": loop.history.method, "records": loop.history.records},
         }
@@ -164,6 +165,12 @@ class Checkpointer:
         _atomic_write(self.folder / _POINTER, lambda tmp: tmp.write_text(stem + "\n", encoding="utf-8"))
         self._remove_older(stem)
         return path
+
+    def _fingerprint(self, loop: Any) -> dict[str, Any]:
+        # Once per run: the data digest reads every training sample.
+        if self._run is None:
+            self._run = _fingerprint(loop)
+        return self._run
 
     def _remove_older(self, keep: str) -> None:
         for old in self.folder.glob(f"{_PREFIX}*"):
