@@ -137,7 +137,8 @@ class Checkpointer:
                            if not isinstance(found, Mapping) or found.get(key) != value]
             raise CheckpointMismatch(
                 f"The checkpoint {path} belongs to a different run ({'; '.join(differences) or 'unknown format'}). "
-                "Pass another checkpoint folder, or resume=False to start over and replace it."
+                "Resume with the same model, method, data and seed (the seed fixes the division), pass another "
+                "checkpoint folder, or resume=False to start over and replace it."
             )
 
     # -- write ----------------------------------------------------------------------------------
