@@ -4,11 +4,13 @@ Examples
 --------
 >>> import marquardt
 >>> sorted(marquardt.__all__)[:3]
-['Callback', 'DampingState', 'GradientDescent']
+['BinaryCrossEntropy', 'Callback', 'CheckpointMismatch']
 """
 
+from .checkpoint import CheckpointMismatch
 from .damping import DampingState, MarquardtDamping, NielsenDamping
 from .history import History
+from .losses import BinaryCrossEntropy, CrossEntropy, SquaredError
 from .io import load, save
 from .mlp import MLP, mlp
 from .optim import GradientDescent, LevenbergMarquardt, Momentum
@@ -17,11 +19,29 @@ from .solver import least_squares
 from .train import STOP_REASONS, Callback, fit
 
 __version__ = "0.1.0"
+
+_LAZY = {"LMRegressor": "estimators", "LMClassifier": "estimators"}
+
+
+def __getattr__(name: str):
+    # The scikit-learn estimators need scikit-learn, an optional dependency: import on first use.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'marquardt' has no attribute {name!r}")
+
+
 __all__ = [
+    "LMClassifier",
+    "LMRegressor",
     "MLP",
     "STOP_REASONS",
     "TERMINATION_MESSAGES",
+    "BinaryCrossEntropy",
     "Callback",
+    "CheckpointMismatch",
+    "CrossEntropy",
     "DampingState",
     "GradientDescent",
     "History",
@@ -31,6 +51,7 @@ __all__ = [
     "MarquardtDamping",
     "Momentum",
     "NielsenDamping",
+    "SquaredError",
     "fit",
     "least_squares",
     "load",
