@@ -204,6 +204,7 @@ def _agreement_body(folder: str, reducer: Any) -> dict[str, Any]:
     local = ModuleProblem(model, X_k, y_k)
     out["local_form"] = local.plan.form
     problem = ReducedProblem(local, reducer)
+    problem.linearize(x0)  # the first one also agrees the layout (row counts, forms)
     before = reducer.bytes, reducer.calls
     lin = problem.linearize(x0)
     out["linearize_bytes"], out["linearize_calls"] = reducer.bytes - before[0], reducer.calls - before[1]
@@ -213,9 +214,22 @@ def _agreement_body(folder: str, reducer: Any) -> dict[str, Any]:
     weight = global_scale(local_scale, reducer) / local_scale  # this rank's share of the elements
     out["gd"] = gd_run(model, X_k, y_k, steps=10, reducer=reducer, weight=weight)
     out["range"] = global_range(X_k, reducer)
+    out["gathered"] = _gathered_run(reducer)
     out["matrix_free"] = _matrix_free_run(reducer, X_k, y_k) if _has_matrix_free() else None
     out.update({f"fit_{k}": v for k, v in fit_runs(functools.partial(_shard, reducer), True, folder).items()})
     return out
+
+
+def _gathered_run(reducer: Any) -> dict[str, Any]:
+    # 20 samples, 25 parameters: fewer residuals than parameters in all, so the rows are gathered.
+    X, y = _shard(reducer, *tiny_data(20))
+    problem = ReducedProblem(ModuleProblem(tiny_net(), X, y), reducer)
+    x0 = flatten_parameters(tiny_net())
+    problem.linearize(x0)  # agrees the layout (one small reduction)
+    before = reducer.bytes, reducer.calls
+    lin = problem.linearize(x0)
+    sent = {"form": lin.system.name, "bytes": reducer.bytes - before[0], "calls": reducer.calls - before[1]}
+    return {"x": lm_run(problem, x0, steps=8), **sent}
 
 
 def _has_matrix_free() -> bool:
@@ -373,6 +387,8 @@ def _reference() -> dict[str, Any]:
     ref["lm"] = lm_run(problem, x0, steps=8)
     ref["gd"] = gd_run(model, X, y, steps=10, reducer=LocalReducer(), weight=1.0)
     ref["range"] = torch.stack([X.amin(0), X.amax(0)])
+    few = ModuleProblem(tiny_net(), *tiny_data(20))
+    ref["gathered"] = lm_run(few, x0, steps=8) if few.plan.form == "sample-space" else None
     if _has_matrix_free():
         ref["matrix_free"] = lm_run(MatrixFreeShard(X, y), flatten_parameters(cg_net()), steps=8)
     ref.update({f"fit_{k}": v for k, v in fit_runs(lambda *t: list(t), False).items()})
@@ -413,6 +429,17 @@ def test_two_ranks_lm_weights_equal_one_process_on_all_data(ranks, reference):
     for _, out in ranks.values():
         assert relative_difference(out["lm"], ref["lm"]) <= 1e-6
     assert torch.equal(ranks[0][1]["lm"], ranks[1][1]["lm"])  # same decisions on every rank
+
+
+def test_fewer_residuals_than_parameters_gathers_rows_and_solves_in_residual_space(ranks, reference):
+    assert reference["gathered"] is not None  # one process solves in residual space
+    n, m = 25, 20
+    for _, out in ranks.values():
+        gathered = out["gathered"]
+        assert gathered["form"] == "sample-space"
+        assert relative_difference(gathered["x"], reference["gathered"]) <= 1e-6
+        assert gathered["calls"] == 2
+        assert gathered["bytes"] == 8 * m * (n + 1) + 4 * WORLD
 
 
 def test_two_ranks_first_order_weights_equal_one_process_on_all_data(ranks, reference):

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from .linalg import NormalEquations
+from .linalg import NormalEquations, SampleSpaceEquations
 from .solver import Linearization, Problem
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "TorchDistributedReducer",
     "average_gradients",
     "fail_together",
+    "gather_rows",
     "global_range",
     "global_scale",
     "initialize",
@@ -425,6 +426,14 @@ class ReducedProblem:
     :class:`~marquardt.linalg.NormalEquations` system without rows, so a solve that Cholesky
     refuses falls back to the eigen-decomposition of the damped ``J^T J``.
 
+    With fewer residuals than parameters in all (``m < n``), when every rank holds its rows
+    (the residual-space form, chosen by each local problem), the rows are gathered instead: each
+    rank places ``[J_k | r_k]`` at its offset in an ``m x (n + 1)`` buffer of zeros and the
+    buffers are summed. Every rank then solves in residual space, as one process would; this
+    sends ``m (n + 1)`` numbers instead of ``n^2 / 2`` and keeps the accurate residual-space
+    solve, which the (then singular) ``J^T J`` could not give. The layout (row counts and
+    forms) is agreed by one small reduction at the first linearization.
+
     When the local system is matrix-free (:mod:`marquardt.matfree`: ``J^T J`` is never formed),
     only ``J^T r`` and the cost are reduced here, and the system becomes a
     :class:`ReducedMatrixFree`: each conjugate-gradient product ``J^T J v = sum_k J_k^T (J_k v)``
@@ -442,6 +451,7 @@ class ReducedProblem:
 
     problem: Problem
     reducer: Reducer = field(default_factory=LocalReducer)
+    _rows: tuple[int, int, bool] | None = field(default=None, init=False, repr=False)
 
     def cost(self, x: Tensor) -> float:
         """The total cost over the ranks (``inf`` when it is not finite on any rank)."""
@@ -457,11 +467,39 @@ class ReducedProblem:
             total = self.reducer.sum(torch.cat([lin.grad, lin.grad.new_tensor([lin.cost])]))
             return Linearization(float(total[-1]), total[:-1].clone(), ReducedMatrixFree(lin.system, self.reducer))
         n = lin.grad.numel()
+        offset, m, gather = self._layout(lin.system, n)
+        if gather:
+            return self._gathered(lin.system, offset, m, n)
         gram = _gram(lin.system)
         cost = torch.tensor([lin.cost], dtype=gram.dtype, device=gram.device)
         total = self.reducer.sum(torch.cat([pack_upper(gram), lin.grad, cost]))
         split = total.numel() - n - 1
         return Linearization(float(total[-1]), total[split:-1].clone(), NormalEquations(unpack_upper(total[:split], n)))
+
+
+    def _layout(self, system: Any, n: int) -> tuple[int, int, bool]:
+        """``(first row of this rank, rows of all ranks, gather the rows)``, agreed once by all ranks."""
+        if self._rows is None:
+            rows = getattr(system, "jac", None) if getattr(system, "gram", None) is None else None
+            counts = [0.0] * (self.reducer.world_size + 1)
+            counts[self.reducer.rank] = float(rows.shape[0]) if rows is not None else 0.0
+            counts[-1] = 1.0 if rows is not None else 0.0
+            counts = sum_values(counts, self.reducer)
+            m = int(sum(counts[:-1]))
+            everyone_holds_rows = int(counts[-1]) == self.reducer.world_size
+            self._rows = (int(sum(counts[: self.reducer.rank])), m, everyone_holds_rows and m < n)
+        return self._rows
+
+    def _gathered(self, system: Any, offset: int, m: int, n: int) -> Linearization:
+        """All ranks' rows, summed into place; the residual-space system of one process."""
+        jac, residuals = system.jac, system.residuals
+        rows = jac.new_zeros(m, n + 1)
+        rows[offset : offset + jac.shape[0], :n] = jac
+        rows[offset : offset + jac.shape[0], n] = residuals
+        rows = self.reducer.sum(rows)
+        jac, residuals = rows[:, :n].contiguous(), rows[:, n].contiguous()
+        return Linearization(0.5 * float(residuals @ residuals), jac.T @ residuals,
+                             SampleSpaceEquations(jac, residuals), residuals, jac)
 
 
 def _is_matrix_free(system: Any) -> bool:
@@ -648,34 +686,78 @@ class ShardedCheckpoint:
     """A :class:`marquardt.checkpoint.Checkpointer` for a sharded run: rank 0 writes, every rank reads.
 
     Everything a checkpoint holds (weights, damping, History, best weights) is the same on every
-    rank, and its record of the run counts the training samples of all ranks, so a run resumes
-    on any number of ranks (each with its shard of the same training set), or on one process.
-    The checkpoint folder must be visible to every rank (a shared file system).
+    rank. What it records of the data (the checkpoint's digest of the training, validation and
+    test sets) is taken over all ranks' samples in rank order, which for contiguous shards
+    (:func:`shard_bounds`) is the data set itself: so a run resumes on any number of ranks, or
+    on one process, given the same samples (without ``division``, which divides each shard).
+
+    Notes
+    -----
+    At :meth:`restore` every rank gathers the samples of all ranks once (one reduction per
+    tensor, ``N`` rows each), and rank 0 keeps them for the digest of its writes: with
+    checkpoints, rank 0 holds a copy of the whole data set. The folder must be visible to every
+    rank (a shared file system).
     """
 
     inner: Any
     reducer: Reducer
-    training_samples: int
+    _view: Any = field(default=None, init=False, repr=False)
 
     def restore(self, loop: Any, best: Any) -> tuple[int, int, float]:
         """Every rank loads the newest checkpoint."""
-        return self.inner.restore(_WholeRun(loop, self.training_samples), best)
+        splits = [None if split is None else _Rows(gather_rows(split.X, self.reducer), gather_rows(split.y, self.reducer))
+                  for split in (loop.train, loop.val, loop.test)]
+        view = _WholeRun(loop, *splits)
+        result = self.inner.restore(view, best)
+        self._view = view if self.reducer.rank == 0 else None
+        return result
 
     def epoch_done(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> None:
         """Rank 0 writes; the others carry on."""
         if self.reducer.rank == 0:
-            self.inner.epoch_done(_WholeRun(loop, self.training_samples), epoch, best, val_fail, elapsed)
+            self.inner.epoch_done(self._view, epoch, best, val_fail, elapsed)
+
+
+@dataclass
+class _Rows:
+    X: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
 
 
 class _WholeRun:
-    """The epoch loop as a checkpoint sees it: the training set is all ranks' samples."""
+    """The epoch loop as a checkpoint sees it: the data sets hold all ranks' samples."""
 
-    def __init__(self, loop: Any, training_samples: int) -> None:
+    def __init__(self, loop: Any, train: _Rows, val: _Rows | None, test: _Rows | None) -> None:
         self._loop = loop
-        self.train = range(training_samples)
+        self.train, self.val, self.test = train, val, test
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loop, name)
+
+
+def gather_rows(tensor: Tensor, reducer: Reducer) -> Tensor:
+    """All ranks' ``tensor`` stacked along the first dimension in rank order, on every rank.
+
+    Built from sums only: each rank writes its rows at its offset in a buffer of zeros and the
+    buffers are summed (one small reduction for the row counts, one for the rows).
+
+    Examples
+    --------
+    >>> gather_rows(torch.arange(3), LocalReducer()).tolist()
+    [0, 1, 2]
+    """
+    if reducer.world_size == 1:
+        return tensor
+    counts = [0.0] * reducer.world_size
+    counts[reducer.rank] = float(tensor.shape[0])
+    counts = [int(c) for c in sum_values(counts, reducer)]
+    start = sum(counts[: reducer.rank])
+    rows = tensor.new_zeros((sum(counts),) + tuple(tensor.shape[1:]))
+    rows[start : start + tensor.shape[0]] = tensor
+    return reducer.sum(rows)
 
 
 def global_range(data: Tensor, reducer: Reducer) -> Tensor:

@@ -618,7 +618,7 @@ def fit(
         train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
         require_same({"validation data": val is not None, "test data": test is not None}, reducer)
         if reducer.world_size > 1 and checkpoint is not None:
-            checkpointer = ShardedCheckpoint(checkpointer, reducer, int(sum_values([len(train)], reducer)[0]))
+            checkpointer = ShardedCheckpoint(checkpointer, reducer)
         module, to_training_units = _training_view(model, loss_fn)
         fitting = to_training_units(train)
         trainer = _make_trainer(kind, spec, module, fitting, loss_fn, _make_batches(fitting, batch_size, generator),
