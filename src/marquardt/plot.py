@@ -73,6 +73,7 @@ _STATE_PANELS = (
     ("val_fail", "Validation Checks", False),
 )
 _MSE_LABEL = "Mean Squared Error (mse)"
+_CE_LABEL = "Cross-Entropy (crossentropy)"
 
 
 # --------------------------------------------------------------------------- public plots
@@ -125,12 +126,13 @@ def plot_performance(
     _mark_best(ax, epochs[best_index], best_value, validation=best_key == "vperf")
     ax.set_yscale("log")
     ax.set_xlabel(f"{_int_text(epochs[-1])} Epochs")
-    ax.set_ylabel(_MSE_LABEL)
+    # Classification runs record accuracy; their performance is the mean cross-entropy.
+    ax.set_ylabel(_CE_LABEL if _has_data(history, "accuracy") else _MSE_LABEL)
     split = "Validation" if best_key == "vperf" else "Training"
     best_epoch = _int_text(epochs[best_index])
     ax.set_title(title if title is not None else
                  f"Best {split} Performance is {best_value:.4g} at epoch {best_epoch}")
-    ax.legend()
+    ax.legend(loc="upper right")
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 
@@ -285,7 +287,7 @@ def plot_error_histogram(
     ax.set_title(f"Error Histogram with {bins} Bins")
     ax.set_xlabel("Errors = Targets - Outputs")
     ax.set_ylabel("Instances")
-    ax.legend()
+    ax.legend(loc="upper right")
     return _finish(fig, path)
 
 
@@ -351,7 +353,7 @@ def plot_fit(
     top.plot(grid, out_grid, "-", color="black", linewidth=1.5, label="Network output")
     top.set_title("Function Fit")
     top.set_ylabel("Output and Target")
-    top.legend()
+    top.legend(loc="upper right")
     _error_panel(bottom, x, t - out_data)
     return _finish(fig, path)
 
@@ -414,7 +416,7 @@ def plot_comparison(
     ax.set_xlabel("Epoch" if x == "epoch" else "Time (s)")
     ax.set_ylabel(_MSE_LABEL if key == "perf" else key)
     ax.set_title(f"{'Training performance' if key == 'perf' else key} by method")
-    ax.legend()
+    ax.legend(loc="upper right")
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 
