@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import traceback
+from pathlib import Path
 from queue import Empty
 from collections.abc import Callable
 from typing import Any
@@ -217,7 +218,21 @@ def _agreement_body(folder: str, reducer: Any) -> dict[str, Any]:
     out["gathered"] = _gathered_run(reducer)
     out["matrix_free"] = _matrix_free_run(reducer, X_k, y_k) if _has_matrix_free() else None
     out.update({f"fit_{k}": v for k, v in fit_runs(functools.partial(_shard, reducer), True, folder).items()})
+    out["cli_status"] = cli_fit(Path(folder).parent / "data.csv", Path(folder).parent / "cli-2-ranks")
     return out
+
+
+def write_csv(path: Path) -> None:
+    X, y = tiny_data()
+    rows = ["a,b,y"] + [f"{a!r},{b!r},{t!r}" for (a, b), (t,) in zip(X.tolist(), y.tolist())]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def cli_fit(data: Path, out: Path) -> int:
+    from marquardt.cli import main
+
+    return main(["fit", str(data), "--target", "y", "--out", str(out), "--seed", "3", "--epochs", "6",
+                 "--hidden", "4", "--division", "none"])
 
 
 def _gathered_run(reducer: Any) -> dict[str, Any]:
@@ -336,7 +351,7 @@ def test_make_reducer_without_process_group():
     assert isinstance(make_reducer(False), LocalReducer)
     with pytest.raises(DistributedError, match="torch.distributed is not initialized"):
         make_reducer(True)
-    with pytest.raises(ValueError, match="Invalid distributed value: 'yes'"):
+    with pytest.raises(ValueError, match="Invalid distributed value: .yes.; expected None, True, False or a Reducer"):
         make_reducer("yes")
 
 
@@ -373,8 +388,10 @@ def test_initialize_outside_torchrun_says_how_to_start(monkeypatch):
 
 @pytest.fixture(scope="module")
 def agreement(tmp_path_factory) -> dict[str, Any]:
-    folder = tmp_path_factory.mktemp("checkpoint")
-    return {"ranks": launch(functools.partial(_agreement_body, str(folder))), "folder": folder}
+    root = tmp_path_factory.mktemp("distributed")
+    write_csv(root / "data.csv")
+    folder = root / "checkpoint"
+    return {"ranks": launch(functools.partial(_agreement_body, str(folder))), "folder": folder, "root": root}
 
 
 def _reference() -> dict[str, Any]:
@@ -498,6 +515,21 @@ def test_checkpoint_written_by_two_ranks_resumes_in_one_process(agreement, refer
     fit(straight, X, y, epochs=7, distributed=False)
     assert history["epoch"] == list(range(8))
     assert relative_difference(flatten_parameters(resumed), flatten_parameters(straight)) <= 1e-6
+
+
+def test_cli_under_two_ranks_writes_once_and_matches_one_process(agreement):
+    from marquardt import load
+
+    root = agreement["root"]
+    assert [out["cli_status"] for _, out in agreement["ranks"].values()] == [0, 0]
+    assert cli_fit(root / "data.csv", root / "cli-1-rank") == 0
+    two, one = load(root / "cli-2-ranks" / "model"), load(root / "cli-1-rank" / "model")
+    flat = [torch.cat([t.reshape(-1).double() for t in m.state_dict().values() if t.is_floating_point()])
+            for m in (two, one)]
+    assert relative_difference(flat[0], flat[1]) <= 1e-6
+    report = (root / "cli-2-ranks" / "report.md").read_text()
+    assert "41 samples" in report  # rank 0 reports on all rows
+    assert sorted(p.name for p in (root / "cli-2-ranks").iterdir()) == sorted(p.name for p in (root / "cli-1-rank").iterdir())
 
 
 def test_fit_distributed_needs_a_process_group_and_a_bool():

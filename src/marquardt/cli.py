@@ -6,6 +6,11 @@ in code and prints the comparison. ``marquardt fit DATA.csv --target y --out DIR
 random 70/15/15 division) and writes the model, a report and the training plots to ``DIR``;
 ``predict`` and ``evaluate`` read that model back.
 
+Data-parallel training: ``torchrun --nproc-per-node=K -m marquardt fit DATA.csv ...`` starts K
+ranks (gloo on CPU, NCCL with ``--device cuda``); each trains on its contiguous block of the CSV
+rows (:mod:`marquardt.distributed`), ``--division`` divides each block, and only rank 0 prints
+and writes the model, report and plots (over all rows).
+
 CSV files are read with the :mod:`csv` module: a header line naming the columns, then one
 sample per line. A mistake in the input (a missing file or column, a value that is not a
 number, an empty file, a target also given as a feature) is reported on one line of standard
@@ -489,23 +494,42 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    """``marquardt fit``: train, then write the model, the report and the plots."""
+    """``marquardt fit``: train, then write the model, the report and the plots (rank 0 of a torchrun)."""
+    from .distributed import DistributedError, fail_together
+
     started = time.perf_counter()
-    table = read_table(args.data)
-    task, features = _fit_columns(args, table)
-    X, y = table.numbers(features), task.encode(table)
-    read_s = time.perf_counter() - started
-    device = _device(args.device)
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file; pass a folder for the model, report and plots")
-    if args.checkpoint is not None and args.seed is None:
-        raise UsageError("--checkpoint needs --seed, so that a resumed run divides the data and starts the same way")
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    model, history, train_s = train_model(args, task, X, y, seed, device)
+    reducer, owned = _process_group(args.device)
+    try:
+        with fail_together(reducer):  # a bad row in one rank's block stops every rank
+            table = read_table(args.data)
+            task, features = _fit_columns(args, table)
+            shard = _shard_rows(table, reducer)
+            X, y = shard.numbers(features), task.encode(shard)
+            read_s = time.perf_counter() - started
+            device = _device(args.device)
+            if args.out.exists() and not args.out.is_dir():
+                raise UsageError(f"--out {args.out} is a file; pass a folder for the model, report and plots")
+            if args.checkpoint is not None and args.seed is None:
+                raise UsageError("--checkpoint needs --seed, so that a resumed run divides the data and starts the "
+                                 "same way")
+            seed = args.seed if args.seed is not None else _shared_seed(reducer)
+            model, history, train_s = train_model(args, task, X, y, seed, device, reducer)
+    except DistributedError as error:
+        print(f"marquardt {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if owned:
+            torch.distributed.destroy_process_group()
+    if reducer.rank != 0:
+        return 0
+    if shard is not table:
+        X, y = table.numbers(features), task.encode(table)
     outputs = _outputs(model, X)
-    splits = split_indices(len(X), args.division, args.split, seed)
+    splits = _sharded_split_indices(len(X), reducer.world_size, args.division, args.split, seed)
     rows = _split_rows(task, splits, y, outputs, history)
     options = _options(args, seed)
+    if reducer.world_size > 1:
+        options["ranks"] = reducer.world_size
     record = FitRecord(args.data, features, task, options, history, rows, {"read_s": read_s, "train_s": train_s})
     written = write_fit_outputs(args.out, model, record, splits, y, outputs)
     _print_summary(record, written)
@@ -537,7 +561,7 @@ def _device(name: str) -> torch.device:
 
 
 def train_model(args: argparse.Namespace, task: Regression | Classification, X: np.ndarray, y: np.ndarray,
-                seed: int, device: torch.device) -> tuple[Any, Any, float]:
+                seed: int, device: torch.device, reducer: Any = None) -> tuple[Any, Any, float]:
     """Build ``mlp(F, hidden, outputs)`` from ``seed`` and train it with ``fit``; return model, history, seconds."""
     from .checkpoint import CheckpointMismatch
     from .mlp import mlp
@@ -552,7 +576,8 @@ def train_model(args: argparse.Namespace, task: Regression | Classification, X: 
         history = fit(model, torch.from_numpy(X), targets, method=method, epochs=args.epochs, goal=args.goal,
                       max_fail=args.max_fail, division=None if args.division == "none" else args.division,
                       split=args.split, loss=task.loss, seed=seed, progress=sys.stdout.isatty(),
-                      checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
+                      checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                      distributed=reducer if reducer is not None else False)
     except CheckpointMismatch as error:
         raise UsageError(f"--checkpoint {args.checkpoint}: {error}") from None
     return model, history, time.perf_counter() - start
@@ -570,6 +595,56 @@ def split_indices(n: int, division: str, split: tuple[float, float, float], seed
         return {"Training": np.arange(n)}
     parts = divide(n, division, split, torch.Generator().manual_seed(seed))
     return {name: part.numpy() for name, part in zip(_SPLIT_NAMES, parts) if len(part)}
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: one rank per process, each with a contiguous block of the rows
+
+
+def _process_group(device: str) -> tuple[Any, bool]:
+    """The reducer of this run and whether this command started the process group (then it ends it)."""
+    import os
+
+    from .distributed import LocalReducer, initialize
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return LocalReducer(), False
+    owned = not torch.distributed.is_initialized()
+    return initialize(backend="nccl" if device == "cuda" else "gloo"), owned
+
+
+def _shard_rows(table: Table, reducer: Any) -> Table:
+    """This rank's contiguous block of the rows (the table itself for one process)."""
+    from .distributed import shard_bounds
+
+    if reducer.world_size == 1:
+        return table
+    try:
+        start, stop = shard_bounds(len(table), reducer.rank, reducer.world_size)
+    except ValueError as error:
+        raise UsageError(f"{table.path}: {error}") from None
+    return Table(table.path, table.columns, table.rows[start:stop], table.lines[start:stop])
+
+
+def _shared_seed(reducer: Any) -> int:
+    # Rank 0 draws; the others take its seed (the weights are sent from rank 0 anyway).
+    seed = random.SystemRandom().randrange(2**31) if reducer.rank == 0 else 0
+    return int(reducer.sum_scalar(float(seed)))
+
+
+def _sharded_split_indices(n: int, world_size: int, division: str, split: tuple[float, float, float],
+                           seed: int) -> dict[str, np.ndarray]:
+    """The row indices of each split over all ranks: each rank divides its own block of rows."""
+    from .distributed import shard_bounds
+
+    if world_size == 1:
+        return split_indices(n, division, split, seed)
+    parts: dict[str, list[np.ndarray]] = {}
+    for rank in range(world_size):
+        start, stop = shard_bounds(n, rank, world_size)
+        for name, index in split_indices(stop - start, division, split, seed).items():
+            parts.setdefault(name, []).append(index + start)
+    return {name: np.concatenate(pieces) for name, pieces in parts.items()}
 
 
 def _outputs(model: Any, X: np.ndarray) -> np.ndarray:

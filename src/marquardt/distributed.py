@@ -304,12 +304,13 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     return TorchDistributedReducer()
 
 
-def make_reducer(distributed: bool | None = None) -> Reducer:
+def make_reducer(distributed: bool | Reducer | None = None) -> Reducer:
     """The reducer for ``fit(..., distributed=...)``.
 
     ``None``: a :class:`TorchDistributedReducer` when :mod:`torch.distributed` is initialized,
     else a :class:`LocalReducer`. ``True`` requires an initialized process group; ``False``
-    always trains on this process's data alone.
+    always trains on this process's data alone. A reducer is used as it is (e.g. one over a
+    sub-group, or the caller's own, so that both share its failure state).
 
     Examples
     --------
@@ -321,7 +322,9 @@ def make_reducer(distributed: bool | None = None) -> Reducer:
 
         distributed = dist.is_available() and dist.is_initialized()
     elif not isinstance(distributed, bool):
-        raise ValueError(f"Invalid distributed value: {distributed!r}; expected None, True or False.")
+        if all(hasattr(distributed, name) for name in ("sum", "sum_scalar", "world_size", "rank")):
+            return distributed
+        raise ValueError(f"Invalid distributed value: {distributed!r}; expected None, True, False or a Reducer.")
     return TorchDistributedReducer() if distributed else LocalReducer()
 
 

@@ -480,7 +480,7 @@ def fit(
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = True,
     checkpoint_every: int = 10,
-    distributed: bool | None = None,
+    distributed: bool | Reducer | None = None,
     **method_options: Any,
 ) -> History:
     """Train ``model`` on ``(X, y)`` and return the training record.
@@ -535,7 +535,8 @@ def fit(
         training on all the samples. Rank 0's initial weights are sent to all ranks. Not with
         ``batch_size``. Rank 0 alone writes checkpoints (to a folder every rank can read; a run
         resumes on any number of ranks) and shows progress; callbacks run on every rank and
-        see the same History. An error on one rank stops every rank.
+        see the same History. An error on one rank stops every rank. A
+        :class:`~marquardt.distributed.Reducer` may be passed instead of True.
     **method_options
         For ``"lm"``: ``mu=1e-3``, ``mu_dec=0.1``, ``mu_inc=10``, ``mu_max=1e10``,
         ``max_jacobian_bytes`` (Jacobian rows held at once); for ``"br"`` the same with
