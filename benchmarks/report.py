@@ -110,7 +110,8 @@ def section_t1(r: dict) -> tuple[str, list]:
     rows = []
     for name, runs in (("ours (fit, defaults + goal)", tr["ours"]),
                        (f"peer (default, {r['peer_steps']} steps max)", tr["peer"]),
-                       ("Adam (best lr per seed)", tr["adam"])):
+                       ("Adam (best lr per seed)", tr["adam"]),
+                       ("scipy least_squares(method='lm'), float64", tr.get("scipy_lm", []))):
         runs = [x for x in runs if x]
         if not runs:
             rows.append([name, "not available", "", "", "", "", ""])
@@ -133,8 +134,9 @@ def section_t1(r: dict) -> tuple[str, list]:
          f"{fmt_ratio(speedup)} ({best})", status(None if math.isnan(speedup) else speedup >= 5)],
         ["T1", f"median time to MSE <= {target:g} at most 1 s",
          fmt_seconds(ttt), status(None if math.isnan(ttt) else ttt <= 1.0)],
-        ["T1", f"reference: the peer's default after {r['peer_steps']} steps",
-         f"MSE {fmt_float(median([x['final_mse'] for x in peer_runs]))} in "
+        ["T1", f"reference: the peer's default after {r['peer_steps']} steps (or its time budget)",
+         f"MSE {fmt_float(median([x['final_mse'] for x in peer_runs]))} after "
+         f"{median([x['steps'] for x in peer_runs]):.0f} steps in "
          f"{fmt_seconds(median([x['wall_s'] for x in peer_runs]))}" if peer_runs else "n/a", "reference"],
     ]
     return text, targets
@@ -230,7 +232,8 @@ def charts(r: dict, out: Path) -> list[str]:
     curves = {}
     if r["case"] == "T1":
         tr = r["training"]
-        for name, runs in (("ours", tr["ours"]), ("peer (default)", tr["peer"]), ("Adam (best lr)", tr["adam"])):
+        for name, runs in (("ours", tr["ours"]), ("peer (default)", tr["peer"]), ("Adam (best lr)", tr["adam"]),
+                           ("scipy lm (float64)", tr.get("scipy_lm", []))):
             if runs and runs[0]:
                 curves[name] = (runs[0]["t"], runs[0]["mse"])
     if r["case"] == "T4":

@@ -54,6 +54,7 @@ class Plan:
     t1_rounds: int
     t1_steps: int
     t1_peer_steps: int  # the issue quotes the peer's MSE after 1000 steps
+    t1_peer_budget_s: float  # ... which take about 4 s on an idle machine, minutes on a loaded one
     t1_equal_time_s: float  # "MSE after equal wall time" for ours, the peer and Adam
     t1_ours_budget_s: float
     t2_rounds: int
@@ -69,11 +70,12 @@ class Plan:
     def make(cls, quick: bool) -> "Plan":
         if quick:
             return cls(quick=True, t1_seeds=(0, 1), t1_rounds=1, t1_steps=30, t1_peer_steps=300,
-                       t1_equal_time_s=1.0, t1_ours_budget_s=5.0, t2_rounds=1, t2_steps=1,
+                       t1_peer_budget_s=15.0, t1_equal_time_s=1.0, t1_ours_budget_s=5.0, t2_rounds=1, t2_steps=1,
                        t3_steps=1, t3_with_peer=False, t4_budget_s=10.0, t5_rounds=1,
                        t5_steps=1, cap_s=45.0)
-        return cls(quick=False, t1_seeds=(0, 1, 2, 3, 4), t1_rounds=3, t1_steps=100,
-                   t1_peer_steps=1000, t1_equal_time_s=2.0, t1_ours_budget_s=20.0, t2_rounds=2,
+        return cls(quick=False, t1_seeds=(0, 1, 2, 3, 4), t1_rounds=3, t1_steps=50,
+                   t1_peer_steps=1000, t1_peer_budget_s=60.0, t1_equal_time_s=2.0,
+                   t1_ours_budget_s=10.0, t2_rounds=2,
                    t2_steps=3, t3_steps=2, t3_with_peer=True, t4_budget_s=60.0, t5_rounds=2,
                    t5_steps=2, cap_s=90.0)
 
@@ -117,9 +119,12 @@ class Session:
         except WorkerError as exc:
             message = str(exc).splitlines()[-1]
             log(f"  {module}.{func} failed: {message}")
-            worker = self.workers.pop(module)  # a fresh worker on the next call
+            if exc.fatal:  # dead or killed: a fresh worker on the next call
+                peak = self.workers.pop(module).close()
+            else:  # an exception inside the call: the worker (and its peak RSS so far) lives on
+                peak = self.workers[module].last_rss_mb
             self.failures.append({"module": module, "func": func, "kwargs": kwargs,
-                                  "error": message, "peak_rss_mb": worker.close()})
+                                  "error": message, "peak_rss_mb": peak})
             return None
 
     def close(self) -> dict[str, float | None]:
@@ -219,8 +224,8 @@ def thin(run: dict | None, points: int = 300) -> dict | None:
 
 def case_t1(session: Session, plan: Plan) -> dict:
     steps = per_step(session, [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL], rounds=plan.t1_rounds,
-                     steps=plan.t1_steps, warmup=5, bound_repeats=20, cap_s=30, timeout=300)
-    runs: dict[str, list] = {"ours": [], "peer": [], "adam": []}
+                     steps=plan.t1_steps, warmup=5, bound_repeats=20, cap_s=15, timeout=300)
+    runs: dict[str, list] = {"ours": [], "peer": [], "adam": [], "scipy_lm": []}
     for seed in plan.t1_seeds:  # seed-major: the three contenders side by side per seed
         log(f"  seed {seed}: training runs")
         if session.available(OURS_FIT):
@@ -230,8 +235,10 @@ def case_t1(session: Session, plan: Plan) -> dict:
         if session.available(PEER_QR):
             runs["peer"].append(thin(session.call(
                 "peer", "train", 600, case="T1", seed=seed, max_steps=plan.t1_peer_steps,
-                target=T1_TARGET_MSE)))
+                budget_s=plan.t1_peer_budget_s, target=T1_TARGET_MSE)))
         runs["adam"].append(_best_adam(session, "T1", seed, plan.t1_equal_time_s, T1_TARGET_MSE))
+        runs["scipy_lm"].append(thin(session.call("scipy_lm", "train", 300, case="T1", seed=seed,
+                                                  target=T1_TARGET_MSE)))
     return {"per_step": steps, "training": runs, "equal_time_s": plan.t1_equal_time_s,
             "target_mse": T1_TARGET_MSE, "peer_steps": plan.t1_peer_steps, "seeds": list(plan.t1_seeds)}
 

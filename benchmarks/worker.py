@@ -29,11 +29,15 @@ from typing import Any
 
 from benchmarks.common import REPO_ROOT, child_env, configure_threads, peak_rss_mb, wait_with_rusage
 
-MODULES = ("ours", "peer", "adam", "bound")
+MODULES = ("ours", "peer", "adam", "bound", "scipy_lm")
 
 
 class WorkerError(RuntimeError):
-    """A worker call failed, timed out, or the worker died."""
+    """A worker call failed (``fatal=False``: the worker lives on), timed out, or the worker died."""
+
+    def __init__(self, message: str, *, fatal: bool = True) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class Worker:
@@ -65,7 +69,7 @@ class Worker:
         reply = self._read_reply(timeout)
         self.last_rss_mb = reply.get("rss_mb")
         if not reply["ok"]:
-            raise WorkerError(f"{self.module}.{func} failed:\n{reply['error']}")
+            raise WorkerError(f"{self.module}.{func} failed:\n{reply['error']}", fatal=False)
         return reply["result"]
 
     def _read_reply(self, timeout: float) -> dict:
