@@ -1,14 +1,26 @@
-"""Assemble the LM linear system from Jacobian row chunks: pure tensor code.
+"""Assemble the LM linear system from Jacobian row chunks, and choose its form: pure tensor code.
 
-Network problems produce their Jacobian a block of rows at a time (a chunk of samples). The
-normal equations only need ``J^T J`` and ``J^T r``, so the chunks are folded in and dropped: the
-memory is ``O(chunk * n + n^2)`` instead of ``O(m * n)``. When there are fewer residuals than
-parameters the rows are kept instead, for the residual-space solve.
+Network problems produce their Jacobian a block of rows at a time (a chunk of samples). Which
+system is built depends on the shape ``m x n`` of the Jacobian and on two memory budgets
+(:func:`plan_assembly`):
+
+* ``"sample-space"`` when there are fewer residuals than parameters and the whole Jacobian fits
+  in ``max_jacobian_bytes``: the rows are kept and the step is solved in the ``m x m`` space;
+* ``"normal"`` when the ``n x n`` matrix fits in ``max_matrix_bytes``: the chunks are folded into
+  ``J^T J`` and ``J^T r`` and dropped, so memory is ``O(chunk * n + n^2)``, not ``O(m * n)``;
+* ``"matrix-free"`` otherwise: neither ``J`` nor ``J^T J`` is formed; conjugate gradients use
+  Jacobian-vector products (:mod:`marquardt.matfree`), memory ``O(m + n)`` plus activations.
+
+``J^T J`` is accumulated as a symmetric rank-k update: on the CPU in float32/float64 by BLAS
+``ssyrk``/``dsyrk`` on zero-copy numpy views (half the flops of a matrix product), elsewhere
+(CUDA, other dtypes, no SciPy) by ``addmm``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,72 +28,366 @@ from torch import Tensor
 
 from .linalg import NormalEquations, SampleSpaceEquations
 
-#: Default bound on the bytes of Jacobian rows held at once (128 MiB).
-DEFAULT_JACOBIAN_BYTES = 1 << 27
+try:  # SciPy is optional: without it J^T J is a (twice as costly) matrix product
+    from scipy.linalg.blas import dsyrk as _dsyrk
+    from scipy.linalg.blas import ssyrk as _ssyrk
+except ImportError:  # pragma: no cover - exercised only without SciPy
+    _ssyrk = _dsyrk = None
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_JACOBIAN_BYTES",
+    "DEFAULT_MATRIX_BYTES",
+    "FORMS",
+    "is_small",
+    "PROMOTE_MAX_PARAMS",
+    "SERIAL_MAX_ENTRIES",
+    "ChunkedNormalEquations",
+    "Plan",
+    "PromotedEquations",
+    "accumulation_dtype",
+    "accumulate_normal",
+    "assemble_sample_space",
+    "plan_assembly",
+    "single_thread",
+    "symmetric_rank_update",
+]
+
+_MIB = 1 << 20
+
+
+def _memory_share(fraction: float, low: int, high: int) -> int:
+    """``fraction`` of the physical memory, clipped to ``[low, high]`` bytes (``low`` if unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return low
+    return int(min(high, max(low, fraction * total)))
+
+
+#: Default bound on the bytes of Jacobian rows held at once: 1/16 of the physical memory,
+#: between 128 MiB and 1 GiB. The sample-space form needs the whole Jacobian within it.
+DEFAULT_JACOBIAN_BYTES = _memory_share(1 / 16, 128 * _MIB, 1024 * _MIB)
+#: Default bound on the ``n x n`` normal matrix: 1/16 of the physical memory, between 128 MiB
+#: and 2 GiB. The normal form holds about three such matrices (``J^T J``, its damped copy and
+#: the Cholesky factor); past the bound the matrix-free form is used.
+DEFAULT_MATRIX_BYTES = _memory_share(1 / 16, 128 * _MIB, 2048 * _MIB)
+#: Largest chunk of rows folded into ``J^T J`` at once: beyond a few thousand rows a bigger
+#: rank-k update is no faster, only bigger.
+CHUNK_BYTES = 64 * _MIB
+#: The system forms, in the order :func:`plan_assembly` considers them.
+FORMS = ("sample-space", "normal", "matrix-free")
+#: Up to this many parameters a lower-precision problem's system is assembled and solved in
+#: float64 (see :func:`accumulation_dtype`).
+PROMOTE_MAX_PARAMS = 1024
+#: Problems whose Jacobian has at most this many entries run their kernels on one thread
+#: (see :func:`single_thread`).
+SERIAL_MAX_ENTRIES = 1 << 18
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How to assemble the system for ``m`` residuals and ``n`` parameters under a byte budget.
+    """How to assemble the system for ``m`` residuals and ``n`` parameters.
 
     Attributes
     ----------
-    form : {"normal", "sample-space"}
-        Accumulate ``J^T J`` chunk by chunk, or keep all rows for the residual-space solve.
+    form : {"sample-space", "normal", "matrix-free"}
+        Keep all rows for the residual-space solve; accumulate ``J^T J`` chunk by chunk; or
+        form neither (conjugate gradients on Jacobian products).
     chunk_rows : int
         Jacobian rows computed at once.
+    serial : bool
+        The problem is small enough (``m * n <= SERIAL_MAX_ENTRIES``) that its kernels should
+        run on one thread (:func:`single_thread`).
     """
 
     form: str
     chunk_rows: int
+    serial: bool = False
 
 
-def plan_assembly(m: int, n: int, itemsize: int, max_bytes: int = DEFAULT_JACOBIAN_BYTES) -> Plan:
-    """Choose the system form and chunk size.
+def plan_assembly(m: int, n: int, itemsize: int, max_bytes: int = DEFAULT_JACOBIAN_BYTES, *,
+                  max_matrix_bytes: int = DEFAULT_MATRIX_BYTES, form: str = "auto") -> Plan:
+    """Choose the system form and the chunk size for an ``m x n`` Jacobian.
 
-    The residual-space form is taken when ``m < n`` and the whole ``m x n`` Jacobian fits in
-    ``max_bytes``; otherwise ``J^T J`` is accumulated from chunks of at most ``max_bytes``.
+    Parameters
+    ----------
+    m, n : int
+        Residuals and parameters.
+    itemsize : int
+        Bytes per element (4 for float32).
+    max_bytes : int
+        Bytes of Jacobian rows held at once.
+    max_matrix_bytes : int
+        Bytes the ``n x n`` normal matrix may take.
+    form : {"auto", "sample-space", "normal", "matrix-free"}
+        ``"auto"``: sample-space when ``m < n`` and the whole ``m x n`` Jacobian fits in
+        ``max_bytes``; else normal when ``n * n * itemsize <= max_matrix_bytes``; else
+        matrix-free. Any other value forces that form (sample-space then ignores ``max_bytes``).
 
     Examples
     --------
     >>> plan_assembly(1000, 61, 8, max_bytes=61 * 8 * 100)
-    Plan(form='normal', chunk_rows=100)
+    Plan(form='normal', chunk_rows=100, serial=True)
     >>> plan_assembly(10, 1000, 8)
-    Plan(form='sample-space', chunk_rows=10)
+    Plan(form='sample-space', chunk_rows=10, serial=True)
+    >>> plan_assembly(20_000, 98_945, 4).form
+    'matrix-free'
     """
+    if form not in ("auto",) + FORMS:
+        raise ValueError(f"Invalid solver form: {form!r}; expected 'auto' or one of {FORMS}.")
     row_bytes = max(1, n * itemsize)
-    rows = max(1, min(m, max_bytes // row_bytes))
-    if m < n and m * row_bytes <= max_bytes:
-        return Plan("sample-space", m)
-    return Plan("normal", rows)
+    rows = max(1, min(m, min(max_bytes, CHUNK_BYTES) // row_bytes))
+    if form == "auto":
+        if m < n and m * row_bytes <= max_bytes:
+            form = "sample-space"
+        elif n * row_bytes <= max_matrix_bytes:
+            form = "normal"
+        else:
+            form = "matrix-free"
+    return Plan(form, rows, is_small(m, n))
+
+
+def is_small(m: int, n: int) -> bool:
+    """Whether an ``m x n`` Jacobian is small enough for one thread (``m * n <= SERIAL_MAX_ENTRIES``).
+
+    Examples
+    --------
+    >>> is_small(1000, 61), is_small(5000, 4353)
+    (True, False)
+    """
+    return m * n <= SERIAL_MAX_ENTRIES
+
+
+@contextmanager
+def single_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the enclosed torch kernels on one intra-op thread (the previous count is restored).
+
+    On small problems every kernel is a few microseconds of work, and waking a second thread
+    costs more than it saves; on a machine shared with other jobs it can cost a whole scheduler
+    time slice (measured here: a 20,000-element ``tanh`` took 52 us on one thread and 16 ms on
+    two under load). The setting is process-wide while the block runs, so other Python threads
+    running torch at the same time are slowed, never wrong.
+
+    Examples
+    --------
+    >>> before = torch.get_num_threads()
+    >>> with single_thread():
+    ...     torch.get_num_threads()
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    previous = torch.get_num_threads()
+    if not enabled or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def accumulation_dtype(dtype: torch.dtype, n: int) -> torch.dtype:
+    """The dtype to assemble and solve the exact system in: float64 for small lower-precision problems.
+
+    ``J^T J`` squares the condition number of ``J``: in float32 (``eps ~ 1.2e-7``) a Jacobian with
+    ``cond(J) > ~3e3`` already gives a normal matrix whose Cholesky factor is meaningless, and
+    training stalls far above the accuracy the float32 network itself can reach. Forming
+    ``J^T J`` from the float32 rows in float64 costs little while ``n <= PROMOTE_MAX_PARAMS``
+    (the per-step overhead dominates there), so small float32/float16/bfloat16 problems are
+    promoted; larger ones stay in their own dtype, where the rank-k update is the bulk of a step.
+
+    Examples
+    --------
+    >>> accumulation_dtype(torch.float32, 61), accumulation_dtype(torch.float32, 4353)
+    (torch.float64, torch.float32)
+    """
+    if dtype in (torch.float32, torch.float16, torch.bfloat16) and n <= PROMOTE_MAX_PARAMS:
+        return torch.float64
+    return dtype
+
+
+class PromotedEquations:
+    """A system assembled in a wider dtype, seen by the LM loop in the problem's dtype.
+
+    ``solve`` and ``curvature`` cast their arguments up and their results down; ``gram``,
+    ``jac`` and ``residuals`` (where the inner system holds them) come back in the problem's
+    dtype, so code that rebuilds a system from them (regularization, reductions across
+    processes) keeps working unchanged.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> system = PromotedEquations(NormalEquations(J.T @ J), torch.float32)
+    >>> system.solve(torch.tensor([1.0, 4.0]), 0.0, torch.ones(2))
+    tensor([-1., -1.])
+    """
+
+    def __init__(self, system, dtype: torch.dtype) -> None:
+        self.system = system
+        self.dtype = dtype
+        self.wide = system.diagonal().dtype
+        self.name = system.name
+
+    @property
+    def path(self) -> str:
+        """The solver path the inner system last took."""
+        return self.system.path
+
+    def diagonal(self) -> Tensor:
+        """``diag(J^T J)`` in the problem's dtype."""
+        return self.system.diagonal().to(self.dtype)
+
+    def solve(self, grad: Tensor, damping: float, scale: Tensor, residuals: Tensor | None = None) -> Tensor:
+        """The inner system's step, computed in the wide dtype."""
+        wide = None if residuals is None else residuals.to(self.wide)
+        return self.system.solve(grad.to(self.wide), damping, scale.to(self.wide), wide).to(self.dtype)
+
+    def curvature(self, step: Tensor) -> Tensor:
+        """``h^T J^T J h``, computed in the wide dtype."""
+        return self.system.curvature(step.to(self.wide)).to(self.dtype)
+
+    def _narrow(self, name: str) -> Tensor | None:
+        value = getattr(self.system, name, None)
+        return None if value is None else value.to(self.dtype)
+
+    @property
+    def gram(self) -> Tensor | None:
+        return self._narrow("gram")
+
+    @property
+    def jac(self) -> Tensor | None:
+        return self._narrow("jac")
+
+    @property
+    def residuals(self) -> Tensor | None:
+        return self._narrow("residuals")
+
+
+def symmetric_rank_update(gram: Tensor, jac: Tensor) -> None:
+    """``gram += J^T J`` on the lower triangle; the strict upper triangle is not meaningful after.
+
+    On the CPU in float32/float64 this is BLAS ``?syrk`` on numpy views of the same memory
+    (``J^T`` of a C-contiguous ``J`` is Fortran-contiguous; the lower triangle of a C-ordered
+    ``gram`` is the upper one of its Fortran-ordered transpose). Elsewhere, ``addmm`` on the
+    whole matrix. :func:`accumulate_normal` mirrors the lower triangle once at the end.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    >>> gram = torch.zeros(2, 2)
+    >>> symmetric_rank_update(gram, J)
+    >>> gram.tril().tolist()
+    [[10.0, 0.0], [14.0, 20.0]]
+    """
+    syrk = _syrk(gram, jac)
+    if syrk is None:
+        gram.addmm_(jac.T, jac)
+        return
+    target = gram.numpy().T
+    result = syrk(1.0, jac.detach().contiguous().numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
+    if result.ctypes.data != target.ctypes.data:  # f2py copied: write back (never expected)
+        gram.copy_(torch.from_numpy(result.T))
+
+
+def _syrk(gram: Tensor, jac: Tensor):
+    if gram.device.type != "cpu" or jac.device.type != "cpu" or gram.dtype != jac.dtype:
+        return None
+    if not gram.is_contiguous() or gram.requires_grad:
+        return None
+    return {torch.float32: _ssyrk, torch.float64: _dsyrk}.get(gram.dtype)
+
+
+def _mirror_lower(gram: Tensor) -> None:
+    """Make ``gram`` symmetric from its lower triangle (in place)."""
+    gram.tril_()
+    gram += gram.tril(-1).T
+
+
+class ChunkedNormalEquations(NormalEquations):
+    """:class:`~marquardt.linalg.NormalEquations` accumulated from more than one chunk of rows.
+
+    Only the recorded path differs (``"chunked-cholesky"``, ...), so that a training record shows
+    that the Jacobian was never held whole.
+    """
+
+    name = "chunked-cholesky"
+
+    def solve(self, grad: Tensor, damping: float, scale: Tensor, residuals: Tensor | None = None) -> Tensor:
+        step = super().solve(grad, damping, scale, residuals)
+        self.path = "chunked-" + self.path
+        return step
 
 
 def accumulate_normal(chunks: Iterable[tuple[Tensor, Tensor]], n: int, *, dtype: torch.dtype,
                       device: torch.device | str) -> tuple[NormalEquations, Tensor, float]:
-    """Fold ``(J_chunk, r_chunk)`` pairs into ``J^T J``, ``J^T r`` and the cost.
+    """Fold ``(J_chunk, r_chunk)`` pairs into ``J^T J``, ``J^T r`` and the cost, in ``dtype``.
 
     Examples
     --------
     >>> J = torch.arange(6.0).reshape(3, 2); r = torch.ones(3)
     >>> system, grad, cost = accumulate_normal([(J[:2], r[:2]), (J[2:], r[2:])], 2, dtype=J.dtype, device="cpu")
-    >>> torch.equal(system.gram, J.T @ J), grad.tolist(), cost
-    (True, [6.0, 9.0], 1.5)
+    >>> torch.equal(system.gram, J.T @ J), grad.tolist(), cost, system.name
+    (True, [6.0, 9.0], 1.5, 'chunked-cholesky')
     """
     gram = torch.zeros(n, n, dtype=dtype, device=device)
     grad = torch.zeros(n, dtype=dtype, device=device)
     sum_sq = torch.zeros((), dtype=dtype, device=device)
+    count = 0
     for jac, residuals in chunks:
-        # J^T J is symmetric: addmm on the full block is BLAS-3; the symmetric half is filled
-        # by the same call (torch has no exposed syrk).
-        gram.addmm_(jac.T, jac)
+        jac, residuals = jac.to(dtype), residuals.to(dtype)
+        symmetric_rank_update(gram, jac)
         grad.addmv_(jac.T, residuals)
         sum_sq += residuals @ residuals
-    return NormalEquations(gram), grad, 0.5 * float(sum_sq)
+        count += 1
+    _mirror_lower(gram)
+    system = NormalEquations(gram) if count <= 1 else ChunkedNormalEquations(gram)
+    return system, grad, 0.5 * float(sum_sq)
 
 
-def assemble_sample_space(chunks: Iterable[tuple[Tensor, Tensor]]) -> tuple[SampleSpaceEquations, Tensor, float]:
-    """Stack all rows for the residual-space solve; returns ``(system, J^T r, cost)``."""
-    jacs, residuals = zip(*chunks)
-    jac = torch.cat(jacs)
-    r = torch.cat(residuals)
+def assemble_sample_space(chunks: Iterable[tuple[Tensor, Tensor]], shape: tuple[int, int] | None = None, *,
+                          dtype: torch.dtype | None = None) -> tuple[SampleSpaceEquations, Tensor, float]:
+    """Stack all rows for the residual-space solve; returns ``(system, J^T r, cost)``.
+
+    With ``shape = (m, n)`` the rows are copied into one preallocated ``m x n`` tensor as they
+    come (peak memory: the Jacobian plus one chunk), else concatenated at the end. ``dtype``
+    (default: the rows' own) is the dtype the rows are stored and solved in.
+
+    Examples
+    --------
+    >>> J = torch.arange(6.0).reshape(2, 3); r = torch.ones(2)
+    >>> system, grad, cost = assemble_sample_space([(J[:1], r[:1]), (J[1:], r[1:])], (2, 3))
+    >>> torch.equal(system.jac, J), grad.tolist(), cost
+    (True, [3.0, 5.0, 7.0], 1.0)
+    """
+    if shape is None:
+        jacs, residuals = zip(*chunks)
+        jac, r = torch.cat(jacs), torch.cat(residuals)
+    else:
+        jac, r = _fill_rows(iter(chunks), shape, dtype)
+    if dtype is not None:
+        jac, r = jac.to(dtype), r.to(dtype)
     return SampleSpaceEquations(jac, r), jac.T @ r, 0.5 * float(r @ r)
+
+
+def _fill_rows(chunks: Iterator[tuple[Tensor, Tensor]], shape: tuple[int, int],
+               dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    first_jac, first_r = next(chunks)
+    jac = first_jac.new_empty(shape, dtype=dtype or first_jac.dtype)
+    r = first_r.new_empty(shape[0], dtype=dtype or first_r.dtype)
+    start = 0
+    for rows, values in _chain_first((first_jac, first_r), chunks):
+        stop = start + rows.shape[0]
+        jac[start:stop] = rows
+        r[start:stop] = values
+        start = stop
+    if start != shape[0]:
+        raise ValueError(f"The chunks held {start} rows; expected {shape[0]}.")
+    return jac, r
+
+
+def _chain_first(first: tuple[Tensor, Tensor], rest: Iterator[tuple[Tensor, Tensor]]):
+    yield first
+    yield from rest

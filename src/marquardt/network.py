@@ -2,8 +2,12 @@
 
 :class:`ModuleProblem` is the bridge between an ``nn.Module`` and :func:`marquardt.solver.lm_step`:
 the flattened parameters are the unknowns, ``model(X) - y`` the residuals. The per-sample
-Jacobian comes from :mod:`torch.func` (``vmap`` of ``jacrev`` over samples) in chunks that fit
-a byte budget, folded straight into ``J^T J`` and ``J^T r`` (see :mod:`marquardt.chunked`).
+Jacobian comes in closed form for stacks of linear layers and elementwise activations
+(:mod:`marquardt.fastjac`), from :mod:`torch.func` (``vmap`` of ``jacrev`` over samples) for
+anything else, in chunks that fit a byte budget. The system form follows the shape and the
+memory budgets (:func:`marquardt.chunked.plan_assembly`): the chunks are folded straight into
+``J^T J`` and ``J^T r``, kept whole for the sample-space solve, or not formed at all
+(conjugate gradients on Jacobian products, :mod:`marquardt.matfree`).
 With a cross-entropy loss (:mod:`marquardt.losses`) the chunks are folded into the generalized
 Gauss-Newton matrix ``J^T H J`` and the gradient ``J^T dl/dz`` instead.
 """
@@ -15,10 +19,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 
-from .chunked import DEFAULT_JACOBIAN_BYTES, Plan, accumulate_normal, assemble_sample_space, plan_assembly
+from .chunked import (
+    DEFAULT_JACOBIAN_BYTES,
+    DEFAULT_MATRIX_BYTES,
+    PromotedEquations,
+    accumulate_normal,
+    accumulation_dtype,
+    assemble_sample_space,
+    plan_assembly,
+    single_thread,
+)
+from .fastjac import jacobian_backend
 from .losses import Loss, SquaredError, accumulate_gauss_newton
+from .matfree import MatrixFreeEquations, eisenstat_walker
 from .solver import Linearization
 
 
@@ -58,6 +72,13 @@ class ModuleProblem:
         :class:`~marquardt.losses.SquaredError` (default) gives the least-squares problem
         above; a cross-entropy loss gives its cost and generalized Gauss-Newton model, always
         in the ``n x n`` normal form.
+    solver : {"auto", "normal", "sample-space", "matrix-free"}
+        The system form (see :func:`~marquardt.chunked.plan_assembly`); ``"auto"`` picks it from
+        the shape and the budgets.
+    max_matrix_bytes : int
+        Budget for the ``n x n`` normal matrix; past it ``"auto"`` goes matrix-free.
+    cg_max_iter : int
+        Most conjugate-gradient iterations per matrix-free solve.
 
     Examples
     --------
@@ -74,6 +95,9 @@ class ModuleProblem:
     y: Tensor
     max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES
     loss: Loss = field(default_factory=SquaredError)
+    solver: str = "auto"
+    max_matrix_bytes: int = DEFAULT_MATRIX_BYTES
+    cg_max_iter: int = 100
     names: list[str] = field(init=False)
     shapes: list[torch.Size] = field(init=False)
 
@@ -83,12 +107,15 @@ class ModuleProblem:
         self.shapes = [p.shape for _, p in named]
         self.n_params = sum(p.numel() for _, p in named)
         self.outputs_per_sample = max(1, self.y[0].numel()) if self.y.shape[0] else 1
-        itemsize = self.y.element_size()
-        self.plan = plan_assembly(self.y.numel(), self.n_params, itemsize, self.max_jacobian_bytes)
-        if not self.is_least_squares:
-            # The residual-space solve needs residuals r with grad = J^T r; a loss gradient has none.
-            self.plan = Plan("normal", self.plan.chunk_rows)
+        # The residual-space and matrix-free solves need residuals r with grad = J^T r; a
+        # cross-entropy gradient has none, so its model is always the normal form.
+        form = self.solver if self.is_least_squares else "normal"
+        self.plan = plan_assembly(self.y.numel(), self.n_params, self.y.element_size(), self.max_jacobian_bytes,
+                                  max_matrix_bytes=self.max_matrix_bytes, form=form)
         self.buffers = dict(self.model.named_buffers())
+        layout = [(name, p.numel()) for name, p in named]
+        self.backend = jacobian_backend(self.model, layout, self.buffers, X=self.X)
+        self._previous: tuple[Tensor, float, float] | None = None  # matrix-free warm start and forcing
 
     @property
     def is_least_squares(self) -> bool:
@@ -107,12 +134,11 @@ class ModuleProblem:
 
     def outputs(self, x: Tensor, X: Tensor | None = None) -> Tensor:
         """``model(X)`` with parameters ``x`` (the module itself is untouched)."""
-        X = self.X if X is None else X
-        return functional_call(self.model, (self.params(x), self.buffers), (X,))
+        return self.backend.outputs(self.params(x), self.X if X is None else X)
 
     def cost(self, x: Tensor) -> float:
         """The loss's cost, ``0.5 * sum((model(X) - y)**2)`` for least squares; ``inf`` when not finite."""
-        with torch.no_grad():
+        with torch.no_grad(), single_thread(self.plan.serial):
             value = float(self.loss.cost(self.outputs(x), self.y))
         return value if value == value and value != float("inf") else float("inf")
 
@@ -121,16 +147,47 @@ class ModuleProblem:
 
         For a cross-entropy loss: ``J^T H J``, ``J^T dl/dz`` and the cost.
         """
+        with single_thread(self.plan.serial):
+            return self._linearize(x)
+
+    def _linearize(self, x: Tensor) -> Linearization:
         if not self.is_least_squares:
             terms = (self.loss.gauss_newton(jac, out, y) for jac, out, y in self._jacobian_outputs(x))
             system, grad, cost = accumulate_gauss_newton(terms, self.n_params, dtype=x.dtype, device=x.device)
             return Linearization(cost, grad, system)
+        if self.plan.form == "matrix-free":
+            return self._matrix_free(x)
         chunks = self.jacobian_chunks(x)
+        wide = accumulation_dtype(x.dtype, self.n_params)
         if self.plan.form == "sample-space":
-            system, grad, cost = assemble_sample_space(chunks)
+            system, grad, cost = assemble_sample_space(chunks, (self.n_residuals, self.n_params), dtype=wide)
+        else:
+            system, grad, cost = accumulate_normal(chunks, self.n_params, dtype=wide, device=x.device)
+        if wide != x.dtype:
+            system, grad = PromotedEquations(system, x.dtype), grad.to(x.dtype)
+        if self.plan.form == "sample-space":
             return Linearization(cost, grad, system, system.residuals, system.jac)
-        system, grad, cost = accumulate_normal(chunks, self.n_params, dtype=x.dtype, device=x.device)
         return Linearization(cost, grad, system)
+
+    def _matrix_free(self, x: Tensor) -> Linearization:
+        """Gradient, cost and the CG system from Jacobian products at ``x`` (``J`` is never formed).
+
+        The solve starts from the last accepted step and stops at an Eisenstat-Walker forcing
+        term, both carried from the previous linearization of this problem.
+        """
+        lin = self.backend.linearize(self.params(x), self.X)
+        residuals = (lin.outputs - self.y).reshape(-1)
+        grad = lin.vjp(residuals)
+        norm = float(torch.linalg.vector_norm(grad))
+        start, forcing = None, eisenstat_walker(norm, None, None)
+        if self._previous is not None:
+            previous_x, previous_norm, previous_forcing = self._previous
+            start = x - previous_x if previous_x.shape == x.shape else None
+            forcing = eisenstat_walker(norm, previous_norm, previous_forcing)
+        self._previous = (x.clone(), norm, forcing)
+        system = MatrixFreeEquations(lin.jvp, lin.vjp, lin.gram_diagonal, initial=start, rtol=forcing,
+                                     max_iter=self.cg_max_iter)
+        return Linearization(0.5 * float(residuals @ residuals), grad, system)
 
     def jacobian_chunks(self, x: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(J_rows, residual_rows)`` for consecutive chunks of samples."""
@@ -139,16 +196,9 @@ class ModuleProblem:
 
     def _jacobian_outputs(self, x: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """Yield ``(J_rows, outputs, targets)`` for consecutive chunks of samples."""
-        params = self.params(x)
         samples = max(1, self.plan.chunk_rows // self.outputs_per_sample)
-        per_sample = vmap(jacrev(self._single, has_aux=True), in_dims=(None, 0))
-        for start in range(0, self.X.shape[0], samples):
-            X_chunk = self.X[start : start + samples]
-            jacs, outputs = per_sample(params, X_chunk)
-            rows = outputs.reshape(-1).numel()
-            jac = torch.cat([jacs[name].reshape(rows, -1) for name in self.names], dim=1)
-            yield jac.detach(), outputs.detach(), self.y[start : start + samples]
-
-    def _single(self, params: dict[str, Tensor], sample: Tensor) -> tuple[Tensor, Tensor]:
-        out = functional_call(self.model, (params, self.buffers), (sample.unsqueeze(0),)).squeeze(0)
-        return out, out
+        start = 0
+        for jac, outputs in self.backend.chunks(self.params(x), self.X, samples):
+            stop = start + outputs.shape[0]
+            yield jac, outputs, self.y[start:stop]
+            start = stop

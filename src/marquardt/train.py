@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_state, update_state
 from .checkpoint import NO_CHECKPOINT, Checkpointer
-from .chunked import DEFAULT_JACOBIAN_BYTES
+from .chunked import DEFAULT_JACOBIAN_BYTES, FORMS, is_small, single_thread
 from .damping import DampingState, MarquardtDamping
 from .distributed import (LocalReducer, ReducedProblem, Reducer, ShardedCheckpoint, average_gradients, fail_together,
                           global_range, global_scale, make_reducer, require_same, slowest, sum_values,
@@ -54,7 +54,8 @@ STOP_REASONS = {
     "user": "User stop.",
 }
 
-_LM_OPTIONS = {"mu": 1e-3, "mu_dec": 0.1, "mu_inc": 10.0, "mu_max": 1e10, "max_jacobian_bytes": DEFAULT_JACOBIAN_BYTES}
+_LM_OPTIONS = {"mu": 1e-3, "mu_dec": 0.1, "mu_inc": 10.0, "mu_max": 1e10, "max_jacobian_bytes": DEFAULT_JACOBIAN_BYTES,
+                "solver": "auto"}
 # MATLAB trainbr starts from mu = 0.005; the other defaults are trainlm's.
 _DAMPED = {"lm": _LM_OPTIONS, "br": {**_LM_OPTIONS, "mu": 0.005}}
 _DEFAULT_MAX_FAIL = 6
@@ -241,7 +242,8 @@ class LMTrainer:
         self.accepted = False
 
     def _problem(self, X: Tensor, y: Tensor) -> ModuleProblem | ReducedProblem:
-        problem = ModuleProblem(self.model, X, y, self.options["max_jacobian_bytes"], self.loss)
+        problem = ModuleProblem(self.model, X, y, self.options["max_jacobian_bytes"], self.loss,
+                                solver=self.options["solver"])
         return ReducedProblem(problem, self.reducer) if self.reducer.world_size > 1 else problem
 
     @property
@@ -264,6 +266,17 @@ class LMTrainer:
         if self.bayesian:
             self._estimate_regularization()
         return self.perf_scale * float(torch.linalg.vector_norm(self.lin.grad))
+
+    def training_perf(self) -> float | None:
+        """The training performance at the current weights when the linearization already has it.
+
+        ``lin.cost`` is the data cost ``0.5 * sum(r**2)`` at these weights, so the epoch record
+        needs no extra forward pass; ``None`` when it is not the reported quantity (mini-batches,
+        classification accuracy wanted, a module trained in normalized units).
+        """
+        if self.lin is None or self.batches is not None or self.loss.classification:
+            return None
+        return self.perf_scale * self.lin.cost
 
     def _estimate_regularization(self) -> None:
         sse, ssw, n_errors = 2.0 * self.lin.cost, float(self.x @ self.x), self.n_errors
@@ -364,6 +377,8 @@ def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
             raise TypeError(f"Unknown option(s) for method={method!r}: {sorted(unknown)}; expected {sorted(defaults)}.")
         merged = {**defaults, **options}
         MarquardtDamping(merged["mu"], merged["mu_dec"], merged["mu_inc"], merged["mu_max"])  # validates
+        if merged["solver"] not in ("auto",) + FORMS:
+            raise ValueError(f"Invalid solver: {merged['solver']!r}; expected 'auto' or one of {FORMS}.")
         return method, merged
     if isinstance(method, str) and method in _FIRST_ORDER:
         cls, defaults = _FIRST_ORDER[method]
@@ -539,7 +554,8 @@ def fit(
         :class:`~marquardt.distributed.Reducer` may be passed instead of True.
     **method_options
         For ``"lm"``: ``mu=1e-3``, ``mu_dec=0.1``, ``mu_inc=10``, ``mu_max=1e10``,
-        ``max_jacobian_bytes`` (Jacobian rows held at once); for ``"br"`` the same with
+        ``max_jacobian_bytes`` (Jacobian rows held at once), ``solver="auto"`` (``"normal"``,
+        ``"sample-space"`` or ``"matrix-free"`` to force a form; see Notes); for ``"br"`` the same with
         ``mu=0.005``. For ``"gd"``: ``lr=0.01``; for ``"momentum"``: ``lr=0.01``,
         ``beta=0.9``; for an optimizer class: its options.
 
@@ -585,7 +601,11 @@ def fit(
     stops apply, else best training performance; the last epoch for ``method="br"`` without
     validation stops). Memory: the Jacobian is formed in row chunks of at most
     ``max_jacobian_bytes`` and folded into ``J^T J`` (``n_params**2`` floats), so it grows
-    with parameters squared, not with samples.
+    with parameters squared, not with samples. ``solver="auto"`` (recorded per epoch in
+    ``solver``) keeps the whole Jacobian and solves in sample space when there are fewer
+    residuals than parameters and it fits in ``max_jacobian_bytes``; goes matrix-free
+    (conjugate gradients on Jacobian products, ``"cg"``) when ``J^T J`` would not fit in
+    :data:`~marquardt.chunked.DEFAULT_MATRIX_BYTES`; see ``docs/performance.md``.
 
     Examples
     --------
@@ -631,8 +651,11 @@ def fit(
                           max_fail=(max_fail or _DEFAULT_MAX_FAIL) if validation_stops else math.inf),
                      keep_last=kind == "br" and not validation_stops, checkpoint=checkpointer, reducer=reducer)
         display = _progress_display(progress if reducer.rank == 0 else False, epochs)
+        n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         try:
-            loop.run(display)
+            # Tiny problems: a second intra-op thread costs more than it saves (see single_thread).
+            with single_thread(is_small(fitting.y.numel(), n_params)):
+                loop.run(display)
         finally:
             if display is not None:
                 display.close()
@@ -679,13 +702,21 @@ class _Loop:
 
     def _record(self, epoch: int, elapsed: float, gradient: float, val_fail: int) -> dict[str, Any]:
         (perf, accuracy), (vperf, vaccuracy), (tperf, taccuracy) = (
-            evaluate(self.model, data, self.loss, reducer=self.reducer) for data in (self.train, self.val, self.test))
+            self._training_perf() if data is self.train else evaluate(self.model, data, self.loss, reducer=self.reducer)
+            for data in (self.train, self.val, self.test))
         record = dict(epoch=epoch, time=elapsed, perf=perf, vperf=vperf, tperf=tperf, damping=self.trainer.damping,
                       gradient=gradient, val_fail=val_fail, solver=self.trainer.solver or None)
         if self.loss.classification:
             record.update(accuracy=accuracy, vaccuracy=vaccuracy, taccuracy=taccuracy)
         record.update(self.trainer.extras())
         return record
+
+    def _training_perf(self) -> tuple[float, float]:
+        # The trainer's cost is in the model's own units only when it trains the model itself.
+        known = getattr(self.trainer, "training_perf", lambda: None)() if self.trainer.model is self.model else None
+        if known is None:
+            return evaluate(self.model, self.train, self.loss, reducer=self.reducer)
+        return known, math.nan
 
     def _update_best(self, best: _Best, record: dict, val_fail: int) -> int:
         watched = record["vperf"] if self.val is not None else record["perf"]

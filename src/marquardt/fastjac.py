@@ -1,0 +1,523 @@
+"""Closed-form Jacobians and Jacobian products of layered networks: pure tensor code.
+
+A stack of affine layers and elementwise activations (``nn.Sequential`` of ``nn.Linear``,
+``nn.Tanh``, ``nn.Sigmoid``, ``nn.ReLU``, ... and :class:`marquardt.MLP`) has per-sample
+Jacobian rows in closed form. With ``a_0 = x``, ``z_l = a_{l-1} W_l^T + b_l`` and
+``a_l = s_l(z_l)``, backpropagation of each output ``k`` gives ``delta_l = d out_k / d z_l``,
+and the rows are outer products::
+
+    d out_k / d W_l = delta_l a_{l-1}^T,    d out_k / d b_l = delta_l,
+    delta_{l-1} = (delta_l W_l) * s'_{l-1}(z_{l-1}).
+
+Every sample and output is handled by one batched product per layer (no loop over samples),
+written straight into the Jacobian's columns. The same stored activations give the products
+``J v`` (forward tangents) and ``J^T u`` (backpropagation) and ``diag(J^T J)`` that the
+matrix-free solver (:mod:`marquardt.matfree`) needs, without forming ``J``.
+
+:func:`describe` is the only function that looks at an ``nn.Module``: it turns a supported
+module into a :class:`LayeredNetwork` of parameter names and activation functions, or returns
+``None`` so that the caller falls back to :mod:`torch.func` (:class:`FunctionalJacobian`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+__all__ = [
+    "Activation",
+    "Dense",
+    "FunctionalJacobian",
+    "LayeredJacobian",
+    "LayeredNetwork",
+    "LinearizedNetwork",
+    "describe",
+    "jacobian_backend",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# activations: value and derivative, the derivative from the output where that is cheaper
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise function with its derivative ``derivative(z, a)`` (``a = function(z)``)."""
+
+    name: str
+    function: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor, Tensor], Tensor]
+
+
+def _generic(module: nn.Module) -> Activation:
+    """Derivative of an elementwise module by one forward-mode product with a tangent of ones."""
+
+    def derivative(z: Tensor, _: Tensor) -> Tensor:
+        return torch.func.jvp(module, (z,), (torch.ones_like(z),))[1]
+
+    return Activation(type(module).__name__, module, derivative)
+
+
+def _leaky(slope: float) -> Activation:
+    return Activation(f"leaky_relu({slope})", lambda z: torch.nn.functional.leaky_relu(z, slope),
+                      lambda z, a: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope)))
+
+
+def _softplus(beta: float, threshold: float) -> Activation:
+    def derivative(z: Tensor, _: Tensor) -> Tensor:
+        # nn.Softplus is linear above the threshold; its derivative there is exactly 1.
+        return torch.where(beta * z > threshold, torch.ones_like(z), torch.sigmoid(beta * z))
+
+    return Activation("softplus", lambda z: torch.nn.functional.softplus(z, beta, threshold), derivative)
+
+
+def _silu_derivative(z: Tensor, _: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+_CLOSED_FORM: dict[type, Callable[[nn.Module], Activation]] = {
+    nn.Tanh: lambda m: Activation("tanh", torch.tanh, lambda z, a: 1 - a * a),
+    nn.Sigmoid: lambda m: Activation("sigmoid", torch.sigmoid, lambda z, a: a * (1 - a)),
+    nn.ReLU: lambda m: Activation("relu", torch.relu, lambda z, a: (z > 0).to(z.dtype)),
+    nn.LeakyReLU: lambda m: _leaky(m.negative_slope),
+    nn.Softplus: lambda m: _softplus(m.beta, m.threshold),
+    nn.SiLU: lambda m: Activation("silu", torch.nn.functional.silu, _silu_derivative),
+}
+# Elementwise modules whose derivative comes from one forward-mode product (exact, a bit slower).
+_ELEMENTWISE = (nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.Hardtanh,
+                nn.ReLU6, nn.Hardsigmoid, nn.Hardswish, nn.LogSigmoid, nn.Softshrink, nn.Hardshrink)
+
+
+def _activation(module: nn.Module) -> Activation | None:
+    if type(module) in _CLOSED_FORM:
+        return _CLOSED_FORM[type(module)](module)
+    if isinstance(module, _ELEMENTWISE):
+        return _generic(module)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the network in pure form
+
+
+@dataclass(frozen=True)
+class Dense:
+    """One affine layer ``z = a W^T + b`` (parameters named ``weight``, ``bias``) and its activations."""
+
+    weight: str
+    bias: str | None
+    activations: tuple[Activation, ...] = ()
+
+
+@dataclass(frozen=True)
+class LayeredNetwork:
+    """A stack of :class:`Dense` layers, with optional data maps around it.
+
+    Attributes
+    ----------
+    layers : tuple of Dense
+    input_map : callable, optional
+        Applied to the inputs before the first layer; it holds no trainable parameter (leading
+        activations, an :class:`~marquardt.MLP`'s input normalization).
+    output_map : callable, optional
+        Applied to the last layer's output: an affine map per output (an MLP's target
+        denormalization), evaluated exactly as the module does.
+    output_scale : Tensor, optional
+        The slope of ``output_map`` per output, for the derivatives.
+    """
+
+    layers: tuple[Dense, ...]
+    input_map: Callable[[Tensor], Tensor] | None = None
+    output_map: Callable[[Tensor], Tensor] | None = None
+    output_scale: Tensor | None = None
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the parameters, in layer order (weight, then bias)."""
+        return [name for layer in self.layers for name in (layer.weight, layer.bias) if name is not None]
+
+
+def _modules_of(module: nn.Module) -> list[nn.Module] | None:
+    """The leaf modules of nested ``nn.Sequential`` containers, in order."""
+    if not isinstance(module, nn.Sequential):
+        return [module]
+    leaves: list[nn.Module] = []
+    for child in module:
+        inner = _modules_of(child)
+        if inner is None:
+            return None
+        leaves += inner
+    return leaves
+
+
+def _sequential(module: nn.Sequential, prefix: str) -> LayeredNetwork | None:
+    names = {id(m): name for name, m in module.named_modules(prefix=prefix.rstrip("."))}
+    leading: list[Activation] = []
+    layers: list[Dense] = []
+    for leaf in _modules_of(module):
+        if type(leaf) is nn.Linear:
+            base = names[id(leaf)] + "." if names[id(leaf)] else ""
+            layers.append(Dense(base + "weight", base + "bias" if leaf.bias is not None else None))
+            continue
+        if isinstance(leaf, nn.Identity):
+            continue
+        activation = _activation(leaf)
+        if activation is None:
+            return None
+        if layers:
+            last = layers[-1]
+            layers[-1] = Dense(last.weight, last.bias, last.activations + (activation,))
+        else:
+            leading.append(activation)
+    if not layers:
+        return None
+    return LayeredNetwork(tuple(layers), _compose(leading))
+
+
+def _compose(functions: Sequence[Activation]) -> Callable[[Tensor], Tensor] | None:
+    if not functions:
+        return None
+
+    def apply(x: Tensor) -> Tensor:
+        for f in functions:
+            x = f.function(x)
+        return x
+
+    return apply
+
+
+def _mlp(model: nn.Module) -> LayeredNetwork | None:
+    inner = _sequential(model.net, "net.")
+    if inner is None or inner.input_map is not None:
+        return None
+    with torch.no_grad():
+        zeros = model.y_max.new_zeros(1, model.n_outputs)
+        shift = model.denormalize_outputs(zeros)[0]
+        scale = model.denormalize_outputs(zeros + 1)[0] - shift
+    # The input map only touches data (no parameter): it stays outside the derivatives.
+    return LayeredNetwork(inner.layers, model.normalize_inputs, model.denormalize_outputs, scale)
+
+
+def describe(model: nn.Module, trainable: Sequence[str]) -> LayeredNetwork | None:
+    """The closed-form description of ``model``, or ``None`` when it is not a supported stack.
+
+    Supported: ``nn.Sequential`` (nested ones too) of ``nn.Linear`` and elementwise activations
+    (``Tanh``, ``Sigmoid``, ``ReLU``, ``LeakyReLU``, ``Softplus``, ``SiLU``, ``Identity`` in closed
+    form; ``ELU``, ``GELU``, ``SELU``, ``Mish``, ... by a forward-mode product), and
+    :class:`marquardt.MLP`. ``trainable`` must name exactly the weights and biases of the layers
+    (a frozen layer or an extra parameter means the general path).
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1))
+    >>> spec = describe(net, [name for name, _ in net.named_parameters()])
+    >>> spec.parameter_names, [a.name for a in spec.layers[0].activations]
+    (['0.weight', '0.bias', '2.weight', '2.bias'], ['tanh'])
+    """
+    from .mlp import MLP
+
+    if type(model) is MLP:
+        spec = _mlp(model)
+    elif isinstance(model, nn.Sequential) and type(model) is nn.Sequential:
+        spec = _sequential(model, "")
+    else:
+        return None
+    if spec is None or sorted(spec.parameter_names) != sorted(trainable):
+        return None
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# the linearization: stored activations, Jacobian rows and products
+
+
+@dataclass
+class LinearizedNetwork:
+    """A :class:`LayeredNetwork` evaluated at fixed parameters on a batch, ready for derivatives.
+
+    Parameters
+    ----------
+    network : LayeredNetwork
+    params : dict of str to Tensor
+        The layer parameters by name.
+    X : Tensor
+        Inputs ``(N, d)`` (before the network's input map).
+    layout : sequence of (name, numel)
+        Order of the parameters in the flat vector (the columns of ``J``).
+
+    Attributes
+    ----------
+    outputs : Tensor
+        ``(N, K)``.
+    """
+
+    network: LayeredNetwork
+    params: dict[str, Tensor]
+    X: Tensor
+    layout: Sequence[tuple[str, int]]
+    inputs: list[Tensor] = field(init=False, repr=False)
+    slopes: list[Tensor | None] = field(init=False, repr=False)
+    outputs: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        a = self.X if self.network.input_map is None else self.network.input_map(self.X)
+        self.inputs, self.slopes = [], []
+        for layer in self.network.layers:
+            self.inputs.append(a)
+            a, slope = _dense_forward(layer, self.params, a)
+            self.slopes.append(slope)
+        self.outputs = _scale_outputs(self.network, a)
+        self.offsets = _offsets(self.layout)
+
+    @property
+    def n_params(self) -> int:
+        return sum(numel for _, numel in self.layout)
+
+    def deltas(self) -> list[Tensor]:
+        """``d out_k / d z_l`` for every layer, shape ``(N, K, width_l)`` (backpropagation)."""
+        n, k = self.outputs.shape
+        eye = torch.eye(k, dtype=self.outputs.dtype, device=self.outputs.device)
+        if self.network.output_scale is not None:
+            eye = eye * self.network.output_scale
+        delta = _times_slope(eye.expand(n, k, k), self.slopes[-1])
+        deltas = [delta]
+        for index in range(len(self.network.layers) - 1, 0, -1):
+            weight = self.params[self.network.layers[index].weight]
+            delta = _times_slope(delta @ weight, self.slopes[index - 1])
+            deltas.append(delta)
+        return deltas[::-1]
+
+    def jacobian(self, out: Tensor | None = None) -> Tensor:
+        """The ``(N*K, P)`` Jacobian of the flattened outputs, columns in ``layout`` order."""
+        n, k = self.outputs.shape
+        rows = n * k
+        if out is None:
+            out = self.outputs.new_empty(rows, self.n_params)
+        for layer, a, delta in zip(self.network.layers, self.inputs, self.deltas()):
+            start, numel = self.offsets[layer.weight]
+            block = out[:, start : start + numel].view(n, k, delta.shape[2], a.shape[1])
+            torch.mul(delta.unsqueeze(3), a[:, None, None, :], out=block)
+            if layer.bias is not None:
+                start, numel = self.offsets[layer.bias]
+                out[:, start : start + numel].copy_(delta.reshape(rows, numel))
+        return out
+
+    def jvp(self, vector: Tensor) -> Tensor:
+        """``J v`` for a flat parameter vector ``v``: shape ``(N*K,)`` (forward tangents)."""
+        tangent = None
+        for layer, a, slope in zip(self.network.layers, self.inputs, self.slopes):
+            weight = self._piece(vector, layer.weight, self.params[layer.weight].shape)
+            dz = a @ weight.T
+            if layer.bias is not None:
+                dz = dz + self._piece(vector, layer.bias, (weight.shape[0],))
+            if tangent is not None:
+                dz = dz + tangent @ self.params[layer.weight].T
+            tangent = dz if slope is None else dz * slope
+        if self.network.output_scale is not None:
+            tangent = tangent * self.network.output_scale
+        return tangent.reshape(-1)
+
+    def vjp(self, cotangent: Tensor) -> Tensor:
+        """``J^T u`` for ``u`` of shape ``(N*K,)``: a flat parameter vector (backpropagation)."""
+        g = cotangent.reshape(self.outputs.shape)
+        if self.network.output_scale is not None:
+            g = g * self.network.output_scale
+        out = cotangent.new_empty(self.n_params)
+        for index in range(len(self.network.layers) - 1, -1, -1):
+            layer = self.network.layers[index]
+            g = _times_slope(g, self.slopes[index])
+            self._put(out, layer.weight, g.T @ self.inputs[index])
+            if layer.bias is not None:
+                self._put(out, layer.bias, g.sum(0))
+            if index > 0:
+                g = g @ self.params[layer.weight]
+        return out
+
+    def gram_diagonal(self) -> Tensor:
+        """``diag(J^T J)`` without forming ``J``: ``sum_n delta^2 a^2`` per weight."""
+        out = self.outputs.new_empty(self.n_params)
+        for layer, a, delta in zip(self.network.layers, self.inputs, self.deltas()):
+            squares = (delta * delta).sum(1)  # (N, width): summed over outputs
+            self._put(out, layer.weight, squares.T @ (a * a))
+            if layer.bias is not None:
+                self._put(out, layer.bias, squares.sum(0))
+        return out
+
+    def _piece(self, vector: Tensor, name: str, shape: Sequence[int]) -> Tensor:
+        start, numel = self.offsets[name]
+        return vector[start : start + numel].view(*shape)
+
+    def _put(self, out: Tensor, name: str, value: Tensor) -> None:
+        start, numel = self.offsets[name]
+        out[start : start + numel] = value.reshape(-1)
+
+
+def _offsets(layout: Sequence[tuple[str, int]]) -> dict[str, tuple[int, int]]:
+    offsets, start = {}, 0
+    for name, numel in layout:
+        offsets[name] = (start, numel)
+        start += numel
+    return offsets
+
+
+def _dense_forward(layer: Dense, params: dict[str, Tensor], a: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The layer's output and ``d a / d z`` (``None`` for a purely affine layer)."""
+    bias = params[layer.bias] if layer.bias is not None else None
+    z = torch.nn.functional.linear(a, params[layer.weight], bias)
+    slope = None
+    for activation in layer.activations:
+        out = activation.function(z)
+        step = activation.derivative(z, out)
+        slope = step if slope is None else slope * step
+        z = out
+    return z, slope
+
+
+def _times_slope(values: Tensor, slope: Tensor | None) -> Tensor:
+    """``values * slope`` with ``slope`` of shape (N, width) broadcast over a middle axis if any."""
+    if slope is None:
+        return values
+    return values * (slope.unsqueeze(1) if values.ndim == 3 else slope)
+
+
+def _scale_outputs(network: LayeredNetwork, z: Tensor) -> Tensor:
+    return z if network.output_map is None else network.output_map(z)
+
+
+def forward(network: LayeredNetwork, params: dict[str, Tensor], X: Tensor) -> Tensor:
+    """The network's outputs at ``params``: no derivative bookkeeping.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    >>> spec = describe(net, [n for n, _ in net.named_parameters()])
+    >>> X = torch.randn(4, 2)
+    >>> torch.allclose(forward(spec, dict(net.named_parameters()), X), net(X))
+    True
+    """
+    a = X if network.input_map is None else network.input_map(X)
+    for layer in network.layers:
+        bias = params[layer.bias] if layer.bias is not None else None
+        a = torch.nn.functional.linear(a, params[layer.weight], bias)
+        for activation in layer.activations:
+            a = activation.function(a)
+    return _scale_outputs(network, a)
+
+
+# ---------------------------------------------------------------------------------------------
+# backends: the same three operations for the closed form and for torch.func
+
+
+@dataclass
+class LayeredJacobian:
+    """Jacobian backend for a :class:`LayeredNetwork` (closed form)."""
+
+    network: LayeredNetwork
+    layout: Sequence[tuple[str, int]]
+    name = "closed-form"
+
+    def outputs(self, params: dict[str, Tensor], X: Tensor) -> Tensor:
+        """``model(X)`` at ``params``."""
+        return forward(self.network, params, X)
+
+    def chunks(self, params: dict[str, Tensor], X: Tensor, samples: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(J_rows, outputs)`` for consecutive chunks of ``samples`` samples."""
+        for start in range(0, X.shape[0], samples):
+            lin = LinearizedNetwork(self.network, params, X[start : start + samples], self.layout)
+            yield lin.jacobian(), lin.outputs
+
+    def linearize(self, params: dict[str, Tensor], X: Tensor) -> LinearizedNetwork:
+        """Products ``J v``, ``J^T u`` and ``diag(J^T J)`` on the whole batch, without ``J``."""
+        return LinearizedNetwork(self.network, params, X, self.layout)
+
+
+@dataclass
+class FunctionalJacobian:
+    """Jacobian backend for any module: :mod:`torch.func` (``vmap`` of ``jacrev`` over samples)."""
+
+    model: nn.Module
+    layout: Sequence[tuple[str, int]]
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    name = "torch.func"
+
+    def outputs(self, params: dict[str, Tensor], X: Tensor) -> Tensor:
+        return functional_call(self.model, (params, self.buffers), (X,))
+
+    def chunks(self, params: dict[str, Tensor], X: Tensor, samples: int) -> Iterator[tuple[Tensor, Tensor]]:
+        per_sample = vmap(jacrev(self._single, has_aux=True), in_dims=(None, 0))
+        for start in range(0, X.shape[0], samples):
+            jacs, outputs = per_sample(params, X[start : start + samples])
+            rows = outputs.reshape(-1).numel()
+            jac = torch.cat([jacs[name].reshape(rows, -1) for name, _ in self.layout], dim=1)
+            yield jac.detach(), outputs.detach()
+
+    def linearize(self, params: dict[str, Tensor], X: Tensor) -> FunctionalLinearization:
+        return FunctionalLinearization(self, params, X)
+
+    def _single(self, params: dict[str, Tensor], sample: Tensor) -> tuple[Tensor, Tensor]:
+        out = functional_call(self.model, (params, self.buffers), (sample.unsqueeze(0),)).squeeze(0)
+        return out, out
+
+
+class FunctionalLinearization:
+    """``J v`` and ``J^T u`` of a module at fixed parameters by :func:`torch.func.jvp` and ``vjp``.
+
+    The reverse-mode graph is traced once and reused for every ``J^T u``; each ``J v`` is one
+    forward-mode pass. ``diag(J^T J)`` sums the squared Jacobian rows chunk by chunk.
+    """
+
+    def __init__(self, backend: FunctionalJacobian, params: dict[str, Tensor], X: Tensor) -> None:
+        self.backend, self.params, self.X = backend, params, X
+        names = [name for name, _ in backend.layout]
+
+        def flat_outputs(*values: Tensor) -> Tensor:
+            return backend.outputs(dict(zip(names, values)), X).reshape(-1)
+
+        self._function = flat_outputs
+        self._primals = tuple(params[name] for name in names)
+        outputs, self._vjp = torch.func.vjp(flat_outputs, *self._primals)
+        self.outputs = outputs.detach().reshape(X.shape[0], -1)
+
+    @property
+    def n_params(self) -> int:
+        return sum(numel for _, numel in self.backend.layout)
+
+    def jvp(self, vector: Tensor) -> Tensor:
+        """``J v`` for a flat parameter vector ``v``."""
+        pieces = torch.split(vector, [numel for _, numel in self.backend.layout])
+        tangents = tuple(p.view_as(q) for p, q in zip(pieces, self._primals))
+        return torch.func.jvp(self._function, self._primals, tangents)[1].detach()
+
+    def vjp(self, cotangent: Tensor) -> Tensor:
+        """``J^T u`` as a flat parameter vector."""
+        return torch.cat([g.reshape(-1) for g in self._vjp(cotangent)]).detach()
+
+    def gram_diagonal(self, samples: int = 256) -> Tensor:
+        """``diag(J^T J)``: squared Jacobian rows, ``samples`` samples at a time."""
+        total = self.outputs.new_zeros(self.n_params)
+        for jac, _ in self.backend.chunks(self.params, self.X, samples):
+            total += (jac * jac).sum(0)
+        return total
+
+
+def jacobian_backend(model: nn.Module, layout: Sequence[tuple[str, int]],
+                     buffers: dict[str, Tensor] | None = None, *, X: Tensor | None = None
+                     ) -> LayeredJacobian | FunctionalJacobian:
+    """The closed-form backend when :func:`describe` supports ``model`` (and ``X`` is 2-D), else torch.func.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> layout = [(n, p.numel()) for n, p in net.named_parameters()]
+    >>> jacobian_backend(net, layout).name, jacobian_backend(nn.Bilinear(1, 1, 1), [("weight", 1), ("bias", 1)]).name
+    ('closed-form', 'torch.func')
+    """
+    spec = describe(model, [name for name, _ in layout])
+    if spec is not None and (X is None or X.ndim == 2):
+        return LayeredJacobian(spec, list(layout))
+    return FunctionalJacobian(model, list(layout), dict(buffers or {}))

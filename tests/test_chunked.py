@@ -1,0 +1,280 @@
+"""chunked: system forms, symmetric rank-k accumulation, promotion; every solver path gives the dense step."""
+
+import pytest
+import torch
+from torch import nn
+
+from marquardt import fit
+from marquardt.chunked import (
+    ChunkedNormalEquations,
+    Plan,
+    PromotedEquations,
+    accumulate_normal,
+    accumulation_dtype,
+    assemble_sample_space,
+    plan_assembly,
+    single_thread,
+    symmetric_rank_update,
+)
+from marquardt.fastjac import FunctionalJacobian
+from marquardt.linalg import NormalEquations
+from marquardt.network import ModuleProblem, flatten_parameters
+
+DT = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+
+
+@pytest.mark.parametrize("m, n, itemsize, kwargs, form, rows", [
+    (1000, 61, 4, {}, "normal", 1000),
+    (1000, 61, 8, dict(max_bytes=61 * 8 * 100), "normal", 100),
+    (10, 1000, 8, {}, "sample-space", 10),
+    (2000, 40_801, 4, {}, "sample-space", (64 << 20) // (40_801 * 4)),
+    (2000, 40_801, 4, dict(max_bytes=100 << 20), "matrix-free", (64 << 20) // (40_801 * 4)),
+    (2000, 4000, 4, dict(max_bytes=1 << 20), "normal", (1 << 20) // 16_000),  # J too big, J^T J fits
+    (50_000, 4353, 4, {}, "normal", (64 << 20) // (4353 * 4)),
+    (20_000, 98_945, 4, {}, "matrix-free", (64 << 20) // (98_945 * 4)),
+    (100, 50, 8, dict(max_matrix_bytes=50 * 50 * 8 - 1), "matrix-free", 100),
+    (100, 50, 8, dict(form="sample-space"), "sample-space", 100),
+    (10, 50, 8, dict(form="normal"), "normal", 10),
+    (10, 50, 8, dict(form="matrix-free"), "matrix-free", 10),
+])
+def test_plan_table(m, n, itemsize, kwargs, form, rows):
+    plan = plan_assembly(m, n, itemsize, **kwargs)
+    assert (plan.form, plan.chunk_rows) == (form, min(m, rows))
+
+
+def test_plan_rejects_unknown_form():
+    with pytest.raises(ValueError, match="Invalid solver form: 'qr'; expected 'auto' or one of"):
+        plan_assembly(10, 10, 8, form="qr")
+
+
+def test_small_problems_are_serial():
+    assert plan_assembly(1000, 61, 4).serial and not plan_assembly(5000, 4353, 4).serial
+
+
+def test_single_thread_restores_the_thread_count_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with single_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+    assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# accumulation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_symmetric_rank_update_fills_the_lower_triangle(dtype):
+    J = torch.randn(37, 9, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    gram = torch.eye(9, dtype=dtype)
+    symmetric_rank_update(gram, J)
+    expected = torch.eye(9, dtype=dtype) + J.T @ J
+    torch.testing.assert_close(gram.tril(), expected.tril())
+
+
+def test_accumulate_normal_equals_one_product_and_is_exactly_symmetric():
+    g = torch.Generator().manual_seed(1)
+    J, r = torch.randn(50, 7, generator=g, dtype=DT), torch.randn(50, generator=g, dtype=DT)
+    chunks = [(J[i : i + 16], r[i : i + 16]) for i in range(0, 50, 16)]
+    system, grad, cost = accumulate_normal(chunks, 7, dtype=DT, device="cpu")
+    assert isinstance(system, ChunkedNormalEquations)
+    torch.testing.assert_close(system.gram, J.T @ J)
+    assert torch.equal(system.gram, system.gram.T)
+    torch.testing.assert_close(grad, J.T @ r)
+    assert cost == pytest.approx(0.5 * float(r @ r))
+    single, _, _ = accumulate_normal([(J, r)], 7, dtype=DT, device="cpu")
+    assert type(single) is NormalEquations
+    step = system.solve(grad, 1e-3, torch.ones(7, dtype=DT))
+    assert system.path == "chunked-cholesky"
+    torch.testing.assert_close(step, single.solve(grad, 1e-3, torch.ones(7, dtype=DT)))
+
+
+def test_accumulate_normal_promotes_float32_rows():
+    J = torch.randn(20, 3, generator=torch.Generator().manual_seed(2))
+    system, grad, _ = accumulate_normal([(J, torch.ones(20))], 3, dtype=DT, device="cpu")
+    assert system.gram.dtype == DT and grad.dtype == DT
+    torch.testing.assert_close(system.gram, J.double().T @ J.double())
+
+
+def test_sample_space_assembly_preallocated_equals_concatenated():
+    g = torch.Generator().manual_seed(3)
+    J, r = torch.randn(6, 11, generator=g, dtype=DT), torch.randn(6, generator=g, dtype=DT)
+    chunks = [(J[:4], r[:4]), (J[4:], r[4:])]
+    a, grad_a, cost_a = assemble_sample_space(chunks, (6, 11))
+    b, grad_b, cost_b = assemble_sample_space(chunks)
+    assert torch.equal(a.jac, b.jac) and torch.equal(grad_a, grad_b) and cost_a == cost_b
+    with pytest.raises(ValueError, match="The chunks held 6 rows; expected 7"):
+        assemble_sample_space(chunks, (7, 11))
+
+
+def test_accumulation_dtype_table():
+    assert accumulation_dtype(torch.float32, 1024) == DT
+    assert accumulation_dtype(torch.float32, 1025) == torch.float32
+    assert accumulation_dtype(torch.bfloat16, 10) == DT
+    assert accumulation_dtype(DT, 10) == DT
+
+
+def test_promoted_equations_answer_in_the_problem_dtype():
+    J = torch.randn(30, 4, generator=torch.Generator().manual_seed(4), dtype=DT)
+    r = torch.randn(30, generator=torch.Generator().manual_seed(5), dtype=DT)
+    system = PromotedEquations(NormalEquations(J.T @ J, J, r), torch.float32)
+    step = system.solve((J.T @ r).float(), 1e-2, torch.ones(4))
+    assert step.dtype == torch.float32 and system.path == "cholesky" and system.name == "cholesky"
+    assert system.curvature(step).dtype == torch.float32 and system.diagonal().dtype == torch.float32
+    assert system.gram.dtype == torch.float32 and system.jac.dtype == torch.float32
+    assert PromotedEquations(system.system, torch.float32).residuals.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# every solver path gives the dense Cholesky step (float64, small problems)
+
+
+def _problem_data(hidden=6, outputs=2, samples=25, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, outputs)).to(DT)
+    g = torch.Generator().manual_seed(seed + 10)
+    X = torch.randn(samples, 2, generator=g, dtype=DT)
+    y = torch.sin(X.sum(1, keepdim=True)).expand(samples, outputs).clone()
+    return model, X, y
+
+
+def _dense_step(model, X, y, damping):
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    (J, out), = FunctionalJacobian(model, layout).chunks(params, X, X.shape[0])
+    r = (out - y).reshape(-1)
+    return NormalEquations(J.T @ J, J, r).solve(J.T @ r, damping, torch.ones(J.shape[1], dtype=DT))
+
+
+PATHS = {  # ModuleProblem options -> the path the system records
+    "normal, one chunk": (dict(), "cholesky"),
+    "normal, chunked (5 rows at a time)": (dict(max_jacobian_bytes=5 * 32 * 8), "chunked-cholesky"),
+    "sample-space": (dict(solver="sample-space"), "sample-space"),
+    "matrix-free (tight CG)": (dict(solver="matrix-free", cg_max_iter=500), "cg"),
+}
+
+
+@pytest.mark.parametrize("damping", [1e-4, 1.0])
+@pytest.mark.parametrize("name", list(PATHS))
+def test_every_solver_path_gives_the_dense_cholesky_step(name, damping):
+    model, X, y = _problem_data()
+    options, path = PATHS[name]
+    problem = ModuleProblem(model, X, y, **options)
+    x = flatten_parameters(model)
+    lin = problem.linearize(x)
+    if path == "cg":
+        lin.system.rtol, lin.system.stall_tol = 1e-13, 0.0
+    step = lin.system.solve(lin.grad, damping, torch.ones_like(x))
+    assert lin.system.path == path
+    torch.testing.assert_close(step, _dense_step(model, X, y, damping), rtol=1e-8, atol=1e-10)
+
+
+def test_closed_form_and_torch_func_problems_linearize_the_same():
+    model, X, y = _problem_data(outputs=3)
+    fast = ModuleProblem(model, X, y)
+    slow = ModuleProblem(model, X, y)
+    slow.backend = FunctionalJacobian(model, [(n, p.numel()) for n, p in model.named_parameters()])
+    assert fast.backend.name == "closed-form"
+    x = flatten_parameters(model)
+    a, b = fast.linearize(x), slow.linearize(x)
+    torch.testing.assert_close(a.system.gram, b.system.gram, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert a.cost == pytest.approx(b.cost, rel=1e-14) and fast.cost(x) == pytest.approx(slow.cost(x), rel=1e-14)
+
+
+def test_float32_problem_is_assembled_in_float64_and_steps_in_float32():
+    model, X, y = _problem_data()
+    model, X, y = model.float(), X.float(), y.float()
+    problem = ModuleProblem(model, X, y)
+    x = flatten_parameters(model)
+    lin = problem.linearize(x)
+    assert isinstance(lin.system, PromotedEquations) and lin.system.system.gram.dtype == DT
+    step = lin.system.solve(lin.grad, 1e-3, torch.ones_like(x))
+    assert step.dtype == torch.float32 and lin.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# memory-bounded paths never hold the whole Jacobian
+
+
+class _Recorder:
+    """Wraps a backend's ``chunks`` and records the bytes of every Jacobian block it yields."""
+
+    def __init__(self, problem):
+        self.sizes = []
+        self.inner = problem.backend.chunks
+        problem.backend.chunks = self
+
+    def __call__(self, *args, **kwargs):
+        for jac, out in self.inner(*args, **kwargs):
+            self.sizes.append(jac.numel() * jac.element_size())
+            yield jac, out
+
+
+def test_chunked_normal_path_holds_at_most_the_budget():
+    model, X, y = _problem_data(hidden=10, outputs=1, samples=400)
+    n = sum(p.numel() for p in model.parameters())
+    budget = 37 * n * 8  # 37 rows, far below the 400-row Jacobian
+    problem = ModuleProblem(model, X, y, max_jacobian_bytes=budget)
+    recorder = _Recorder(problem)
+    lin = problem.linearize(flatten_parameters(model))
+    assert problem.plan == Plan("normal", 37, True)
+    assert max(recorder.sizes) <= budget < 400 * n * 8
+    assert sum(recorder.sizes) == 400 * n * 8  # every row was seen, a block at a time
+    torch.testing.assert_close(lin.grad, ModuleProblem(model, X, y).linearize(flatten_parameters(model)).grad)
+
+
+def test_matrix_free_path_never_forms_jacobian_rows():
+    model, X, y = _problem_data(hidden=10, outputs=1, samples=400)
+    problem = ModuleProblem(model, X, y, max_matrix_bytes=8)  # J^T J does not fit: matrix-free
+    recorder = _Recorder(problem)
+    x = flatten_parameters(model)
+    lin = problem.linearize(x)
+    lin.system.solve(lin.grad, 1e-2, torch.ones_like(x))
+    lin.system.diagonal()
+    assert problem.plan.form == "matrix-free" and lin.system.path == "cg"
+    assert recorder.sizes == []
+
+
+def test_matrix_free_warm_start_and_forcing_carry_over():
+    model, X, y = _problem_data(hidden=10, outputs=1, samples=100)
+    problem = ModuleProblem(model, X, y, solver="matrix-free")
+    x = flatten_parameters(model)
+    first = problem.linearize(x)
+    assert first.system.initial is None and first.system.rtol == 0.5
+    h = first.system.solve(first.grad, 1e-2, torch.ones_like(x))
+    second = problem.linearize(x + h)
+    torch.testing.assert_close(second.system.initial, h)
+    assert 1e-4 <= second.system.rtol <= 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# fit records the path it took
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(), {"cholesky"}),
+    (dict(max_jacobian_bytes=7 * 8 * 31), {"chunked-cholesky"}),
+    (dict(solver="sample-space"), {"sample-space"}),
+    (dict(solver="matrix-free"), {"cg"}),
+])
+def test_fit_records_the_solver_path_and_reduces_the_loss(options, expected):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 10), nn.Tanh(), nn.Linear(10, 1)).to(DT)
+    X = torch.linspace(-1, 1, 40, dtype=DT)[:, None]
+    history = fit(model, X, torch.sin(3 * X), epochs=15, **options)
+    assert set(history["solver"][1:]) == expected
+    assert history["perf"][-1] < 0.1 * history["perf"][0]
+    assert all(b <= a for a, b in zip(history["perf"], history["perf"][1:]))
+
+
+def test_fit_rejects_an_unknown_solver():
+    model = nn.Linear(1, 1).double()
+    X = torch.zeros(3, 1, dtype=DT)
+    with pytest.raises(ValueError, match="Invalid solver: 'svd'; expected 'auto' or one of"):
+        fit(model, X, X, solver="svd")

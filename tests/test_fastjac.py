@@ -1,0 +1,136 @@
+"""fastjac: closed-form Jacobians and products of layered networks agree with torch.func (float64)."""
+
+import pytest
+import torch
+from torch import nn
+
+from marquardt.fastjac import FunctionalJacobian, LayeredJacobian, describe, forward, jacobian_backend
+from marquardt.mlp import MLP
+
+DT = torch.float64
+
+
+def _net(*layers):
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).to(DT)
+
+
+def _mlp(normalized: bool, outputs: int = 2, activation: str = "tanh"):
+    torch.manual_seed(1)
+    model = MLP(3, (6, 4), outputs, activation=activation, dtype=DT)
+    if normalized:
+        g = torch.Generator().manual_seed(2)
+        model.set_normalization(3 * torch.randn(20, 3, generator=g, dtype=DT) + 1,
+                                5 * torch.randn(20, outputs, generator=g, dtype=DT))
+    return model
+
+
+ARCHITECTURES = {
+    "tanh 3-5-1": lambda: _net(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)),
+    "tanh-sigmoid 3-5-4-2": lambda: _net(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 2)),
+    "relu, no bias, nested": lambda: _net(nn.Linear(3, 5), nn.ReLU(),
+                                          nn.Sequential(nn.Linear(5, 4, bias=False), nn.GELU()), nn.Linear(4, 3)),
+    "leading activation, identity": lambda: _net(nn.Tanh(), nn.Linear(3, 5), nn.Identity(), nn.Softplus(),
+                                                 nn.Linear(5, 2)),
+    "leaky, silu+elu, output activation": lambda: _net(nn.Linear(3, 5), nn.LeakyReLU(0.1), nn.Linear(5, 5),
+                                                       nn.SiLU(), nn.ELU(), nn.Linear(5, 1), nn.Sigmoid()),
+    "linear only": lambda: _net(nn.Linear(3, 2)),
+    "MLP normalized, 2 outputs": lambda: _mlp(True),
+    "MLP not normalized, 1 output": lambda: _mlp(False, 1, "sigmoid"),
+}
+
+
+def _setup(model):
+    layout = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    X = torch.randn(9, 3, generator=torch.Generator().manual_seed(3), dtype=DT)
+    fast = jacobian_backend(model, layout, dict(model.named_buffers()), X=X)
+    slow = FunctionalJacobian(model, layout, dict(model.named_buffers()))
+    return params, X, fast, slow
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_closed_form_jacobian_equals_torch_func(name):
+    params, X, fast, slow = _setup(ARCHITECTURES[name]())
+    assert isinstance(fast, LayeredJacobian)
+    (J_fast, out_fast), = fast.chunks(params, X, 100)
+    (J_slow, out_slow), = slow.chunks(params, X, 100)
+    assert J_fast.shape == J_slow.shape
+    torch.testing.assert_close(J_fast, J_slow, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out_fast, out_slow, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_products_and_diagonal_equal_dense_jacobian(name):
+    params, X, fast, slow = _setup(ARCHITECTURES[name]())
+    (J, _), = slow.chunks(params, X, 100)
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(J.shape[1], generator=g, dtype=DT)
+    u = torch.randn(J.shape[0], generator=g, dtype=DT)
+    for lin in (fast.linearize(params, X), slow.linearize(params, X)):
+        torch.testing.assert_close(lin.jvp(v), J @ v, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lin.vjp(u), J.T @ u, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lin.gram_diagonal(), (J * J).sum(0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_forward_equals_module(name):
+    model = ARCHITECTURES[name]()
+    params, X, fast, _ = _setup(model)
+    torch.testing.assert_close(fast.outputs(params, X), model(X), rtol=0, atol=0)
+
+
+def test_chunks_cover_all_samples_in_order():
+    params, X, fast, _ = _setup(ARCHITECTURES["tanh-sigmoid 3-5-4-2"]())
+    (J_all, out_all), = fast.chunks(params, X, 100)
+    pieces = list(fast.chunks(params, X, 4))
+    assert [out.shape[0] for _, out in pieces] == [4, 4, 1]
+    torch.testing.assert_close(torch.cat([j for j, _ in pieces]), J_all, rtol=0, atol=0)
+
+
+class _MyLinear(nn.Linear):
+    pass
+
+
+UNSUPPORTED = {
+    "convolution": lambda: nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1)),
+    "bilinear": lambda: nn.Bilinear(2, 2, 1),
+    "dropout": lambda: nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.1), nn.Linear(3, 1)),
+    "batch norm": lambda: nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)),
+    "PReLU (own parameter)": lambda: nn.Sequential(nn.Linear(2, 3), nn.PReLU(), nn.Linear(3, 1)),
+    "subclass of Linear": lambda: nn.Sequential(_MyLinear(2, 3), nn.Tanh(), nn.Linear(3, 1)),
+    "softmax (not elementwise)": lambda: nn.Sequential(nn.Linear(2, 3), nn.Softmax(dim=1), nn.Linear(3, 1)),
+    "bare Linear (not a Sequential)": lambda: nn.Linear(2, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_modules_fall_back_to_torch_func(name):
+    model = UNSUPPORTED[name]()
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    assert describe(model, [n for n, _ in layout]) is None
+    assert isinstance(jacobian_backend(model, layout), FunctionalJacobian)
+
+
+def test_frozen_layer_falls_back():
+    model = _net(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    model[0].weight.requires_grad_(False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert describe(model, trainable) is None
+
+
+def test_inputs_with_more_than_two_dimensions_fall_back():
+    model = _net(nn.Linear(3, 2))
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    assert jacobian_backend(model, layout, X=torch.zeros(4, 5, 3, dtype=DT)).name == "torch.func"
+    assert jacobian_backend(model, layout, X=torch.zeros(4, 3, dtype=DT)).name == "closed-form"
+
+
+def test_mlp_description_maps_inputs_and_scales_outputs():
+    model = _mlp(True)
+    spec = describe(model, [n for n, _ in model.named_parameters()])
+    assert spec.parameter_names == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias",
+                                    "net.4.weight", "net.4.bias"]
+    X = torch.randn(5, 3, dtype=DT)
+    torch.testing.assert_close(forward(spec, dict(model.named_parameters()), X), model(X))
+    torch.testing.assert_close(spec.output_scale, (model.y_max - model.y_min) / 2)

@@ -1,0 +1,136 @@
+"""matfree: conjugate gradients, the matrix-free damped system, the forcing sequence."""
+
+import math
+
+import pytest
+import torch
+
+from marquardt.linalg import NormalEquations
+from marquardt.matfree import MatrixFreeEquations, conjugate_gradient, eisenstat_walker
+
+DT = torch.float64
+
+
+def spd(n: int, seed: int = 0, cond: float = 100.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    values = torch.logspace(0, math.log10(cond), n, dtype=DT)
+    return (q * values) @ q.T
+
+
+def jacobian(m: int = 30, n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, n, generator=g, dtype=DT), torch.randn(m, generator=g, dtype=DT)
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_cg_solves_spd_systems_to_tight_tolerance(n, preconditioned):
+    A = spd(n, seed=n)
+    b = torch.arange(1.0, n + 1, dtype=DT)
+    out = conjugate_gradient(lambda v: A @ v, b, rtol=1e-12, max_iter=10 * n, stall_tol=0,
+                             preconditioner=A.diagonal() if preconditioned else None)
+    assert out.reason == "tolerance"
+    torch.testing.assert_close(out.x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.product, A @ out.x, rtol=1e-9, atol=1e-9)
+
+
+def test_cg_warm_start_at_the_solution_needs_one_product():
+    A, b = spd(6), torch.ones(6, dtype=DT)
+    exact = torch.linalg.solve(A, b)
+    out = conjugate_gradient(lambda v: A @ v, b, x0=exact, rtol=1e-10)
+    assert out.iterations == 1 and out.reason == "tolerance"
+
+
+def test_cg_warm_start_is_scaled_never_worse_than_zero():
+    A, b = spd(6), torch.ones(6, dtype=DT)
+    bad = -10 * torch.linalg.solve(A, b)  # pointing the right way, wrong length and sign
+    out = conjugate_gradient(lambda v: A @ v, b, x0=bad, max_iter=0)
+    model = 0.5 * float(out.x @ (A @ out.x)) - float(b @ out.x)
+    assert model <= 0.0
+    torch.testing.assert_close(out.x, torch.linalg.solve(A, b), rtol=1e-12, atol=1e-12)  # the line holds it
+
+
+def test_cg_stop_reasons():
+    A, b = spd(30, cond=1e6), torch.ones(30, dtype=DT)
+    assert conjugate_gradient(lambda v: A @ v, b, rtol=1e-14, max_iter=3, stall_tol=0).reason == "max_iter"
+    assert conjugate_gradient(lambda v: A @ v, torch.zeros(30, dtype=DT)).reason == "tolerance"
+    indefinite = -torch.eye(3, dtype=DT)
+    assert conjugate_gradient(lambda v: indefinite @ v, torch.ones(3, dtype=DT)).reason == "breakdown"
+    stalled = conjugate_gradient(lambda v: A @ v, b, rtol=0.0, max_iter=500, stall_tol=0.5)
+    assert stalled.reason == "stalled" and stalled.iterations < 500
+
+
+def test_cg_model_decreases_monotonically():
+    A, b = spd(20, cond=1e4), torch.ones(20, dtype=DT)
+    models = []
+    for k in range(1, 15):
+        x = conjugate_gradient(lambda v: A @ v, b, rtol=0.0, max_iter=k, stall_tol=0).x
+        models.append(0.5 * float(x @ (A @ x)) - float(b @ x))
+    assert all(b2 <= b1 + 1e-12 for b1, b2 in zip(models, models[1:]))
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3, 1.0, 1e4])
+@pytest.mark.parametrize("scale_kind", ["ones", "jacobi"])
+def test_matrix_free_step_equals_cholesky_step(damping, scale_kind):
+    J, r = jacobian()
+    gram = J.T @ J
+    scale = torch.ones(J.shape[1], dtype=DT) if scale_kind == "ones" else gram.diagonal().clone()
+    reference = NormalEquations(gram, J, r).solve(J.T @ r, damping, scale)
+    system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, lambda: (J * J).sum(0), rtol=1e-13, max_iter=200)
+    step = system.solve(J.T @ r, damping, scale)
+    torch.testing.assert_close(step, reference, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(system.curvature(step), step @ gram @ step, rtol=1e-9, atol=1e-12)
+    other = torch.ones_like(step)
+    torch.testing.assert_close(system.curvature(other), other @ gram @ other, rtol=1e-12, atol=1e-12)
+
+
+def test_matrix_free_retry_starts_from_the_last_solution():
+    J, r = jacobian(40, 12)
+    calls = []
+
+    def jvp(v):
+        calls.append(1)
+        return J @ v
+
+    system = MatrixFreeEquations(jvp, lambda u: J.T @ u, (J * J).sum(0), rtol=1e-10, max_iter=100)
+    system.solve(J.T @ r, 1e-2, torch.ones(12, dtype=DT))
+    first = len(calls)
+    system.solve(J.T @ r, 1e-2, torch.ones(12, dtype=DT))  # same system: the warm start is the answer
+    assert len(calls) - first == 1 and system.reason == "tolerance"
+
+
+def test_matrix_free_diagonal_is_computed_once_on_demand():
+    J, _ = jacobian()
+    count = []
+
+    def diagonal():
+        count.append(1)
+        return (J * J).sum(0)
+
+    system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, diagonal)
+    assert not count
+    torch.testing.assert_close(system.diagonal(), (J * J).sum(0))
+    system.diagonal()
+    assert len(count) == 1 and system.path == "cg" and system.name == "matrix-free"
+
+
+def test_inexact_step_is_a_descent_direction_with_positive_predicted_reduction():
+    J, r = jacobian(50, 20, seed=3)
+    g = J.T @ r
+    for iters in (1, 2, 5):
+        system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, (J * J).sum(0), rtol=0.0, max_iter=iters)
+        h = system.solve(g, 1e-3, torch.ones(20, dtype=DT))
+        predicted = -float(g @ h + 0.5 * system.curvature(h))
+        assert float(g @ h) < 0 and predicted > 0
+
+
+@pytest.mark.parametrize("norm, previous_norm, previous_forcing, expected", [
+    (1.0, None, None, 0.5),            # first iteration: the loosest tolerance
+    (0.1, 1.0, 0.3, 0.9 * 0.01),       # fast progress: tight
+    (0.1, 1.0, 0.5, 0.9 * 0.25),       # safeguard: not below gamma * eta_prev^2 when that is > 0.1
+    (2.0, 1.0, 0.1, 0.5),              # growing gradient: clipped to the upper bound
+    (1e-6, 1.0, 0.01, 1e-4),           # clipped to the lower bound
+])
+def test_eisenstat_walker_table(norm, previous_norm, previous_forcing, expected):
+    assert eisenstat_walker(norm, previous_norm, previous_forcing) == pytest.approx(expected)
