@@ -94,11 +94,15 @@ def fit_runs(shard: Callable, distributed: bool, checkpoint: str | None = None) 
     X, y = shard(*tiny_data())
     Xv, yv = shard(*validation_data())
     out: dict[str, Any] = {}
-    for name, options in {"lm": dict(method="lm", validation_data=(Xv, yv)), "br": dict(method="br"),
-                          "momentum": dict(method="momentum", lr=0.2)}.items():
-        model = tiny_net(seed=int(os.environ.get("RANK", "0")))  # fit sends rank 0's weights
+    rank = int(os.environ.get("RANK", "0"))
+    runs = {"lm": (tiny_net, dict(method="lm", validation_data=(Xv, yv))), "br": (tiny_net, dict(method="br")),
+            "momentum": (tiny_net, dict(method="momentum", lr=0.2)),
+            "matrix_free": (cg_net, dict(method="lm", solver="matrix-free"))}
+    for name, (net, options) in runs.items():
+        model = tiny_net(seed=rank) if net is tiny_net else net()  # fit sends rank 0's weights
         history = fit(model, X, y, epochs=8, distributed=distributed, **options)
         out[name] = flatten_parameters(model)
+        out[name + "_solver"] = history["solver"][1:]
         out[name + "_history"] = {k: history[k] for k in ("perf", "vperf", "gradient", "damping", "gamma")
                                   if k in history.records[0]}
     torch.manual_seed(int(os.environ.get("RANK", "0")))
@@ -287,7 +291,7 @@ class MatrixFreeShard:
 
 
 def _matrix_free_run(reducer: Any, X: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    problem = ReducedProblem(MatrixFreeShard(X, y), reducer)
+    problem = ReducedProblem(MatrixFreeShard(X, y), reducer, forcing="local")  # its fixed rtol, as one process
     x0 = flatten_parameters(cg_net())
     lin = problem.linearize(x0)
     before = reducer.bytes, reducer.calls
@@ -473,9 +477,13 @@ def test_linearize_sends_the_upper_gram_gradient_and_cost_in_one_reduction(ranks
     assert payload_bytes(n, 8) < 8 * (n * n + n + 1)
 
 
-@pytest.mark.parametrize("method", ["lm", "br", "momentum"])
+@pytest.mark.parametrize("method", ["lm", "br", "momentum", "matrix_free"])
 def test_fit_on_two_ranks_equals_fit_on_all_data_in_one_process(ranks, reference, method):
-    assert relative_difference(reference[f"fit_{method}"], reference["x0"]) > 1e-2
+    if method == "matrix_free":
+        assert set(reference["fit_matrix_free_solver"]) == {"cg"}
+        assert ranks[0][1]["fit_matrix_free_solver"] == reference["fit_matrix_free_solver"]
+    start = flatten_parameters(cg_net()) if method == "matrix_free" else reference["x0"]
+    assert relative_difference(reference[f"fit_{method}"], start) > 1e-2  # the run moved
     for _, out in ranks.values():
         assert relative_difference(out[f"fit_{method}"], reference[f"fit_{method}"]) <= 1e-6
         for key, values in reference[f"fit_{method}_history"].items():

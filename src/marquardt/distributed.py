@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from .chunked import PromotedEquations
 from .linalg import NormalEquations, SampleSpaceEquations
 from .solver import Linearization, Problem
 
@@ -387,6 +388,17 @@ def unpack_upper(packed: Tensor, n: int) -> Tensor:
     return torch.triu(gram) + torch.triu(gram, 1).T
 
 
+def _assembled(system: Any) -> tuple[Any, torch.dtype | None]:
+    """The system in the dtype it was assembled in, and the dtype the LM loop sees when they differ.
+
+    Small float32 problems assemble ``J^T J`` in float64 (:class:`~marquardt.chunked.PromotedEquations`);
+    reducing the float64 matrix keeps the accuracy one process has.
+    """
+    if isinstance(system, PromotedEquations):
+        return system.system, system.dtype
+    return system, None
+
+
 def _gram(system: Any) -> Tensor:
     gram = getattr(system, "gram", None)
     if gram is not None:
@@ -417,6 +429,10 @@ class ReducedProblem:
         This rank's problem (e.g. a :class:`~marquardt.network.ModuleProblem` on its shard).
     reducer : Reducer
         Sums over the ranks.
+    forcing : {"eisenstat-walker", "local"}
+        The CG tolerance of matrix-free solves: Eisenstat-Walker's forcing term from the summed
+        gradient, as :class:`~marquardt.network.ModuleProblem` computes it in one process; or
+        the local system's own ``rtol``, which must then be the same on every rank.
 
     Notes
     -----
@@ -454,7 +470,13 @@ class ReducedProblem:
 
     problem: Problem
     reducer: Reducer = field(default_factory=LocalReducer)
+    forcing: str = "eisenstat-walker"
     _rows: tuple[int, int, bool] | None = field(default=None, init=False, repr=False)
+    _forcing: tuple[float, float] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.forcing not in ("eisenstat-walker", "local"):
+            raise ValueError(f"Invalid forcing: {self.forcing!r}; expected 'eisenstat-walker' or 'local'.")
 
     def cost(self, x: Tensor) -> float:
         """The total cost over the ranks (``inf`` when it is not finite on any rank)."""
@@ -467,18 +489,37 @@ class ReducedProblem:
         if self.reducer.world_size == 1:
             return lin
         if _is_matrix_free(lin.system):
-            total = self.reducer.sum(torch.cat([lin.grad, lin.grad.new_tensor([lin.cost])]))
-            return Linearization(float(total[-1]), total[:-1].clone(), ReducedMatrixFree(lin.system, self.reducer))
+            return self._matrix_free(lin)
         n = lin.grad.numel()
-        offset, m, gather = self._layout(lin.system, n)
+        base, dtype = _assembled(lin.system)
+        offset, m, gather = self._layout(base, n)
         if gather:
-            return self._gathered(lin.system, offset, m, n)
-        gram = _gram(lin.system)
-        cost = torch.tensor([lin.cost], dtype=gram.dtype, device=gram.device)
-        total = self.reducer.sum(torch.cat([pack_upper(gram), lin.grad, cost]))
+            return self._gathered(base, offset, m, n, dtype)
+        gram = _gram(base)
+        total = self.reducer.sum(torch.cat([pack_upper(gram), lin.grad.to(gram.dtype), gram.new_tensor([lin.cost])]))
         split = total.numel() - n - 1
-        return Linearization(float(total[-1]), total[split:-1].clone(), NormalEquations(unpack_upper(total[:split], n)))
+        system, grad = NormalEquations(unpack_upper(total[:split], n)), total[split:-1].clone()
+        if dtype is not None:
+            system, grad = PromotedEquations(system, dtype), grad.to(dtype)
+        return Linearization(float(total[-1]), grad, system)
 
+    def _matrix_free(self, lin: Linearization) -> Linearization:
+        """Sum ``J^T r`` and the cost; the CG system reduces its products, to a forcing term from the summed gradient.
+
+        A local problem's Eisenstat-Walker forcing (its CG tolerance) comes from its own gradient
+        norm, which differs between ranks; the ranks must run the same CG iterations, so the
+        forcing is recomputed here, as one process would, from the norm of the summed gradient.
+        """
+        from .matfree import eisenstat_walker
+
+        total = self.reducer.sum(torch.cat([lin.grad, lin.grad.new_tensor([lin.cost])]))
+        grad = total[:-1].clone()
+        if self.forcing == "local":
+            return Linearization(float(total[-1]), grad, ReducedMatrixFree(lin.system, self.reducer))
+        norm = float(torch.linalg.vector_norm(grad))
+        forcing = eisenstat_walker(norm, *(self._forcing or (None, None)))
+        self._forcing = (norm, forcing)
+        return Linearization(float(total[-1]), grad, ReducedMatrixFree(lin.system, self.reducer, rtol=forcing))
 
     def _layout(self, system: Any, n: int) -> tuple[int, int, bool]:
         """``(first row of this rank, rows of all ranks, gather the rows)``, agreed once by all ranks."""
@@ -493,7 +534,7 @@ class ReducedProblem:
             self._rows = (int(sum(counts[: self.reducer.rank])), m, everyone_holds_rows and m < n)
         return self._rows
 
-    def _gathered(self, system: Any, offset: int, m: int, n: int) -> Linearization:
+    def _gathered(self, system: Any, offset: int, m: int, n: int, dtype: torch.dtype | None) -> Linearization:
         """All ranks' rows, summed into place; the residual-space system of one process."""
         jac, residuals = system.jac, system.residuals
         rows = jac.new_zeros(m, n + 1)
@@ -501,8 +542,10 @@ class ReducedProblem:
         rows[offset : offset + jac.shape[0], n] = residuals
         rows = self.reducer.sum(rows)
         jac, residuals = rows[:, :n].contiguous(), rows[:, n].contiguous()
-        return Linearization(0.5 * float(residuals @ residuals), jac.T @ residuals,
-                             SampleSpaceEquations(jac, residuals), residuals, jac)
+        cost, grad, system = 0.5 * float(residuals @ residuals), jac.T @ residuals, SampleSpaceEquations(jac, residuals)
+        if dtype is not None:
+            system, grad, jac, residuals = PromotedEquations(system, dtype), grad.to(dtype), jac.to(dtype), residuals.to(dtype)
+        return Linearization(cost, grad, system, residuals, jac)
 
 
 def _is_matrix_free(system: Any) -> bool:
@@ -518,6 +561,8 @@ class ReducedMatrixFree:
         This rank's system: ``jvp`` and ``vjp`` of its shard's Jacobian ``J_k``.
     reducer : Reducer
         Sums over the ranks.
+    rtol : float, optional
+        CG tolerance (forcing term), the same on every rank; default the local system's.
 
     Notes
     -----
@@ -528,7 +573,7 @@ class ReducedMatrixFree:
     so all take the same number of iterations and reach the same step.
     """
 
-    def __init__(self, local: Any, reducer: Reducer) -> None:
+    def __init__(self, local: Any, reducer: Reducer, *, rtol: float | None = None) -> None:
         from .matfree import MatrixFreeEquations
 
         self.reducer = reducer
@@ -536,7 +581,8 @@ class ReducedMatrixFree:
         self._local = local
         self._system = MatrixFreeEquations(
             local.jvp, lambda u: reducer.sum(local.vjp(u)), lambda: reducer.sum(local.diagonal()),
-            initial=local.initial, rtol=local.rtol, max_iter=local.max_iter, precondition=local.precondition,
+            initial=local.initial, rtol=local.rtol if rtol is None else rtol, max_iter=local.max_iter,
+            precondition=local.precondition,
         )
         self._solution: Tensor | None = None
 

@@ -654,7 +654,8 @@ def fit(
         n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         try:
             # Tiny problems: a second intra-op thread costs more than it saves (see single_thread).
-            with single_thread(is_small(fitting.y.numel(), n_params)):
+            # Over all ranks' samples, so that every rank runs the (repeated) solve on the same kernels.
+            with single_thread(is_small(int(sum_values([fitting.y.numel()], reducer)[0]), n_params)):
                 loop.run(display)
         finally:
             if display is not None:
