@@ -42,7 +42,9 @@ CASES = (
     Case("D1", "many samples", (1, 32, 32, 1), 20_000, "sinc"),
     Case("D2", "more parameters", (1, 48, 48, 1), 6_000, "sinc"),
     Case("D3", "m < n, rows gathered", (1, 64, 64, 1), 2_000, "sinc"),
+    Case("D4", "matrix-free", (1, 64, 64, 1), 6_000, "sinc"),
 )
+SOLVERS = {"D4": "matrix-free"}  # fit's solver= option; the others choose their form automatically
 QUICK_CASES = (Case("D1q", "smoke", (1, 16, 16, 1), 4_000, "sinc"),)
 SWEEP_BYTES = tuple(4 * 4**k for k in range(2, 12))  # 64 B .. 16 MiB of float32
 SWEEP_REPEATS = 7
@@ -102,6 +104,7 @@ class StepTimes:
     trials: int
     bytes: int
     calls: int
+    cg: int
 
 
 def _lm_steps(case: Case, reducer: Any, steps: int) -> tuple[list[StepTimes], torch.Tensor]:
@@ -113,7 +116,7 @@ def _lm_steps(case: Case, reducer: Any, steps: int) -> tuple[list[StepTimes], to
     X, y = make_data(case)
     start, stop = shard_bounds(X.shape[0], reducer.rank, reducer.world_size)
     model = make_model(case, seed=0)
-    local = ModuleProblem(model, X[start:stop], y[start:stop])
+    local = ModuleProblem(model, X[start:stop], y[start:stop], solver=SOLVERS.get(case.name, "auto"))
     problem = ReducedProblem(local, reducer) if reducer.world_size > 1 else local
     x = flatten_parameters(model)
     rule = MarquardtDamping()
@@ -132,7 +135,8 @@ def _lm_steps(case: Case, reducer: Any, steps: int) -> tuple[list[StepTimes], to
         records.append(StepTimes(
             step=t2 - t0, local=(t1 - t0) - (comm1 - comm0), communication=reducer.seconds - comm0,
             step_cpu=(c2 - c0) - (reducer.cpu_seconds - cpu_comm0), local_cpu=(c1 - c0) - (cpu_comm1 - cpu_comm0),
-            trials=out.n_trials, bytes=reducer.bytes - bytes0, calls=reducer.calls - calls0))
+            trials=out.n_trials, bytes=reducer.bytes - bytes0, calls=reducer.calls - calls0,
+            cg=getattr(lin.system, "iterations", 0)))
     return records[1:], x
 
 
@@ -266,11 +270,12 @@ def report(one: dict, two: dict, cases: tuple[Case, ...], steps: int, load: tupl
         "step CPU over the K-rank one: what K dedicated cores would give before communication. "
         "*bytes/step* what each rank sends per step (upper triangle of `J^T J`, `J^T r`, "
         "costs, failure flags; for D3, with fewer residuals than parameters, the rows `[J_k | r_k]` "
-        "gathered for the residual-space solve instead).",
+        "gathered for the residual-space solve instead; for D4, matrix-free, `J^T r` and one "
+        "`P`-vector per CG iteration). *CG iterations*: of the last solve of a step.",
         "",
         "| case | network (P) | N | ranks | step [s] | local [s] | comm [s] | step CPU [s] | local CPU [s] | "
-        "bytes/step | collectives/step | speed-up, wall | speed-up, CPU | weights vs 1 rank |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "bytes/step | collectives/step | CG iterations | speed-up, wall | speed-up, CPU | weights vs 1 rank |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in cases:
         base = one[0][case.name]
@@ -285,7 +290,8 @@ def report(one: dict, two: dict, cases: tuple[Case, ...], steps: int, load: tupl
             lines.append(
                 f"| {case.name} {case.title} | {case.architecture} ({case.n_params:,}) | {case.n_samples:,} | "
                 f"{world} | {step:.3f} | {local:.3f} | {comm:.3f} | {cpu:.3f} | {local_cpu:.3f} | "
-                f"{int(_median(recs, 'bytes')):,} | {int(_median(recs, 'calls'))} | {t1 / step:.2f} | "
+                f"{int(_median(recs, 'bytes')):,} | {int(_median(recs, 'calls'))} | "
+                f"{int(_median(recs, 'cg')) if case.name in SOLVERS else '-'} | {t1 / step:.2f} | "
                 f"{cpu1 / cpu:.2f} | {'-' if world == 1 else f'{diff:.1e}'} |")
     lines += [
         "",
@@ -304,7 +310,7 @@ def report(one: dict, two: dict, cases: tuple[Case, ...], steps: int, load: tupl
         local = _median(base["records"], "local")
         kernels = base["kernels"]
         n, p = case.n_samples, case.n_params
-        g = f"{1e9 * local / (n * p * p):.3f}" if n >= p else "- (no J^T J)"
+        g = f"{1e9 * local / (n * p * p):.3f}" if n >= p and case.name not in SOLVERS else "- (no J^T J)"
         lines.append(f"| {case.name} | {p:,} | {n:,} | {local:.3f} | {g} | "
                      f"{kernels['products']:.3f} | {1e9 * kernels['products'] / (n * p):.2f} | "
                      f"{kernels['cholesky']:.4f} |")

@@ -8,13 +8,16 @@ and takes the same accept/reject decision, so the weights stay identical without
 again after the initial broadcast.
 
 The sums are exact re-associations of the one-machine sums: the rows of ``J`` are split by
-sample, ``J^T J = sum_k J_k^T J_k``, ``J^T r = sum_k J_k^T r_k`` and the cost likewise. Only
-the residual-space solve (``m < n``) cannot be split this way (it factors ``J J^T``, whose
-blocks live on different ranks), so a reduced problem always uses the ``n x n`` normal form.
+sample, ``J^T J = sum_k J_k^T J_k``, ``J^T r = sum_k J_k^T r_k`` and the cost likewise. The
+residual-space solve (fewer residuals ``m`` than parameters ``n``) cannot be split this way
+(it factors ``J J^T``, whose blocks live on different ranks): there the rows themselves are
+gathered, and every rank solves as one process would. A matrix-free system (conjugate
+gradients on Jacobian products) reduces one ``n``-vector per CG iteration instead of a matrix.
 
 :class:`Reducer` is the seam: :class:`LocalReducer` (one process, every operation the identity)
 and :class:`TorchDistributedReducer` (``all_reduce`` with ``SUM`` over :mod:`torch.distributed`:
-gloo on CPU, NCCL on GPU). Only this module imports :mod:`torch.distributed`.
+gloo on CPU, NCCL on GPU). The numerical modules never import :mod:`torch.distributed`; this
+module does, and the command line (to start and end a process group under ``torchrun``).
 
 Faults: each collective of :class:`TorchDistributedReducer` is preceded by an ``all_reduce`` of
 one flag per rank. A rank that raises inside :func:`fail_together` joins that flag reduction
