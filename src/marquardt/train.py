@@ -541,7 +541,7 @@ def fit(
         damping or optimizer state, History, best weights, random states). With ``resume=True``
         an existing checkpoint there is continued: with the same arguments the run ends with
         the weights of an uninterrupted one (:mod:`marquardt.checkpoint`).
-    distributed : bool, optional
+    distributed : bool or Reducer, optional
         Data-parallel training over :mod:`torch.distributed` (:mod:`marquardt.distributed`);
         by default whenever a process group is initialized. Each rank passes *its own shard*
         of the samples as ``X, y`` (and of ``validation_data``; ``division`` divides each
