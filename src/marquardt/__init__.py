@@ -9,6 +9,7 @@ Examples
 
 from .checkpoint import CheckpointMismatch
 from .damping import DampingState, MarquardtDamping, NielsenDamping
+from .distributed import DistributedError, LocalReducer, Reducer, TorchDistributedReducer
 from .history import History
 from .losses import BinaryCrossEntropy, CrossEntropy, SquaredError
 from .io import load, save
@@ -42,16 +43,20 @@ __all__ = [
     "Callback",
     "CheckpointMismatch",
     "CrossEntropy",
+    "DistributedError",
     "DampingState",
     "GradientDescent",
     "History",
     "IterationInfo",
     "LeastSquaresResult",
     "LevenbergMarquardt",
+    "LocalReducer",
     "MarquardtDamping",
     "Momentum",
     "NielsenDamping",
+    "Reducer",
     "SquaredError",
+    "TorchDistributedReducer",
     "fit",
     "least_squares",
     "load",
