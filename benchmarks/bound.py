@@ -12,6 +12,12 @@ random Gaussian J (the values do not change the flop count; a well-conditioned J
 factorization from stopping early). Forming J itself and the triangular solves are *not*
 counted, so a real step can approach the bound but never reach it.
 
+Each kernel is timed several ways and the fastest median kept (its name is recorded):
+``ssyrk``/``spotrf`` from SciPy's OpenBLAS on 2 threads and on 1 (threadpoolctl), and for the
+factorization also ``torch.linalg.cholesky`` (MKL). On an idle machine OpenBLAS on both cores
+wins; on a loaded one its spinning threads can lose 10-30x, and a "bound" that slow would not
+bound anything.
+
 Run alone: ``python -m benchmarks.bound --cases T2,T3``.
 """
 
@@ -19,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import MB, CASES, Case, configure_threads, fmt_seconds, markdown_table, time_it
-
-# The larger sizes take seconds per kernel: fewer repeats keep the suite short.
-_BIG_FLOPS = 2e11
-
+from benchmarks.common import (
+    CASES, MB, THREADS, Case, Timing, configure_threads, fmt_seconds, markdown_table, time_it,
+)
 
 def available() -> str | None:
     try:
@@ -52,12 +56,13 @@ def bound(case: str, repeats: int = 3, torch_reference: bool = False, seed: int 
     rng = np.random.default_rng(seed)
     # J.T of a C-contiguous (k x m) array is Fortran-contiguous (m x k): BLAS reads it in place.
     jac_t = rng.standard_normal((k, m), dtype=np.float32).T
-    syrk = time_it(lambda: _syrk(jac_t), repeats, warmup=1)
+    syrk, syrk_how = _fastest(_syrk_candidates(jac_t), repeats)
     normal = _syrk(jac_t)
     normal[np.diag_indices(m)] += 1e-3 * float(np.mean(np.diag(normal)))  # damping: keeps it PD
-    chol = time_it(_potrf, repeats, warmup=1, setup=lambda: np.array(normal, order="F"))
+    chol, chol_how = _fastest(_cholesky_candidates(normal), repeats)
     result = {
         "case": case, "n": n, "p": p, "m": m, "form": form(c), "repeats": repeats,
+        "syrk_how": syrk_how, "chol_how": chol_how,
         "syrk_s": syrk.median, "chol_s": chol.median, "total_s": syrk.median + chol.median,
         "syrk_gflops": k * m * (m + 1) / syrk.median / 1e9,
         "chol_gflops": m**3 / 3 / chol.median / 1e9,
@@ -66,6 +71,63 @@ def bound(case: str, repeats: int = 3, torch_reference: bool = False, seed: int 
     if torch_reference:
         result.update(_torch_reference(jac_t, normal, repeats))
     return result
+
+
+def _fastest(candidates: dict[str, tuple], repeats: int) -> tuple[Timing, str]:
+    """The fastest (by median) of several ways to do the same kernel, and its name.
+
+    ``candidates[name] = (fn, setup, blas_threads)``. On an idle machine OpenBLAS on both cores
+    wins. When other processes load the cores, its spinning threads degrade far more than one
+    thread or MKL do (we saw 30x on ``spotrf``); the bound is what the machine *can* do at that
+    moment, so the fastest way is kept and named in the report.
+    """
+    timings = {}
+    for name, (fn, setup, threads) in candidates.items():
+        with _blas_threads(threads):
+            timings[name] = time_it(fn, repeats, warmup=1, setup=setup)
+    best = min(timings, key=lambda name: timings[name].median)
+    return timings[best], best
+
+
+def _blas_threads(n: int):
+    """Context limiting OpenBLAS to ``n`` threads (a no-op without threadpoolctl)."""
+    import contextlib
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def _has_threadpoolctl() -> bool:
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _syrk_candidates(jac_t) -> dict[str, tuple]:
+    out = {f"ssyrk x{THREADS}": (lambda: _syrk(jac_t), None, THREADS)}
+    if _has_threadpoolctl():
+        out["ssyrk x1"] = (lambda: _syrk(jac_t), None, 1)
+    return out
+
+
+def _cholesky_candidates(normal) -> dict[str, tuple]:
+    import numpy as np
+    import torch
+
+    fresh = lambda: np.array(normal, order="F")  # noqa: E731 (potrf overwrites its input)
+    out = {f"spotrf x{THREADS}": (_potrf, fresh, THREADS)}
+    if _has_threadpoolctl():
+        out["spotrf x1"] = (_potrf, fresh, 1)
+    # torch.linalg.cholesky reads the lower triangle: hand it the full symmetric matrix.
+    upper = torch.from_numpy(normal.copy()).triu()
+    sym = upper + upper.triu(1).T
+    out["torch.linalg.cholesky"] = (lambda: torch.linalg.cholesky(sym), None, THREADS)
+    return out
 
 
 def _syrk(jac_t):
@@ -104,11 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.cases.split(","):
         r = bound(name.strip(), args.repeats, torch_reference=args.torch)
-        rows.append([name, f"{r['n']:,}", f"{r['p']:,}", r["form"], fmt_seconds(r["syrk_s"]),
-                     f"{r['syrk_gflops']:.0f}", fmt_seconds(r["chol_s"]), f"{r['chol_gflops']:.0f}",
-                     fmt_seconds(r["total_s"]),
-                     fmt_seconds(r.get("torch_total_s"))])
-    print(markdown_table(["case", "N", "P", "form", "syrk", "GFLOP/s", "potrf", "GFLOP/s",
+        rows.append([name, f"{r['n']:,}", f"{r['p']:,}", r["form"],
+                     f"{fmt_seconds(r['syrk_s'])} ({r['syrk_how']})", f"{r['syrk_gflops']:.0f}",
+                     f"{fmt_seconds(r['chol_s'])} ({r['chol_how']})", f"{r['chol_gflops']:.0f}",
+                     fmt_seconds(r["total_s"]), fmt_seconds(r.get("torch_total_s"))])
+    print(markdown_table(["case", "N", "P", "form", "syrk", "GFLOP/s", "Cholesky", "GFLOP/s",
                           "bound", "torch gemm+chol"], rows))
 
 
