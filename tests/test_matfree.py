@@ -85,7 +85,7 @@ def test_matrix_free_step_equals_cholesky_step(damping, scale_kind):
     torch.testing.assert_close(system.curvature(other), other @ gram @ other, rtol=1e-12, atol=1e-12)
 
 
-def test_matrix_free_retry_starts_from_the_last_solution():
+def test_matrix_free_retry_reuses_the_basis():
     J, r = jacobian(40, 12)
     calls = []
 
@@ -93,11 +93,33 @@ def test_matrix_free_retry_starts_from_the_last_solution():
         calls.append(1)
         return J @ v
 
-    system = MatrixFreeEquations(jvp, lambda u: J.T @ u, (J * J).sum(0), rtol=1e-10, max_iter=100)
-    system.solve(J.T @ r, 1e-2, torch.ones(12, dtype=DT))
+    system = MatrixFreeEquations(jvp, lambda u: J.T @ u, (J * J).sum(0), rtol=1e-10, max_iter=100, stall_tol=0)
+    ones = torch.ones(12, dtype=DT)
+    system.solve(J.T @ r, 1e-2, ones)
     first = len(calls)
-    system.solve(J.T @ r, 1e-2, torch.ones(12, dtype=DT))  # same system: the warm start is the answer
-    assert len(calls) - first == 1 and system.reason == "tolerance"
+    assert system.iterations == first <= 12
+    step = system.solve(J.T @ r, 1.0, ones)  # a retry with more damping: solved on the same basis
+    assert len(calls) == first and system.iterations == 0 and system.reason == "tolerance"
+    torch.testing.assert_close(step, torch.linalg.solve(J.T @ J + torch.eye(12, dtype=DT), -J.T @ r))
+
+
+def test_matrix_free_basis_is_capped_by_max_iter():
+    J, r = jacobian(60, 30, seed=1)
+    system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, (J * J).sum(0), rtol=1e-14, max_iter=4,
+                                 stall_tol=0, precondition=False)
+    system.solve(J.T @ r, 1e-6, torch.ones(30, dtype=DT))
+    assert (system.iterations, system.reason) == (5, "max_iter")  # max_iter + 1 basis vectors
+    system.solve(J.T @ r, 1e-3, torch.ones(30, dtype=DT))
+    assert system.iterations == 0
+
+
+def test_warm_start_is_the_first_basis_vector():
+    J, r = jacobian(40, 12)
+    exact = torch.linalg.solve(J.T @ J + 1e-2 * torch.eye(12, dtype=DT), -J.T @ r)
+    system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, (J * J).sum(0), initial=3 * exact, rtol=1e-10)
+    step = system.solve(J.T @ r, 1e-2, torch.ones(12, dtype=DT))
+    assert system.iterations == 1 and system.reason == "tolerance"
+    torch.testing.assert_close(step, exact)
 
 
 def test_matrix_free_diagonal_is_computed_once_on_demand():

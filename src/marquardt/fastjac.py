@@ -311,13 +311,15 @@ class LinearizedNetwork:
         """``J v`` for a flat parameter vector ``v``: shape ``(N*K,)`` (forward tangents)."""
         tangent = None
         for layer, a, slope in zip(self.network.layers, self.inputs, self.slopes):
-            weight = self._piece(vector, layer.weight, self.params[layer.weight].shape)
-            dz = a @ weight.T
+            weight = self.params[layer.weight]
+            d_weight = self._piece(vector, layer.weight, weight.shape)
             if layer.bias is not None:
-                dz = dz + self._piece(vector, layer.bias, (weight.shape[0],))
+                dz = torch.addmm(self._piece(vector, layer.bias, (weight.shape[0],)), a, d_weight.T)
+            else:
+                dz = a @ d_weight.T
             if tangent is not None:
-                dz = dz + tangent @ self.params[layer.weight].T
-            tangent = dz if slope is None else dz * slope
+                dz.addmm_(tangent, weight.T)
+            tangent = dz if slope is None else dz.mul_(slope)
         if self.network.output_scale is not None:
             tangent = tangent * self.network.output_scale
         return tangent.reshape(-1)
@@ -328,14 +330,18 @@ class LinearizedNetwork:
         if self.network.output_scale is not None:
             g = g * self.network.output_scale
         out = cotangent.new_empty(self.n_params)
+        ones = None
         for index in range(len(self.network.layers) - 1, -1, -1):
-            layer = self.network.layers[index]
-            g = _times_slope(g, self.slopes[index])
-            self._put(out, layer.weight, g.T @ self.inputs[index])
+            layer, slope = self.network.layers[index], self.slopes[index]
+            if slope is not None:
+                g = g * slope
+            weight = self.params[layer.weight]
+            torch.mm(g.T, self.inputs[index], out=self._piece(out, layer.weight, weight.shape))
             if layer.bias is not None:
-                self._put(out, layer.bias, g.sum(0))
+                ones = g.new_ones(g.shape[0]) if ones is None else ones
+                torch.mv(g.T, ones, out=self._piece(out, layer.bias, (weight.shape[0],)))
             if index > 0:
-                g = g @ self.params[layer.weight]
+                g = g @ weight
         return out
 
     def gram_diagonal(self) -> Tensor:

@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["CGResult", "MatrixFreeEquations", "conjugate_gradient", "eisenstat_walker"]
+from .chunked import single_thread
+
+__all__ = [
+    "CGResult",
+    "GalerkinSpace",
+    "MatrixFreeEquations",
+    "conjugate_gradient",
+    "curvature_sample_size",
+    "eisenstat_walker",
+    "scaled_products",
+]
 
 Operator = Callable[[Tensor], Tensor]
 
@@ -185,6 +195,141 @@ def eisenstat_walker(grad_norm: float, previous_norm: float | None, previous_for
     return float(min(high, max(low, eta)))
 
 
+class GalerkinSpace:
+    """An orthonormal basis ``V`` with the products ``A V``, for Galerkin solves of damped systems.
+
+    ``A = J^T J`` is fixed for one linearization; the damped system ``(A + damping D) h = b``
+    changes with every damping value the LM loop tries. Restricted to a subspace with orthonormal
+    basis ``V`` (``k`` rows), the solution is ``h = V^T y`` with the ``k x k`` system
+    ``(V A V^T + damping V D V^T) y = V b``: one product with ``A`` per basis vector, then any
+    number of damping values at ``O(k^2 n)`` each. Expanding by residuals of the damped system
+    builds the Krylov space of ``A`` and ``b`` (shifts do not change it when ``D`` is a multiple
+    of the identity), so each solve is the conjugate-gradient iterate on that space; a warm-start
+    vector added first makes it CG from the best multiple of the warm start, augmented.
+    Directions are orthogonalized twice against the basis (full reorthogonalization: cheap next
+    to a product, and it keeps float32 Krylov bases orthogonal).
+
+    Examples
+    --------
+    >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> space = GalerkinSpace(lambda v: A @ v, torch.tensor([1.0, 0.0], dtype=torch.float64), capacity=2)
+    >>> space.expand(space.rhs), space.expand(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    (True, True)
+    >>> x, _, residual = space.solve(1.0, torch.ones(2, dtype=torch.float64))
+    >>> torch.allclose((A + torch.eye(2, dtype=torch.float64)) @ x, space.rhs), float(residual.norm()) < 1e-12
+    (True, True)
+    """
+
+    def __init__(self, product: Operator, rhs: Tensor, capacity: int) -> None:
+        self.product, self.rhs, self.capacity = product, rhs, capacity
+        self.basis = rhs.new_empty(capacity, rhs.numel())
+        self.images = rhs.new_empty(capacity, rhs.numel())
+        # The projected matrix is small: kept in float64 so the k x k solves never add error.
+        self.projected = torch.zeros(capacity, capacity, dtype=torch.float64, device=rhs.device)
+        self.size = 0
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.capacity
+
+    def expand(self, direction: Tensor) -> bool:
+        """Add ``direction`` (orthogonalized) and its product; ``False`` if full or already spanned."""
+        if self.full:
+            return False
+        # Vector bookkeeping (O(k n)) runs on one thread; only the product uses them all.
+        with single_thread():
+            vector = self._orthonormal(direction)
+        if vector is None:
+            return False
+        image = self.product(vector)
+        with single_thread():
+            k = self.size
+            self.basis[k], self.images[k] = vector, image
+            column = (self.basis[: k + 1] @ image).double()
+            self.projected[k, : k + 1] = column
+            self.projected[: k + 1, k] = column
+            self.size = k + 1
+        return True
+
+    def _orthonormal(self, direction: Tensor) -> Tensor | None:
+        basis = self.basis[: self.size]
+        vector = direction.clone()
+        for _ in range(2):
+            vector -= (basis @ vector) @ basis
+        norm = float(torch.linalg.vector_norm(vector))
+        scale = float(torch.linalg.vector_norm(direction))
+        if not (math.isfinite(norm) and norm > 100 * torch.finfo(vector.dtype).eps * scale):
+            return None
+        return vector / norm
+
+    def solve(self, damping: float, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(h, y, residual)``: the Galerkin solution of ``(A + damping diag(scale)) h = b``."""
+        with single_thread():
+            return self._solve(damping, scale)
+
+    def _solve(self, damping: float, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k = self.size
+        basis = self.basis[:k]
+        matrix = self.projected[:k, :k]
+        if bool((scale == scale[0]).all()):
+            damped = matrix + damping * float(scale[0]) * torch.eye(k, dtype=matrix.dtype, device=matrix.device)
+        else:
+            damped = matrix + damping * ((basis * scale) @ basis.T).double()
+        coefficients = (basis @ self.rhs).double()
+        y = _small_solve(damped, coefficients)
+        narrow = y.to(self.rhs.dtype)
+        step = narrow @ basis
+        residual = self.rhs - narrow @ self.images[:k] - damping * scale * step
+        return step, y, residual
+
+    def curvature(self, y: Tensor) -> Tensor:
+        """``h^T A h`` for ``h = V^T y``."""
+        k = self.size
+        return y @ (self.projected[:k, :k] @ y)
+
+
+def _small_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.unsqueeze(1), factor).squeeze(1)
+    return torch.linalg.lstsq(matrix, rhs.unsqueeze(1)).solution.squeeze(1)
+
+
+def curvature_sample_size(n_samples: int, *, floor: int = 2000, fraction: float = 0.1) -> int:
+    """Samples used for the products ``J^T J v``: all up to ``floor``, else ``max(floor, fraction * n)``.
+
+    A product costs two passes over its samples, the gradient two over all of them: with a
+    tenth of the samples, twenty products cost about as much as the gradient and the trial
+    costs of one iteration, so the solve no longer dominates, while a few thousand samples still
+    give a curvature estimate whose directions the gain-ratio test can trust.
+
+    Examples
+    --------
+    >>> curvature_sample_size(1500), curvature_sample_size(20_000), curvature_sample_size(50_000)
+    (1500, 2000, 5000)
+    """
+    if n_samples <= floor:
+        return n_samples
+    return max(floor, int(fraction * n_samples))
+
+
+def scaled_products(jvp: Operator, vjp: Operator, diagonal: Callable[[], Tensor], factor: float
+                    ) -> tuple[Operator, Operator, Callable[[], Tensor]]:
+    """Products of ``sqrt(factor) J``: ``J^T J`` estimated from a subset, scaled to the whole set.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0, 2.0]])
+    >>> jvp, vjp, diag = scaled_products(lambda v: J @ v, lambda u: J.T @ u, lambda: (J * J).sum(0), 4.0)
+    >>> vjp(jvp(torch.tensor([1.0, 0.0]))).tolist(), diag().tolist()
+    ([4.0, 8.0], [4.0, 16.0])
+    """
+    if factor == 1.0:
+        return jvp, vjp, diagonal
+    root = math.sqrt(factor)
+    return (lambda v: jvp(v) * root), (lambda u: vjp(u) * root), (lambda: diagonal() * factor)
+
+
 @dataclass
 class MatrixFreeEquations:
     """The damped normal equations ``(J^T J + damping * diag(scale)) h = -grad``, solved by CG.
@@ -196,28 +341,35 @@ class MatrixFreeEquations:
     gram_diagonal : callable or Tensor
         ``diag(J^T J)``, or a function computing it (called at most once, on first use).
     initial : Tensor, optional
-        Warm start for the first solve (e.g. the previous iteration's step); later solves (a
-        retry with more damping) start from the last solution.
+        Warm start (e.g. the previous iteration's step): the first basis vector.
     rtol : float
-        Forcing term: CG stops when the linear residual is below ``rtol * ||grad||``.
+        Forcing term: a solve stops when the linear residual is below ``rtol * ||grad||``.
     max_iter : int
-        Most CG iterations per solve.
+        Most products ``J^T J v`` for this linearization (the basis size), over all solves.
     precondition : bool
-        Jacobi preconditioner ``diag(J^T J) + damping * scale``.
+        Expand the basis by Jacobi-preconditioned residuals, ``r / (diag(J^T J) + damping * scale)``.
+        Off by default: on network problems the plain Krylov space of ``J^T J`` gave steps the
+        gain-ratio test accepted far more often (a truncated Krylov solve is itself a
+        regularizer, weighted towards the large-curvature directions).
     stall_tol : float
         Martens' progress test (see :func:`conjugate_gradient`); 0 turns it off.
 
     Attributes
     ----------
     iterations : int
-        CG iterations of the last solve.
+        Products made by the last solve (0 when a retry was solved on the existing basis).
     reason : str
-        Why the last solve stopped (see :class:`CGResult`).
+        Why the last solve stopped: ``"tolerance"``, ``"stalled"``, ``"max_iter"`` (basis full)
+        or ``"breakdown"`` (no new direction).
 
     Notes
     -----
-    ``curvature(h)`` (``h^T J^T J h``, for the predicted reduction) costs nothing for the step
-    just solved: CG keeps ``A h`` up to date, and ``h^T J^T J h = h^T A h - damping h^T D h``.
+    The solves are Galerkin solves on a growing orthonormal basis (:class:`GalerkinSpace`):
+    with ``D`` a multiple of the identity and no preconditioning the basis is the Krylov space of
+    ``J^T J`` and ``g``, and each solution is exactly the conjugate-gradient iterate. Keeping the
+    basis makes the LM loop's retries with more damping nearly free (no new product unless the
+    forcing test fails), and ``curvature(h)`` of the step just solved is ``y^T (V J^T J V^T) y``,
+    also free. Memory: ``2 (max_iter + 1)`` vectors of ``n``.
 
     Examples
     --------
@@ -235,13 +387,14 @@ class MatrixFreeEquations:
     initial: Tensor | None = None
     rtol: float = 0.1
     max_iter: int = 100
-    precondition: bool = True
+    precondition: bool = False
     stall_tol: float = 5e-4
     path: str = field(default="cg", init=False)
     name = "matrix-free"
     iterations: int = field(default=0, init=False)
     reason: str = field(default="", init=False)
-    _last: tuple[Tensor, Tensor, float, Tensor] | None = field(default=None, init=False, repr=False)
+    _last: tuple[Tensor, Tensor | None] | None = field(default=None, init=False, repr=False)
+    _space: GalerkinSpace | None = field(default=None, init=False, repr=False)
 
     def diagonal(self) -> Tensor:
         """``diag(J^T J)`` (computed on first use)."""
@@ -254,24 +407,56 @@ class MatrixFreeEquations:
         return self.vjp(self.jvp(vector))
 
     def solve(self, grad: Tensor, damping: float, scale: Tensor, residuals: Tensor | None = None) -> Tensor:
-        """An inexact damped Gauss-Newton step; ``residuals`` is accepted for the interface and unused."""
-        damped = damping * scale
+        """An inexact damped Gauss-Newton step; ``residuals`` is accepted for the interface and unused.
 
-        def operator(vector: Tensor) -> Tensor:
-            return self.gram_product(vector) + damped * vector
+        A retry with another damping value reuses every product made so far: it first solves on
+        the existing basis, and expands it only while the forcing test fails.
+        """
+        reused = self._space is not None and torch.equal(self._space.rhs, -grad)
+        space = self._space if reused else self._new_space(grad)
+        target = self.rtol * float(torch.linalg.vector_norm(grad))
+        before, models, reason = space.size if reused else 0, [0.0], "max_iter"
+        step, y = torch.zeros_like(grad), None
+        residual = space.rhs
+        while True:
+            if space.size:
+                step, y, residual = space.solve(damping, scale)
+                models.append(-0.5 * float((space.basis[: space.size] @ space.rhs).double() @ y))
+            with single_thread():
+                converged = float(torch.linalg.vector_norm(residual)) <= target
+            if converged:
+                reason = "tolerance"
+                break
+            if _stalled(models, len(models) - 1, 0.1, self.stall_tol):
+                reason = "stalled"
+                break
+            if space.full:
+                break
+            direction = self._direction(residual, damping, scale)
+            if not space.expand(direction):
+                reason = "breakdown"
+                break
+        self.iterations, self.reason = space.size - before, reason
+        self._last = (step, y)
+        return step.clone()
 
-        preconditioner = self.diagonal() + damped if self.precondition else None
-        start = self._last[0] if self._last is not None else self.initial
-        out = conjugate_gradient(operator, -grad, x0=start, preconditioner=preconditioner,
-                                 rtol=self.rtol, max_iter=self.max_iter, stall_tol=self.stall_tol)
-        self.iterations, self.reason = out.iterations, out.reason
-        self._last = (out.x, out.product, damping, scale)
-        return out.x.clone()
+    def _direction(self, residual: Tensor, damping: float, scale: Tensor) -> Tensor:
+        if not self.precondition:
+            return residual
+        diagonal = self.diagonal()
+        with single_thread():
+            return residual / (diagonal + damping * scale)
+
+    def _new_space(self, grad: Tensor) -> GalerkinSpace:
+        self._space = GalerkinSpace(self.gram_product, -grad, self.max_iter + 1)
+        start = self.initial
+        if start is not None and bool(torch.isfinite(start).all()) and float(torch.linalg.vector_norm(start)) > 0:
+            self._space.expand(start)
+        return self._space
 
     def curvature(self, step: Tensor) -> Tensor:
-        """``h^T J^T J h``: from the CG bookkeeping for the last solution, else one ``J h``."""
-        if self._last is not None and torch.equal(step, self._last[0]):
-            x, product, damping, scale = self._last
-            return x @ product - damping * (x @ (scale * x))
+        """``h^T J^T J h``: from the projected matrix for the step just solved, else one ``J h``."""
+        if self._last is not None and self._last[1] is not None and torch.equal(step, self._last[0]):
+            return self._space.curvature(self._last[1]).to(step.dtype)
         value = self.jvp(step)
         return value @ value

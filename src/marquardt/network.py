@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +31,9 @@ from .chunked import (
     plan_assembly,
     single_thread,
 )
-from .fastjac import jacobian_backend
+from .fastjac import LayeredJacobian, jacobian_backend
 from .losses import Loss, SquaredError, accumulate_gauss_newton
-from .matfree import MatrixFreeEquations, eisenstat_walker
+from .matfree import MatrixFreeEquations, curvature_sample_size, eisenstat_walker, scaled_products
 from .solver import Linearization
 
 
@@ -78,7 +79,12 @@ class ModuleProblem:
     max_matrix_bytes : int
         Budget for the ``n x n`` normal matrix; past it ``"auto"`` goes matrix-free.
     cg_max_iter : int
-        Most conjugate-gradient iterations per matrix-free solve.
+        Most conjugate-gradient products per matrix-free linearization.
+    curvature_samples : int, optional
+        Samples whose Jacobian products model ``J^T J`` in the matrix-free form (the gradient
+        and the cost always use all samples); default :func:`~marquardt.matfree.curvature_sample_size`.
+    seed : int
+        Seeds the choice of those samples (a fresh subset at each linearization).
 
     Examples
     --------
@@ -97,7 +103,9 @@ class ModuleProblem:
     loss: Loss = field(default_factory=SquaredError)
     solver: str = "auto"
     max_matrix_bytes: int = DEFAULT_MATRIX_BYTES
-    cg_max_iter: int = 100
+    cg_max_iter: int = 20
+    curvature_samples: int | None = None
+    seed: int = 0
     names: list[str] = field(init=False)
     shapes: list[torch.Size] = field(init=False)
 
@@ -116,6 +124,8 @@ class ModuleProblem:
         layout = [(name, p.numel()) for name, p in named]
         self.backend = jacobian_backend(self.model, layout, self.buffers, X=self.X)
         self._previous: tuple[Tensor, float, float] | None = None  # matrix-free warm start and forcing
+        self._trial: tuple[Tensor, Any] | None = None  # the last cost's forward pass, kept for linearize
+        self._generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def is_least_squares(self) -> bool:
@@ -139,7 +149,7 @@ class ModuleProblem:
     def cost(self, x: Tensor) -> float:
         """The loss's cost, ``0.5 * sum((model(X) - y)**2)`` for least squares; ``inf`` when not finite."""
         with torch.no_grad(), single_thread(self.plan.serial):
-            value = float(self.loss.cost(self.outputs(x), self.y))
+            value = float(self.loss.cost(self._trial_outputs(x), self.y))
         return value if value == value and value != float("inf") else float("inf")
 
     def linearize(self, x: Tensor) -> Linearization:
@@ -169,15 +179,45 @@ class ModuleProblem:
             return Linearization(cost, grad, system, system.residuals, system.jac)
         return Linearization(cost, grad, system)
 
+    def _trial_outputs(self, x: Tensor) -> Tensor:
+        """``model(X)``; in the matrix-free form through a kept linearization, so that the
+        next :meth:`linearize` at an accepted trial point needs no second forward pass."""
+        if self.plan.form != "matrix-free" or not isinstance(self.backend, LayeredJacobian):
+            return self.outputs(x)
+        lin = self.backend.linearize(self.params(x), self.X)
+        self._trial = (x.clone(), lin)
+        return lin.outputs
+
+    def _full_linearization(self, x: Tensor) -> Any:
+        if self._trial is not None and torch.equal(self._trial[0], x):
+            lin = self._trial[1]
+        else:
+            lin = self.backend.linearize(self.params(x), self.X)
+        self._trial = None
+        return lin
+
+    def _curvature_products(self, x: Tensor, full: Any) -> tuple[Any, float]:
+        """The linearization whose products model ``J^T J``, and the factor that scales them."""
+        n = self.X.shape[0]
+        size = curvature_sample_size(n) if self.curvature_samples is None else min(n, self.curvature_samples)
+        if size >= n:
+            return full, 1.0
+        index = torch.randperm(n, generator=self._generator)[:size].sort().values.to(self.X.device)
+        return self.backend.linearize(self.params(x), self.X[index]), n / size
+
     def _matrix_free(self, x: Tensor) -> Linearization:
         """Gradient, cost and the CG system from Jacobian products at ``x`` (``J`` is never formed).
 
-        The solve starts from the last accepted step and stops at an Eisenstat-Walker forcing
-        term, both carried from the previous linearization of this problem.
+        The gradient and cost use every sample; the products ``J^T J v`` a random subset scaled
+        by ``n / size`` (subsampled Gauss-Newton, as in Hessian-free optimization: Martens, 2010;
+        Byrd et al., 2011), exact when the subset is everything. The solve starts from the last
+        accepted step and stops at an Eisenstat-Walker forcing term, both carried from the
+        previous linearization of this problem.
         """
-        lin = self.backend.linearize(self.params(x), self.X)
+        lin = self._full_linearization(x)
         residuals = (lin.outputs - self.y).reshape(-1)
         grad = lin.vjp(residuals)
+        curvature, factor = self._curvature_products(x, lin)
         norm = float(torch.linalg.vector_norm(grad))
         start, forcing = None, eisenstat_walker(norm, None, None)
         if self._previous is not None:
@@ -185,8 +225,8 @@ class ModuleProblem:
             start = x - previous_x if previous_x.shape == x.shape else None
             forcing = eisenstat_walker(norm, previous_norm, previous_forcing)
         self._previous = (x.clone(), norm, forcing)
-        system = MatrixFreeEquations(lin.jvp, lin.vjp, lin.gram_diagonal, initial=start, rtol=forcing,
-                                     max_iter=self.cg_max_iter)
+        jvp, vjp, diagonal = scaled_products(curvature.jvp, curvature.vjp, curvature.gram_diagonal, factor)
+        system = MatrixFreeEquations(jvp, vjp, diagonal, initial=start, rtol=forcing, max_iter=self.cg_max_iter)
         return Linearization(0.5 * float(residuals @ residuals), grad, system)
 
     def jacobian_chunks(self, x: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
