@@ -348,9 +348,10 @@ class MatrixFreeEquations:
         Most products ``J^T J v`` for this linearization (the basis size), over all solves.
     precondition : bool
         Expand the basis by Jacobi-preconditioned residuals, ``r / (diag(J^T J) + damping * scale)``.
-        Off by default: on network problems the plain Krylov space of ``J^T J`` gave steps the
-        gain-ratio test accepted far more often (a truncated Krylov solve is itself a
-        regularizer, weighted towards the large-curvature directions).
+        Network problems (:class:`~marquardt.network.ModuleProblem`) turn it off: there the plain
+        Krylov space of ``J^T J`` gave steps the gain-ratio test accepted far more often (a
+        truncated Krylov solve is itself a regularizer, weighted towards the large-curvature
+        directions).
     stall_tol : float
         Martens' progress test (see :func:`conjugate_gradient`); 0 turns it off.
 
@@ -387,7 +388,7 @@ class MatrixFreeEquations:
     initial: Tensor | None = None
     rtol: float = 0.1
     max_iter: int = 100
-    precondition: bool = False
+    precondition: bool = True
     stall_tol: float = 5e-4
     path: str = field(default="cg", init=False)
     name = "matrix-free"
