@@ -8,7 +8,7 @@ import time
 from benchmarks.common import make_data, make_model, mse
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-CURVE_POINTS = 400  # the curve is thinned to about this many points to keep results small
+CURVE_POINTS = 150  # the curve is thinned to about this many points to keep results small
 
 
 def available() -> str | None:

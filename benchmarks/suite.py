@@ -76,7 +76,7 @@ class Plan:
         return cls(quick=False, t1_seeds=(0, 1, 2, 3, 4), t1_rounds=3, t1_steps=50,
                    t1_peer_steps=1000, t1_peer_budget_s=60.0, t1_equal_time_s=2.0,
                    t1_ours_budget_s=10.0, t2_rounds=2,
-                   t2_steps=3, t3_steps=2, t3_with_peer=True, t4_budget_s=60.0, t5_rounds=2,
+                   t2_steps=2, t3_steps=2, t3_with_peer=True, t4_budget_s=60.0, t5_rounds=2,
                    t5_steps=2, cap_s=90.0)
 
 
@@ -211,7 +211,7 @@ def mse_at(run: dict | None, seconds: float) -> float:
     return best
 
 
-def thin(run: dict | None, points: int = 300) -> dict | None:
+def thin(run: dict | None, points: int = 150) -> dict | None:
     """A run with its curve thinned (results stay small; the last point is kept)."""
     if not run:
         return run
@@ -238,7 +238,8 @@ def case_t1(session: Session, plan: Plan) -> dict:
                 budget_s=plan.t1_peer_budget_s, target=T1_TARGET_MSE)))
         runs["adam"].append(_best_adam(session, "T1", seed, plan.t1_equal_time_s, T1_TARGET_MSE))
         runs["scipy_lm"].append(thin(session.call("scipy_lm", "train", 300, case="T1", seed=seed,
-                                                  target=T1_TARGET_MSE)))
+                                                  target=T1_TARGET_MSE,
+                                                  budget_s=plan.t1_ours_budget_s)))
     return {"per_step": steps, "training": runs, "equal_time_s": plan.t1_equal_time_s,
             "target_mse": T1_TARGET_MSE, "peer_steps": plan.t1_peer_steps, "seeds": list(plan.t1_seeds)}
 
