@@ -1,0 +1,182 @@
+"""least_squares: bad input, types and devices, Jacobian modes, solver paths, statistics, scipy agreement."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marquardt import TERMINATION_MESSAGES, least_squares
+from marquardt.linalg import NormalEquations, SampleSpaceEquations, damped_lstsq
+
+T = np.linspace(0.0, 3.0, 25)
+TRUE = np.array([2.5, 1.3, 0.4])
+Y = TRUE[0] * np.exp(-TRUE[1] * T) + TRUE[2] + 0.01 * np.sin(7 * T)
+
+
+def decay(b, t=T, y=Y):
+    t, y = torch.as_tensor(t, dtype=b.dtype), torch.as_tensor(y, dtype=b.dtype)
+    return b[0] * torch.exp(-b[1] * t) + b[2] - y
+
+
+def decay_jac(b):
+    t = torch.as_tensor(T, dtype=b.dtype)
+    e = torch.exp(-b[1] * t)
+    return torch.stack([e, -b[0] * t * e, torch.ones_like(t)], dim=1)
+
+
+X0 = [1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("fun", "x0", "kwargs", "error", "match"),
+    [
+        (decay, [1.0, math.nan, 0.0], {}, ValueError, "x0 must be finite; received non-finite values at index 1"),
+        (lambda b: decay(b) / (b[2] - 0.0), X0, {}, ValueError, r"fun\(x0\) is not finite at residual index 0"),
+        (lambda b: decay(b).reshape(5, 5), X0, {}, ValueError, r"fun\(x0\) must return a 1-D tensor of residuals; received shape \(5, 5\)"),
+        (lambda b: decay(b)[:0], X0, {}, ValueError, r"fun\(x0\) returned no residuals"),
+        (decay, X0, dict(jac=lambda b: decay_jac(b)[:, :2]), ValueError, r"jac returned shape \(25, 2\); expected \(m, n\) = \(25, 3\)"),
+        (decay, X0, dict(damping="levenberg"), ValueError, "Invalid damping: 'levenberg'"),
+        (decay, X0, dict(ftol=-1.0), ValueError, "Invalid ftol value: -1.0"),
+        (decay, X0, dict(xtol=-1e-8), ValueError, "Invalid xtol value: -1e-08"),
+        (decay, X0, dict(gtol=math.inf), ValueError, "Invalid gtol value: inf"),
+        (decay, X0, dict(max_nfev=0), ValueError, "Invalid max_nfev value: 0"),
+        (decay, X0, dict(x_scale=-1.0), ValueError, "Invalid x_scale"),
+        (decay, X0, dict(jac="3-point"), ValueError, "Invalid jac: '3-point'"),
+        (decay, np.array([1, 1, 0]), {}, TypeError, "x0 has integer dtype int64"),
+        (decay, torch.tensor([1, 1, 0]), {}, TypeError, "x0 has dtype torch.int64"),
+        (decay, np.zeros((3, 1)), {}, ValueError, r"x0 must be 1-D; received shape \(3, 1\)"),
+        ("not callable", X0, {}, TypeError, "fun must be callable"),
+    ],
+)
+def test_bad_input_raises_before_iterating(fun, x0, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        least_squares(fun, x0, **kwargs)
+
+
+def test_numpy_in_numpy_out_float64():
+    res = least_squares(decay, np.array(X0))
+    assert isinstance(res.x, np.ndarray) and res.x.dtype == np.float64
+    assert isinstance(res.jac, np.ndarray) and res.jac.shape == (25, 3)
+    assert res.success and res.status in (1, 2, 3, 4)
+    assert res.message == TERMINATION_MESSAGES[res.status]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_in_keeps_dtype(dtype):
+    res = least_squares(decay, torch.tensor(X0, dtype=dtype))
+    assert isinstance(res.x, torch.Tensor) and res.x.dtype == dtype
+    tol = 1e-3 if dtype == torch.float32 else 1e-8
+    reference = scipy.optimize.least_squares(lambda b: decay(torch.as_tensor(b)).numpy(), X0, method="lm",
+                                             ftol=1e-14, xtol=1e-14, gtol=1e-14)
+    assert res.x.double().numpy() == pytest.approx(reference.x, rel=tol, abs=tol)
+
+
+@pytest.mark.parametrize("jac", [None, decay_jac, "2-point"])
+def test_jacobian_modes_agree(jac):
+    res = least_squares(decay, X0, jac=jac, ftol=1e-12, xtol=1e-12, gtol=1e-12)
+    exact = least_squares(decay, X0, ftol=1e-12, xtol=1e-12, gtol=1e-12)
+    assert res.x == pytest.approx(exact.x, rel=1e-6)
+
+
+def test_args_and_kwargs_reach_fun():
+    res = least_squares(lambda b, t, y=None: decay(b, t, y), X0, args=(T,), kwargs={"y": Y})
+    assert res.x == pytest.approx(least_squares(decay, X0).x, rel=1e-10)
+
+
+def test_sample_space_step_equals_normal_equations_step():
+    torch.manual_seed(0)
+    jac = torch.randn(4, 9, dtype=torch.float64)
+    r = torch.randn(4, dtype=torch.float64)
+    scale = torch.rand(9, dtype=torch.float64) + 0.5
+    grad = jac.T @ r
+    dense = NormalEquations(jac.T @ jac, jac, r).solve(grad, 0.3, scale)
+    small = SampleSpaceEquations(jac, r).solve(grad, 0.3, scale)
+    assert torch.allclose(dense, small, rtol=1e-10, atol=1e-12)
+
+
+def test_qr_fallback_equals_cholesky_step():
+    torch.manual_seed(1)
+    jac = torch.randn(30, 5, dtype=torch.float64)
+    r = torch.randn(30, dtype=torch.float64)
+    scale = torch.ones(5, dtype=torch.float64)
+    cholesky = NormalEquations(jac.T @ jac, jac, r).solve(jac.T @ r, 0.1, scale)
+    qr = damped_lstsq(jac, r, 0.1, scale)
+    assert torch.allclose(cholesky, qr, rtol=1e-10, atol=1e-12)
+
+
+def test_underdetermined_problem_uses_residual_space_and_converges():
+    target = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    res = least_squares(lambda x: torch.stack([x[0] * x[1], x[2] + x[3] ** 2]) - target, [1.0, 1.0, 1.0, 1.0])
+    assert res.cost < 1e-20
+    assert np.all(np.isinf(res.covariance))
+
+
+def test_non_finite_trials_are_rejected_and_result_is_finite():
+    # log(b) is NaN for b < 0: the full Gauss-Newton step from b = 1 overshoots into it.
+    y = torch.tensor([-5.0, -5.0], dtype=torch.float64)
+    res = least_squares(lambda b: torch.log(b[0]) * torch.ones(2, dtype=b.dtype) - y, [1.0])
+    assert np.isfinite(res.x).all() and res.x[0] > 0
+    assert res.x[0] == pytest.approx(math.exp(-5.0), rel=1e-6)
+
+
+def test_rosenbrock_with_and_without_geodesic_acceleration():
+    rosen = lambda x: torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]])  # noqa: E731
+    plain = least_squares(rosen, [-1.2, 1.0])
+    accelerated = least_squares(rosen, [-1.2, 1.0], geodesic=True)
+    for res in (plain, accelerated):
+        assert res.x == pytest.approx([1.0, 1.0], abs=1e-8)
+
+
+def test_marquardt_damping_rule_converges_too():
+    res = least_squares(decay, X0, damping="marquardt")
+    assert res.x == pytest.approx(least_squares(decay, X0).x, rel=1e-6)
+
+
+def test_covariance_and_stderr_equal_curve_fit():
+    model = lambda t, a, k, c: a * np.exp(-k * t) + c  # noqa: E731
+    popt, pcov = scipy.optimize.curve_fit(model, T, Y, p0=X0, method="lm", ftol=1e-14, xtol=1e-14, gtol=1e-14)
+    res = least_squares(decay, X0, ftol=1e-14, xtol=1e-14, gtol=1e-14)
+    assert res.x == pytest.approx(popt, rel=1e-8)
+    assert res.covariance == pytest.approx(pcov, rel=1e-6)
+    assert res.stderr == pytest.approx(np.sqrt(np.diag(pcov)), rel=1e-6)
+
+
+def test_callback_stop_gives_status_minus_two():
+    seen = []
+
+    def callback(info):
+        seen.append(info.n_iter)
+        if info.n_iter == 2:
+            raise StopIteration
+
+    res = least_squares(decay, X0, callback=callback)
+    assert res.status == -2 and not res.success and seen == [1, 2]
+    assert res.message == TERMINATION_MESSAGES[-2]
+
+
+def test_max_nfev_gives_status_zero():
+    res = least_squares(decay, [10.0, 5.0, -3.0], max_nfev=2)
+    assert res.status == 0 and res.nfev <= 2 + 1
+    assert res.message == "The maximum number of function evaluations is exceeded."
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    a=st.floats(0.5, 5.0), k=st.floats(0.2, 3.0), c=st.floats(-1.0, 1.0),
+    noise=st.floats(0.0, 0.05), seed=st.integers(0, 1000),
+)
+def test_agrees_with_scipy_on_random_well_posed_problems(a, k, c, noise, seed):
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 4, 30)
+    y = a * np.exp(-k * t) + c + noise * rng.standard_normal(30)
+    fun = lambda b: decay(b, t, y)  # noqa: E731
+    start = [a * 1.3, k * 0.7, c + 0.2]
+    ours = least_squares(fun, start, ftol=1e-12, xtol=1e-12, gtol=1e-12)
+    scipy_res = scipy.optimize.least_squares(lambda b: fun(torch.as_tensor(b)).numpy(), start, method="lm",
+                                             ftol=1e-14, xtol=1e-14, gtol=1e-14)
+    assert ours.cost <= scipy_res.cost * (1 + 1e-9) + 1e-25
+    assert ours.x == pytest.approx(scipy_res.x, rel=1e-5, abs=1e-7)
