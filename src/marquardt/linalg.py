@@ -16,6 +16,7 @@ space of residuals, for problems with fewer residuals than parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -180,6 +181,94 @@ def make_system(jac: Tensor, residuals: Tensor) -> NormalEquations | SampleSpace
     if m < n:
         return SampleSpaceEquations(jac, residuals)
     return NormalEquations(jac.T @ jac, jac, residuals)
+
+
+def _unit_column_svd(jac: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD of ``J`` with unit-norm columns, and the column norms.
+
+    Normalising the columns first makes the rank decision (singular values under
+    ``eps * max(m, n)`` times the largest are dropped, as LAPACK's ``gelsd`` does) independent of
+    the units of the parameters. Returns ``U_k, s_k, V_k^T`` (kept triplets only) and the norms.
+    """
+    norms = torch.linalg.vector_norm(jac, dim=0)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    u, s, vt = torch.linalg.svd(jac / norms, full_matrices=False)
+    cutoff = torch.finfo(jac.dtype).eps * max(jac.shape) * (s[0] if s.numel() else 0.0)
+    keep = s > cutoff
+    return u[:, keep], s[keep], vt[keep], norms
+
+
+def gauss_newton_step(jac: Tensor, residuals: Tensor) -> Tensor:
+    """The undamped step: the minimum-norm ``h`` minimising ``||J h + r||`` (SVD, rank-revealing).
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    >>> gauss_newton_step(J, torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)).tolist()
+    [-1.0, -0.5]
+    """
+    u, s, vt, norms = _unit_column_svd(jac)
+    return -(vt.T @ ((u.T @ residuals) / s)) / norms
+
+
+def range_cosine(jac: Tensor, residuals: Tensor) -> float:
+    """Cosine of the angle between ``r`` and the range of ``J``: ``||P r|| / ||r||``.
+
+    ``P`` projects onto the numerical range of ``J``. The square is the share of the cost the
+    undamped Gauss-Newton model can still remove, ``(cost - min_h 0.5 ||J h + r||^2) / cost``;
+    the cosine bounds MINPACK's per-column cosines (:func:`cosine_optimality`) from above, and
+    unlike them it is not fooled by nearly parallel columns.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    >>> range_cosine(J, torch.tensor([3.0, 4.0], dtype=torch.float64))
+    0.6
+    """
+    rnorm = float(torch.linalg.vector_norm(residuals))
+    if rnorm == 0.0:
+        return 0.0
+    u, _, _, _ = _unit_column_svd(jac)
+    return float(torch.linalg.vector_norm(u.T @ residuals)) / rnorm
+
+
+def damping_for_radius(jac: Tensor, residuals: Tensor, scale: Tensor, radius: float) -> float:
+    """The damping whose step has scaled length ``radius``: ``||sqrt(scale) * h(damping)|| = radius``.
+
+    ``h(damping)`` solves ``(J^T J + damping * diag(scale)) h = -J^T r``. Returns ``0.0`` when the
+    undamped (minimum-norm) step is already within ``radius``. This is how Moré's trust-region
+    form of Levenberg-Marquardt picks its damping; the length is monotone in the damping, so a
+    bisection on the SVD of ``J diag(scale)^(-1/2)`` finds it (to 0.1%, from the side whose step
+    is within ``radius``) with one factorisation.
+
+    Examples
+    --------
+    >>> J = torch.eye(2, dtype=torch.float64)
+    >>> r = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    >>> round(damping_for_radius(J, r, torch.ones(2, dtype=torch.float64), 2.5), 2)  # 5 / (1 + d) = 2.5
+    1.0
+    """
+    root = scale.sqrt()
+    u, s, _ = torch.linalg.svd(jac / root, full_matrices=False)
+    cutoff = torch.finfo(jac.dtype).eps * max(jac.shape) * (s[0] if s.numel() else 0.0)
+    s = torch.where(s > cutoff, s, torch.zeros_like(s))
+    projected = (u.T @ residuals) * s  # components of the scaled gradient
+
+    def length(damping: float) -> float:
+        denominator = s**2 + damping
+        terms = torch.where(denominator > 0, projected / denominator, torch.zeros_like(projected))
+        return float(torch.linalg.vector_norm(terms))
+
+    if not length(0.0) > radius:
+        return 0.0
+    high = float(torch.linalg.vector_norm(projected)) / radius  # length(d) <= ||projected|| / d
+    low = high * torch.finfo(jac.dtype).eps
+    if length(low) <= radius:
+        return low
+    while high / low > 1.001:  # geometric bisection: 16 halvings of log(high / low), O(n) each
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if length(middle) > radius else (low, middle)
+    return high
 
 
 def cosine_optimality(jac: Tensor, residuals: Tensor) -> float:
