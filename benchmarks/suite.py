@@ -38,6 +38,11 @@ class Contender:
     def can_stop_early(self) -> bool:
         return self.module == "ours"  # ours' step_times takes max_seconds; the peer's cannot
 
+    @property
+    def worker(self) -> str:
+        """Worker name: ours' optimizer gets its own process, so fit's peak RSS stays fit's."""
+        return "ours-optimizer" if self.options.get("api") == "optimizer" else self.module
+
 
 OURS_FIT = Contender("ours (fit)", "ours", {"api": "fit"})
 OURS_OPT = Contender("ours (optimizer)", "ours", {"api": "optimizer"})
@@ -96,10 +101,10 @@ class Session:
         key = f"{contender.module}:{contender.options.get('api', '')}"
         if key not in self.unavailable:
             kwargs = {"api": contender.options["api"]} if "api" in contender.options else {}
-            worker = self.worker(contender.module)
+            worker = self.worker(contender.worker)
             try:
                 reason = worker.call("available", timeout=300, **kwargs)
-                self.import_rss_mb.setdefault(contender.module, worker.last_rss_mb)
+                self.import_rss_mb.setdefault(contender.worker, worker.last_rss_mb)
             except WorkerError as exc:
                 reason = str(exc).splitlines()[0]
             self.unavailable[key] = reason or ""
@@ -107,23 +112,23 @@ class Session:
                 log(f"  {contender.label}: not available ({reason})")
         return not self.unavailable[key]
 
-    def worker(self, module: str) -> Worker:
-        if module not in self.workers:
+    def worker(self, name: str) -> Worker:
+        """The worker called ``name`` ("ours", "ours-optimizer", "peer", ...), started if needed."""
+        if name not in self.workers:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self.workers[module] = Worker(module, self.log_dir / f"{self.case}-{module}.log")
-        return self.workers[module]
+            module = name.split("-")[0]
+            self.workers[name] = Worker(module, self.log_dir / f"{self.case}-{name}.log")
+        return self.workers[name]
 
-    def call(self, module: str, func: str, timeout: float = 600.0, **kwargs: Any) -> Any:
+    def call(self, name: str, func: str, timeout: float = 600.0, **kwargs: Any) -> Any:
         try:
-            return self.worker(module).call(func, timeout=timeout, **kwargs)
+            return self.worker(name).call(func, timeout=timeout, **kwargs)
         except WorkerError as exc:
             message = str(exc).splitlines()[-1]
-            log(f"  {module}.{func} failed: {message}")
-            if exc.fatal:  # dead or killed: a fresh worker on the next call
-                peak = self.workers.pop(module).close()
-            else:  # an exception inside the call: the worker (and its peak RSS so far) lives on
-                peak = self.workers[module].last_rss_mb
-            self.failures.append({"module": module, "func": func, "kwargs": kwargs,
+            log(f"  {name}.{func} failed: {message}")
+            # Always a fresh worker next time: one that ran out of address space stays unusable.
+            peak = self.workers.pop(name).close()
+            self.failures.append({"module": name, "func": func, "kwargs": kwargs,
                                   "error": message, "peak_rss_mb": peak})
             return None
 
@@ -154,7 +159,7 @@ def per_step(session: Session, contenders: list[Contender], *, rounds: int, step
         for c in order:
             log(f"  round {r + 1}/{rounds}: {c.label}")
             cap = {"max_seconds": cap_s} if c.can_stop_early else {}
-            res = session.call(c.module, "step_times", timeout, case=session.case, seed=r,
+            res = session.call(c.worker, "step_times", timeout, case=session.case, seed=r,
                                steps=c.steps or steps,
                                warmup=warmup if c.warmup is None else c.warmup, **c.options, **cap)
             if res and res["times"]:

@@ -33,11 +33,7 @@ MODULES = ("ours", "peer", "adam", "bound", "scipy_lm")
 
 
 class WorkerError(RuntimeError):
-    """A worker call failed (``fatal=False``: the worker lives on), timed out, or the worker died."""
-
-    def __init__(self, message: str, *, fatal: bool = True) -> None:
-        super().__init__(message)
-        self.fatal = fatal
+    """A worker call raised, timed out, or the worker died."""
 
 
 class Worker:
@@ -69,7 +65,7 @@ class Worker:
         reply = self._read_reply(timeout)
         self.last_rss_mb = reply.get("rss_mb")
         if not reply["ok"]:
-            raise WorkerError(f"{self.module}.{func} failed:\n{reply['error']}", fatal=False)
+            raise WorkerError(f"{self.module}.{func} failed:\n{reply['error']}")
         return reply["result"]
 
     def _read_reply(self, timeout: float) -> dict:
