@@ -6,7 +6,7 @@ from torch import nn
 
 from marquardt import fit
 from marquardt.chunked import (
-    ChunkedNormalEquations,
+    AccumulatedNormalEquations,
     Plan,
     PromotedEquations,
     accumulate_normal,
@@ -82,16 +82,27 @@ def test_accumulate_normal_equals_one_product_and_is_exactly_symmetric():
     J, r = torch.randn(50, 7, generator=g, dtype=DT), torch.randn(50, generator=g, dtype=DT)
     chunks = [(J[i : i + 16], r[i : i + 16]) for i in range(0, 50, 16)]
     system, grad, cost = accumulate_normal(chunks, 7, dtype=DT, device="cpu")
-    assert isinstance(system, ChunkedNormalEquations)
+    assert isinstance(system, AccumulatedNormalEquations) and system.name == "chunked-cholesky"
     torch.testing.assert_close(system.gram, J.T @ J)
     assert torch.equal(system.gram, system.gram.T)
     torch.testing.assert_close(grad, J.T @ r)
     assert cost == pytest.approx(0.5 * float(r @ r))
     single, _, _ = accumulate_normal([(J, r)], 7, dtype=DT, device="cpu")
-    assert type(single) is NormalEquations
+    assert single.name == "cholesky"
     step = system.solve(grad, 1e-3, torch.ones(7, dtype=DT))
     assert system.path == "chunked-cholesky"
     torch.testing.assert_close(step, single.solve(grad, 1e-3, torch.ones(7, dtype=DT)))
+    reference = NormalEquations(J.T @ J, J, r)
+    torch.testing.assert_close(step, reference.solve(grad, 1e-3, torch.ones(7, dtype=DT)))
+    torch.testing.assert_close(system.curvature(step), step @ (J.T @ J) @ step)
+
+
+def test_float32_gram_with_negative_rounding_eigenvalues_still_factorizes():
+    g = torch.Generator().manual_seed(7)
+    J = torch.randn(300, 60, generator=g) @ torch.randn(60, 120, generator=g)  # rank 60 of 120
+    system, grad, _ = accumulate_normal([(J, torch.randn(300, generator=g))], 120, dtype=torch.float32, device="cpu")
+    step = system.solve(grad, 1e-12, torch.ones(120))
+    assert system.path == "cholesky" and bool(torch.isfinite(step).all())
 
 
 def test_accumulate_normal_promotes_float32_rows():

@@ -115,7 +115,7 @@ def conjugate_gradient(
     rnorm = float(torch.linalg.vector_norm(residual))
     if rnorm <= target or bnorm == 0.0:
         return CGResult(x, product, iterations, rnorm, "tolerance")
-    z = residual if preconditioner is None else residual / preconditioner
+    z = _precondition(residual, preconditioner)
     direction = z.clone()
     rz = float(residual @ z)
     models = [_model(x, residual, rhs)]
@@ -139,11 +139,15 @@ def conjugate_gradient(
         if _stalled(models, i, stall_window, stall_tol):
             reason = "stalled"
             break
-        z = residual if preconditioner is None else residual / preconditioner
+        z = _precondition(residual, preconditioner)
         rz_next = float(residual @ z)
         direction.mul_(rz_next / rz).add_(z)
         rz = rz_next
     return CGResult(x, product, iterations, rnorm, reason)
+
+
+def _precondition(residual: Tensor, preconditioner: Tensor | None) -> Tensor:
+    return residual if preconditioner is None else residual / preconditioner
 
 
 def _start(operator: Operator, rhs: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, int]:
