@@ -228,7 +228,8 @@ def thin(run: dict | None, points: int = 150) -> dict | None:
 
 
 def case_t1(session: Session, plan: Plan) -> dict:
-    steps = per_step(session, [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL], rounds=plan.t1_rounds,
+    contenders = [OURS_FIT, PEER_QR, PEER_CHOL] if plan.quick else [OURS_FIT, OURS_OPT, PEER_QR, PEER_CHOL]
+    steps = per_step(session, contenders, rounds=plan.t1_rounds,
                      steps=plan.t1_steps, warmup=5, bound_repeats=20, cap_s=15, timeout=300)
     runs: dict[str, list] = {"ours": [], "peer": [], "adam": [], "scipy_lm": []}
     for seed in plan.t1_seeds:  # seed-major: the three contenders side by side per seed
@@ -279,7 +280,8 @@ def case_t3(session: Session, plan: Plan) -> dict:
     peer = replace(PEER_CHOL, steps=1, warmup=0)
     contenders = [OURS_FIT] + ([peer] if plan.t3_with_peer else [])
     return {"per_step": per_step(session, contenders, rounds=1, steps=plan.t3_steps, warmup=1,
-                                 bound_repeats=2, cap_s=2 * plan.cap_s, timeout=900)}
+                                 bound_repeats=1 if plan.quick else 2, cap_s=2 * plan.cap_s,
+                                 timeout=900)}
 
 
 def case_t4(session: Session, plan: Plan) -> dict:
