@@ -707,8 +707,9 @@ def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> Tensor:
     if not bool(torch.isfinite(r).all()):
         raise ValueError(f"fun(x0) is not finite at residual index {_first_bad(r)}; choose a starting point where it is.")
     if not math.isfinite(0.5 * float(r @ r)):
+        largest = float(r.abs().max())
         raise ValueError(
-            f"The cost 0.5 * sum(fun(x0)**2) overflows {r.dtype} (largest |residual| {float(r.abs().max()):.3e}); "
+            f"The cost 0.5 * sum(fun(x0)**2) overflows {r.dtype} (largest |residual| {largest:.3e}); "
             "rescale the residuals or choose a starting point nearer the data."
         )
     return r
