@@ -7,6 +7,8 @@ from torch import nn
 from marquardt import fit
 from marquardt.chunked import (
     AccumulatedNormalEquations,
+    HeldSampleSpaceEquations,
+    KernelSampleSpaceEquations,
     Plan,
     PromotedEquations,
     accumulate_normal,
@@ -121,6 +123,62 @@ def test_sample_space_assembly_preallocated_equals_concatenated():
     assert torch.equal(a.jac, b.jac) and torch.equal(grad_a, grad_b) and cost_a == cost_b
     with pytest.raises(ValueError, match="The chunks held 6 rows; expected 7"):
         assemble_sample_space(chunks, (7, 11))
+
+
+@pytest.mark.parametrize("scale_kind", ["ones", "uniform 3", "jacobi"])
+@pytest.mark.parametrize("damping", [0.0, 1e-3, 10.0])
+def test_held_sample_space_step_equals_the_dense_step(scale_kind, damping):
+    g = torch.Generator().manual_seed(8)
+    J, r = torch.randn(7, 20, generator=g, dtype=DT), torch.randn(7, generator=g, dtype=DT)
+    scale = {"ones": torch.ones(20, dtype=DT), "uniform 3": torch.full((20,), 3.0, dtype=DT),
+             "jacobi": (J * J).sum(0)}[scale_kind]
+    system = HeldSampleSpaceEquations(J, r)
+    step = system.solve(J.T @ r, damping, scale)
+    assert system.path == "sample-space"
+    if damping > 0:
+        exact = torch.linalg.solve(J.T @ J + damping * torch.diag(scale), -J.T @ r)
+    else:  # the minimum-norm (in the scale metric) Gauss-Newton step
+        exact = -(J.T / scale[:, None]) @ torch.linalg.solve((J / scale) @ J.T, r)
+    torch.testing.assert_close(step, exact, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(system.curvature(step), (J @ step) @ (J @ step))
+    torch.testing.assert_close(system.diagonal(), (J * J).sum(0))
+
+
+def test_held_sample_space_float32_rank_deficient_rows_still_solve():
+    g = torch.Generator().manual_seed(9)
+    J = torch.randn(50, 5, generator=g) @ torch.randn(5, 300, generator=g)  # 50 rows of rank 5
+    system = HeldSampleSpaceEquations(J, torch.randn(50, generator=g))
+    step = system.solve(J.T @ system.residuals, 1e-12, torch.ones(300))
+    assert system.path == "sample-space" and bool(torch.isfinite(step).all())
+
+
+@pytest.mark.parametrize("scale_kind", ["ones", "uniform 3", "jacobi"])
+def test_kernel_sample_space_step_equals_the_dense_step(scale_kind):
+    g = torch.Generator().manual_seed(10)
+    J, r = torch.randn(6, 15, generator=g, dtype=DT), torch.randn(6, generator=g, dtype=DT)
+    scale = {"ones": torch.ones(15, dtype=DT), "uniform 3": torch.full((15,), 3.0, dtype=DT),
+             "jacobi": (J * J).sum(0)}[scale_kind]
+    formed = []
+    system = KernelSampleSpaceEquations(J @ J.T, lambda v: J @ v, lambda u: J.T @ u, lambda: (J * J).sum(0), r,
+                                        rows=lambda: formed.append(1) or J)
+    step = system.solve(J.T @ r, 1e-2, scale)
+    exact = torch.linalg.solve(J.T @ J + 1e-2 * torch.diag(scale), -J.T @ r)
+    torch.testing.assert_close(step, exact, rtol=1e-9, atol=1e-11)
+    assert system.path == "sample-space"
+    assert len(formed) == (scale_kind == "jacobi")  # rows are formed only for a non-uniform scale
+    torch.testing.assert_close(system.curvature(step), (J @ step) @ (J @ step))
+
+
+def test_sample_space_path_of_a_closed_form_network_holds_no_rows():
+    model, X, y = _problem_data(hidden=30, outputs=2, samples=20)
+    problem = ModuleProblem(model, X, y)
+    recorder = _Recorder(problem)
+    x = flatten_parameters(model)
+    lin = problem.linearize(x)
+    step = lin.system.solve(lin.grad, 1e-3, torch.ones_like(x))
+    assert problem.plan.form == "sample-space" and isinstance(lin.system, KernelSampleSpaceEquations)
+    assert recorder.sizes == []
+    torch.testing.assert_close(step, _dense_step(model, X, y, 1e-3), rtol=1e-8, atol=1e-10)
 
 
 def test_accumulation_dtype_table():

@@ -134,3 +134,22 @@ def test_mlp_description_maps_inputs_and_scales_outputs():
     X = torch.randn(5, 3, dtype=DT)
     torch.testing.assert_close(forward(spec, dict(model.named_parameters()), X), model(X))
     torch.testing.assert_close(spec.output_scale, (model.y_max - model.y_min) / 2)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_row_gram_equals_j_j_transpose(name):
+    params, X, fast, slow = _setup(ARCHITECTURES[name]())
+    (J, _), = slow.chunks(params, X, 100)
+    torch.testing.assert_close(fast.linearize(params, X).row_gram(), J @ J.T, rtol=1e-12, atol=1e-12)
+
+
+def test_row_gram_in_a_wider_dtype():
+    model = ARCHITECTURES["tanh-sigmoid 3-5-4-2"]().float()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    X = torch.randn(6, 3)
+    lin = jacobian_backend(model, layout, X=X).linearize(params, X)
+    gram = lin.row_gram(DT)
+    assert gram.dtype == DT
+    (J, _), = FunctionalJacobian(model, layout).chunks(params, X, 10)
+    torch.testing.assert_close(gram, J.double() @ J.double().T, rtol=1e-6, atol=1e-6)

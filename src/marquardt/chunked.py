@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import NormalEquations, SampleSpaceEquations
+from .linalg import NormalEquations, damped_eigh_solve
 
 try:  # SciPy is optional: without it J^T J is a (twice as costly) matrix product
     from scipy.linalg.blas import dsymv as _dsymv
@@ -45,6 +45,8 @@ __all__ = [
     "PROMOTE_MAX_PARAMS",
     "SERIAL_MAX_ENTRIES",
     "AccumulatedNormalEquations",
+    "HeldSampleSpaceEquations",
+    "KernelSampleSpaceEquations",
     "Plan",
     "PromotedEquations",
     "accumulation_dtype",
@@ -284,7 +286,7 @@ def symmetric_rank_update(gram: Tensor, jac: Tensor) -> None:
     >>> gram.tril().tolist()
     [[10.0, 0.0], [14.0, 20.0]]
     """
-    syrk = _syrk(gram, jac)
+    syrk = _syrk(gram, jac.detach().contiguous())
     if syrk is None:
         gram.addmm_(jac.T, jac)
         return
@@ -294,12 +296,13 @@ def symmetric_rank_update(gram: Tensor, jac: Tensor) -> None:
         gram.copy_(torch.from_numpy(result.T))
 
 
-def _syrk(gram: Tensor, jac: Tensor):
-    if gram.device.type != "cpu" or jac.device.type != "cpu" or gram.dtype != jac.dtype:
-        return None
-    if not gram.is_contiguous() or gram.requires_grad:
-        return None
-    return {torch.float32: _ssyrk, torch.float64: _dsyrk}.get(gram.dtype)
+def _syrk(*tensors: Tensor):
+    """BLAS ``?syrk`` for these CPU tensors of one float dtype (contiguous, no autograd), else None."""
+    dtype = tensors[0].dtype
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or t.requires_grad:
+            return None
+    return {torch.float32: _ssyrk, torch.float64: _dsyrk}.get(dtype)
 
 
 def _mirror_lower(gram: Tensor) -> None:
@@ -414,6 +417,162 @@ def _cholesky(lower: Tensor, damped: Tensor) -> Tensor | None:
     return factor
 
 
+class HeldSampleSpaceEquations:
+    """The LM step in sample space, ``h = -S J^T (J S J^T + damping I)^{-1} r`` (``S = 1 / scale``), rows held.
+
+    The same step as :class:`~marquardt.linalg.SampleSpaceEquations`, built for network-sized
+    Jacobians (``m`` residuals, ``n >> m`` parameters):
+
+    * ``J S J^T`` is formed by one symmetric rank-k update (``?syrk``, half a matrix product)
+      once per scale, and only its lower triangle is used; ``J`` itself is never copied when the
+      scale is uniform (as in ``fit``, whose damping is MATLAB's ``mu I``);
+    * there is no QR fallback on the stacked ``(m + n) x n`` system (a dense ``n x n`` problem,
+      out of reach when ``n`` is large): a factorization that succeeds is used, the damped
+      diagonal is floored at ``eps * trace`` as in :class:`AccumulatedNormalEquations`, and an
+      eigen-decomposition of the ``m x m`` matrix takes over only if Cholesky still fails.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.float64)
+    >>> r = torch.tensor([5.0], dtype=torch.float64)
+    >>> HeldSampleSpaceEquations(J, r).solve(J.T @ r, 0.0, torch.ones(3, dtype=torch.float64)).tolist()
+    [-1.0, -2.0, -0.0]
+    """
+
+    name = "sample-space"
+
+    def __init__(self, jac: Tensor, residuals: Tensor) -> None:
+        self.jac = jac
+        self.residuals = residuals
+        self.path = "sample-space"
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    def diagonal(self) -> Tensor:
+        """``diag(J^T J)`` without forming ``J^T J`` (nor ``J * J``)."""
+        return torch.linalg.vector_norm(self.jac, dim=0) ** 2
+
+    def curvature(self, step: Tensor) -> Tensor:
+        """``||J h||^2``."""
+        product = self.jac @ step
+        return product @ product
+
+    def _row_gram(self, scale: Tensor) -> Tensor:
+        """``J S J^T`` (lower triangle), formed once per scale."""
+        if self._cache is None or not torch.equal(self._cache[0], scale):
+            uniform = bool((scale == scale[0]).all())
+            rows = self.jac if uniform else self.jac / scale.sqrt()
+            gram = _outer_gram(rows)
+            if uniform:
+                gram /= scale[0]
+            self._cache = (scale.clone(), gram)
+        return self._cache[1]
+
+    def solve(self, grad: Tensor, damping: float, scale: Tensor, residuals: Tensor | None = None) -> Tensor:
+        """The damped step; the right-hand side is ``residuals`` (default: the held ones), ``grad = J^T r``."""
+        residuals = self.residuals if residuals is None else residuals
+        gram = self._row_gram(scale)
+        floor = torch.finfo(gram.dtype).eps * float(gram.diagonal().sum())
+        damped = torch.full_like(gram.diagonal(), max(damping, floor))
+        factor = _cholesky(gram, damped)
+        if factor is not None:
+            self.path = "sample-space"
+            coefficients = torch.cholesky_solve(residuals.unsqueeze(1), factor).squeeze(1)
+        else:
+            full = gram.tril() + gram.tril(-1).T
+            self.path = "sample-space-eigh"
+            coefficients = -damped_eigh_solve(full, residuals, 1.0, damped)
+        return -(self.jac.T @ coefficients) / scale
+
+
+class KernelSampleSpaceEquations:
+    """The sample-space LM step from ``J J^T`` and Jacobian products, with no row of ``J`` held.
+
+    For networks whose ``J J^T`` has a closed form (:meth:`marquardt.fastjac.LinearizedNetwork.row_gram`)
+    the step ``h = -J^T (J J^T / c + damping I)^{-1} r / c`` (uniform damping scale ``c``) needs
+    only that ``m x m`` matrix and one product ``J^T u``; ``curvature`` is one ``J v``. Memory is
+    ``O(m^2)`` plus the activations, not ``O(m n)``. A non-uniform scale (``J S J^T`` has no such
+    form) forms the rows and solves as :class:`HeldSampleSpaceEquations`. Cholesky as there
+    (floored damped diagonal, an eigen-decomposition only if it still fails). ``row_gram`` may
+    be wider than the products (float64 for a small float32 network, see
+    :func:`accumulation_dtype`): the solve runs in its dtype, everything else in the residuals'.
+
+    ``jac`` materializes the rows on first use (through ``rows``), for code that needs them
+    (Bayesian regularization's ``J^T J``, a QR fallback elsewhere); the LM loop never does.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    >>> r = torch.tensor([5.0, 1.0], dtype=torch.float64)
+    >>> system = KernelSampleSpaceEquations(J @ J.T, lambda v: J @ v, lambda u: J.T @ u, lambda: (J * J).sum(0), r)
+    >>> step = system.solve(J.T @ r, 0.0, torch.ones(3, dtype=torch.float64))
+    >>> torch.allclose(J @ step, -r), system.path
+    (True, 'sample-space')
+    """
+
+    name = "sample-space"
+
+    def __init__(self, row_gram: Tensor, jvp, vjp, gram_diagonal, residuals: Tensor, rows=None) -> None:
+        self.row_gram, self.residuals, self.path = row_gram, residuals, "sample-space"
+        self._jvp, self._vjp, self._gram_diagonal, self._rows = jvp, vjp, gram_diagonal, rows
+        self._diagonal: Tensor | None = None
+        self._jac: Tensor | None = None
+        self._held: HeldSampleSpaceEquations | None = None
+
+    @property
+    def jac(self) -> Tensor:
+        """The ``m x n`` Jacobian, formed on first use."""
+        if self._jac is None:
+            if self._rows is None:
+                raise AttributeError("This sample-space system holds no Jacobian rows and cannot form them.")
+            self._jac = self._rows()
+        return self._jac
+
+    def diagonal(self) -> Tensor:
+        """``diag(J^T J)`` (closed form, computed once)."""
+        if self._diagonal is None:
+            self._diagonal = self._gram_diagonal()
+        return self._diagonal
+
+    def curvature(self, step: Tensor) -> Tensor:
+        """``||J h||^2``."""
+        product = self._jvp(step)
+        return product @ product
+
+    def solve(self, grad: Tensor, damping: float, scale: Tensor, residuals: Tensor | None = None) -> Tensor:
+        """The damped step; the right-hand side is ``residuals`` (default: the held ones), ``grad = J^T r``."""
+        residuals = self.residuals if residuals is None else residuals
+        if not bool((scale == scale[0]).all()):
+            if self._held is None:
+                self._held = HeldSampleSpaceEquations(self.jac, self.residuals)
+            step = self._held.solve(grad, damping, scale, residuals)
+            self.path = self._held.path
+            return step
+        c = float(scale[0])
+        floor = torch.finfo(self.row_gram.dtype).eps * float(self.row_gram.diagonal().sum()) / c
+        damped = torch.full_like(self.row_gram.diagonal(), max(damping, floor))
+        gram = self.row_gram / c
+        factor = _cholesky(gram, damped)
+        wide = residuals.to(gram.dtype)
+        if factor is not None:
+            self.path = "sample-space"
+            coefficients = torch.cholesky_solve(wide.unsqueeze(1), factor).squeeze(1)
+        else:
+            self.path = "sample-space-eigh"
+            coefficients = -damped_eigh_solve(gram, wide, 1.0, damped)
+        return -self._vjp(coefficients.to(residuals.dtype)) / c
+
+
+def _outer_gram(rows: Tensor) -> Tensor:
+    """``rows rows^T``; only the lower triangle is meaningful (``?syrk`` on the CPU)."""
+    syrk = _syrk(rows.detach())
+    if syrk is None:
+        return rows @ rows.T
+    # rows^T is Fortran-contiguous (n x m); trans=1 gives (rows^T)^T rows^T = rows rows^T, whose
+    # upper triangle in Fortran order is the lower one of the C-ordered result.
+    result = syrk(1.0, rows.detach().numpy().T, trans=1, lower=0)
+    return torch.from_numpy(result.T)
+
+
 def accumulate_normal(chunks: Iterable[tuple[Tensor, Tensor]], n: int, *, dtype: torch.dtype,
                       device: torch.device | str) -> tuple[AccumulatedNormalEquations, Tensor, float]:
     """Fold ``(J_chunk, r_chunk)`` pairs into ``J^T J``, ``J^T r`` and the cost, in ``dtype``.
@@ -435,13 +594,13 @@ def accumulate_normal(chunks: Iterable[tuple[Tensor, Tensor]], n: int, *, dtype:
         grad.addmv_(jac.T, residuals)
         sum_sq += residuals @ residuals
         count += 1
-    if _syrk(gram, gram) is None:
+    if _syrk(gram) is None:
         gram.tril_()  # addmm filled both halves: keep the lower one, as the BLAS path does
     return AccumulatedNormalEquations(gram, chunks=count), grad, 0.5 * float(sum_sq)
 
 
 def assemble_sample_space(chunks: Iterable[tuple[Tensor, Tensor]], shape: tuple[int, int] | None = None, *,
-                          dtype: torch.dtype | None = None) -> tuple[SampleSpaceEquations, Tensor, float]:
+                          dtype: torch.dtype | None = None) -> tuple[HeldSampleSpaceEquations, Tensor, float]:
     """Stack all rows for the residual-space solve; returns ``(system, J^T r, cost)``.
 
     With ``shape = (m, n)`` the rows are copied into one preallocated ``m x n`` tensor as they
@@ -462,7 +621,7 @@ def assemble_sample_space(chunks: Iterable[tuple[Tensor, Tensor]], shape: tuple[
         jac, r = _fill_rows(iter(chunks), shape, dtype)
     if dtype is not None:
         jac, r = jac.to(dtype), r.to(dtype)
-    return SampleSpaceEquations(jac, r), jac.T @ r, 0.5 * float(r @ r)
+    return HeldSampleSpaceEquations(jac, r), jac.T @ r, 0.5 * float(r @ r)
 
 
 def _fill_rows(chunks: Iterator[tuple[Tensor, Tensor]], shape: tuple[int, int],

@@ -354,6 +354,28 @@ class LinearizedNetwork:
                 self._put(out, layer.bias, squares.sum(0))
         return out
 
+    def row_gram(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``J J^T`` (``N*K x N*K``) without forming ``J``, from the layers' factors.
+
+        Row ``(n, k)`` of ``J`` is, per layer, ``delta[n, k] (x) [a[n], 1]`` (weights, then bias),
+        so ``(J J^T)[(n,k), (n',k')] = sum_l (delta_l[n,k] . delta_l[n',k']) (a_l[n] . a_l[n'] + 1)``:
+        a Hadamard product of two small Gram matrices per layer, ``O(N^2 K^2 width)`` work
+        instead of the ``O(N^2 K^2 P)`` of ``J J^T`` (the neural tangent kernel's closed form).
+        ``dtype`` (default: the network's) is the dtype the products are formed in.
+        """
+        n, k = self.outputs.shape
+        dtype = dtype or self.outputs.dtype
+        total = self.outputs.new_zeros(n * k, n * k, dtype=dtype)
+        for layer, a, delta in zip(self.network.layers, self.inputs, self.deltas()):
+            rows, a = delta.reshape(n * k, -1).to(dtype), a.to(dtype)
+            inputs = a @ a.T
+            if layer.bias is not None:
+                inputs += 1.0
+            if k > 1:
+                inputs = inputs[:, None, :, None].expand(n, k, n, k).reshape(n * k, n * k)
+            total.addcmul_(rows @ rows.T, inputs)
+        return total
+
     def _piece(self, vector: Tensor, name: str, shape: Sequence[int]) -> Tensor:
         start, numel = self.offsets[name]
         return vector[start : start + numel].view(*shape)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .chunked import (
     DEFAULT_JACOBIAN_BYTES,
     DEFAULT_MATRIX_BYTES,
+    KernelSampleSpaceEquations,
     PromotedEquations,
     accumulate_normal,
     accumulation_dtype,
@@ -167,6 +168,8 @@ class ModuleProblem:
             return Linearization(cost, grad, system)
         if self.plan.form == "matrix-free":
             return self._matrix_free(x)
+        if self.plan.form == "sample-space" and isinstance(self.backend, LayeredJacobian):
+            return self._kernel_sample_space(x)
         chunks = self.jacobian_chunks(x)
         wide = accumulation_dtype(x.dtype, self.n_params)
         if self.plan.form == "sample-space":
@@ -178,6 +181,20 @@ class ModuleProblem:
         if self.plan.form == "sample-space":
             return Linearization(cost, grad, system, system.residuals, system.jac)
         return Linearization(cost, grad, system)
+
+    def _kernel_sample_space(self, x: Tensor) -> Linearization:
+        """The sample-space system from the closed-form ``J J^T`` and Jacobian products (no rows held)."""
+        params = self.params(x)
+        lin = self.backend.linearize(params, self.X)
+        residuals = (lin.outputs - self.y).reshape(-1)
+
+        def rows() -> Tensor:
+            samples = max(1, self.plan.chunk_rows // self.outputs_per_sample)
+            return torch.cat([jac for jac, _ in self.backend.chunks(params, self.X, samples)])
+
+        row_gram = lin.row_gram(accumulation_dtype(x.dtype, self.n_params))
+        system = KernelSampleSpaceEquations(row_gram, lin.jvp, lin.vjp, lin.gram_diagonal, residuals, rows)
+        return Linearization(0.5 * float(residuals @ residuals), lin.vjp(residuals), system)
 
     def _trial_outputs(self, x: Tensor) -> Tensor:
         """``model(X)``; in the matrix-free form through a kept linearization, so that the
