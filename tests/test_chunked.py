@@ -1,5 +1,7 @@
 """chunked: system forms, symmetric rank-k accumulation, promotion; every solver path gives the dense step."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -257,14 +259,30 @@ def test_closed_form_and_torch_func_problems_linearize_the_same():
 
 
 def test_float32_problem_is_assembled_in_float64_and_steps_in_float32():
-    model, X, y = _problem_data()
+    model, X, y = _problem_data(samples=5000)  # 10,000 x 32: past SERIAL_MAX_ENTRIES, n <= 1024
     model, X, y = model.float(), X.float(), y.float()
     problem = ModuleProblem(model, X, y)
     x = flatten_parameters(model)
     lin = problem.linearize(x)
+    assert problem.dtype == torch.float32
     assert isinstance(lin.system, PromotedEquations) and lin.system.system.gram.dtype == DT
     step = lin.system.solve(lin.grad, 1e-3, torch.ones_like(x))
     assert step.dtype == torch.float32 and lin.grad.dtype == torch.float32
+
+
+def test_tiny_float32_network_runs_in_float64_and_keeps_its_dtype():
+    model, X, y = _problem_data()
+    model, X, y = model.float(), X.float(), y.float()
+    problem = ModuleProblem(model, X, y)
+    assert problem.dtype == DT and problem.X.dtype == DT
+    x = flatten_parameters(model)
+    lin = problem.linearize(x)
+    assert lin.grad.dtype == DT and type(lin.system) is AccumulatedNormalEquations
+    torch.testing.assert_close(lin.system.solve(lin.grad, 1e-3, torch.ones(x.numel(), dtype=DT)),
+                               _dense_step(copy.deepcopy(model).double(), X.double(), y.double(), 1e-3))
+    history = fit(model, X, y, epochs=20)
+    assert next(model.parameters()).dtype == torch.float32
+    assert history["perf"][-1] < 0.05 * history["perf"][0]
 
 
 # ---------------------------------------------------------------------------------------------

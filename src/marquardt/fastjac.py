@@ -284,11 +284,16 @@ class LinearizedNetwork:
         eye = torch.eye(k, dtype=self.outputs.dtype, device=self.outputs.device)
         if self.network.output_scale is not None:
             eye = eye * self.network.output_scale
-        delta = _times_slope(eye.expand(n, k, k), self.slopes[-1])
+        slope = self.slopes[-1]
+        if slope is None:
+            delta = eye.expand(n, k, k)
+        else:  # d out_k / d z_j = scale_k [k == j] s'(z_j)
+            delta = eye * slope.unsqueeze(1)
         deltas = [delta]
         for index in range(len(self.network.layers) - 1, 0, -1):
             weight = self.params[self.network.layers[index].weight]
-            delta = _times_slope(delta @ weight, self.slopes[index - 1])
+            # One 2-D product over all (sample, output) rows, not N small batched ones.
+            delta = _times_slope((delta.reshape(n * k, -1) @ weight).view(n, k, -1), self.slopes[index - 1])
             deltas.append(delta)
         return deltas[::-1]
 
