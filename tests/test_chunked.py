@@ -365,3 +365,20 @@ def test_fit_rejects_an_unknown_solver():
     X = torch.zeros(3, 1, dtype=DT)
     with pytest.raises(ValueError, match="Invalid solver: 'svd'; expected 'auto' or one of"):
         fit(model, X, X, solver="svd")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(PATHS))
+def test_every_solver_path_runs_on_cuda_and_matches_the_cpu_step(name):
+    model, X, y = _problem_data()
+    options, path = PATHS[name]
+    x = flatten_parameters(model)
+    steps = []
+    for device in ("cpu", "cuda"):
+        problem = ModuleProblem(copy.deepcopy(model).to(device), X.to(device), y.to(device), **options)
+        lin = problem.linearize(x.to(device))
+        if path == "cg":
+            lin.system.rtol, lin.system.stall_tol = 1e-13, 0.0
+        steps.append(lin.system.solve(lin.grad, 1e-3, torch.ones_like(lin.grad)).cpu())
+        assert lin.system.path == path
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-8, atol=1e-10)
