@@ -5,7 +5,9 @@ system is built depends on the shape ``m x n`` of the Jacobian and on two memory
 (:func:`plan_assembly`):
 
 * ``"sample-space"`` when there are fewer residuals than parameters and the whole Jacobian fits
-  in ``max_jacobian_bytes``: the rows are kept and the step is solved in the ``m x m`` space;
+  in ``max_jacobian_bytes``: the step is solved in the ``m x m`` space, from ``J J^T`` in closed
+  form (:class:`KernelSampleSpaceEquations`, no row held) or from the held rows
+  (:class:`HeldSampleSpaceEquations`);
 * ``"normal"`` when the ``n x n`` matrix fits in ``max_matrix_bytes``: the chunks are folded into
   ``J^T J`` and ``J^T r`` and dropped, so memory is ``O(chunk * n + n^2)``, not ``O(m * n)``;
 * ``"matrix-free"`` otherwise: neither ``J`` nor ``J^T J`` is formed; conjugate gradients use
@@ -13,7 +15,9 @@ system is built depends on the shape ``m x n`` of the Jacobian and on two memory
 
 ``J^T J`` is accumulated as a symmetric rank-k update: on the CPU in float32/float64 by BLAS
 ``ssyrk``/``dsyrk`` on zero-copy numpy views (half the flops of a matrix product), elsewhere
-(CUDA, other dtypes, no SciPy) by ``addmm``.
+(CUDA, other dtypes, no SciPy) by ``addmm``. Small float32 problems assemble and solve in
+float64 (:func:`accumulation_dtype`), and tiny ones run on one thread (:func:`single_thread`).
+See ``docs/performance.md`` for the memory each form needs.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ __all__ = [
     "DEFAULT_JACOBIAN_BYTES",
     "DEFAULT_MATRIX_BYTES",
     "FORMS",
-    "is_small",
     "PROMOTE_MAX_PARAMS",
     "SERIAL_MAX_ENTRIES",
     "AccumulatedNormalEquations",
@@ -49,9 +52,10 @@ __all__ = [
     "KernelSampleSpaceEquations",
     "Plan",
     "PromotedEquations",
-    "accumulation_dtype",
     "accumulate_normal",
+    "accumulation_dtype",
     "assemble_sample_space",
+    "is_small",
     "plan_assembly",
     "single_thread",
     "symmetric_rank_update",
@@ -276,7 +280,7 @@ def symmetric_rank_update(gram: Tensor, jac: Tensor) -> None:
     On the CPU in float32/float64 this is BLAS ``?syrk`` on numpy views of the same memory
     (``J^T`` of a C-contiguous ``J`` is Fortran-contiguous; the lower triangle of a C-ordered
     ``gram`` is the upper one of its Fortran-ordered transpose). Elsewhere, ``addmm`` on the
-    whole matrix. :func:`accumulate_normal` mirrors the lower triangle once at the end.
+    whole matrix. :class:`AccumulatedNormalEquations` reads the lower triangle only.
 
     Examples
     --------

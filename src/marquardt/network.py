@@ -204,7 +204,7 @@ class ModuleProblem:
     def _kernel_sample_space(self, x: Tensor) -> Linearization:
         """The sample-space system from the closed-form ``J J^T`` and Jacobian products (no rows held)."""
         params = self.params(x)
-        lin = self.backend.linearize(params, self.X)
+        lin = self._full_linearization(x)
         residuals = (lin.outputs - self.y).reshape(-1)
 
         def rows() -> Tensor:
@@ -218,10 +218,10 @@ class ModuleProblem:
     @property
     def _keeps_trials(self) -> bool:
         """Whether a trial's forward pass is kept for the next linearization: closed form, and
-        every sample in one pass (matrix-free, or the Jacobian in a single chunk)."""
-        if not isinstance(self.backend, LayeredJacobian):
+        every sample in one pass (matrix-free, closed-form sample space, or a single chunk)."""
+        if not (isinstance(self.backend, LayeredJacobian) and self.is_least_squares):
             return False
-        return self.plan.form == "matrix-free" or self.plan.chunk_rows >= self.n_residuals
+        return self.plan.form != "normal" or self.plan.chunk_rows >= self.n_residuals
 
     def _trial_outputs(self, x: Tensor) -> Tensor:
         """``model(X)``; through a kept linearization when :attr:`_keeps_trials`, so that the
