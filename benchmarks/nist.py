@@ -137,10 +137,24 @@ def measure(problem: NistProblem, start: int, name: str, solve: Solve, repeats: 
     )
 
 
+def warm_up(problems: Sequence[NistProblem], table: Sequence[tuple[str, Solve]]) -> None:
+    """One untimed solve per solver, so that one-off costs (torch.func's first trace, lazy
+    imports: about 3 s for marquardt's first call) are not charged to the first problem."""
+    if not problems:
+        return
+    problem = problems[0]
+    for _, solve in table:
+        try:
+            solve(problem, problem.starts[0])
+        except Exception:  # measure() records the failure with its message
+            pass
+
+
 def measure_all(
     problems: Sequence[NistProblem], table: Sequence[tuple[str, Solve]], repeats: int
 ) -> list[Run]:
-    """Every problem x start x solver, printing progress to stderr."""
+    """Every problem x start x solver (after :func:`warm_up`), printing progress to stderr."""
+    warm_up(problems, table)
     runs = []
     for problem in problems:
         for start in (1, 2):
