@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+import marquardt.optim
 from marquardt import GradientDescent, LevenbergMarquardt, Momentum
+from marquardt.optim import ClosureProblem, rows_per_backward
 
 
 def _line_problem(dtype=torch.float64):
@@ -58,7 +60,7 @@ def test_lm_rejects_non_finite_trials_and_keeps_weights_finite():
     opt = LevenbergMarquardt([w], damping=1e-6)
     before = opt.damping_state
     cost = opt.step(closure)
-    assert torch.isfinite(w).all() and float(w) <= 2
+    assert torch.isfinite(w).all() and float(w.detach()) <= 2
     assert math.isfinite(float(cost))
     assert before is None and opt.damping_state.damping > 1e-6
 
@@ -118,6 +120,80 @@ def test_adam_stalls_far_above_lm_on_the_same_physics_problem():
     assert error > 1e-3
 
 
+def _tanh_problem(m=60, hidden=8):
+    """1-hidden-8-1 tanh network on ``m`` samples, float64: more residuals than parameters (normal form)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)).double()
+    X = torch.linspace(-2, 2, m, dtype=torch.float64)[:, None]
+    return net, X, torch.sin(2 * X)
+
+
+def _one_step(max_jacobian_bytes):
+    net, X, y = _tanh_problem()
+    opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=max_jacobian_bytes)
+    cost = opt.step(lambda: net(X) - y)
+    return float(cost), torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def test_lm_step_with_tiny_jacobian_budget_equals_step_with_large_budget():
+    # 2000 bytes: chunks of 10 rows (25 parameters), each from 10 one-row backward passes, as the
+    # graph saves about 4.5 KB.
+    tiny_cost, tiny_x = _one_step(2000)
+    large_cost, large_x = _one_step(1 << 30)
+    assert tiny_cost == pytest.approx(large_cost, rel=1e-12)
+    torch.testing.assert_close(tiny_x, large_x, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 60])
+def test_jacobian_chunks_do_not_depend_on_rows_per_backward(batch):
+    net, X, y = _tanh_problem()
+    problem = ClosureProblem(list(net.parameters()), lambda: net(X) - y)
+    with torch.enable_grad():
+        r = problem.residuals()
+        reference = torch.autograd.functional.jacobian(lambda *p: torch.func.functional_call(
+            net, dict(zip([n for n, _ in net.named_parameters()], p)), (X,)).reshape(-1), tuple(net.parameters()))
+        chunks = list(problem._jacobian_chunks(r, 25, batch))
+    assert [c[0].shape[0] for c in chunks] == [25, 25, 10]
+    expected = torch.cat([j.reshape(60, -1) for j in reference], dim=1)
+    torch.testing.assert_close(torch.cat([c[0] for c in chunks]), expected, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(torch.cat([c[1] for c in chunks]), r.detach())
+
+
+def test_rows_per_backward_are_bounded_by_the_budget_given_the_saved_tensors(monkeypatch):
+    m, hidden = 60, 8
+    net, X, y = _tanh_problem(m, hidden)
+    n = sum(p.numel() for p in net.parameters())
+    seen = []
+    original = marquardt.optim._vmapped_rows
+
+    def counting(r, params, seeds):
+        seen.append(seeds.shape[0])
+        return original(r, params, seeds)
+
+    monkeypatch.setattr(marquardt.optim, "_vmapped_rows", counting)
+    budget = 20 * m * hidden * 8  # room for about 20 copies of the tanh activations
+    opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=budget)
+    opt.step(lambda: net(X) - y)
+    # The graph saves at least the m x hidden tanh output, so each pass holds fewer than 20 rows.
+    assert max(seen) * (m * hidden * 8 + n * 8) <= budget
+    assert sum(seen) == m and len(seen) == math.ceil(m / max(seen))
+
+
+def test_saved_bytes_counts_each_saved_storage_once():
+    m, hidden = 60, 8
+    net, X, y = _tanh_problem(m, hidden)
+    with torch.enable_grad(), marquardt.optim._SavedBytes() as saved:
+        net(X) - y
+    # The tanh output is saved by Tanh and by the second Linear: counted once, with the input
+    # and the weights on top.
+    assert m * hidden * 8 < saved.nbytes < 2 * m * hidden * 8
+
+
+def test_rows_per_backward_is_at_least_one():
+    assert rows_per_backward(10**12, 8, 100) == 1
+    assert rows_per_backward(0, 8, 100) == 12
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -172,7 +248,7 @@ def test_momentum_update_is_matlab_traingdm_form():
         velocity = 0.9 * velocity + 0.1 * (2 * expected_w)
         expected_w -= 0.5 * velocity
         opt.step()
-        assert float(w) == pytest.approx(expected_w, rel=1e-6)
+        assert float(w.detach()) == pytest.approx(expected_w, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ autograd, as physics-informed residuals do), and runs one iteration of the same 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,35 +69,108 @@ class ClosureProblem:
     def linearize(self, x: Tensor) -> Linearization:
         self.write(x)
         with torch.enable_grad():
-            r = self.residuals()
+            with _SavedBytes() as saved:
+                r = self.residuals()
             n = x.numel()
             plan = plan_assembly(r.numel(), n, r.element_size(), self.max_jacobian_bytes)
-            chunks = self._jacobian_chunks(r, plan.chunk_rows)
+            batch = rows_per_backward(saved.nbytes, n * r.element_size(), self.max_jacobian_bytes)
+            chunks = self._jacobian_chunks(r, plan.chunk_rows, batch)
             if plan.form == "sample-space":
                 system, grad, cost = assemble_sample_space(chunks)
                 return Linearization(cost, grad, system, system.residuals, system.jac)
             system, grad, cost = accumulate_normal(chunks, n, dtype=x.dtype, device=x.device)
             return Linearization(cost, grad, system)
 
-    def _jacobian_chunks(self, r: Tensor, rows: int) -> Iterator[tuple[Tensor, Tensor]]:
-        eye = torch.eye(r.numel(), dtype=r.dtype, device=r.device)
-        for start in range(0, r.numel(), rows):
-            seeds = eye[start : start + rows]
-            yield self._jacobian_rows(r, seeds), r[start : start + rows].detach()
+    def _jacobian_chunks(self, r: Tensor, rows: int, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Chunks of ``rows`` Jacobian rows, each from batched backward passes of ``batch`` rows."""
+        m = r.numel()
+        for start in range(0, m, rows):
+            stop = min(start + rows, m)
+            parts = [self._jacobian_rows(r, _unit_seeds(m, low, min(low + batch, stop), r))
+                     for low in range(start, stop, batch)]
+            yield (parts[0] if len(parts) == 1 else torch.cat(parts)), r[start:stop].detach()
 
     def _jacobian_rows(self, r: Tensor, seeds: Tensor) -> Tensor:
+        """Jacobian rows ``seeds @ J``, by the fastest batched backward pass the graph allows."""
+        for rows in (_vmapped_rows, _legacy_batched_rows):
+            try:
+                grads = rows(r, self.params, seeds)
+                break
+            except RuntimeError:
+                continue
+        else:  # Some double-backward graphs cannot be vmapped at all; one backward pass per row then.
+            grads = [torch.stack(g) for g in zip(*(_vjp(r, self.params, seed) for seed in seeds))]
+        return torch.cat([g.reshape(seeds.shape[0], -1) for g in grads], dim=1).detach()
+
+
+def _vjp(r: Tensor, params: list[Tensor], seed: Tensor) -> tuple[Tensor, ...]:
+    return torch.autograd.grad(r, params, grad_outputs=seed, retain_graph=True, allow_unused=True,
+                               materialize_grads=True)
+
+
+def _vmapped_rows(r: Tensor, params: list[Tensor], seeds: Tensor) -> tuple[Tensor, ...]:
+    # torch.vmap, not is_grads_batched: the latter runs the legacy vmap prototype, which has no
+    # batching rule for ops such as tanh_backward and loops over the rows in Python (4-6x slower
+    # at T2 size, same values).
+    return torch.vmap(functools.partial(_vjp, r, params))(seeds)
+
+
+def _legacy_batched_rows(r: Tensor, params: list[Tensor], seeds: Tensor) -> tuple[Tensor, ...]:
+    return torch.autograd.grad(r, params, grad_outputs=seeds, retain_graph=True, allow_unused=True,
+                               materialize_grads=True, is_grads_batched=True)
+
+
+def rows_per_backward(saved_bytes: int, row_bytes: int, max_bytes: int) -> int:
+    """Jacobian rows one batched backward pass may compute within ``max_bytes``.
+
+    A backward pass batched over ``k`` seeds holds ``k`` copies of the gradient of every tensor
+    the graph saved for it (and ``k`` rows of ``row_bytes``), so it takes about
+    ``k * (saved_bytes + row_bytes)`` bytes however few rows the Jacobian chunk itself holds.
+
+    Examples
+    --------
+    >>> rows_per_backward(saved_bytes=3_840_000, row_bytes=4 * 4353, max_bytes=1 << 30)
+    278
+    >>> rows_per_backward(saved_bytes=10**10, row_bytes=8, max_bytes=1 << 20)
+    1
+    """
+    return max(1, max_bytes // max(1, saved_bytes + row_bytes))
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the distinct storages autograd saves for backward while active."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self._seen: set[int] = set()
+        super().__init__(self._pack, _unpack)
+
+    def __enter__(self) -> _SavedBytes:
+        super().__enter__()
+        return self
+
+    def _pack(self, tensor: Tensor) -> Tensor:
         try:
-            grads = torch.autograd.grad(r, self.params, grad_outputs=seeds, retain_graph=True,
-                                        allow_unused=True, is_grads_batched=True)
-        except RuntimeError:
-            # Some double-backward graphs cannot be vmapped; one backward pass per row then.
-            rows = [torch.autograd.grad(r, self.params, grad_outputs=seed, retain_graph=True, allow_unused=True)
-                    for seed in seeds]
-            grads = [torch.stack([row[i] if row[i] is not None else torch.zeros_like(p) for row in rows])
-                     for i, p in enumerate(self.params)]
-        blocks = [g.reshape(seeds.shape[0], -1) if g is not None else seeds.new_zeros(seeds.shape[0], p.numel())
-                  for g, p in zip(grads, self.params)]
-        return torch.cat(blocks, dim=1).detach()
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # sparse, nested, ...: no single storage
+            key, size = id(tensor), tensor.numel() * tensor.element_size()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += size
+        return tensor
+
+
+def _unpack(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def _unit_seeds(m: int, start: int, stop: int, like: Tensor) -> Tensor:
+    """Rows ``start:stop`` of the ``m x m`` identity, without forming the identity."""
+    seeds = torch.zeros(stop - start, m, dtype=like.dtype, device=like.device)
+    index = torch.arange(start, stop, device=like.device)
+    seeds[index - start, index] = 1
+    return seeds
 
 
 class LevenbergMarquardt(Optimizer):
