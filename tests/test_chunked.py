@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from marquardt import fit
+from marquardt import chunked, fit
 from marquardt.chunked import (
     AccumulatedNormalEquations,
+    BlasThreadChoice,
     HeldSampleSpaceEquations,
     KernelSampleSpaceEquations,
     Plan,
@@ -16,6 +17,7 @@ from marquardt.chunked import (
     accumulate_normal,
     accumulation_dtype,
     assemble_sample_space,
+    cholesky_factor,
     plan_assembly,
     single_thread,
     symmetric_rank_update,
@@ -107,6 +109,79 @@ def test_float32_gram_with_negative_rounding_eigenvalues_still_factorizes():
     system, grad, _ = accumulate_normal([(J, torch.randn(300, generator=g))], 120, dtype=torch.float32, device="cpu")
     step = system.solve(grad, 1e-12, torch.ones(120))
     assert system.path == "cholesky" and bool(torch.isfinite(step).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# the Cholesky factorization: LAPACK on a reused workspace, torch elsewhere
+
+
+def _normal_system(n, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(2 * n, n, generator=g, dtype=dtype)
+    system, grad, _ = accumulate_normal([(J, torch.randn(2 * n, generator=g, dtype=dtype))], n, dtype=dtype,
+                                        device="cpu")
+    return system, grad, J
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("n", [5, 200])
+def test_lapack_step_equals_the_torch_cholesky_step(dtype, rtol, n):
+    system, grad, J = _normal_system(n, dtype)
+    scale = torch.linspace(1.0, 2.0, n, dtype=dtype)
+    step = system.solve(grad, 1e-2, scale)
+    assert system.path == "cholesky" and chunked._potrf(system.lower) is not None
+    factor = torch.linalg.cholesky((J.T @ J).to(dtype) + torch.diag(1e-2 * scale))
+    expected = -torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
+    torch.testing.assert_close(step, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+def test_torch_path_without_lapack_gives_the_same_step(monkeypatch):
+    system, grad, _ = _normal_system(40, DT)
+    lapack_step = system.solve(grad, 1e-3, torch.ones(40, dtype=DT))
+    monkeypatch.setattr(chunked, "_potrf", lambda tensor: None)
+    torch_step = system.solve(grad, 1e-3, torch.ones(40, dtype=DT))
+    assert system.path == "cholesky"
+    torch.testing.assert_close(torch_step, lapack_step)
+
+
+def test_retries_reuse_one_workspace_and_leave_the_lower_triangle_intact():
+    system, grad, _ = _normal_system(30, torch.float32)
+    before = system.lower.clone()
+    steps = [system.solve(grad, damping, torch.ones(30)) for damping in (1e-3, 1e-2, 1e-1)]
+    pointers = {system._work.data_ptr()}
+    system.solve(grad, 1.0, torch.ones(30))
+    pointers.add(system._work.data_ptr())
+    assert len(pointers) == 1 and torch.equal(system.lower, before)
+    assert all(step.data_ptr() != system._work.data_ptr() for step in steps)
+    assert steps[0].norm() > steps[1].norm() > steps[2].norm()  # more damping, shorter step
+
+
+def test_indefinite_matrix_goes_to_the_eigen_fallback():
+    lower = torch.tensor([[1.0, 0.0], [2.0, 1.0]], dtype=DT)  # [[1, 2], [2, 1]]: eigenvalues 3, -1
+    system = AccumulatedNormalEquations(lower.clone())
+    step = system.solve(torch.tensor([1.0, 0.0], dtype=DT), 1e-6, torch.ones(2, dtype=DT))
+    assert system.path == "eigh" and bool(torch.isfinite(step).all())
+    assert cholesky_factor(lower, torch.zeros(2, dtype=DT)) is None
+    assert torch.equal(system.lower.tril(), lower)  # the fallback mirrored it, and nothing else
+
+
+def test_cholesky_factor_rejects_a_non_finite_diagonal():
+    lower = torch.eye(3, dtype=DT)
+    assert cholesky_factor(lower, torch.tensor([0.0, float("nan"), 0.0], dtype=DT)) is None
+
+
+@pytest.mark.parametrize("records, picks", [
+    ([], [1, 1]),                                   # nothing measured: each count in turn
+    ([(1, 2.0)], [2]),
+    ([(1, 2.0), (2, 1.0)], [2, 2, 2, 1, 2]),        # the faster, and the other every 4th call
+    ([(1, 1.0), (2, 3.0)], [1, 1, 1, 2, 1]),
+    ([(1, 1.0), (2, 3.0), (2, 0.5)], [2, 2, 2, 1]), # the last measurement counts
+])
+def test_blas_thread_choice_table(records, picks):
+    choice = BlasThreadChoice((1, 2), explore_every=4)
+    for count, seconds in records:
+        choice.record(count, seconds, 1.0)
+    assert [choice.pick() for _ in picks] == picks
 
 
 def test_accumulate_normal_promotes_float32_rows():
