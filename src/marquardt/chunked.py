@@ -61,6 +61,7 @@ __all__ = [
     "FORMS",
     "PROMOTE_MAX_PARAMS",
     "SERIAL_MAX_ENTRIES",
+    "SERIAL_ORDER",
     "AccumulatedNormalEquations",
     "BlasThreadChoice",
     "CholeskyFactor",
@@ -434,6 +435,9 @@ def _symv(lower: Tensor, vector: Tensor):
 #: ``spotrf`` at n = 200 took 0.25 ms on two threads in one run and 98 ms (float64) in another,
 #: 0.35 ms on one; at n = 1000, 81 ms on two and 10 ms on one.
 ADAPTIVE_MIN_ORDER = 1024
+#: Below this order OpenBLAS is left alone: at n = 61 ``spotrf`` took 0.02 ms on its default
+#: two threads and on one alike (it does not split such sizes).
+SERIAL_ORDER = 128
 
 
 class BlasThreadChoice:
@@ -479,30 +483,42 @@ class BlasThreadChoice:
 
 
 class _OpenBlasThreads:
-    """Runs a LAPACK call on a chosen number of OpenBLAS threads (threadpoolctl, built lazily)."""
+    """Runs a LAPACK call on a chosen number of OpenBLAS threads (threadpoolctl, looked up once).
+
+    The count is set through each library's own ``set_num_threads`` and restored after the
+    call: ``threadpoolctl``'s ``limit()`` context re-reads every library's info on entry, about
+    60 us, three times a 61-parameter factorization.
+    """
 
     def __init__(self) -> None:
-        self._controller = None
+        self._libraries: list | None = None
         self._choice: BlasThreadChoice | None = None
 
-    def _setup(self) -> bool:
-        if self._controller is None:
-            if ThreadpoolController is None:
-                return False
-            self._controller = ThreadpoolController().select(internal_api="openblas")
-            most = max([lib.num_threads for lib in self._controller.lib_controllers] or [1])
+    def _setup(self) -> list:
+        if self._libraries is None:
+            found = [] if ThreadpoolController is None else ThreadpoolController().select(internal_api="openblas")
+            self._libraries = list(getattr(found, "lib_controllers", []))
+            most = max([lib.num_threads for lib in self._libraries] or [1])
             self._choice = BlasThreadChoice(tuple(sorted({1, most})))
-        return bool(self._controller.lib_controllers)
+        return self._libraries
 
     def run(self, call, order: int):
-        """``call()`` on one thread below :data:`ADAPTIVE_MIN_ORDER`, else on the chosen count."""
-        if not self._setup():
+        """``call()``: as is below :data:`SERIAL_ORDER` (OpenBLAS keeps such sizes on one thread
+        itself), on one thread below :data:`ADAPTIVE_MIN_ORDER`, else on the chosen count."""
+        libraries = self._setup() if order >= SERIAL_ORDER else []
+        if not libraries:
             return call()
         count = 1 if order < ADAPTIVE_MIN_ORDER else self._choice.pick()
-        with self._controller.limit(limits=count):
+        before = [lib.get_num_threads() for lib in libraries]
+        for lib in libraries:
+            lib.set_num_threads(count)
+        try:
             start = perf_counter()
             result = call()
             seconds = perf_counter() - start
+        finally:
+            for lib, threads in zip(libraries, before):
+                lib.set_num_threads(threads)
         if order >= ADAPTIVE_MIN_ORDER:
             self._choice.record(count, seconds, float(order) ** 3)
         return result
