@@ -35,6 +35,8 @@ ARCHITECTURES = {
     "leaky, silu+elu, output activation": lambda: _net(nn.Linear(3, 5), nn.LeakyReLU(0.1), nn.Linear(5, 5),
                                                        nn.SiLU(), nn.ELU(), nn.Linear(5, 1), nn.Sigmoid()),
     "linear only": lambda: _net(nn.Linear(3, 2)),
+    "consecutive affine layers": lambda: _net(nn.Linear(3, 4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2),
+                                              nn.Linear(2, 2)),
     "MLP normalized, 2 outputs": lambda: _mlp(True),
     "MLP not normalized, 1 output": lambda: _mlp(False, 1, "sigmoid"),
 }
@@ -77,7 +79,8 @@ def test_products_and_diagonal_equal_dense_jacobian(name):
 def test_forward_equals_module(name):
     model = ARCHITECTURES[name]()
     params, X, fast, _ = _setup(model)
-    torch.testing.assert_close(fast.outputs(params, X), model(X), rtol=0, atol=0)
+    # Equal up to the last bits: CPU tanh is numpy's (see fastjac._tanh), the module's torch's.
+    torch.testing.assert_close(fast.outputs(params, X), model(X), rtol=4 * torch.finfo(DT).eps, atol=1e-15)
 
 
 def test_chunks_cover_all_samples_in_order():
@@ -153,3 +156,61 @@ def test_row_gram_in_a_wider_dtype():
     assert gram.dtype == DT
     (J, _), = FunctionalJacobian(model, layout).chunks(params, X, 10)
     torch.testing.assert_close(gram, J.double() @ J.double().T, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast paths: numpy tanh, lazy slopes, in-place activation of the affine output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_tanh_matches_torch_to_rounding(dtype):
+    from marquardt.fastjac import _tanh, _tanh_
+
+    z = torch.randn(50, 7, generator=torch.Generator().manual_seed(5), dtype=dtype) * 3
+    expected = torch.tanh(z)
+    torch.testing.assert_close(_tanh(z), expected, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    copy = z.clone()
+    assert _tanh_(copy) is copy  # numpy wrote over it
+    torch.testing.assert_close(copy, expected, rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("case", ["requires_grad", "strided", "float16"])
+def test_tanh_falls_back_to_torch_where_numpy_does_not_apply(case):
+    from marquardt.fastjac import _tanh, _tanh_
+
+    z = torch.randn(6, 4, dtype=torch.float64)
+    if case == "requires_grad":
+        z.requires_grad_(True)
+        out = _tanh_(z)
+        out.sum().backward()  # autograd still works: no in-place numpy write on a graph input
+        torch.testing.assert_close(z.grad, 1 - torch.tanh(z.detach()) ** 2)
+        return
+    if case == "strided":
+        z = z.T
+    else:
+        z = z.half()
+    before = z.clone()
+    torch.testing.assert_close(_tanh_(z), torch.tanh(before))
+    torch.testing.assert_close(_tanh(z), torch.tanh(before))
+    assert torch.equal(z, before)  # not overwritten when numpy does not apply
+
+
+def test_slopes_are_formed_only_when_a_derivative_is_asked_for():
+    model = ARCHITECTURES["leaky, silu+elu, output activation"]()
+    params, X, fast, slow = _setup(model)
+    lin = fast.linearize(params, X)
+    assert lin._slopes is None  # a cost evaluation needs outputs only
+    torch.testing.assert_close(lin.outputs, model(X))
+    (J_slow, _), = slow.chunks(params, X, 100)
+    torch.testing.assert_close(lin.jacobian(), J_slow, rtol=1e-13, atol=1e-13)
+    assert lin._slopes is not None and lin._pending == []
+
+
+def test_forward_leaves_the_inputs_untouched():
+    # A leading Tanh maps the data (out of place); the first layer's tanh overwrites only its own output.
+    model = ARCHITECTURES["leading activation, identity"]()
+    params, X, fast, _ = _setup(model)
+    before = X.clone()
+    fast.outputs(params, X)
+    fast.linearize(params, X).jacobian()
+    assert torch.equal(X, before)

@@ -271,3 +271,36 @@ def test_division_functions_match_matlab_counts():
     train, val, test = divide_interleaved(20, (0.6, 0.2, 0.2))
     assert (len(train), len(val), len(test)) == (12, 4, 4)
     assert sorted(torch.cat([train, val, test]).tolist()) == list(range(20))
+
+
+def test_best_weights_are_a_copy():
+    from marquardt.train import _Best
+
+    model = tanh_net(hidden=3)
+    best = _Best()
+    assert best.offer(1.0, 0, model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert not torch.equal(best.weights["0.weight"], model[0].weight)  # not the live tensor
+    assert best.offer(0.5, 1, model) and torch.equal(best.weights["0.weight"], model[0].weight)
+    assert not best.offer(0.7, 2, model) and best.epoch == 1
+
+
+def test_problem_parameter_views_and_writes():
+    from marquardt.network import ModuleProblem, flatten_parameters, write_parameters
+
+    model = tanh_net(hidden=3, inputs=2, outputs=2)
+    X, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    problem = ModuleProblem(model, X, y)
+    x = torch.arange(problem.n_params, dtype=torch.float64)
+    strided = torch.zeros(2 * problem.n_params, dtype=torch.float64)[1::2]
+    strided.copy_(x)
+    padded = torch.cat([torch.zeros(3, dtype=torch.float64), x])[3:]  # a storage offset
+    for vector in (x, strided, padded):
+        views = problem.params(vector)
+        for (name, p), view in zip(model.named_parameters(), views.values()):
+            assert view.shape == p.shape
+        write_parameters(model, torch.cat([v.reshape(-1) for v in views.values()]))
+        assert torch.equal(flatten_parameters(model), x)
+    write_parameters(model, x + 1, [p for p in model.parameters()])
+    assert torch.equal(flatten_parameters(model), x + 1)

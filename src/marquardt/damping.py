@@ -8,7 +8,7 @@ trial step is accepted, and the next state. Nothing here touches tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class MarquardtDamping:
     def update(self, state: DampingState, *, accepted: bool, gain_ratio: float) -> DampingState:
         """Next state after an accepted or rejected trial."""
         factor = self.decrease if accepted else self.increase
-        return replace(state, damping=state.damping * factor)
+        # Not dataclasses.replace: this runs at every trial, and replace costs several microseconds.
+        return DampingState(state.damping * factor, state.nu)
 
     def exhausted(self, state: DampingState) -> bool:
         """True once damping has grown past ``maximum``."""

@@ -280,8 +280,13 @@ def _check_key(key: object) -> str:
     return _ALIASES.get(key, key)
 
 
+_PLAIN = frozenset((bool, int, float, str))
+
+
 def _to_scalar(key: str, value: Any) -> Scalar:
     """Convert 0-d tensors/arrays and numpy scalars to Python scalars; reject anything else."""
+    if value is None or type(value) in _PLAIN:  # the common case, by exact type (np.float64 is a float)
+        return value
     if isinstance(value, np.generic):  # before float: np.float64 subclasses float
         return value.item()
     if value is None or isinstance(value, bool | int | float | str):

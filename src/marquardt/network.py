@@ -15,6 +15,7 @@ Gauss-Newton matrix ``J^T H J`` and the gradient ``J^T dl/dz`` instead.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,11 +49,17 @@ def flatten_parameters(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for _, p in trainable_parameters(model)])
 
 
-def write_parameters(model: nn.Module, x: Tensor) -> None:
-    """Copy the flat vector ``x`` into the trainable parameters of ``model`` (in place)."""
+def write_parameters(model: nn.Module, x: Tensor, parameters: list[Tensor] | None = None) -> None:
+    """Copy the flat vector ``x`` into the trainable parameters of ``model`` (in place).
+
+    ``parameters``: those parameters, when the caller has them already (a training loop writes
+    every epoch; walking ``named_parameters`` is most of the cost of writing a tiny network).
+    """
+    if parameters is None:
+        parameters = [p for _, p in trainable_parameters(model)]
     offset = 0
     with torch.no_grad():
-        for _, p in trainable_parameters(model):
+        for p in parameters:
             p.copy_(x[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
@@ -115,6 +122,10 @@ class ModuleProblem:
         self.names = [name for name, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.n_params = sum(p.numel() for _, p in named)
+        self._pieces, start = [], 0
+        for name, p in named:
+            self._pieces.append((name, start, start + p.numel(), p.shape, torch.empty(p.shape, device="meta").stride()))
+            start += p.numel()
         self.outputs_per_sample = max(1, self.y[0].numel()) if self.y.shape[0] else 1
         # The residual-space and matrix-free solves need residuals r with grad = J^T r; a
         # cross-entropy gradient has none, so its model is always the normal form.
@@ -159,8 +170,14 @@ class ModuleProblem:
 
     def params(self, x: Tensor) -> dict[str, Tensor]:
         """The flat vector ``x`` viewed as the module's named parameters."""
-        pieces = torch.split(x.to(self.dtype), [s.numel() for s in self.shapes])
-        return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if x.ndim == 1 and x.shape[0] == self.n_params and x.stride(0) == 1 and not x.requires_grad:
+            # One as_strided per piece: a third of the time of slicing then viewing (7 us
+            # against 20 us for four pieces), and this runs at every trial point.
+            base = x.storage_offset()
+            return {name: x.as_strided(shape, stride, base + start) for name, start, _, shape, stride in self._pieces}
+        return {name: x[start:stop].view(shape) for name, start, stop, shape, _ in self._pieces}
 
     def outputs(self, x: Tensor, X: Tensor | None = None) -> Tensor:
         """``model(X)`` with parameters ``x`` (the module itself is untouched)."""
@@ -168,8 +185,15 @@ class ModuleProblem:
 
     def cost(self, x: Tensor) -> float:
         """The loss's cost, ``0.5 * sum((model(X) - y)**2)`` for least squares; ``inf`` when not finite."""
-        with torch.no_grad(), single_thread(self.plan.serial):
-            value = float(self.loss.cost(self._trial_outputs(x), self.y))
+        with torch.no_grad(), self._threads():
+            outputs = self._trial_outputs(x)
+            if self.is_least_squares:
+                # As the linearization computes it (r @ r): trial and current costs, whose difference
+                # decides whether a step is kept, agree to the last bit at the same point.
+                residuals = (outputs - self.y).reshape(-1)
+                value = 0.5 * float(residuals @ residuals)
+            else:
+                value = float(self.loss.cost(outputs, self.y))
         return value if value == value and value != float("inf") else float("inf")
 
     def linearize(self, x: Tensor) -> Linearization:
@@ -177,8 +201,15 @@ class ModuleProblem:
 
         For a cross-entropy loss: ``J^T H J``, ``J^T dl/dz`` and the cost.
         """
-        with single_thread(self.plan.serial):
+        with self._threads():
             return self._linearize(x)
+
+    def _threads(self) -> AbstractContextManager:
+        """:func:`~marquardt.chunked.single_thread` for a small problem, unless already on one thread
+        (as inside ``fit``): then nothing, which saves a few microseconds at every trial."""
+        if self.plan.serial and torch.get_num_threads() != 1:
+            return single_thread()
+        return nullcontext()
 
     def _linearize(self, x: Tensor) -> Linearization:
         if not self.is_least_squares:

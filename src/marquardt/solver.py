@@ -233,33 +233,37 @@ def lm_step(
     is a rejected trial: damping rises and ``x`` is untouched.
     """
     trials = 0
-    xnorm = float(torch.linalg.vector_norm(x))
+    xnorm = None  # ||x||, for the small-step test of a rejected trial only
     while True:
-        step, admissible = _propose(lin, x, state.damping, scale, geodesic, max_step)
+        step, admissible, finite = _propose(lin, x, state.damping, scale, geodesic, max_step)
         if not admissible:
             state = rule.update(state, accepted=False, gain_ratio=-1.0)
             if rule.exhausted(state):
                 return StepResult(x, lin.cost, False, state, step, -math.inf, math.nan, -1.0, trials, False, True)
             continue
         trials += 1
-        trial_cost, predicted = _evaluate_trial(problem, x, lin, step)
+        trial_cost, predicted = _evaluate_trial(problem, x, lin, step, finite)
         actual = lin.cost - trial_cost if math.isfinite(trial_cost) else -math.inf
         ratio = actual / predicted if predicted > 0 else (-1.0 if actual <= 0 else 1.0)
         accepted = math.isfinite(actual) and rule.accepts(actual, ratio)
         state = rule.update(state, accepted=accepted, gain_ratio=ratio)
         if accepted:
             return StepResult(x + step, trial_cost, True, state, step, actual, predicted, ratio, trials, False, False)
+        if xnorm is None:
+            xnorm = float(torch.linalg.vector_norm(x))
         small = _is_small(step, xnorm, xtol)
         exhausted = rule.exhausted(state)
         if small or exhausted or trials >= max_trials:
             return StepResult(x, lin.cost, False, state, step, actual, predicted, ratio, trials, small, exhausted)
 
 
-def _evaluate_trial(problem: Problem, x: Tensor, lin: Linearization, step: Tensor) -> tuple[float, float]:
-    """Cost at ``x + step`` and the reduction the quadratic model predicts for ``step``."""
-    if not bool(torch.isfinite(step).all()):
+def _evaluate_trial(problem: Problem, x: Tensor, lin: Linearization, step: Tensor,
+                    finite: bool) -> tuple[float, float]:
+    """Cost at ``x + step`` and the reduction the quadratic model predicts for ``step`` (``finite``: no NaN or inf in it)."""
+    if not finite:
         return math.inf, math.nan
-    predicted = -float(lin.grad @ step + 0.5 * lin.system.curvature(step))
+    # Python floats (float64): two scalar reads instead of two more tensor kernels.
+    predicted = -(float(lin.grad @ step) + 0.5 * float(lin.system.curvature(step)))
     return problem.cost(x + step), predicted
 
 
@@ -270,17 +274,20 @@ def _is_small(step: Tensor, xnorm: float, xtol: float) -> bool:
 
 def _propose(
     lin: Linearization, x: Tensor, damping: float, scale: Tensor, geodesic: GeodesicFn | None, max_step: float
-) -> tuple[Tensor, bool]:
-    """The trial step for ``damping``, and whether it may be evaluated (acceleration and radius tests)."""
+) -> tuple[Tensor, bool, bool]:
+    """The trial step for ``damping``, whether it may be evaluated (acceleration and radius
+    tests), and whether it is finite (checked once here, not again by :func:`_evaluate_trial`)."""
     step = lin.system.solve(lin.grad, damping, scale)
     if not bool(torch.isfinite(step).all()):
-        return step, True  # evaluated as a failed trial
+        return step, True, False  # evaluated as a failed trial
     if geodesic is not None:
         acceleration = geodesic(x, step, step, damping, scale)
         if acceleration is None:
-            return step, False
+            return step, False, True
         step = step + 0.5 * acceleration
-    return step, max_step == math.inf or _scaled_norm(step, scale) <= max_step
+        if not bool(torch.isfinite(step).all()):
+            return step, True, False
+    return step, max_step == math.inf or _scaled_norm(step, scale) <= max_step, True
 
 
 def _scaled_norm(vector: Tensor, scale: Tensor) -> float:

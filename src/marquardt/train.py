@@ -38,7 +38,7 @@ from .division import DIVISIONS, check_split, divide
 from .history import History
 from .losses import Loss, SquaredError, make_loss
 from .mlp import MLP
-from .network import ModuleProblem, flatten_parameters, write_parameters
+from .network import ModuleProblem, flatten_parameters, trainable_parameters, write_parameters
 from .optim import GradientDescent, Momentum
 from .solver import lm_step
 
@@ -237,6 +237,9 @@ class LMTrainer:
         self.n_errors = int(sum_values([self.data.y.numel()], self.reducer)[0])
         self.problem = self._problem(self.data.X, self.data.y)
         self.x = flatten_parameters(self.model)
+        # Written every epoch: the list saves a walk over the modules each time. The problem
+        # already fixed which parameters train; load_state_dict (best weights) copies in place.
+        self._parameters = [p for _, p in trainable_parameters(self.model)]
         self.lin = None
         self.regularization: BayesianState | None = None
         self.accepted = False
@@ -301,7 +304,7 @@ class LMTrainer:
                 self._lm_iteration(problem, problem.linearize(self.x))
                 if self.exhausted:
                     break
-        write_parameters(self.model, self.x)
+        write_parameters(self.model, self.x, self._parameters)
 
     def _lm_iteration(self, problem: Any, lin: Any) -> None:
         if self.regularization is not None:
@@ -316,6 +319,7 @@ class LMTrainer:
 
     def sync_from_model(self) -> None:
         self.x = flatten_parameters(self.model)
+        self._parameters = [p for _, p in trainable_parameters(self.model)]
 
 
 @dataclass
