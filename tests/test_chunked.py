@@ -171,17 +171,23 @@ def test_cholesky_factor_rejects_a_non_finite_diagonal():
 
 
 @pytest.mark.parametrize("records, picks", [
-    ([], [1, 1]),                                   # nothing measured: each count in turn
+    ([], [1, 1]),                                     # nothing measured: each count in turn
     ([(1, 2.0)], [2]),
-    ([(1, 2.0), (2, 1.0)], [2, 2, 2, 1, 2]),        # the faster, and the other every 4th call
-    ([(1, 1.0), (2, 3.0)], [1, 1, 1, 2, 1]),
-    ([(1, 1.0), (2, 3.0), (2, 0.5)], [2, 2, 2, 1]), # the last measurement counts
+    ([(1, 2.0), (2, 1.0)], [2, 2, 2, 1, 2]),          # the other after 2 * (2x slower) calls
+    ([(1, 1.0), (2, 3.0)], [1, 1, 1, 1, 1, 2, 1]),    # 3x slower: after 6
+    ([(1, 1.0), (2, 3.0), (2, 0.5)], [2, 2, 2, 1]),   # the last measurement counts
 ])
 def test_blas_thread_choice_table(records, picks):
-    choice = BlasThreadChoice((1, 2), explore_every=4)
+    choice = BlasThreadChoice((1, 2), explore_every=2)
     for count, seconds in records:
         choice.record(count, seconds, 1.0)
     assert [choice.pick() for _ in picks] == picks
+
+
+def test_blas_thread_choice_with_one_count_always_picks_it():
+    choice = BlasThreadChoice((1,))
+    choice.record(1, 1.0, 1.0)
+    assert [choice.pick() for _ in range(3)] == [1, 1, 1]
 
 
 def test_accumulate_normal_promotes_float32_rows():

@@ -447,20 +447,22 @@ class BlasThreadChoice:
     threads synchronize once per block column, and when the machine is shared one descheduled
     thread stalls the other. Measured here at n = 4353 in float32, interleaved medians: load
     ~0.5, two threads 157 ms, MKL through ``torch.linalg.cholesky`` 270-300 ms; load 5-6 on the
-    2 cores, one thread 515 ms, two threads 1632 ms (871-1902), torch 1093 ms. No fixed count
-    wins both, so each call records its rate (seconds per ``n^3``) and the next call uses the
-    count with the better last rate; every ``explore_every``-th call retries the other, so a
-    change of load is noticed. The choice changes the rounding of the factor, not its accuracy.
+    2 cores, one thread 515 ms, two threads 1632 ms (871-1902, and up to 4.5 s inside ``fit``),
+    torch 1093 ms. No fixed count wins both, so each call records its rate (seconds per unit of
+    work) and the next call uses the count with the better last rate. The other count is
+    retried after ``explore_every * ratio`` calls, ``ratio`` being how much slower it last was:
+    a change of load is noticed, and a retry costs on average less than ``1 / explore_every``
+    of a call. The choice changes the rounding of the factor, not its accuracy.
 
     Examples
     --------
-    >>> choice = BlasThreadChoice((1, 2), explore_every=4)
+    >>> choice = BlasThreadChoice((1, 2), explore_every=2)
     >>> [choice.pick() for _ in range(2)]  # nothing measured yet: each count once
     [1, 1]
     >>> choice.record(1, 2.0, 1.0); choice.pick()
     2
-    >>> choice.record(2, 1.0, 1.0); [choice.pick() for _ in range(4)]
-    [2, 2, 2, 1]
+    >>> choice.record(2, 1.0, 1.0); [choice.pick() for _ in range(5)]  # 1 is 2x slower: retried after 4
+    [2, 2, 2, 1, 2]
     """
 
     def __init__(self, counts: tuple[int, ...], *, explore_every: int = 8) -> None:
@@ -473,13 +475,18 @@ class BlasThreadChoice:
         untried = [count for count, rate in self.rates.items() if rate is None]
         if untried:
             return untried[0]
-        self.calls += 1
         ranked = sorted(self.rates, key=self.rates.get)
-        return ranked[1] if self.calls % self.explore_every == 0 else ranked[0]
+        if len(ranked) == 1:
+            return ranked[0]
+        self.calls += 1
+        if self.calls >= self.explore_every * self.rates[ranked[1]] / self.rates[ranked[0]]:
+            self.calls = 0
+            return ranked[1]
+        return ranked[0]
 
     def record(self, count: int, seconds: float, work: float) -> None:
         """A call on ``count`` threads took ``seconds`` for ``work`` (any consistent unit)."""
-        self.rates[count] = seconds / max(work, 1e-300)
+        self.rates[count] = max(seconds, 1e-9) / max(work, 1e-300)
 
 
 class _OpenBlasThreads:
