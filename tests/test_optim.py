@@ -179,6 +179,16 @@ def test_rows_per_backward_are_bounded_by_the_budget_given_the_saved_tensors(mon
     assert sum(seen) == m and len(seen) == math.ceil(m / max(seen))
 
 
+def test_tanh_network_rows_take_torch_vmap_not_the_legacy_batched_backward(monkeypatch):
+    # The legacy is_grads_batched has no batching rule for tanh_backward and loops in Python.
+    def refuse(*args):
+        raise AssertionError("the legacy batched backward was used")
+
+    monkeypatch.setattr(marquardt.optim, "_legacy_batched_rows", refuse)
+    net, X, y = _tanh_problem()
+    assert float(LevenbergMarquardt(net.parameters()).step(lambda: net(X) - y)) < 0.5 * float(y.square().sum())
+
+
 def test_saved_bytes_counts_each_saved_storage_once():
     m, hidden = 60, 8
     net, X, y = _tanh_problem(m, hidden)
