@@ -228,7 +228,7 @@ class LevenbergMarquardt(Optimizer):
     >>> opt = LevenbergMarquardt(model.parameters())
     >>> for _ in range(5):
     ...     cost = opt.step(lambda: model(X) - y)
-    >>> round(float(model.weight), 4), round(float(model.bias), 4)
+    >>> round(model.weight.item(), 4), round(model.bias.item(), 4)
     (3.0, -1.0)
     """
 
