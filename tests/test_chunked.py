@@ -144,6 +144,21 @@ def test_torch_path_without_lapack_gives_the_same_step(monkeypatch):
     torch.testing.assert_close(torch_step, lapack_step)
 
 
+def test_a_failed_lapack_factorization_is_retried_by_torch(monkeypatch):
+    system, grad, _ = _normal_system(40, DT)
+    expected = system.solve(grad, 1e-3, torch.ones(40, dtype=DT))
+
+    def failing_potrf(a, **options):
+        a[:] = float("nan")  # what a failed factorization may leave behind
+        return a, 3
+
+    monkeypatch.setattr(chunked, "_potrf", lambda tensor: failing_potrf)
+    factor = cholesky_factor(system.lower, torch.full((40,), 1e-3, dtype=DT), system._work)
+    assert factor is not None and not factor.lapack
+    torch.testing.assert_close(system.solve(grad, 1e-3, torch.ones(40, dtype=DT)), expected)
+    assert system.path == "cholesky"
+
+
 def test_retries_reuse_one_workspace_and_leave_the_lower_triangle_intact():
     system, grad, _ = _normal_system(30, torch.float32)
     before = system.lower.clone()

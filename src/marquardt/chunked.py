@@ -591,8 +591,9 @@ def cholesky_factor(lower: Tensor, damped: Tensor, work: Tensor | None = None) -
     4353, f64   1203 ms / 150 ms       890 ms / 25 ms
     ==========  =====================  ========================
 
-    LAPACK wins at every size, so there is no crossover to switch on. Returns None when the
-    factorization fails (``info != 0``) or its diagonal is not finite.
+    LAPACK wins at every size, so there is no crossover to switch on. When ``?potrf`` fails,
+    ``torch.linalg.cholesky_ex`` is tried on the same matrix; None when that fails too
+    (``info != 0``) or the factor's diagonal is not finite.
 
     Examples
     --------
@@ -601,16 +602,29 @@ def cholesky_factor(lower: Tensor, damped: Tensor, work: Tensor | None = None) -
     (True, False)
     """
     work = torch.empty_like(lower) if work is None else work
-    work.copy_(lower)
-    work.diagonal().add_(damped)
+    _damped_copy(work, lower, damped)
     potrf = _potrf(work)
     if potrf is not None:
         # clean=0: the strict upper triangle (C order) is left as it was, and never read.
         _, info = _OPENBLAS.run(lambda: potrf(work.numpy().T, lower=0, overwrite_a=1, clean=0), work.shape[0])
-        factor = CholeskyFactor(work, lapack=True)
-    else:
-        tensor, info = torch.linalg.cholesky_ex(work)
-        factor = CholeskyFactor(tensor, lapack=False)
+        factor = _checked(CholeskyFactor(work, lapack=True), info)
+        if factor is not None:
+            return factor
+        # OpenBLAS rounds differently from MKL: at the eps * trace floor (float32, n = 4353, a
+        # trained network) its spotrf failed where torch.linalg.cholesky_ex succeeded, and the
+        # eigen fallback costs several factorizations. One torch attempt first, as before.
+        _damped_copy(work, lower, damped)
+    tensor, info = torch.linalg.cholesky_ex(work)
+    return _checked(CholeskyFactor(tensor, lapack=False), info)
+
+
+def _damped_copy(work: Tensor, lower: Tensor, damped: Tensor) -> None:
+    work.copy_(lower)
+    work.diagonal().add_(damped)
+
+
+def _checked(factor: CholeskyFactor, info) -> CholeskyFactor | None:
+    """``factor``, or None when the factorization failed (``info != 0``) or its diagonal is not finite."""
     if int(info) != 0 or not bool(torch.isfinite(factor.tensor.diagonal()).all()):
         return None
     return factor
