@@ -153,10 +153,11 @@ def test_a_failed_lapack_factorization_is_retried_by_torch(monkeypatch):
         return a, 3
 
     monkeypatch.setattr(chunked, "_potrf", lambda tensor: failing_potrf)
-    factor = cholesky_factor(system.lower, torch.full((40,), 1e-3, dtype=DT), system._work)
+    factor = cholesky_factor(system.lower, torch.full((40,), 1e-3, dtype=DT))
     assert factor is not None and not factor.lapack
-    torch.testing.assert_close(system.solve(grad, 1e-3, torch.ones(40, dtype=DT)), expected)
-    assert system.path == "cholesky"
+    retried, _, _ = _normal_system(40, DT)
+    torch.testing.assert_close(retried.solve(grad, 1e-3, torch.ones(40, dtype=DT)), expected)
+    assert retried.path == "cholesky"
 
 
 def test_retries_reuse_one_workspace_and_leave_the_lower_triangle_intact():
@@ -169,6 +170,14 @@ def test_retries_reuse_one_workspace_and_leave_the_lower_triangle_intact():
     assert len(pointers) == 1 and torch.equal(system.lower, before)
     assert all(step.data_ptr() != system._work.data_ptr() for step in steps)
     assert steps[0].norm() > steps[1].norm() > steps[2].norm()  # more damping, shorter step
+
+
+def test_a_retry_with_the_same_damped_diagonal_reuses_the_factor(monkeypatch):
+    system, grad, _ = _normal_system(30, torch.float32)
+    floor = torch.finfo(torch.float32).eps * float(system.lower.diagonal().sum())
+    first = system.solve(grad, floor / 10, torch.ones(30))
+    monkeypatch.setattr(chunked, "cholesky_factor", lambda *args: pytest.fail("factorized again"))
+    torch.testing.assert_close(system.solve(grad, floor / 100, torch.ones(30)), first)  # both floored
 
 
 def test_indefinite_matrix_goes_to_the_eigen_fallback():
