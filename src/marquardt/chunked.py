@@ -17,8 +17,9 @@ system is built depends on the shape ``m x n`` of the Jacobian and on two memory
 ``ssyrk``/``dsyrk`` on zero-copy numpy views (half the flops of a matrix product), elsewhere
 (CUDA, other dtypes, no SciPy) by ``addmm``. The damped matrix is factorized likewise by LAPACK
 ``?potrf``/``?potrs`` on the CPU (:func:`cholesky_factor`), on as many OpenBLAS threads as last
-proved faster (:class:`BlasThreadChoice`), else by ``torch.linalg.cholesky_ex``. Small float32 problems assemble and solve in
-float64 (:func:`accumulation_dtype`), and tiny ones run on one thread (:func:`single_thread`).
+proved faster (:class:`BlasThreadChoice`), else by ``torch.linalg.cholesky_ex``. Small float32
+problems assemble and solve in float64 (:func:`accumulation_dtype`), and tiny ones run on one
+thread (:func:`single_thread`).
 See ``docs/performance.md`` for the memory each form needs.
 """
 
@@ -448,7 +449,7 @@ def _symv(lower: Tensor, vector: Tensor):
 #: 0.35 ms on one; at n = 1000, 81 ms on two and 10 ms on one.
 ADAPTIVE_MIN_ORDER = 1024
 #: Below this order OpenBLAS is left alone: at n = 61 ``spotrf`` took 0.02 ms on its default
-#: two threads and on one alike (it does not split such sizes).
+#: two threads and on one alike, less than setting the count would add.
 SERIAL_ORDER = 128
 
 
@@ -457,14 +458,16 @@ class BlasThreadChoice:
 
     OpenBLAS ``?potrf`` on both cores is the fastest factorization on an idle machine, but its
     threads synchronize once per block column, and when the machine is shared one descheduled
-    thread stalls the other. Measured here at n = 4353 in float32, interleaved medians: load
-    ~0.5, two threads 157 ms, MKL through ``torch.linalg.cholesky`` 270-300 ms; load 5-6 on the
-    2 cores, one thread 515 ms, two threads 1632 ms (871-1902, and up to 4.5 s inside ``fit``),
-    torch 1093 ms. No fixed count wins both, so each call records its rate (seconds per unit of
-    work) and the next call uses the count with the better last rate. The other count is
-    retried after ``explore_every * ratio`` calls, ``ratio`` being how much slower it last was:
-    a change of load is noticed, and a retry costs on average less than ``1 / explore_every``
-    of a call. The choice changes the rounding of the factor, not its accuracy.
+    thread stalls the other. Measured here at n = 4353 in float32: load ~1.8 on the 2 cores,
+    two threads 159 ms (``benchmarks.bound``; 165-190 ms inside ``fit`` on the T2 benchmark),
+    one thread 305-320 ms (inside ``fit``), MKL through ``torch.linalg.cholesky`` 240 ms; load
+    5-6, interleaved medians, one thread 515 ms, two threads 1632 ms (871-1902, and up to 4.6 s
+    inside ``fit``), torch 1093 ms. No fixed count wins both, so each call records its rate
+    (seconds per unit of work) and the next call uses the count with the better last rate. The
+    other count is retried after ``explore_every * ratio`` calls, ``ratio`` being how much
+    slower it last was: a change of load is noticed, and a retry costs on average less than
+    ``1 / explore_every`` of a call. The choice changes the rounding of the factor, not its
+    accuracy.
 
     Examples
     --------
