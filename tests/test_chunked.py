@@ -135,6 +135,19 @@ def test_lapack_step_equals_the_torch_cholesky_step(dtype, rtol, n):
     torch.testing.assert_close(step, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_views_give_bitwise_the_steps_of_torch_kernels(dtype):
+    system, grad, _ = _normal_system(30, dtype)
+    scale = torch.linspace(1.0, 2.0, 30, dtype=dtype)
+    step = system.solve(grad, 1e-2, scale)  # contiguous CPU vectors: numpy views throughout
+    strided = torch.stack([scale, scale], 1)[:, 0]  # not contiguous: the torch kernels
+    damped = system._damped(1e-2, strided)
+    assert torch.equal(damped, system._damped(1e-2, scale))
+    factor = cholesky_factor(system.lower, torch.stack([damped, damped], 1)[:, 0])
+    assert factor.lapack and torch.equal(factor.solve(grad, negate=True), step)
+    assert torch.equal(-factor.solve(torch.stack([grad, grad], 1)[:, 0]), step)
+
+
 def test_torch_path_without_lapack_gives_the_same_step(monkeypatch):
     system, grad, _ = _normal_system(40, DT)
     lapack_step = system.solve(grad, 1e-3, torch.ones(40, dtype=DT))

@@ -375,13 +375,17 @@ class LinearizedNetwork:
         rows = n * k
         if out is None:
             out = self.outputs.new_empty(rows, self.n_params)
+        offsets = self.offsets
+        # narrow and view rather than indexing with slices and None: a microsecond or two less
+        # each, and the Jacobian of a small network is mostly such overhead.
         for layer, a, delta in zip(self.network.layers, self.inputs, self.deltas()):
-            start, numel = self.offsets[layer.weight]
-            block = out[:, start : start + numel].view(n, k, delta.shape[2], a.shape[1])
-            torch.mul(delta.unsqueeze(3), a[:, None, None, :], out=block)
+            start, numel = offsets[layer.weight]
+            width, fan_in = delta.shape[2], a.shape[1]
+            block = out.narrow(1, start, numel).view(n, k, width, fan_in)
+            torch.mul(delta.unsqueeze(3), a.reshape(n, 1, 1, fan_in), out=block)
             if layer.bias is not None:
-                start, numel = self.offsets[layer.bias]
-                out[:, start : start + numel].copy_(delta.reshape(rows, numel))
+                start, numel = offsets[layer.bias]
+                out.narrow(1, start, numel).view(n, k, width).copy_(delta)
         return out
 
     def jvp(self, vector: Tensor) -> Tensor:

@@ -279,7 +279,7 @@ def _propose(
     """The trial step for ``damping``, whether it may be evaluated (acceleration and radius
     tests), and whether it is finite (checked once here, not again by :func:`_evaluate_trial`)."""
     step = lin.system.solve(lin.grad, damping, scale)
-    if not bool(torch.isfinite(step).all()):
+    if not _all_finite(step):
         return step, True, False  # evaluated as a failed trial
     if geodesic is not None:
         acceleration = geodesic(x, step, step, damping, scale)
@@ -289,6 +289,15 @@ def _propose(
         if not bool(torch.isfinite(step).all()):
             return step, True, False
     return step, max_step == math.inf or _scaled_norm(step, scale) <= max_step, True
+
+
+def _all_finite(t: Tensor) -> bool:
+    """No NaN or inf in ``t``; through numpy for a small CPU float vector (2-3 us instead of
+    the 6-7 us of two torch kernels and a sync, at every trial)."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad \
+            and t.ndim == 1 and t.shape[0] <= 4096:
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 def _scaled_norm(vector: Tensor, scale: Tensor) -> float:
