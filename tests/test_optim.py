@@ -7,7 +7,7 @@ import torch
 
 import marquardt.optim
 from marquardt import GradientDescent, LevenbergMarquardt, Momentum
-from marquardt.optim import ClosureProblem, rows_per_backward
+from marquardt.optim import ClosureProblem, prefers_forward, rows_per_backward
 
 
 def _line_problem(dtype=torch.float64):
@@ -171,6 +171,7 @@ def test_rows_per_backward_are_bounded_by_the_budget_given_the_saved_tensors(mon
         return original(r, params, seeds)
 
     monkeypatch.setattr(marquardt.optim, "_vmapped_rows", counting)
+    monkeypatch.setattr(marquardt.optim, "prefers_forward", lambda *args: False)
     budget = 20 * m * hidden * 8  # room for about 20 copies of the tanh activations
     opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=budget)
     opt.step(lambda: net(X) - y)
@@ -187,6 +188,172 @@ def test_tanh_network_rows_take_torch_vmap_not_the_legacy_batched_backward(monke
     monkeypatch.setattr(marquardt.optim, "_legacy_batched_rows", refuse)
     net, X, y = _tanh_problem()
     assert float(LevenbergMarquardt(net.parameters()).step(lambda: net(X) - y)) < 0.5 * float(y.square().sum())
+
+
+def _poisson_problem():
+    """u'' = -pi^2 sin(pi x) residuals of a 1-20-1 tanh network: the closure itself differentiates."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1)).double()
+    x = torch.linspace(0, 1, 202, dtype=torch.float64)[1:-1, None].requires_grad_(True)
+
+    def closure():
+        u = net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        d2u = torch.autograd.grad(du.sum(), x, create_graph=True)[0]
+        return torch.cat([(d2u + math.pi**2 * torch.sin(math.pi * x)).reshape(-1), net(x[[0, -1]]).reshape(-1)])
+
+    return net, closure
+
+
+def _mlp_problem():
+    net, X, y = _tanh_problem(m=200, hidden=20)
+    return net, lambda: net(X) - y
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        out = torch.tanh(z)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * (1 - out**2)
+
+
+class _OpaqueTanh(_OnceDifferentiableTanh):
+    """A backward pass computed outside autograd, without saying so: ``J^T u`` silently loses ``u``."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad.detach() * (1 - out**2)
+
+
+def _custom_tanh_problem(function):
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(1, 20).double(), torch.nn.Linear(20, 1).double()
+    X = torch.linspace(-2, 2, 200, dtype=torch.float64)[:, None]
+    net = torch.nn.Sequential(first, second)
+    return net, lambda: second(function.apply(first(X))) - torch.sin(2 * X)
+
+
+def _jacobians(net, closure):
+    """The Jacobian by rows and by columns (``None`` where the column path declined)."""
+    problem = ClosureProblem(list(net.parameters()), closure)
+    with torch.enable_grad():
+        r = problem.residuals()
+        rows = torch.cat([chunk for chunk, _ in problem._jacobian_chunks(r, r.numel(), r.numel())])
+        return rows, problem._forward_jacobian(r, 0)
+
+
+@pytest.mark.parametrize("make", [_mlp_problem, _poisson_problem])
+def test_jacobian_by_columns_equals_jacobian_by_rows(make):
+    rows, columns = _jacobians(*make())
+    assert columns is not None
+    torch.testing.assert_close(columns, rows, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("function", [_OnceDifferentiableTanh, _OpaqueTanh])
+def test_graphs_that_cannot_be_differentiated_twice_decline_the_column_path(function):
+    net, closure = _custom_tanh_problem(function)
+    rows, columns = _jacobians(net, closure)
+    assert columns is None
+    reference, _ = _jacobians(*_custom_tanh_problem(_Tanh))
+    torch.testing.assert_close(rows, reference, rtol=1e-12, atol=1e-14)
+
+
+class _Tanh(torch.autograd.Function):
+    forward = _OnceDifferentiableTanh.forward
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * (1 - out**2)
+
+
+@pytest.mark.parametrize("function", [_OnceDifferentiableTanh, _OpaqueTanh, _Tanh])
+def test_lm_step_on_graphs_the_column_path_declines_equals_the_step_by_rows(function, monkeypatch):
+    net, closure = _custom_tanh_problem(function)
+    opt = LevenbergMarquardt(net.parameters())
+    cost = opt.step(closure)
+    assert opt.state[next(iter(net.parameters()))]["jacobian"] == ("forward" if function is _Tanh else "reverse")
+    monkeypatch.setattr(marquardt.optim, "prefers_forward", lambda *args: False)
+    net_rows, closure_rows = _custom_tanh_problem(function)
+    assert float(cost) == pytest.approx(float(LevenbergMarquardt(net_rows.parameters()).step(closure_rows)), rel=1e-10)
+    for p, q in zip(net.parameters(), net_rows.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("m", "budget", "path"),
+    [
+        (200, 1 << 30, "forward"),  # n = 61: m > 2n
+        (122, 1 << 30, "reverse"),  # m = 2n
+        (200, 200 * 61 * 8 - 1, "reverse"),  # the whole Jacobian would not fit
+    ],
+)
+def test_lm_takes_columns_when_residuals_outnumber_twice_the_parameters(m, budget, path):
+    net, X, y = _tanh_problem(m=m, hidden=20)
+    opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=budget)
+    opt.step(lambda: net(X) - y)
+    assert opt.state[next(iter(net.parameters()))]["jacobian"] == path
+    assert prefers_forward(m, 61, 8, budget) == (path == "forward")
+
+
+def test_column_batches_are_bounded_by_the_budget_given_both_graphs(monkeypatch):
+    m, hidden = 200, 8
+    net, X, y = _tanh_problem(m, hidden)
+    n = sum(p.numel() for p in net.parameters())
+    seen = []
+    original = marquardt.optim._vmapped_rows
+
+    def counting(outputs, inputs, seeds):
+        seen.append(seeds.shape[0])
+        return original(outputs, inputs, seeds)
+
+    monkeypatch.setattr(marquardt.optim, "_vmapped_rows", counting)
+    budget = m * n * 8 + 1  # just room for the whole Jacobian: a few columns per pass
+    opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=budget)
+    opt.step(lambda: net(X) - y)
+    assert opt.state[next(iter(net.parameters()))]["jacobian"] == "forward"
+    # Both graphs save at least the m x hidden tanh output.
+    assert max(seen) * (m * hidden * 8 + m * 8) <= budget
+    assert sum(seen) == n and len(seen) == math.ceil(n / max(seen))
+
+
+def test_column_path_leaves_the_global_random_stream_alone():
+    net, closure = _mlp_problem()
+    torch.manual_seed(1)
+    LevenbergMarquardt(net.parameters()).step(closure)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    torch.testing.assert_close(after, torch.rand(3))
+
+
+def test_small_problems_run_their_closure_on_one_thread_and_restore_the_count():
+    net, X, y = _tanh_problem(m=200, hidden=20)  # 200 x 61 Jacobian: small
+    seen = []
+
+    def closure():
+        seen.append(torch.get_num_threads())
+        return net(X) - y
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt = LevenbergMarquardt(net.parameters())
+        opt.step(closure)
+        first = len(seen)
+        opt.step(closure)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0] == 2 and set(seen[1:]) == {1}  # the size is unknown before the first call
+    assert len(seen) > first
 
 
 def test_saved_bytes_counts_each_saved_storage_once():

@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .chunked import DEFAULT_JACOBIAN_BYTES, accumulate_normal, assemble_sample_space, plan_assembly
+from .chunked import (DEFAULT_JACOBIAN_BYTES, Plan, accumulate_normal, assemble_sample_space, plan_assembly,
+                      single_thread)
 from .damping import DampingState, MarquardtDamping, NielsenDamping
 from .solver import FixedScaling, Linearization, lm_step
 
@@ -40,6 +41,13 @@ class ClosureProblem:
     params: list[Tensor]
     closure: Callable[[], Tensor]
     max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES
+    #: "auto" (:func:`prefers_forward`), "forward" (columns, rows where the graph refuses) or "reverse".
+    mode: str = "auto"
+    #: The path the last :meth:`linearize` took: "forward" or "reverse".
+    used_mode: str = field(default="", init=False)
+    #: Whether the problem is small enough for one thread (:func:`~marquardt.chunked.is_small`):
+    #: a guess for the first closure call, then what :meth:`linearize` found.
+    serial: bool = False
 
     def write(self, x: Tensor) -> None:
         offset = 0
@@ -69,38 +77,123 @@ class ClosureProblem:
     def linearize(self, x: Tensor) -> Linearization:
         self.write(x)
         with torch.enable_grad():
-            with _SavedBytes() as saved:
+            with _SavedBytes() as saved, single_thread(self.serial):
                 r = self.residuals()
-            n = x.numel()
-            plan = plan_assembly(r.numel(), n, r.element_size(), self.max_jacobian_bytes)
-            batch = rows_per_backward(saved.nbytes, n * r.element_size(), self.max_jacobian_bytes)
+            m, n, itemsize = r.numel(), x.numel(), r.element_size()
+            plan = plan_assembly(m, n, itemsize, self.max_jacobian_bytes)
+            self.serial = plan.serial
+            jac = None
+            auto = self.mode == "auto" and prefers_forward(m, n, itemsize, self.max_jacobian_bytes)
+            if self.mode == "forward" or auto:
+                with single_thread(plan.serial):
+                    jac = self._forward_jacobian(r, saved.nbytes)
+            self.used_mode = "reverse" if jac is None else "forward"
+            # A small problem's columns are small kernels (n x graph), best on one thread; its rows
+            # are m x graph each and were measured faster on two (T1: 103 vs 142 ms at load 3).
+            with single_thread(plan.serial and jac is not None):
+                return self._assemble(r, jac, plan, saved.nbytes, x)
+
+    def _assemble(self, r: Tensor, jac: Tensor | None, plan: Plan, saved_bytes: int, x: Tensor) -> Linearization:
+        """``J^T J`` (or the held rows) from the columns ``jac``, or from rows when it is ``None``."""
+        m, n, itemsize = r.numel(), x.numel(), r.element_size()
+        if jac is None:
+            batch = rows_per_backward(saved_bytes, n * itemsize, self.max_jacobian_bytes)
             chunks = self._jacobian_chunks(r, plan.chunk_rows, batch)
-            if plan.form == "sample-space":
-                system, grad, cost = assemble_sample_space(chunks)
-                return Linearization(cost, grad, system, system.residuals, system.jac)
-            system, grad, cost = accumulate_normal(chunks, n, dtype=x.dtype, device=x.device)
-            return Linearization(cost, grad, system)
+        else:
+            chunks = ((jac[start : start + plan.chunk_rows], r[start : start + plan.chunk_rows].detach())
+                      for start in range(0, m, plan.chunk_rows))
+        if plan.form == "sample-space":
+            system, grad, cost = assemble_sample_space(chunks)
+            return Linearization(cost, grad, system, system.residuals, system.jac)
+        system, grad, cost = accumulate_normal(chunks, n, dtype=x.dtype, device=x.device)
+        return Linearization(cost, grad, system)
 
     def _jacobian_chunks(self, r: Tensor, rows: int, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Chunks of ``rows`` Jacobian rows, each from batched backward passes of ``batch`` rows."""
         m = r.numel()
         for start in range(0, m, rows):
             stop = min(start + rows, m)
-            parts = [self._jacobian_rows(r, _unit_seeds(m, low, min(low + batch, stop), r))
+            parts = [_batched_vjp(r, self.params, _unit_seeds(m, low, min(low + batch, stop), r))
                      for low in range(start, stop, batch)]
             yield (parts[0] if len(parts) == 1 else torch.cat(parts)), r[start:stop].detach()
 
-    def _jacobian_rows(self, r: Tensor, seeds: Tensor) -> Tensor:
-        """Jacobian rows ``seeds @ J``, by the fastest batched backward pass the graph allows."""
-        for rows in (_vmapped_rows, _legacy_batched_rows):
-            try:
-                grads = rows(r, self.params, seeds)
-                break
-            except RuntimeError:
-                continue
-        else:  # Some double-backward graphs cannot be vmapped at all; one backward pass per row then.
-            grads = [torch.stack(g) for g in zip(*(_vjp(r, self.params, seed) for seed in seeds))]
-        return torch.cat([g.reshape(seeds.shape[0], -1) for g in grads], dim=1).detach()
+    def _forward_jacobian(self, r: Tensor, saved_bytes: int) -> Tensor | None:
+        """The ``m x n`` Jacobian column by column, or ``None`` where the graph does not allow it.
+
+        ``g(u) = J^T u`` is a backward pass with ``create_graph=True``; it is linear in ``u``, so
+        a backward pass of ``g`` seeded with ``e_j`` gives the column ``J e_j`` (the
+        double-backward trick: ``n`` passes instead of ``m``). A graph with an operation that
+        cannot be differentiated twice either raises (then ``None``) or silently drops that
+        operation's share of the columns; comparing ``J^T u`` from the columns with ``g(u)``
+        itself, for a random ``u``, catches the latter (then ``None`` too).
+        """
+        probe = _probe(r).requires_grad_()
+        try:
+            with _SavedBytes() as saved:
+                g = torch.autograd.grad(r, self.params, probe, create_graph=True, allow_unused=True,
+                                        materialize_grads=True)
+            g = torch.cat([part.reshape(-1) for part in g])
+            n, column_bytes = g.numel(), r.numel() * r.element_size()
+            batch = rows_per_backward(saved_bytes + saved.nbytes, column_bytes, self.max_jacobian_bytes)
+            columns = torch.cat([_batched_vjp(g, [probe], _unit_seeds(n, low, min(low + batch, n), g))
+                                 for low in range(0, n, batch)])
+        except (RuntimeError, NotImplementedError):  # never fail a step the rows can take
+            return None
+        jac = columns.T.contiguous()
+        return jac if _products_agree(jac, probe.detach(), g.detach()) else None
+
+
+#: The column path is taken when ``FORWARD_RATIO * n < m``. A column is a backward pass through
+#: the backward graph (dearer than a row's pass), after one pass that builds ``J^T u``. Measured
+#: on tanh MLPs (float32, one thread; rows time / columns time): n = 61: 0.67 at m = n, 1.35 at
+#: m = 2n, 2.3 at 3n, 7.2 at 6n; n = 321: 0.85 at m = n, 2.0 at 2n, 3.1 at 3n.
+FORWARD_RATIO = 2
+
+
+def prefers_forward(m: int, n: int, itemsize: int, max_bytes: int) -> bool:
+    """Whether the Jacobian should be formed by columns (``n`` passes) rather than rows (``m``).
+
+    Only when the whole ``m x n`` Jacobian fits in ``max_bytes``: the columns span all rows,
+    so they cannot be folded into ``J^T J`` chunk by chunk.
+
+    Examples
+    --------
+    >>> prefers_forward(1000, 61, 4, 1 << 30), prefers_forward(102, 61, 8, 1 << 30)  # T1; Poisson
+    (True, False)
+    >>> prefers_forward(1000, 61, 4, 1000 * 61 * 4 - 1)
+    False
+    """
+    return FORWARD_RATIO * n < m and m * n * itemsize <= max_bytes
+
+
+def _probe(r: Tensor) -> Tensor:
+    """A fixed random vector shaped like ``r`` (its own generator: the user's stream is untouched)."""
+    generator = torch.Generator(device=r.device).manual_seed(0)
+    return torch.randn(r.shape, generator=generator, dtype=r.dtype, device=r.device)
+
+
+def _products_agree(jac: Tensor, probe: Tensor, expected: Tensor) -> bool:
+    """Whether ``jac.T @ probe`` equals ``expected`` up to a loose rounding bound.
+
+    The two differ by rounding only when every operation was differentiated twice; an operation
+    whose backward is not differentiable leaves its whole share out of ``jac``, far above the
+    bound ``sqrt(eps) * (|J|^T |u| + |expected|)``.
+    """
+    bound = math.sqrt(torch.finfo(jac.dtype).eps) * (jac.abs().T @ probe.abs() + expected.abs())
+    return bool(((jac.T @ probe - expected).abs() <= bound).all())
+
+
+def _batched_vjp(outputs: Tensor, inputs: list[Tensor], seeds: Tensor) -> Tensor:
+    """``seeds @ d(outputs)/d(inputs)``, by the fastest batched backward pass the graph allows."""
+    for rows in (_vmapped_rows, _legacy_batched_rows):
+        try:
+            grads = rows(outputs, inputs, seeds)
+            break
+        except RuntimeError:
+            continue
+    else:  # Some double-backward graphs cannot be vmapped at all; one backward pass per row then.
+        grads = [torch.stack(g) for g in zip(*(_vjp(outputs, inputs, seed) for seed in seeds))]
+    return torch.cat([g.reshape(seeds.shape[0], -1) for g in grads], dim=1).detach()
 
 
 def _vjp(r: Tensor, params: list[Tensor], seed: Tensor) -> tuple[Tensor, ...]:
@@ -204,20 +297,35 @@ class LevenbergMarquardt(Optimizer):
     cost ``0.5 * sum(r**2)`` drops or damping passes ``damping_max``. The parameters are left at
     the accepted point, or unchanged. A non-finite trial is a rejected step.
 
-    Memory and time: the Jacobian rows come from backward passes through the closure's graph,
-    batched over ``k`` rows. A pass holds ``k`` gradients of every tensor the graph saved (counted
-    by :class:`torch.autograd.graph.saved_tensors_hooks` while the closure runs), so ``k`` is
-    :func:`rows_per_backward`: ``k * (2 * saved_bytes + n * itemsize) <= max_jacobian_bytes``.
-    The rows are folded into ``J^T J`` in chunks and dropped, so memory grows as
-    ``O(n**2 + max_jacobian_bytes)`` plus the graph, not as ``O(m * n)``. Time grows as ``m``
-    backward passes over the whole graph, ``O(m * graph)``: the closure hides which residual
-    depends on which sample, so per-sample gradients are out of reach here (:func:`marquardt.fit`, which sees the module
-    and the samples, has them).
-    Measured at the T2 benchmark size (1-64-64-1 tanh MLP, 4,353 parameters, 5,000 float32
-    samples; the graph saves 2.6 MB, so 206 rows per pass at the 1 GiB default) on 2 shared
-    cores, 2 steps after a warm-up: peak resident memory 1.4 GB and 54 s a step; with passes
-    sized for the Jacobian rows alone (3,854 rows, the legacy ``is_grads_batched``) it was
-    19.4 GB and 95-119 s.
+    Memory and time: the Jacobian comes from backward passes through the closure's graph, by
+    rows or, when ``m > 2 n`` (:func:`prefers_forward`) and the whole ``m x n`` Jacobian fits
+    in ``max_jacobian_bytes``, by columns.
+
+    *Rows* (reverse mode): backward passes batched over ``k`` rows. A pass holds ``k`` gradients
+    of every tensor the graph saved (counted by :class:`torch.autograd.graph.saved_tensors_hooks`
+    while the closure runs), so ``k`` is :func:`rows_per_backward`:
+    ``k * (2 * saved_bytes + n * itemsize) <= max_jacobian_bytes``. The rows are folded into
+    ``J^T J`` in chunks and dropped, so memory grows as ``O(n**2 + max_jacobian_bytes)`` plus the
+    graph, not as ``O(m * n)``. Time grows as ``m`` backward passes over the whole graph,
+    ``O(m * graph)``: the closure hides which residual depends on which sample, so per-sample
+    gradients are out of reach here (:func:`marquardt.fit`, which sees the module and the
+    samples, has them).
+
+    *Columns* (forward mode by the double-backward trick): one backward pass with
+    ``create_graph=True`` gives ``g(u) = J^T u``; a backward pass of ``g`` seeded with ``e_j``
+    gives the column ``J e_j``. Time grows as ``n`` such passes, ``O(n * graph)``; the passes are
+    batched as the rows are, with the bytes saved by both graphs, and the whole Jacobian is held
+    (at most ``max_jacobian_bytes``). A graph that cannot be differentiated twice (an error, or
+    columns that disagree with ``g(u)`` for a random ``u``) falls back to rows;
+    ``state["jacobian"]`` says which path the last step took.
+
+    Measured on 2 shared cores at load 2.2-3.6, medians of 275 steps interleaved in blocks of 25:
+    T1 (1-20-1 tanh MLP, 61 parameters, 1,000 float32 samples) takes 196-204 ms a step by rows
+    and 7.0-7.4 ms by columns, the columns and the trial steps on one thread (``m * n`` is small,
+    :func:`~marquardt.chunked.single_thread`; on two threads a quarter of the steps took 100 ms). T2 (1-64-64-1, 4,353 parameters, 5,000 samples; ``m < 2 n``, so rows): the
+    graph saves 2.6 MB, so 206 rows per pass at the 1 GiB default; peak resident memory 1.4 GB
+    and 54 s a step; with passes sized for the Jacobian rows alone (3,854 rows, the legacy
+    ``is_grads_batched``) it was 19.4 GB and 95-119 s.
 
     Examples
     --------
@@ -274,19 +382,22 @@ class LevenbergMarquardt(Optimizer):
             raise ValueError("LevenbergMarquardt.step needs a closure that returns the residual tensor, "
                              "e.g. opt.step(lambda: model(X) - y).")
         group = self.param_groups[0]
-        problem = ClosureProblem(self._params, closure, group["max_jacobian_bytes"])
+        stored = self.state[self._params[0]]
+        problem = ClosureProblem(self._params, closure, group["max_jacobian_bytes"],
+                                 serial=stored.get("serial", False))
         x = torch.cat([p.detach().reshape(-1) for p in self._params])
         lin = problem.linearize(x)
         rule = self._rule()
         state = self.damping_state or rule.init(float(lin.system.diagonal().max()))
         scale = torch.ones_like(x)
-        out = lm_step(problem, x, lin, scale, rule, state, geodesic=None) if math.isfinite(lin.cost) else None
+        with single_thread(problem.serial):
+            out = lm_step(problem, x, lin, scale, rule, state, geodesic=None) if math.isfinite(lin.cost) else None
         if out is None:
             raise ValueError("The closure returned non-finite residuals at the current parameters.")
         problem.write(out.x)
-        stored = self.state[self._params[0]]
-        stored.update(damping=out.state.damping, nu=out.state.nu, exhausted=out.exhausted,
-                      solver=lin.system.path, grad_norm=float(torch.linalg.vector_norm(lin.grad)))
+        stored.update(damping=out.state.damping, nu=out.state.nu, exhausted=out.exhausted, solver=lin.system.path,
+                      jacobian=problem.used_mode, serial=problem.serial,
+                      grad_norm=float(torch.linalg.vector_norm(lin.grad)))
         return torch.tensor(out.cost, dtype=x.dtype)
 
 
