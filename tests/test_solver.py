@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from scipy.optimize._lsq.least_squares import TERMINATION_MESSAGES as SCIPY_MESSAGES
 
 from marquardt import TERMINATION_MESSAGES, NielsenDamping, least_squares
+from marquardt.damping import MarquardtDamping
 from marquardt.linalg import (
     NormalEquations,
     SampleSpaceEquations,
@@ -271,6 +272,19 @@ class CountingProblem:
     def cost(self, x):
         self.points.append(x.clone())
         return self.inner.cost(x)
+
+
+@pytest.mark.parametrize("rule, skipped", [(MarquardtDamping(initial=1e-6), True), (NielsenDamping(), False)])
+def test_lm_step_without_predict_skips_the_model_only_for_a_rule_that_ignores_it(rule, skipped):
+    x = torch.tensor(X0, dtype=F64)
+    problem = FunctionProblem(decay, None, 30)
+    lin = problem.linearize(x)
+    scale = torch.ones_like(x)
+    full = lm_step(problem, x, lin, scale, rule, rule.init(1.0))
+    lean = lm_step(problem, x, lin, scale, rule, rule.init(1.0), predict=False)
+    assert torch.equal(full.x, lean.x) and full.state == lean.state and full.n_trials == lean.n_trials
+    assert math.isnan(lean.gain_ratio) == skipped and math.isnan(lean.predicted_reduction) == skipped
+    assert math.isfinite(full.gain_ratio)
 
 
 def test_lm_step_never_evaluates_a_trial_outside_the_radius():

@@ -311,12 +311,13 @@ def symmetric_rank_update(gram: Tensor, jac: Tensor) -> None:
     >>> gram.tril().tolist()
     [[10.0, 0.0], [14.0, 20.0]]
     """
-    syrk = _syrk(gram, jac.detach().contiguous())
+    rows = jac.detach().contiguous()
+    syrk = _syrk(gram, rows)
     if syrk is None:
         gram.addmm_(jac.T, jac)
         return
     target = gram.numpy().T
-    result = syrk(1.0, jac.detach().contiguous().numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
+    result = syrk(1.0, rows.numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
     if result.ctypes.data != target.ctypes.data:  # f2py copied: write back (never expected)
         gram.copy_(torch.from_numpy(result.T))
 

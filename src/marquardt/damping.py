@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class MarquardtDamping:
     decrease: float = 0.1
     increase: float = 10.0
     maximum: float = 1e10
+    #: Decisions rest on the actual reduction alone (see ``lm_step``'s ``predict``).
+    uses_gain_ratio: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _check_positive("damping", self.initial)
@@ -101,6 +104,7 @@ class NielsenDamping:
 
     tau: float = 1e-3
     maximum: float = 1e16
+    uses_gain_ratio: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_positive("tau", self.tau)

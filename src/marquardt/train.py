@@ -311,7 +311,8 @@ class LMTrainer:
             problem = RegularizedProblem(problem, self.regularization.alpha, self.regularization.beta)
             lin = problem.regularize(lin, self.x)
         scale = torch.ones_like(self.x)  # MATLAB's J^T J + mu I
-        out = lm_step(problem, self.x, lin, scale, self.rule, self.state)
+        # MATLAB's rule reads no gain ratio: the trials skip the model's predicted reduction.
+        out = lm_step(problem, self.x, lin, scale, self.rule, self.state, predict=False)
         self.solver = lin.system.path
         self.state = out.state
         self.x = out.x
