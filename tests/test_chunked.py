@@ -18,13 +18,15 @@ from marquardt.chunked import (
     accumulation_dtype,
     assemble_sample_space,
     cholesky_factor,
+    normal_equations,
     plan_assembly,
     single_thread,
     symmetric_rank_update,
 )
 from marquardt.fastjac import FunctionalJacobian
 from marquardt.linalg import NormalEquations
-from marquardt.network import ModuleProblem, flatten_parameters
+from marquardt.losses import CrossEntropy
+from marquardt.network import ModuleProblem, flatten_parameters, write_parameters
 
 DT = torch.float64
 
@@ -193,6 +195,26 @@ def test_a_retry_with_the_same_damped_diagonal_reuses_the_factor(monkeypatch):
     torch.testing.assert_close(system.solve(grad, floor / 100, torch.ones(30)), first)  # both floored
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_solve_gives_bitwise_the_steps_of_the_general_path(dtype):
+    small, grad, _ = _normal_system(30, dtype)
+    general = AccumulatedNormalEquations(small.lower.clone())
+    general._small = ()  # the general path only
+    scale = torch.linspace(1.0, 2.0, 30, dtype=dtype)
+    for damping in (1e-3, 1e-2, 1e-2, 1e-12, 1e-13):  # repeats and floored values reuse the factor
+        assert torch.equal(small.solve(grad, damping, scale), general.solve(grad, damping, scale))
+        assert small.path == general.path == "cholesky"
+    assert small._small and small._work is not None
+
+
+def test_small_solve_reuses_the_factor_for_the_same_damped_diagonal():
+    system, grad, _ = _normal_system(30, torch.float32)
+    floor = torch.finfo(torch.float32).eps * float(system.lower.diagonal().sum())
+    first = system.solve(grad, floor / 10, torch.ones(30))
+    system._small = (lambda *a, **k: pytest.fail("factorized again"),) + system._small[1:]
+    assert torch.equal(system.solve(grad, floor / 100, torch.ones(30)), first)  # both floored
+
+
 def test_indefinite_matrix_goes_to_the_eigen_fallback():
     lower = torch.tensor([[1.0, 0.0], [2.0, 1.0]], dtype=DT)  # [[1, 2], [2, 1]]: eigenvalues 3, -1
     system = AccumulatedNormalEquations(lower.clone())
@@ -225,6 +247,17 @@ def test_blas_thread_choice_with_one_count_always_picks_it():
     choice = BlasThreadChoice((1,))
     choice.record(1, 1.0, 1.0)
     assert [choice.pick() for _ in range(3)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_equations_equal_accumulate_normal_bitwise(dtype):
+    g = torch.Generator().manual_seed(4)
+    J, r = torch.randn(50, 7, generator=g, dtype=dtype), torch.randn(50, generator=g, dtype=dtype)
+    system, grad, cost = normal_equations(J, r)
+    expected, expected_grad, expected_cost = accumulate_normal([(J, r)], 7, dtype=dtype, device="cpu")
+    assert torch.equal(system.lower, expected.lower) and torch.equal(grad, expected_grad) and cost == expected_cost
+    strided = torch.stack([J, J], 2)[..., 0]  # not contiguous: accumulate_normal itself
+    assert torch.equal(normal_equations(strided, r)[0].lower, expected.lower)
 
 
 def test_accumulate_normal_promotes_float32_rows():
@@ -401,6 +434,68 @@ def test_tiny_float32_network_runs_in_float64_and_keeps_its_dtype():
     history = fit(model, X, y, epochs=20)
     assert next(model.parameters()).dtype == torch.float32
     assert history["perf"][-1] < 0.05 * history["perf"][0]
+
+
+def _general(problem):
+    problem._buffered = None
+    return problem
+
+
+def test_buffered_problem_gives_bitwise_the_general_linearization():
+    model, X, y = _problem_data(outputs=3)
+    buffered, general = ModuleProblem(model, X, y), _general(ModuleProblem(model, X, y))
+    assert buffered._buffered is not None
+    x = flatten_parameters(model)
+    for point in (x, x + 1e-2, x):  # a fresh point, then one whose forward pass is held by cost
+        assert buffered.cost(point) == general.cost(point)
+        a, b = buffered.linearize(point), general.linearize(point)
+        assert torch.equal(a.system.gram, b.system.gram) and torch.equal(a.grad, b.grad) and a.cost == b.cost
+        scale = torch.ones_like(point)
+        assert torch.equal(a.system.solve(a.grad, 1e-3, scale), b.system.solve(b.grad, 1e-3, scale))
+    held = buffered.linearize(x)  # a later linearization leaves an earlier one's system alone
+    gram = held.system.gram.clone()
+    buffered.linearize(x + 1.0)
+    assert torch.equal(held.system.gram, gram)
+
+
+@pytest.mark.parametrize("case, engaged", [
+    ("float64", True),
+    ("float32 model and data", True),  # runs in float64
+    ("sigmoid", False),
+    ("sample-space", False),
+    ("cross-entropy", False),
+    ("large", False),  # past SERIAL_MAX_ENTRIES
+])
+def test_buffered_path_engages_only_where_it_applies(case, engaged):
+    model, X, y = _problem_data(samples=5000 if case == "large" else 25)
+    options = {}
+    if case == "float32 model and data":
+        model, X, y = model.float(), X.float(), y.float()
+    elif case == "sigmoid":
+        model[1] = nn.Sigmoid()
+    elif case == "sample-space":
+        options["solver"] = "sample-space"
+    elif case == "cross-entropy":
+        y, options["loss"] = nn.functional.one_hot(y[:, 0].gt(0).long(), 2).to(DT), CrossEntropy()
+    problem = ModuleProblem(model, X, y, **options)
+    assert (problem._buffered is not None) is engaged
+    x = flatten_parameters(model)
+    lin, reference = problem.linearize(x), _general(ModuleProblem(model, X, y, **options)).linearize(x)
+    torch.testing.assert_close(lin.grad, reference.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_write_parameters_through_numpy_equals_torch_copies(dtype):
+    model, _, _ = _problem_data()
+    x = torch.randn(flatten_parameters(model).numel(), dtype=DT, generator=torch.Generator().manual_seed(5))
+    fast, slow = copy.deepcopy(model).to(dtype), copy.deepcopy(model).to(dtype)
+    write_parameters(fast, x)
+    with torch.no_grad():
+        for p, value in zip(slow.parameters(), torch.split(x, [p.numel() for p in slow.parameters()])):
+            p.copy_(value.view_as(p))
+    assert all(torch.equal(a, b) for a, b in zip(fast.parameters(), slow.parameters()))
+    write_parameters(fast, torch.stack([x, x], 1)[:, 0])  # not contiguous: torch's copies
+    assert all(torch.equal(a, b) for a, b in zip(fast.parameters(), slow.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from marquardt.fastjac import FunctionalJacobian, LayeredJacobian, describe, forward, jacobian_backend
+from marquardt.fastjac import (
+    BufferedNetwork,
+    FunctionalJacobian,
+    LayeredJacobian,
+    LinearizedNetwork,
+    describe,
+    forward,
+    jacobian_backend,
+)
 from marquardt.mlp import MLP
 
 DT = torch.float64
@@ -214,3 +222,65 @@ def test_forward_leaves_the_inputs_untouched():
     fast.outputs(params, X)
     fast.linearize(params, X).jacobian()
     assert torch.equal(X, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# BufferedNetwork: the same outputs and J as LinearizedNetwork, to the last bit
+
+BUFFERED = {
+    "tanh 1-20-1": lambda: _net(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1)),
+    "tanh 3-5-4-2, 2 outputs": lambda: _net(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)),
+    "no bias, tanh output, 3 outputs": lambda: _net(nn.Linear(3, 5, bias=False), nn.Tanh(), nn.Linear(5, 3),
+                                                    nn.Tanh()),
+    "consecutive affine layers": ARCHITECTURES["consecutive affine layers"],
+    "linear only": ARCHITECTURES["linear only"],
+}
+
+
+@pytest.mark.parametrize("name", list(BUFFERED))
+def test_buffered_network_equals_the_linearized_network_bitwise(name):
+    model = BUFFERED[name]()
+    params, X, fast, _ = _setup(model) if name != "tanh 1-20-1" else _setup_one_input(model)
+    buffered = BufferedNetwork(fast.network, fast.layout, X)
+    x = torch.cat([params[n].reshape(-1) for n, _ in fast.layout])
+    reference = LinearizedNetwork(fast.network, params, X, fast.layout)
+    assert torch.equal(buffered.forward(x), reference.outputs)
+    assert torch.equal(buffered.jacobian(), reference.jacobian())
+    assert buffered.holds(x) and not buffered.holds(x + 1e-3)
+    moved = x + 1e-3
+    buffered.forward(moved)  # the buffers follow the last point
+    assert torch.equal(buffered.jacobian(), LinearizedNetwork(fast.network, _pieces(moved, params), X,
+                                                             fast.layout).jacobian())
+    assert not torch.equal(buffered.outputs, reference.outputs) and not buffered.holds(x)
+
+
+def _pieces(x, like):
+    pieces, start = {}, 0
+    for name, value in like.items():
+        pieces[name] = x[start : start + value.numel()].view(value.shape)
+        start += value.numel()
+    return pieces
+
+
+def _setup_one_input(model):
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    X = torch.linspace(-3, 3, 50, dtype=DT)[:, None]
+    return params, X, jacobian_backend(model, layout, X=X), None
+
+
+@pytest.mark.parametrize("name, X, supported", [
+    ("tanh 3-5-1", torch.zeros(4, 3, dtype=DT), True),
+    ("tanh 3-5-1", torch.zeros(4, 3, dtype=torch.float32), False),  # float64 only
+    ("tanh-sigmoid 3-5-4-2", torch.zeros(4, 3, dtype=DT), False),  # tanh or nothing
+    ("leading activation, identity", torch.zeros(4, 3, dtype=DT), False),  # no input map
+    ("MLP normalized, 2 outputs", torch.zeros(4, 3, dtype=DT), False),  # no data maps
+    ("MLP not normalized, 1 output", torch.zeros(4, 3, dtype=DT), False),
+])
+def test_buffered_network_supports_table(name, X, supported):
+    model = ARCHITECTURES[name]()
+    spec = describe(model, [n for n, _ in model.named_parameters()])
+    assert BufferedNetwork.supports(spec, X) is supported
+    if not supported:
+        with pytest.raises(ValueError, match="tanh or no activation"):
+            BufferedNetwork(spec, [(n, p.numel()) for n, p in model.named_parameters()], X)
