@@ -10,8 +10,6 @@ tolerances.
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +17,9 @@ import scipy.optimize
 import torch
 
 import marquardt
-from marquardt.nist import PROBLEM_NAMES, NistProblem, load_problem, lre
+from marquardt.nist import PROBLEM_NAMES, NistProblem, default_data_dir, load_problem, lre
 
-DATA_DIR = Path(
-    os.environ.get("MARQUARDT_NIST_DIR")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nist_strd"
-)
+DATA_DIR = default_data_dir()
 
 #: (name, difficulty, number of parameters, number of observations, predictors per row)
 CATALOGUE = [

@@ -159,18 +159,25 @@ def test_jacobian_chunks_do_not_depend_on_rows_per_backward(batch):
     torch.testing.assert_close(torch.cat([c[1] for c in chunks]), r.detach())
 
 
-def test_rows_per_backward_are_bounded_by_the_budget_given_the_saved_tensors(monkeypatch):
-    m, hidden = 60, 8
-    net, X, y = _tanh_problem(m, hidden)
-    n = sum(p.numel() for p in net.parameters())
+@pytest.fixture
+def batch_sizes(monkeypatch):
+    """The number of seeds of every batched backward pass (``_vmapped_rows`` call), in order."""
     seen = []
     original = marquardt.optim._vmapped_rows
 
-    def counting(r, params, seeds):
+    def counting(outputs, inputs, seeds):
         seen.append(seeds.shape[0])
-        return original(r, params, seeds)
+        return original(outputs, inputs, seeds)
 
     monkeypatch.setattr(marquardt.optim, "_vmapped_rows", counting)
+    return seen
+
+
+def test_rows_per_backward_are_bounded_by_the_budget_given_the_saved_tensors(monkeypatch, batch_sizes):
+    m, hidden = 60, 8
+    net, X, y = _tanh_problem(m, hidden)
+    n = sum(p.numel() for p in net.parameters())
+    seen = batch_sizes
     monkeypatch.setattr(marquardt.optim, "prefers_forward", lambda *args: False)
     budget = 20 * m * hidden * 8  # room for about 20 copies of the tanh activations
     opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=budget)
@@ -304,18 +311,11 @@ def test_lm_takes_columns_when_residuals_outnumber_twice_the_parameters(m, budge
     assert prefers_forward(m, 61, 8, budget) == (path == "forward")
 
 
-def test_column_batches_are_bounded_by_the_budget_given_both_graphs(monkeypatch):
+def test_column_batches_are_bounded_by_the_budget_given_both_graphs(batch_sizes):
     m, hidden = 200, 8
     net, X, y = _tanh_problem(m, hidden)
     n = sum(p.numel() for p in net.parameters())
-    seen = []
-    original = marquardt.optim._vmapped_rows
-
-    def counting(outputs, inputs, seeds):
-        seen.append(seeds.shape[0])
-        return original(outputs, inputs, seeds)
-
-    monkeypatch.setattr(marquardt.optim, "_vmapped_rows", counting)
+    seen = batch_sizes
     budget = 40 * m * hidden * 8  # room for about 40 copies of the tanh activations
     opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=budget)
     opt.step(lambda: net(X) - y)

@@ -468,20 +468,12 @@ class AccumulatedNormalEquations:
         if not self._small or not (_numpy_vector(grad, self.lower.dtype) and _numpy_vector(scale, self.lower.dtype)):
             return None
         potrf, potrs, lower, work = self._small
-        if self._floor is None:
-            self._floor = torch.finfo(self.lower.dtype).eps * float(self.lower.diagonal().sum())
-        damped = scale.numpy() * damping
-        np.maximum(damped, self._floor, out=damped)
-        if self._last is None or not np.array_equal(self._last[0].numpy(), damped):
-            np.copyto(work, lower)
-            diagonal = work.reshape(-1)[:: work.shape[0] + 1]  # a view
-            diagonal += damped
-            # clean=0: the strict upper triangle (C order) is left as it was, and never read.
-            info = potrf(work.T, lower=0, overwrite_a=1, clean=0)[1]
-            if info != 0 or not np.isfinite(diagonal).all():
+        damped = self._damped(damping, scale)
+        if self._last is None or not np.array_equal(self._last[0].numpy(), damped.numpy()):
+            if not _potrf_damped(potrf, work, lower, damped.numpy()):
                 self._last = None
                 return None
-            self._last = (torch.from_numpy(damped), CholeskyFactor(self._work, lapack=True))
+            self._last = (damped, CholeskyFactor(self._work, lapack=True))
         elif self._last[1] is None or self._last[1].tensor is not self._work:  # failed, or torch's factor
             return None
         step = potrs(work.T, grad.numpy(), lower=0)[0]
@@ -730,16 +722,20 @@ def _lapack_factor(potrf, lower: Tensor, damped: Tensor, work: Tensor) -> Choles
     this path, :class:`AccumulatedNormalEquations` ``solve`` (damped diagonal, factor, ``dpotrs``)
     went from 61 to 36 us a trial (medians of 15 x 100 calls, interleaved, one thread).
     """
-    n = work.shape[0]
-    target = work.numpy()
-    np.copyto(target, lower.numpy())
-    diagonal = target.reshape(-1)[:: n + 1]  # a view
-    diagonal += damped.numpy()
-    # clean=0: the strict upper triangle (C order) is left as it was, and never read.
-    _, info = _OPENBLAS.run(lambda: potrf(target.T, lower=0, overwrite_a=1, clean=0), n)
-    if info != 0 or not np.isfinite(diagonal).all():
+    if not _potrf_damped(potrf, work.numpy(), lower.numpy(), damped.numpy()):
         return None
     return CholeskyFactor(work, lapack=True)
+
+
+def _potrf_damped(potrf, work: np.ndarray, lower: np.ndarray, damped: np.ndarray) -> bool:
+    """``?potrf`` of ``lower + diag(damped)`` in place in ``work`` (C-ordered, lower triangles
+    read and written): whether it succeeded with a finite diagonal."""
+    np.copyto(work, lower)
+    diagonal = work.reshape(-1)[:: work.shape[0] + 1]  # a view
+    diagonal += damped
+    # clean=0: the strict upper triangle (C order) is left as it was, and never read.
+    _, info = _OPENBLAS.run(lambda: potrf(work.T, lower=0, overwrite_a=1, clean=0), work.shape[0])
+    return info == 0 and bool(np.isfinite(diagonal).all())
 
 
 def _damped_copy(work: Tensor, lower: Tensor, damped: Tensor) -> None:
@@ -952,15 +948,10 @@ def normal_equations(jac: Tensor, residuals: Tensor) -> tuple[AccumulatedNormalE
     (True, [6.0, 9.0], 1.5, 'cholesky')
     """
     n = jac.shape[1]
-    syrk = _syrk(jac, residuals)
-    if syrk is None or residuals.dtype != jac.dtype:
+    if _syrk(jac, residuals) is None or residuals.dtype != jac.dtype:
         return accumulate_normal([(jac, residuals)], n, dtype=jac.dtype, device=jac.device)
     gram = torch.zeros(n, n, dtype=jac.dtype)
-    # As symmetric_rank_update: the lower triangle of C-ordered gram is the upper one of gram^T.
-    target = gram.numpy().T
-    result = syrk(1.0, jac.numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
-    if result.ctypes.data != target.ctypes.data:  # f2py copied (never expected)
-        gram.copy_(torch.from_numpy(result.T))
+    symmetric_rank_update(gram, jac)
     grad = torch.zeros(n, dtype=jac.dtype).addmv_(jac.T, residuals)
     return AccumulatedNormalEquations(gram), grad, 0.5 * float(residuals @ residuals)
 

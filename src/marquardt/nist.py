@@ -412,8 +412,8 @@ def parse_problem(text: str, name: str) -> NistProblem:
 def default_data_dir() -> Path:
     """Return the directory holding the NIST ``.dat`` files.
 
-    ``$MARQUARDT_NIST_DIR`` when set; otherwise ``shared/data/nist_strd`` beside the
-    repository root (the layout of a development checkout).
+    ``$MARQUARDT_NIST_DIR`` when set; otherwise the copy shipped with the package
+    (``marquardt/data/nist_strd``: the 27 public-domain NIST StRD files, 152 KB).
 
     Examples
     --------
@@ -423,8 +423,7 @@ def default_data_dir() -> Path:
     override = os.environ.get("MARQUARDT_NIST_DIR")
     if override:
         return Path(override)
-    # src/marquardt/nist.py -> parents[2] is the repository root.
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nist_strd"
+    return Path(__file__).resolve().parent / "data" / "nist_strd"
 
 
 def load_problem(name: str, data_dir: str | os.PathLike | None = None) -> NistProblem:
