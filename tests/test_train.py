@@ -304,3 +304,52 @@ def test_problem_parameter_views_and_writes():
         assert torch.equal(flatten_parameters(model), x)
     write_parameters(model, x + 1, [p for p in model.parameters()])
     assert torch.equal(flatten_parameters(model), x + 1)
+
+
+def _sinc_data(n=200):
+    X = torch.linspace(-3, 3, n, dtype=torch.float64)[:, None]
+    return X, torch.sinc(X)
+
+
+def test_held_weights_give_the_same_training_as_writing_every_epoch():
+    # With nothing reading the module between epochs, the LM trainer keeps the weights in its
+    # own vector (and the best ones as a copy of it); a do-nothing callback turns that off.
+    X, y = _sinc_data()
+    held, written = tanh_net(hidden=6, dtype=torch.float32, seed=3), tanh_net(hidden=6, dtype=torch.float32, seed=3)
+    h_held = fit(held, X.float(), y.float(), epochs=60, progress=False)
+    h_written = fit(written, X.float(), y.float(), epochs=60, progress=False, callbacks=[Callback()])
+    assert h_held["perf"] == h_written["perf"] and h_held.best_epoch == h_written.best_epoch == 60
+    for a, b in zip(held.parameters(), written.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_held_weights_restore_the_best_epoch_and_reach_the_module_when_interrupted(monkeypatch):
+    from marquardt import train as train_module
+
+    X, y = _sinc_data()
+    model = tanh_net(hidden=6, seed=1)
+    start = [p.detach().clone() for p in model.parameters()]
+    steps = []
+    original = train_module.LMTrainer.step
+
+    def step_then_interrupt(self):
+        assert self.holds_weights  # nothing observes the module in this fit
+        original(self)
+        steps.append(self.x.clone())
+        if len(steps) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.LMTrainer, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, X, y, epochs=50, progress=False)
+    current = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(current, steps[-1])  # the weights reached, not the initial ones
+    assert not torch.equal(current, torch.cat([p.reshape(-1) for p in start]))
+
+    # The best point is a copy of the trainer's vector, restored at the end.
+    best = train_module._Best()
+    point = torch.arange(3.0)
+    assert best.offer(1.0, 0, model, snapshot=lambda: point.clone())
+    point += 1.0
+    assert best.weights is None and best.point.tolist() == [0.0, 1.0, 2.0]
+    assert best.offer(0.5, 1, model) and best.point is None and best.weights is not None
