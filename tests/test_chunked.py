@@ -595,3 +595,28 @@ def test_every_solver_path_runs_on_cuda_and_matches_the_cpu_step(name):
         steps.append(lin.system.solve(lin.grad, 1e-3, torch.ones_like(lin.grad)).cpu())
         assert lin.system.path == path
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-8, atol=1e-10)
+
+
+def test_recycled_buffers_give_the_same_system_without_new_matrices():
+    # fit hands each linearization's n x n buffers (J^T J, the factorization workspace) to the
+    # next: the next system must be the one a fresh problem builds, bit for bit.
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(2, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    X = torch.randn(300, 2, dtype=torch.float64)
+    y = torch.sin(X.sum(1, keepdim=True))
+    row_bytes = 49 * 8
+    recycling = ModuleProblem(model, X, y, max_jacobian_bytes=64 * row_bytes)  # 5 chunks
+    fresh = ModuleProblem(model, X, y, max_jacobian_bytes=64 * row_bytes)
+    x0 = flatten_parameters(model)
+    x1 = x0 + 0.01 * torch.randn_like(x0)
+    first = recycling.linearize(x0)
+    assert isinstance(first.system, AccumulatedNormalEquations) and first.system.chunks == 5
+    first.system.solve(first.grad, 1e-2, torch.ones_like(x0))  # allocates the workspace
+    gram, work = first.system.lower, first.system._work
+    recycling.recycle(first)
+    assert first.system.lower is None  # released: the old system holds nothing
+    again, reference = recycling.linearize(x1), fresh.linearize(x1)
+    assert again.system.lower.data_ptr() == gram.data_ptr() and again.system._work is work
+    assert torch.equal(again.system.gram, reference.system.gram) and torch.equal(again.grad, reference.grad)
+    scale = torch.ones_like(x0)
+    assert torch.equal(again.system.solve(again.grad, 1e-3, scale), reference.system.solve(reference.grad, 1e-3, scale))

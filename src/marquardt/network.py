@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .chunked import (
     DEFAULT_JACOBIAN_BYTES,
     DEFAULT_MATRIX_BYTES,
+    AccumulatedNormalEquations,
     KernelSampleSpaceEquations,
     PromotedEquations,
     accumulate_normal,
@@ -178,6 +179,7 @@ class ModuleProblem:
         self._trial: tuple[Tensor, Any] | None = None  # the last cost's forward pass, kept for linearize
         self._generator = torch.Generator().manual_seed(self.seed)
         self._buffered = self._buffered_network()
+        self._spare: dict[str, Tensor] = {}  # buffers of a released system, for the next linearization
 
     def _buffered_network(self) -> BufferedNetwork | None:
         """The reused-buffer forward pass and ``J`` (:class:`~marquardt.fastjac.BufferedNetwork`)
@@ -271,6 +273,17 @@ class ModuleProblem:
         system, grad, cost = normal_equations(self._buffered.jacobian(), residuals)
         return Linearization(cost, grad, system)
 
+    def recycle(self, lin: Linearization) -> None:
+        """Take back the buffers of ``lin``, which the caller no longer uses, for the next
+        :meth:`linearize` (``J^T J`` and the factorization workspace of the chunked normal
+        form, :meth:`~marquardt.chunked.AccumulatedNormalEquations.release`); ``lin`` must not be
+        used after. Other systems are left as they are."""
+        system = lin.system
+        if isinstance(system, PromotedEquations):
+            return  # small systems: nothing worth keeping
+        if isinstance(system, AccumulatedNormalEquations) and system.lower is not None:
+            self._spare = system.release()
+
     def linearize(self, x: Tensor) -> Linearization:
         """``J^T J`` (or the rows, in residual space), ``J^T r`` and the cost at ``x``.
 
@@ -303,7 +316,9 @@ class ModuleProblem:
         if self.plan.form == "sample-space":
             system, grad, cost = assemble_sample_space(chunks, (self.n_residuals, self.n_params), dtype=wide)
         else:
-            system, grad, cost = accumulate_normal(chunks, self.n_params, dtype=wide, device=x.device)
+            system, grad, cost = accumulate_normal(chunks, self.n_params, dtype=wide, device=x.device,
+                                                   buffers=self._spare)
+            self._spare = {}
         if wide != self.dtype:
             system, grad = PromotedEquations(system, self.dtype), grad.to(self.dtype)
         if self.plan.form == "sample-space":

@@ -266,6 +266,9 @@ class LMTrainer:
         """
         if self.batches is not None:
             return _gradient_norm(self.model, self.data, self.loss)
+        if self.lin is not None and hasattr(self.problem, "recycle"):
+            self.problem.recycle(self.lin)  # its n x n buffers serve the next one
+            self.lin = None
         self.lin = self.problem.linearize(self.x)
         if self.bayesian:
             self._estimate_regularization()
