@@ -278,11 +278,8 @@ class ModuleProblem:
         :meth:`linearize` (``J^T J`` and the factorization workspace of the chunked normal
         form, :meth:`~marquardt.chunked.AccumulatedNormalEquations.release`); ``lin`` must not be
         used after. Other systems are left as they are."""
-        system = lin.system
-        if isinstance(system, PromotedEquations):
-            return  # small systems: nothing worth keeping
-        if isinstance(system, AccumulatedNormalEquations) and system.lower is not None:
-            self._spare = system.release()
+        if isinstance(lin.system, AccumulatedNormalEquations) and lin.system.lower is not None:
+            self._spare = lin.system.release()
 
     def linearize(self, x: Tensor) -> Linearization:
         """``J^T J`` (or the rows, in residual space), ``J^T r`` and the cost at ``x``.
