@@ -234,6 +234,9 @@ BUFFERED = {
                                                     nn.Tanh()),
     "consecutive affine layers": ARCHITECTURES["consecutive affine layers"],
     "linear only": ARCHITECTURES["linear only"],
+    # the deltas stay shared by all samples across two affine layers, from a 1 x 1 head
+    "1 output after consecutive affine layers": lambda: _net(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3),
+                                                             nn.Linear(3, 1)),
 }
 
 

@@ -86,17 +86,23 @@ def _tanh(z: Tensor) -> Tensor:
     return out
 
 
-def _tanh_(z: Tensor) -> Tensor:
-    """``tanh(z)`` written over ``z`` where numpy applies (see :func:`_tanh`), else a new tensor."""
-    view = _numpy_view(z)
+def _tanh_(z: Tensor, view: np.ndarray | None = None) -> Tensor:
+    """``tanh(z)`` written over ``z`` where numpy applies (see :func:`_tanh`), else a new tensor.
+
+    ``view``: ``z``'s numpy view, from a caller that holds it (saves the 1.6 us of the checks).
+    """
+    view = _numpy_view(z) if view is None else view
     if view is None:
         return torch.tanh(z)
     np.tanh(view, out=view)
     return z
 
 
-def _tanh_derivative(_: Tensor | None, a: Tensor) -> Tensor:
-    return torch.addcmul(torch.ones_like(a), a, a, value=-1.0)  # 1 - a^2, one kernel
+def _tanh_derivative(_: Tensor | None, a: Tensor, *, out: Tensor | None = None, ones: Tensor | None = None
+                     ) -> Tensor:
+    """``1 - a^2`` in one kernel (numpy's ``1 - a*a`` rounds differently), into ``out`` if given;
+    ``ones``: a tensor of ones shaped like ``a``, from a caller that keeps one."""
+    return torch.addcmul(torch.ones_like(a) if ones is None else ones, a, a, value=-1.0, out=out)
 
 
 def _generic(module: nn.Module) -> Activation:
@@ -347,46 +353,21 @@ class LinearizedNetwork:
     def deltas(self) -> list[Tensor]:
         """``d out_k / d z_l`` for every layer, shape ``(N, K, width_l)`` (backpropagation)."""
         n, k = self.outputs.shape
-        eye = torch.eye(k, dtype=self.outputs.dtype, device=self.outputs.device)
+        head = torch.eye(k, dtype=self.outputs.dtype, device=self.outputs.device)
         if self.network.output_scale is not None:
-            eye = eye * self.network.output_scale
-        slope = self.slopes[-1]
-        # ``shared``: the (K, width) delta of every sample, while no slope has made them differ.
-        if slope is None:
-            shared, delta = eye, eye.expand(n, k, k)
-        else:  # d out_k / d z_j = scale_k [k == j] s'(z_j)
-            shared, delta = None, eye * slope.unsqueeze(1)
-        deltas = [delta]
-        for index in range(len(self.network.layers) - 1, 0, -1):
-            weight, slope = self.params[self.network.layers[index].weight], self.slopes[index - 1]
-            if shared is not None:
-                # One (K, width) product for all samples, then one broadcast product with the slope.
-                shared = shared @ weight
-                delta = shared.expand(n, k, -1) if slope is None else shared * slope.unsqueeze(1)
-                shared = shared if slope is None else None
-            else:
-                # One 2-D product over all (sample, output) rows, not N small batched ones.
-                delta = _times_slope_((delta.reshape(n * k, -1) @ weight).view(n, k, -1), slope)
-            deltas.append(delta)
-        return deltas[::-1]
+            head = head * self.network.output_scale
+        weights = [self.params[layer.weight] for layer in self.network.layers]
+        return _backpropagate(head, weights, self.slopes, n)
 
     def jacobian(self, out: Tensor | None = None) -> Tensor:
         """The ``(N*K, P)`` Jacobian of the flattened outputs, columns in ``layout`` order."""
         n, k = self.outputs.shape
-        rows = n * k
         if out is None:
-            out = self.outputs.new_empty(rows, self.n_params)
-        offsets = self.offsets
-        # narrow and view rather than indexing with slices and None: a microsecond or two less
-        # each, and the Jacobian of a small network is mostly such overhead.
+            out = self.outputs.new_empty(n * k, self.n_params)
         for layer, a, delta in zip(self.network.layers, self.inputs, self.deltas()):
-            start, numel = offsets[layer.weight]
-            width, fan_in = delta.shape[2], a.shape[1]
-            block = out.narrow(1, start, numel).view(n, k, width, fan_in)
-            torch.mul(delta.unsqueeze(3), a.reshape(n, 1, 1, fan_in), out=block)
-            if layer.bias is not None:
-                start, numel = offsets[layer.bias]
-                out.narrow(1, start, numel).view(n, k, width).copy_(delta)
+            fan_in = a.shape[1]
+            weight_block, bias_block = _jacobian_blocks(out, self.offsets, layer, n, k, delta.shape[2], fan_in)
+            _write_jacobian_blocks(delta, a.reshape(n, 1, 1, fan_in), weight_block, bias_block)
         return out
 
     def jvp(self, vector: Tensor) -> Tensor:
@@ -520,6 +501,76 @@ def _scale_outputs(network: LayeredNetwork, z: Tensor) -> Tensor:
     return z if network.output_map is None else network.output_map(z)
 
 
+def _backpropagate(head: Tensor, weights: Sequence[Tensor], slopes: Sequence[Tensor | None], n: int,
+                   out: Sequence[Tensor | None] | None = None, *, unit_head: bool = False) -> list[Tensor]:
+    """``d out_k / d z_l`` for every layer, shape ``(N, K, width_l)``, backpropagated from ``head``.
+
+    Parameters
+    ----------
+    head : Tensor
+        ``d out / d a_L``, ``(K, K)``: the identity, times the output map's slopes if any.
+    weights, slopes : sequences with one entry per layer
+        ``W_l`` ``(width_l, width_{l-1})`` and ``s'_l(z_l)`` ``(N, width_l)`` (``None``: affine).
+    n : int
+        Number of samples.
+    out : sequence of Tensor or None, optional
+        Per layer, a contiguous ``(N, K, width_l)`` buffer the delta is written into where one is
+        formed (a delta shared by all samples is a broadcast view instead); default: new tensors.
+    unit_head : bool
+        ``head`` is the 1 x 1 identity, whose product with ``W_L`` is taken as ``W_L`` itself: one
+        product less, the same values (the product would turn a weight of -0.0 into +0.0).
+    """
+    k = head.shape[0]
+    out = [None] * len(slopes) if out is None else out
+    slope = slopes[-1]
+    # ``shared``: the (K, width) delta of every sample, while no slope has made them differ.
+    if slope is None:
+        shared, delta = head, head.expand(n, k, k)
+    else:  # d out_k / d z_j = scale_k [k == j] s'(z_j)
+        shared, delta = None, torch.mul(head, slope.unsqueeze(1), out=out[-1])
+    deltas = [delta]
+    for index in range(len(slopes) - 1, 0, -1):
+        weight, slope, buffer = weights[index], slopes[index - 1], out[index - 1]
+        if shared is not None:
+            # One (K, width) product for all samples, then one broadcast product with the slope.
+            shared = weight if unit_head and shared is head else shared @ weight
+            if slope is None:
+                delta = shared.expand(n, k, -1)
+            else:
+                delta, shared = torch.mul(shared, slope.unsqueeze(1), out=buffer), None
+        else:
+            # One 2-D product over all (sample, output) rows, not N small batched ones.
+            rows = torch.mm(delta.reshape(n * k, -1), weight, out=None if buffer is None else buffer.view(n * k, -1))
+            delta = _times_slope_(rows.view(n, k, -1), slope)
+        deltas.append(delta)
+    return deltas[::-1]
+
+
+def _jacobian_blocks(jac: Tensor, offsets: dict[str, tuple[int, int]], layer: Dense, n: int, k: int, width: int,
+                     fan_in: int) -> tuple[Tensor, Tensor | None]:
+    """The layer's columns of ``J`` ``(N*K, P)`` as views: ``(N, K, width, fan_in)`` for the weight,
+    ``(N, K, width)`` for the bias (``None`` without one).
+
+    narrow and view rather than indexing with slices and None: a microsecond or two less each
+    (the Jacobian of a small network is mostly such overhead), and a view raises rather than
+    copies if the layout ever stopped allowing one.
+    """
+    start, numel = offsets[layer.weight]
+    weight_block = jac.narrow(1, start, numel).view(n, k, width, fan_in)
+    if layer.bias is None:
+        return weight_block, None
+    return weight_block, jac.narrow(1, offsets[layer.bias][0], width).view(n, k, width)
+
+
+def _write_jacobian_blocks(delta: Tensor, inputs: Tensor, weight_block: Tensor, bias_block: Tensor | None) -> None:
+    """``d out_k / d W_l = delta_l a_{l-1}^T`` and ``d out_k / d b_l = delta_l`` for every sample and
+    output, from ``delta`` ``(N, K, width)`` and the inputs as ``(N, 1, 1, fan_in)``."""
+    # torch's broadcast product: 8 us where numpy's took 13-19 us on the benchmark blocks.
+    torch.mul(delta.unsqueeze(3), inputs, out=weight_block)
+    if bias_block is not None:
+        bias_block.copy_(delta)
+
+
 def forward(network: LayeredNetwork, params: dict[str, Tensor], X: Tensor) -> Tensor:
     """The network's outputs at ``params``: no derivative bookkeeping.
 
@@ -551,13 +602,14 @@ class BufferedNetwork:
     LM loop's normal form on a tiny network, without the per-call allocations and tensor
     bookkeeping of :class:`LinearizedNetwork`.
 
-    Every matrix product and every rounding step is the same kernel as in
-    :class:`LinearizedNetwork` (``addmm`` for the affine maps, ``addcmul`` for ``1 - a^2``), so
-    outputs and ``J`` agree with it to the last bit; only exact elementwise products, copies and
-    the ``tanh`` (numpy's there too) run as numpy calls on views of the buffers. On the 1-20-1
-    benchmark network (1,000 samples, one thread, interleaved medians) a forward pass took
-    55 us against 63 us, and ``J`` from it 44 us against ~100 us. Only the last point's
-    activations are held: ``jacobian`` is at the point of the last ``forward``.
+    The arithmetic is :class:`LinearizedNetwork`'s own: the same functions (``F.linear``, numpy's
+    ``tanh`` written over its output, ``1 - a^2``, the backpropagated deltas, the blocks of ``J``)
+    called with this object's buffers as their outputs, so outputs and ``J`` agree with it to the
+    last bit (for one output, ``J`` skips the product of ``W_L`` with the 1 x 1 identity, which
+    differs only for a weight of -0.0; see :func:`_backpropagate`). On the 1-20-1 benchmark
+    network (1,000 samples, one thread, interleaved medians) a forward pass took 55 us against
+    63 us, and ``J`` from it 44 us against ~100 us. Only the last point's activations are held:
+    ``jacobian`` is at the point of the last ``forward``.
 
     Parameters
     ----------
@@ -589,27 +641,21 @@ class BufferedNetwork:
         offsets = _offsets(layout)
         self.n_params = sum(numel for _, numel in layout)
         self.point = torch.full((self.n_params,), float("nan"), dtype=torch.float64)  # the last forward's x
-        n, fan_ins = X.shape[0], [X.shape[1]]
+        fan_ins = [X.shape[1]]
         for layer in network.layers:
             fan_ins.append(offsets[layer.weight][1] // fan_ins[-1])
-        self.k, k = fan_ins[-1], fan_ins[-1]
-        self.jac = torch.empty(n * k, self.n_params, dtype=torch.float64)
+        self.k = fan_ins[-1]
+        self.jac = torch.empty(X.shape[0] * self.k, self.n_params, dtype=torch.float64)
         a = self.X
         self._layers = []
-        for layer, fan_in, width in zip(network.layers, fan_ins, fan_ins[1:]):
-            start, numel = offsets[layer.weight]
-            weight = self.point[start : start + numel].view(width, fan_in)
-            bias = None if layer.bias is None else self.point.narrow(0, offsets[layer.bias][0], width)
-            z = torch.empty(n, width, dtype=torch.float64)
-            # Views that raise rather than copy if the layout ever stopped allowing them.
-            weight_block = self.jac.narrow(1, start, numel).view(n, k, width, fan_in)
-            bias_block = None if bias is None else self.jac.narrow(1, offsets[layer.bias][0], width).view(n, k, width)
-            tanh = bool(layer.activations)
-            slope = torch.empty_like(z) if tanh else None
-            self._layers.append(_BufferedLayer(weight, bias, tanh, a, z, slope, weight_block, bias_block))
-            a = z
+        for layer, width in zip(network.layers, fan_ins[1:]):
+            self._layers.append(_BufferedLayer.allocate(layer, self.point, offsets, self.jac, a, self.k, width))
+            a = self._layers[-1].z
         self.outputs = a
-        self._eye = torch.eye(self.k, dtype=torch.float64)
+        self._head = torch.eye(self.k, dtype=torch.float64)
+        self._weights = [layer.weight for layer in self._layers]
+        self._slopes = [layer.slope for layer in self._layers]
+        self._deltas = [layer.delta for layer in self._layers]
 
     @staticmethod
     def supports(network: LayeredNetwork, X: Tensor) -> bool:
@@ -627,12 +673,11 @@ class BufferedNetwork:
         else:
             self.point.copy_(x)
         for layer in self._layers:
-            if layer.bias is None:
-                torch.mm(layer.inputs, layer.weight_t, out=layer.z)
-            else:  # F.linear's own kernel for a 2-D input with a bias
-                torch.addmm(layer.bias, layer.inputs, layer.weight_t, out=layer.z)
-            if layer.tanh:
-                np.tanh(layer.z_np, out=layer.z_np)
+            # F.linear's out variant: the kernel of its functional form (addmm on a 2-D input with a
+            # bias, mm without), and as fast as addmm on a kept transposed view.
+            torch.nn.functional.linear(layer.inputs, layer.weight, layer.bias, out=layer.z)
+            if layer.z_np is not None:
+                _tanh_(layer.z, layer.z_np)
         return self.outputs
 
     def holds(self, x: Tensor) -> bool:
@@ -644,65 +689,44 @@ class BufferedNetwork:
     def jacobian(self) -> Tensor:
         """``J`` ``(N*K, P)`` at the last :meth:`forward` point (a buffer the next call overwrites)."""
         for layer in self._layers:
-            if layer.tanh:  # 1 - a^2 by the kernel of _tanh_derivative (numpy's rounds differently)
-                torch.addcmul(layer.ones, layer.z, layer.z, value=-1.0, out=layer.slope)
-        for layer, delta in zip(self._layers, self._deltas()):
-            # torch's broadcast product: 8 us where numpy's took 13-19 us on the benchmark blocks.
-            torch.mul(delta.unsqueeze(3), layer.inputs_row, out=layer.weight_block)
-            if layer.bias_block is not None:
-                layer.bias_block.copy_(delta)
+            if layer.slope is not None:
+                _tanh_derivative(None, layer.z, out=layer.slope, ones=layer.ones)
+        n = self.X.shape[0]
+        deltas = _backpropagate(self._head, self._weights, self._slopes, n, self._deltas, unit_head=self.k == 1)
+        for layer, delta in zip(self._layers, deltas):
+            _write_jacobian_blocks(delta, layer.inputs_row, layer.weight_block, layer.bias_block)
         return self.jac
-
-    def _deltas(self) -> list[Tensor]:
-        """``d out_k / d z_l`` per layer, ``(N, K, width_l)``, by the arithmetic of
-        :meth:`LinearizedNetwork.deltas`, into reused buffers."""
-        n, k = self.X.shape[0], self.k
-        last = self._layers[-1]
-        if not last.tanh:
-            shared, delta = self._eye, self._eye.expand(n, k, k)
-        else:
-            shared, delta = None, torch.mul(self._eye, last.slope.unsqueeze(1), out=last.delta)
-        deltas = [delta]
-        for index in range(len(self._layers) - 1, 0, -1):
-            weight, below = self._layers[index].weight, self._layers[index - 1]
-            if shared is not None:
-                # (1 x 1 identity) @ W is W itself, exactly: the product is skipped for one output.
-                shared = weight if k == 1 else shared @ weight
-                if not below.tanh:
-                    delta = shared.expand(n, k, -1)
-                else:
-                    delta, shared = torch.mul(shared, below.slope.unsqueeze(1), out=below.delta), None
-            else:
-                rows = torch.mm(delta.reshape(n * k, -1), weight, out=below.delta_rows)
-                delta = rows.view(n, k, -1)
-                if below.tanh:
-                    delta.mul_(below.slope.unsqueeze(1))
-            deltas.append(delta)
-        return deltas[::-1]
 
 
 @dataclass
 class _BufferedLayer:
     """One layer's parameter views (into the point), batch buffers and blocks of ``J``."""
 
-    weight: Tensor
+    weight: Tensor  # (width, fan_in)
     bias: Tensor | None
-    tanh: bool
-    inputs: Tensor
-    z: Tensor
-    slope: Tensor | None
+    inputs: Tensor  # (N, fan_in): the batch, or the layer below's z
+    z: Tensor  # (N, width): the affine output, with the tanh written over it
+    z_np: np.ndarray | None  # z's numpy view where the layer has a tanh
+    slope: Tensor | None  # (N, width): 1 - a^2 where the layer has a tanh
+    ones: Tensor | None
+    delta: Tensor  # (N, K, width): d out / d z where it is formed rather than broadcast
+    inputs_row: Tensor  # inputs as (N, 1, 1, fan_in)
     weight_block: Tensor
     bias_block: Tensor | None
 
-    def __post_init__(self) -> None:
-        n, width = self.z.shape
-        k = self.weight_block.shape[1]
-        self.delta_rows = self.z.new_empty(n * k, width)  # d out / d z of this layer, rows (n, k)
-        self.delta = self.delta_rows.view(n, k, width)
-        self.weight_t = self.weight.t()
-        self.z_np = self.z.numpy()
-        self.inputs_row = self.inputs.view(n, 1, 1, -1)
-        self.ones = None if self.slope is None else torch.ones_like(self.slope)
+    @classmethod
+    def allocate(cls, layer: Dense, point: Tensor, offsets: dict[str, tuple[int, int]], jac: Tensor,
+                 inputs: Tensor, k: int, width: int) -> _BufferedLayer:
+        """The views and buffers of ``layer`` on ``inputs`` (the batch, or the layer below's ``z``)."""
+        n, fan_in = inputs.shape
+        start, numel = offsets[layer.weight]
+        weight = point.narrow(0, start, numel).view(width, fan_in)
+        bias = None if layer.bias is None else point.narrow(0, offsets[layer.bias][0], width)
+        z = inputs.new_empty(n, width)
+        tanh = bool(layer.activations)
+        return cls(weight, bias, inputs, z, z.numpy() if tanh else None, torch.empty_like(z) if tanh else None,
+                   torch.ones_like(z) if tanh else None, z.new_empty(n, k, width), inputs.view(n, 1, 1, fan_in),
+                   *_jacobian_blocks(jac, offsets, layer, n, k, width, fan_in))
 
 
 # ---------------------------------------------------------------------------------------------
