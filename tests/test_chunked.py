@@ -620,3 +620,18 @@ def test_recycled_buffers_give_the_same_system_without_new_matrices():
     assert torch.equal(again.system.gram, reference.system.gram) and torch.equal(again.grad, reference.grad)
     scale = torch.ones_like(x0)
     assert torch.equal(again.system.solve(again.grad, 1e-3, scale), reference.system.solve(reference.grad, 1e-3, scale))
+
+
+def test_reused_jacobian_chunks_share_one_buffer_and_equal_fresh_ones():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    X = torch.randn(300, 2, dtype=torch.float64)
+    problem = ModuleProblem(model, X, torch.cos(X[:, :1]), max_jacobian_bytes=64 * 49 * 8)
+    x = flatten_parameters(model)
+    fresh = [(jac.clone(), r.clone()) for jac, r in problem.jacobian_chunks(x)]
+    pointers = set()
+    for (jac, r), (expected_jac, expected_r) in zip(problem.jacobian_chunks(x, reuse=True), fresh, strict=True):
+        pointers.add(jac.data_ptr())
+        assert torch.equal(jac, expected_jac) and torch.equal(r, expected_r)
+    assert len(fresh) == 5 and len(pointers) == 1
+    assert fresh[-1][0].shape[0] == 300 - 4 * 64  # the last chunk is the leading rows of the buffer

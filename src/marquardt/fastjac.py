@@ -745,11 +745,18 @@ class LayeredJacobian:
         """``model(X)`` at ``params``."""
         return forward(self.network, params, X)
 
-    def chunks(self, params: dict[str, Tensor], X: Tensor, samples: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(J_rows, outputs)`` for consecutive chunks of ``samples`` samples."""
+    def chunks(self, params: dict[str, Tensor], X: Tensor, samples: int,
+               out: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(J_rows, outputs)`` for consecutive chunks of ``samples`` samples.
+
+        With ``out`` (at least ``samples * K`` rows of ``P`` columns, the outputs' dtype) every
+        chunk's rows are written into its leading rows: each chunk is overwritten by the next,
+        for a consumer that folds them one at a time.
+        """
         for start in range(0, X.shape[0], samples):
             lin = LinearizedNetwork(self.network, params, X[start : start + samples], self.layout)
-            yield lin.jacobian(), lin.outputs
+            rows = lin.outputs.numel()
+            yield lin.jacobian(None if out is None else out[:rows]), lin.outputs
 
     def linearize(self, params: dict[str, Tensor], X: Tensor) -> LinearizedNetwork:
         """Products ``J v``, ``J^T u`` and ``diag(J^T J)`` on the whole batch, without ``J``."""
