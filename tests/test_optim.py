@@ -1,5 +1,6 @@
 """The torch.optim-style optimizers: LevenbergMarquardt, GradientDescent, Momentum."""
 
+import functools
 import math
 
 import pytest
@@ -128,6 +129,12 @@ def _tanh_problem(m=60, hidden=8):
     return net, X, torch.sin(2 * X)
 
 
+@pytest.fixture
+def autograd_paths(monkeypatch):
+    """Steps by the closure's autograd graph (rows or columns), never the closed form."""
+    monkeypatch.setattr(LevenbergMarquardt, "_closed_form", False)
+
+
 def _one_step(max_jacobian_bytes):
     net, X, y = _tanh_problem()
     opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=max_jacobian_bytes)
@@ -135,7 +142,7 @@ def _one_step(max_jacobian_bytes):
     return float(cost), torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
-def test_lm_step_with_tiny_jacobian_budget_equals_step_with_large_budget():
+def test_lm_step_with_tiny_jacobian_budget_equals_step_with_large_budget(autograd_paths):
     # 2000 bytes: chunks of 10 rows (25 parameters), each from 10 one-row backward passes, as the
     # graph saves about 4.5 KB.
     tiny_cost, tiny_x = _one_step(2000)
@@ -173,7 +180,7 @@ def batch_sizes(monkeypatch):
     return seen
 
 
-def test_rows_per_backward_are_bounded_by_the_budget_given_the_saved_tensors(monkeypatch, batch_sizes):
+def test_rows_per_backward_are_bounded_by_the_budget_given_the_saved_tensors(monkeypatch, batch_sizes, autograd_paths):
     m, hidden = 60, 8
     net, X, y = _tanh_problem(m, hidden)
     n = sum(p.numel() for p in net.parameters())
@@ -187,7 +194,7 @@ def test_rows_per_backward_are_bounded_by_the_budget_given_the_saved_tensors(mon
     assert sum(seen) == m and len(seen) == math.ceil(m / max(seen))
 
 
-def test_tanh_network_rows_take_torch_vmap_not_the_legacy_batched_backward(monkeypatch):
+def test_tanh_network_rows_take_torch_vmap_not_the_legacy_batched_backward(monkeypatch, autograd_paths):
     # The legacy is_grads_batched has no batching rule for tanh_backward and loops in Python.
     def refuse(*args):
         raise AssertionError("the legacy batched backward was used")
@@ -303,7 +310,7 @@ def test_lm_step_on_graphs_the_column_path_declines_equals_the_step_by_rows(func
         (200, 200 * 61 * 8 - 1, "reverse"),  # the whole Jacobian would not fit
     ],
 )
-def test_lm_takes_columns_when_residuals_outnumber_twice_the_parameters(m, budget, path):
+def test_lm_takes_columns_when_residuals_outnumber_twice_the_parameters(m, budget, path, autograd_paths):
     net, X, y = _tanh_problem(m=m, hidden=20)
     opt = LevenbergMarquardt(net.parameters(), max_jacobian_bytes=budget)
     opt.step(lambda: net(X) - y)
@@ -311,7 +318,7 @@ def test_lm_takes_columns_when_residuals_outnumber_twice_the_parameters(m, budge
     assert prefers_forward(m, 61, 8, budget) == (path == "forward")
 
 
-def test_column_batches_are_bounded_by_the_budget_given_both_graphs(batch_sizes):
+def test_column_batches_are_bounded_by_the_budget_given_both_graphs(batch_sizes, autograd_paths):
     m, hidden = 200, 8
     net, X, y = _tanh_problem(m, hidden)
     n = sum(p.numel() for p in net.parameters())
@@ -326,7 +333,9 @@ def test_column_batches_are_bounded_by_the_budget_given_both_graphs(batch_sizes)
     assert sum(seen) == n and len(seen) == math.ceil(n / max(seen))
 
 
-def test_column_path_leaves_the_global_random_stream_alone():
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_jacobian_paths_leave_the_global_random_stream_alone(closed_form, monkeypatch):
+    monkeypatch.setattr(LevenbergMarquardt, "_closed_form", closed_form)
     net, closure = _mlp_problem()
     torch.manual_seed(1)
     LevenbergMarquardt(net.parameters()).step(closure)
@@ -370,6 +379,163 @@ def test_saved_bytes_counts_each_saved_storage_once():
 def test_rows_per_backward_is_at_least_one():
     assert rows_per_backward(10**12, 8, 100) == 1
     assert rows_per_backward(0, 8, 100) == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# the closed-form path: the module behind the residuals, verified, else the autograd paths
+
+
+def _params(net):
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def _state(opt):
+    return opt.state[opt.param_groups[0]["params"][0]]
+
+
+def _steps(make, closed_form, monkeypatch, steps=1, select=lambda net: net.parameters()):
+    """``steps`` LM steps on ``make()``'s problem; the costs, the weights, and the last state."""
+    monkeypatch.setattr(LevenbergMarquardt, "_closed_form", closed_form)
+    net, closure = make()
+    opt = LevenbergMarquardt(select(net))
+    costs = [float(opt.step(closure)) for _ in range(steps)]
+    return costs, _params(net), _state(opt)
+
+
+def _tanh_closure(m=60, hidden=8, dtype=torch.float64):
+    net, X, y = _tanh_problem(m, hidden)
+    net, X, y = net.to(dtype), X.to(dtype), y.to(dtype)
+    return net, lambda: net(X) - y
+
+
+def _dense_step(net, X, y, damping=1e-3):
+    """The LM step at ``damping``, ``(J^T J + damping I) h = -J^T r``, with ``J`` from torch.func."""
+    names = [name for name, _ in net.named_parameters()]
+
+    def residuals(*params):
+        return (torch.func.functional_call(net, dict(zip(names, params)), (X,)) - y).reshape(-1)
+
+    values = tuple(p.detach() for p in net.parameters())
+    blocks = torch.func.jacrev(residuals, tuple(range(len(values))))(*values)
+    jac = torch.cat([block.reshape(X.shape[0], -1) for block in blocks], dim=1)
+    r = residuals(*values)
+    return torch.linalg.solve(jac.T @ jac + damping * torch.eye(jac.shape[1], dtype=jac.dtype), -jac.T @ r)
+
+
+@pytest.mark.parametrize(("m", "hidden", "form"), [(60, 8, "cholesky"), (10, 20, "sample-space")])
+def test_closed_form_step_equals_the_autograd_step_and_the_dense_step(m, hidden, form, monkeypatch):
+    make = functools.partial(_tanh_closure, m, hidden)
+    costs, x, state = _steps(make, True, monkeypatch)
+    reference_costs, reference_x, reference_state = _steps(make, False, monkeypatch)
+    assert state["jacobian"] == "closed-form" and reference_state["jacobian"] in ("forward", "reverse")
+    assert state["solver"] == reference_state["solver"] == form
+    assert costs[0] == pytest.approx(reference_costs[0], rel=1e-12)
+    torch.testing.assert_close(x, reference_x, rtol=1e-11, atol=1e-13)
+    # MATLAB's rule: the accepted trial's damping, times damping_dec (0.1) once accepted.
+    net, X, y = _tanh_problem(m, hidden)
+    step = _dense_step(net, X, y, damping=state["damping"] / 0.1)
+    torch.testing.assert_close(x - _params(net), step, rtol=1e-9, atol=1e-12)
+
+
+def test_closed_form_keeps_float32_parameters_in_float32_and_steps_as_float64_would(monkeypatch):
+    # A tiny float32 network is linearized in float64 (ModuleProblem's working dtype), but the
+    # step and the weights stay float32: the same step as the float64 problem's, rounded.
+    costs32, x32, state = _steps(functools.partial(_tanh_closure, dtype=torch.float32), True, monkeypatch)
+    costs64, x64, _ = _steps(_tanh_closure, True, monkeypatch)
+    assert state["jacobian"] == "closed-form" and x32.dtype == torch.float32
+    torch.testing.assert_close(x32.double(), x64, rtol=1e-5, atol=1e-5)
+    assert costs32[0] == pytest.approx(costs64[0], rel=1e-5)
+
+
+def _closure_of(residuals, model=None):
+    """``make()`` for a closure ``residuals(net, X, y)`` on the 60-sample tanh problem."""
+
+    def make():
+        net, X, y = _tanh_problem()
+        net = net if model is None else model(net)
+        return net, lambda: residuals(net, X, y)
+
+    return make
+
+
+class _Wrapped(torch.nn.Module):
+    """A module ``describe`` does not know, around a supported one."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, X):
+        return self.net(X)
+
+
+def _frozen_bias(net):
+    net[0].bias.requires_grad_(False)
+    return net
+
+
+_FALLBACKS = {
+    "scaled residuals": (_closure_of(lambda net, X, y: 2 * (net(X) - y)), None),
+    "squared outputs": (_closure_of(lambda net, X, y: net(X) ** 2 - y), None),
+    "model called twice": (_closure_of(lambda net, X, y: torch.cat([(net(X) - y).reshape(-1),
+                                                                     net(X[:5]).reshape(-1)])), None),
+    "outputs changed in place": (_closure_of(lambda net, X, y: net(X).sub_(y)), None),
+    "unsupported module": (_closure_of(lambda net, X, y: net(X) - y, _Wrapped), None),
+    "frozen parameter": (_closure_of(lambda net, X, y: net(X) - y, _frozen_bias),
+                         lambda net: [p for p in net.parameters() if p.requires_grad]),
+    "first layer only": (_closure_of(lambda net, X, y: net(X) - y), lambda net: net[0].parameters()),
+    "physics-informed": (_poisson_problem, None),
+}
+
+
+@pytest.mark.parametrize("case", list(_FALLBACKS))
+def test_closures_that_are_not_module_outputs_minus_constants_take_the_autograd_step(case, monkeypatch):
+    make, select = _FALLBACKS[case]
+    select = select or (lambda net: net.parameters())
+    costs, x, state = _steps(make, True, monkeypatch, steps=2, select=select)
+    reference_costs, reference_x, reference_state = _steps(make, False, monkeypatch, steps=2, select=select)
+    assert state["jacobian"] in ("forward", "reverse")
+    assert (costs, state["jacobian"]) == (reference_costs, reference_state["jacobian"])
+    assert torch.equal(x, reference_x)
+    assert costs[-1] < costs[0]
+
+
+def test_a_last_layer_alone_is_a_module_output_minus_a_constant(monkeypatch):
+    # The hidden layer is fixed for this optimizer: the last stage's outputs minus y, verified.
+    def staged(net):
+        return torch.nn.Sequential(net[0], net[1], torch.nn.Sequential(net[2]))
+
+    make, select = _closure_of(lambda net, X, y: net(X) - y, staged), lambda net: net[2].parameters()
+    costs, x, state = _steps(make, True, monkeypatch, select=select)
+    reference_costs, reference_x, _ = _steps(make, False, monkeypatch, select=select)
+    assert state["jacobian"] == "closed-form"
+    assert costs[0] == pytest.approx(reference_costs[0], rel=1e-12)
+    torch.testing.assert_close(x, reference_x, rtol=1e-11, atol=1e-13)
+
+
+def test_training_by_the_closed_form_reaches_the_cost_of_the_autograd_paths(monkeypatch):
+    make = functools.partial(_tanh_closure, 200, 20)
+    costs, _, state = _steps(make, True, monkeypatch, steps=15)
+    reference_costs, _, _ = _steps(make, False, monkeypatch, steps=15)
+    assert state["jacobian"] == "closed-form"
+    assert costs[-1] < 1e-3 * costs[0]
+    assert costs == pytest.approx(reference_costs, rel=1e-6)
+
+
+def test_module_hooks_are_removed_after_a_step_even_when_the_closure_raises():
+    hooks = torch.nn.modules.module
+    before = (len(hooks._global_forward_pre_hooks), len(hooks._global_forward_hooks))
+    net, X, y = _tanh_problem()
+    opt = LevenbergMarquardt(net.parameters())
+    opt.step(lambda: net(X) - y)
+
+    def failing():
+        net(X)
+        raise RuntimeError("closure failed")
+
+    with pytest.raises(RuntimeError, match="closure failed"):
+        opt.step(failing)
+    assert (len(hooks._global_forward_pre_hooks), len(hooks._global_forward_hooks)) == before
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
 """Optimizers with the :mod:`torch.optim` contract: Levenberg-Marquardt, gradient descent, momentum.
 
 :class:`LevenbergMarquardt` is closure-driven, like :class:`torch.optim.LBFGS`: ``step(closure)``
-needs the *residual* tensor for the current parameters, forms the Jacobian of the residuals
-with respect to all parameters by batched backward passes (so the closure may itself use
-autograd, as physics-informed residuals do), and runs one iteration of the same LM loop as
-:func:`marquardt.least_squares` (:func:`marquardt.solver.lm_step`).
+needs the *residual* tensor for the current parameters and runs one iteration of the same LM
+loop as :func:`marquardt.least_squares` (:func:`marquardt.solver.lm_step`). When the residuals
+are verifiably ``model(X) - c`` for a layered network the closure called once, the system is
+the one :func:`marquardt.fit` builds (:class:`~marquardt.network.ModuleProblem`, closed-form
+Jacobian); otherwise the Jacobian comes from batched backward passes through the closure's
+graph (so the closure may itself use autograd, as physics-informed residuals do).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .chunked import (DEFAULT_JACOBIAN_BYTES, Plan, accumulate_normal, assemble_sample_space, plan_assembly,
-                      single_thread)
+from .chunked import (DEFAULT_JACOBIAN_BYTES, Plan, PromotedEquations, accumulate_normal, assemble_sample_space,
+                      plan_assembly, single_thread)
 from .damping import DampingState, MarquardtDamping, NielsenDamping
+from .fastjac import LayeredJacobian
+from .network import ModuleProblem, trainable_parameters
 from .solver import FixedScaling, Linearization, lm_step
 
 __all__ = ["GradientDescent", "LevenbergMarquardt", "Momentum"]
@@ -36,14 +40,21 @@ def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = T
 
 @dataclass
 class ClosureProblem:
-    """The parameters of ``params`` as a least-squares problem whose residuals a closure returns."""
+    """The parameters of ``params`` as a least-squares problem whose residuals a closure returns.
+
+    :meth:`linearize` takes the closed form (:meth:`_closed_form`) where it applies, else the
+    Jacobian of the closure's graph by columns or rows; :meth:`cost` always calls the closure.
+    """
 
     params: list[Tensor]
     closure: Callable[[], Tensor]
     max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES
     #: "auto" (:func:`prefers_forward`), "forward" (columns, rows where the graph refuses) or "reverse".
     mode: str = "auto"
-    #: The path the last :meth:`linearize` took: "forward" or "reverse".
+    #: Try the closed-form Jacobian of the module that produced the residuals first
+    #: (:meth:`_closed_form`); the autograd paths above when it does not apply.
+    closed_form: bool = True
+    #: The path the last :meth:`linearize` took: "closed-form", "forward" or "reverse".
     used_mode: str = field(default="", init=False)
     #: Whether the problem is small enough for one thread (:func:`~marquardt.chunked.is_small`):
     #: a guess for the first closure call, then what :meth:`linearize` found.
@@ -77,8 +88,12 @@ class ClosureProblem:
     def linearize(self, x: Tensor) -> Linearization:
         self.write(x)
         with torch.enable_grad():
-            with _SavedBytes() as saved, single_thread(self.serial):
+            with _SavedBytes() as saved, single_thread(self.serial), _ModuleCalls(self.closed_form) as calls:
                 r = self.residuals()
+            lin = self._closed_form(r, calls.producer(self.params), x)
+            if lin is not None:
+                self.used_mode = "closed-form"
+                return lin
             m, n, itemsize = r.numel(), x.numel(), r.element_size()
             plan = plan_assembly(m, n, itemsize, self.max_jacobian_bytes)
             self.serial = plan.serial
@@ -92,6 +107,30 @@ class ClosureProblem:
             # are m x graph each and were measured faster on two (T1: 103 vs 142 ms at load 3).
             with single_thread(plan.serial and jac is not None):
                 return self._assemble(r, jac, plan, saved.nbytes, x)
+
+    def _closed_form(self, r: Tensor, call: ModuleCall | None, x: Tensor) -> Linearization | None:
+        """The system ``fit`` would build for ``call.module`` (:class:`~marquardt.network.ModuleProblem`),
+        when ``r`` is verifiably ``call.outputs`` minus a constant; else ``None``.
+
+        The targets ``outputs - r`` make the problem's residuals ``r`` up to rounding. Its
+        system and gradient come back in the parameters' dtype (a tiny float32 network is
+        worked in float64 there, :class:`~marquardt.chunked.PromotedEquations`), its cost is
+        the closure's, as the trial costs are.
+        """
+        if call is None or not r.requires_grad or call.outputs.numel() != r.numel():
+            return None
+        outputs = call.outputs.detach()
+        targets = outputs - r.detach().reshape(outputs.shape)
+        try:
+            problem = ModuleProblem(call.module, call.X.detach(), targets, self.max_jacobian_bytes)
+        except (RuntimeError, TypeError, ValueError):  # never fail a step the graph can take
+            return None
+        if not isinstance(problem.backend, LayeredJacobian) or not _is_output_minus_constant(problem, r,
+                                                                                              self.params, x):
+            return None
+        self.serial = problem.plan.serial
+        residuals = r.detach()
+        return _in_dtype(problem.linearize(x), x.dtype, 0.5 * float(residuals @ residuals))
 
     def _assemble(self, r: Tensor, jac: Tensor | None, plan: Plan, saved_bytes: int, x: Tensor) -> Linearization:
         """``J^T J`` (or the held rows) from the columns ``jac``, or from rows when it is ``None``."""
@@ -141,6 +180,110 @@ class ClosureProblem:
             return None
         jac = columns.T.contiguous()
         return jac if _products_agree(jac, probe.detach(), g.detach()) else None
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call ``outputs = module(X)`` seen while the closure ran (``X``, ``outputs``: ``None``
+    unless the call took one tensor and returned one)."""
+
+    module: nn.Module
+    depth: int
+    X: Tensor | None = None
+    outputs: Tensor | None = None
+    versions: tuple[int, int] = (-1, -1)
+
+    @property
+    def closed_form_candidate(self) -> bool:
+        """One 2-D tensor in, one 2-D tensor of as many samples out, neither modified in place since."""
+        X, out = self.X, self.outputs
+        if X is None or out is None or X.ndim != 2 or out.ndim != 2 or X.shape[0] != out.shape[0]:
+            return False
+        return self.versions == (X._version, out._version)
+
+
+class _ModuleCalls:
+    """Records every module call while active (global forward hooks, removed on exit).
+
+    ``enabled=False`` records nothing and installs no hook.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.calls: list[ModuleCall] = []
+        self._depth = 0
+        self._handles: list = []
+
+    def __enter__(self) -> _ModuleCalls:
+        if self.enabled:
+            hooks = torch.nn.modules.module
+            self._handles = [hooks.register_module_forward_pre_hook(self._enter),
+                             hooks.register_module_forward_hook(self._leave, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self._depth += 1
+
+    def _leave(self, module: nn.Module, args: tuple, kwargs: dict, outputs: object) -> None:
+        self._depth -= 1
+        if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and isinstance(outputs, Tensor):
+            X = args[0]
+            self.calls.append(ModuleCall(module, self._depth, X, outputs, (X._version, outputs._version)))
+        else:
+            self.calls.append(ModuleCall(module, self._depth))
+
+    def producer(self, params: list[Tensor]) -> ModuleCall | None:
+        """The outermost call of a module whose trainable parameters are ``params`` (the same
+        tensors, in the same order), when that module was called once and the call is a
+        :attr:`~ModuleCall.closed_form_candidate`; ``None`` when there is none or several."""
+        owners = [call for call in self.calls if _owns_exactly(call.module, params)]
+        if not owners:
+            return None
+        outermost = min(call.depth for call in owners)
+        owners = [call for call in owners if call.depth == outermost]
+        if len(owners) != 1 or sum(call.module is owners[0].module for call in self.calls) != 1:
+            return None
+        return owners[0] if owners[0].closed_form_candidate else None
+
+
+def _owns_exactly(module: nn.Module, params: list[Tensor]) -> bool:
+    """Whether the trainable parameters of ``module`` are ``params``, same tensors in the same order."""
+    own = [p for _, p in trainable_parameters(module)]
+    return len(own) == len(params) and all(p is q for p, q in zip(own, params))
+
+
+#: Relative agreement of ``J^T u`` in closed form and by autograd that identifies ``r`` as the
+#: module's outputs minus a constant (rounding of either is far below; any other dependence of
+#: ``r`` on the parameters, such as ``2 * (out - y)``, is of order one).
+AGREEMENT = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def _is_output_minus_constant(problem: ModuleProblem, r: Tensor, params: list[Tensor], x: Tensor) -> bool:
+    """Whether ``J^T u`` of ``problem`` (closed form) equals autograd's ``d r/d params^T u`` for a
+    random ``u``, to :data:`AGREEMENT` of the parameters' dtype (relative, on the norm)."""
+    u = _probe(r.detach())
+    try:
+        expected = torch.autograd.grad(r, params, u, retain_graph=True, allow_unused=True, materialize_grads=True)
+    except RuntimeError:
+        return False
+    expected = torch.cat([g.reshape(-1) for g in expected]).to(problem.dtype)
+    closed = problem.backend.linearize(problem.params(x), problem.X).vjp(u.to(problem.dtype))
+    tolerance = AGREEMENT.get(x.dtype, math.sqrt(torch.finfo(x.dtype).eps))
+    error = float(torch.linalg.vector_norm(closed - expected))
+    return error <= tolerance * float(torch.linalg.vector_norm(expected))
+
+
+def _in_dtype(lin: Linearization, dtype: torch.dtype, cost: float) -> Linearization:
+    """``lin`` with cost ``cost``, its system and gradient seen in ``dtype`` (the step's dtype)."""
+    if lin.grad.dtype == dtype:
+        return Linearization(cost, lin.grad, lin.system, lin.residuals, lin.jac)
+    narrow = [None if t is None else t.to(dtype) for t in (lin.residuals, lin.jac)]
+    return Linearization(cost, lin.grad.to(dtype), PromotedEquations(lin.system, dtype), *narrow)
 
 
 #: The column path is taken when ``FORWARD_RATIO * n < m``. A column is a backward pass through
@@ -297,9 +440,30 @@ class LevenbergMarquardt(Optimizer):
     cost ``0.5 * sum(r**2)`` drops or damping passes ``damping_max``. The parameters are left at
     the accepted point, or unchanged. A non-finite trial is a rejected step.
 
-    Memory and time: the Jacobian comes from backward passes through the closure's graph, by
-    rows or, when ``m > 2 n`` (:func:`prefers_forward`) and the whole ``m x n`` Jacobian fits
-    in ``max_jacobian_bytes``, by columns.
+    Three ways to the system, the first that applies; ``state["jacobian"]`` records which
+    ("closed-form", "forward" or "reverse") and ``state["solver"]`` the solve it led to.
+
+    *Closed form*: while the closure runs, global module forward hooks record every module
+    call. The outermost call of a module whose trainable parameters are exactly the optimizer's
+    (the same tensors in the same order), made once, on one 2-D tensor ``X``, with outputs
+    ``out`` of ``r.numel()`` elements left unmodified, is a candidate when
+    :func:`~marquardt.fastjac.describe` knows the module (``nn.Sequential`` of ``nn.Linear`` and
+    elementwise activations, :class:`marquardt.MLP`). It is taken only when ``r`` is verified to
+    be ``out.reshape(-1) - c`` with ``c`` independent of the parameters: ``J^T u`` in closed form
+    equals autograd's for one random ``u``, relative error on the norm at most
+    :data:`AGREEMENT` (1e-4 in float32, 1e-10 in float64; rounding measured 4e-7 and 1e-15 on
+    the benchmark networks). ``2 * (out - y)``, ``out**2 - y``, a model called twice, a
+    parameter subset whose outputs feed later layers all fail this and take the graph.
+    The system is then :class:`~marquardt.network.ModuleProblem` (targets ``out - r``) linearized
+    at the current point, exactly as :func:`marquardt.fit` forms it: chunked normal equations,
+    the sample-space kernel or matrix-free conjugate gradients by shape and budget
+    (:func:`~marquardt.chunked.plan_assembly`), a tiny float32 network in float64, seen in the
+    parameters' dtype (:class:`~marquardt.chunked.PromotedEquations`). The cost of the current
+    point and of every trial is still the closure's.
+
+    Otherwise ``J`` comes from backward passes through the closure's graph, by rows or, when
+    ``m > 2 n`` (:func:`prefers_forward`) and the whole ``m x n`` Jacobian fits in
+    ``max_jacobian_bytes``, by columns.
 
     *Rows* (reverse mode): backward passes batched over ``k`` rows. A pass holds ``k`` gradients
     of every tensor the graph saved (counted by :class:`torch.autograd.graph.saved_tensors_hooks`
@@ -307,25 +471,24 @@ class LevenbergMarquardt(Optimizer):
     ``k * (2 * saved_bytes + n * itemsize) <= max_jacobian_bytes``. The rows are folded into
     ``J^T J`` in chunks and dropped, so memory grows as ``O(n**2 + max_jacobian_bytes)`` plus the
     graph, not as ``O(m * n)``. Time grows as ``m`` backward passes over the whole graph,
-    ``O(m * graph)``: the closure hides which residual depends on which sample, so per-sample
-    gradients are out of reach here (:func:`marquardt.fit`, which sees the module and the
-    samples, has them).
+    ``O(m * graph)``: the closure hides which residual depends on which sample.
 
     *Columns* (forward mode by the double-backward trick): one backward pass with
     ``create_graph=True`` gives ``g(u) = J^T u``; a backward pass of ``g`` seeded with ``e_j``
     gives the column ``J e_j``. Time grows as ``n`` such passes, ``O(n * graph)``; the passes are
     batched as the rows are, with the bytes saved by both graphs, and the whole Jacobian is held
     (at most ``max_jacobian_bytes``). A graph that cannot be differentiated twice (an error, or
-    columns that disagree with ``g(u)`` for a random ``u``) falls back to rows;
-    ``state["jacobian"]`` says which path the last step took.
+    columns that disagree with ``g(u)`` for a random ``u``) falls back to rows.
 
-    Measured on 2 shared cores at load 2.2-3.6, medians of 275 steps interleaved in blocks of 25:
-    T1 (1-20-1 tanh MLP, 61 parameters, 1,000 float32 samples) takes 196-204 ms a step by rows
-    and 7.0-7.4 ms by columns, the columns and the trial steps on one thread (``m * n`` is small,
-    :func:`~marquardt.chunked.single_thread`; on two threads a quarter of the steps took 100 ms). T2 (1-64-64-1, 4,353 parameters, 5,000 samples; ``m < 2 n``, so rows): the
-    graph saves 2.6 MB, so 206 rows per pass at the 1 GiB default; peak resident memory 1.4 GB
-    and 54 s a step; with passes sized for the Jacobian rows alone (3,854 rows, the legacy
-    ``is_grads_batched``) it was 19.4 GB and 95-119 s.
+    Measured on 2 shared cores (load 1.0-1.8), float32, ``opt.step(lambda: (model(x) -
+    y).reshape(-1))``, medians per step, graph paths against the closed form interleaved: T1
+    (1-20-1 tanh MLP, 61 parameters, 1,000 samples; columns before) 5.0 / 6.1 / 7.2 ms against
+    3.9 / 2.8 / 2.8 ms (199 steps a run); T2 (1-64-64-1, 4,353 parameters, 5,000 samples; rows
+    before, chunked normal form now) 22.4 / 20.5 s against 1.19 / 1.06 s, peak resident memory
+    of the process 1.40 / 1.38 GB against 0.55 / 0.55 GB; T5 (1-200-200-1, 40,801 parameters,
+    2,000 samples; sample space) 14.2 / 13.8 s against 0.28 / 0.30 s. The graph paths alone,
+    earlier: T1 by rows 196-204 ms a step; T2 with passes sized for the Jacobian rows alone
+    (the legacy ``is_grads_batched``) 19.4 GB and 95-119 s.
 
     Examples
     --------
@@ -338,7 +501,19 @@ class LevenbergMarquardt(Optimizer):
     ...     cost = opt.step(lambda: model(X) - y)
     >>> round(model.weight.item(), 4), round(model.bias.item(), 4)
     (3.0, -1.0)
+
+    A ``Sequential`` network's residuals take the closed form; twice them do not:
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    >>> opt = LevenbergMarquardt(net.parameters())
+    >>> _ = opt.step(lambda: net(X) - y); opt.state[net[0].weight]["jacobian"]
+    'closed-form'
+    >>> _ = opt.step(lambda: 2 * (net(X) - y)); opt.state[net[0].weight]["jacobian"]
+    'reverse'
     """
+
+    #: Whether steps try the closed-form Jacobian first (tests switch it off to reach the autograd paths).
+    _closed_form = True
 
     def __init__(self, params, *, damping: float = 1e-3, damping_dec: float = 0.1, damping_inc: float = 10.0,
                  damping_max: float = 1e10, strategy: str = "marquardt",
@@ -384,7 +559,7 @@ class LevenbergMarquardt(Optimizer):
         group = self.param_groups[0]
         stored = self.state[self._params[0]]
         problem = ClosureProblem(self._params, closure, group["max_jacobian_bytes"],
-                                 serial=stored.get("serial", False))
+                                 closed_form=self._closed_form, serial=stored.get("serial", False))
         x = torch.cat([p.detach().reshape(-1) for p in self._params])
         lin = problem.linearize(x)
         rule = self._rule()
