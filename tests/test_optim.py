@@ -606,3 +606,45 @@ def test_momentum_update_is_matlab_traingdm_form():
 def test_first_order_optimizers_reject_bad_options(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(torch.nn.Linear(1, 1).parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_closed_form_problem_is_kept_across_steps_with_the_same_steps(chunked):
+    # Kept while the module and its input tensor are the same: the same steps, bit for bit, as a
+    # new problem each step (also on the chunked normal form, whose n x n buffers are recycled).
+    def run(keep):
+        net, X, y = _tanh_problem(300, 12)
+        opt_bytes = {"max_jacobian_bytes": 64 * 37 * 8} if chunked else {}
+        opt = LevenbergMarquardt(net.parameters(), **opt_bytes)
+        problems, costs = [], []
+        for _ in range(6):
+            if not keep:
+                opt._kept = None
+            costs.append(float(opt.step(lambda: net(X) - y)))
+            problems.append(opt._kept.problem)
+        return costs, _params(net), problems, opt.state[opt._params[0]]
+
+    costs, x, problems, state = run(True)
+    fresh_costs, fresh_x, fresh_problems, _ = run(False)
+    assert state["jacobian"] == "closed-form" and state["solver"] == ("chunked-cholesky" if chunked else "cholesky")
+    assert all(p is problems[0] for p in problems) and len({id(p) for p in fresh_problems}) == 6
+    assert costs == fresh_costs and torch.equal(x, fresh_x)
+
+
+def test_kept_problem_follows_new_targets_and_is_rebuilt_for_a_new_input():
+    net, X, y = _tanh_problem(60, 8)
+    opt = LevenbergMarquardt(net.parameters())
+    opt.step(lambda: net(X) - y)
+    kept = opt._kept.problem
+    shifted = y + 0.5  # same input tensor, other targets: kept, with the new targets
+    opt.step(lambda: net(X) - shifted)
+    assert opt._kept.problem is kept
+    torch.testing.assert_close(kept.y, shifted, rtol=0, atol=1e-15)  # out - (out - shifted)
+    X2 = X.clone()  # another input tensor: a new problem
+    opt.step(lambda: net(X2) - shifted)
+    assert opt._kept.problem is not kept
+    kept = opt._kept.problem
+    with torch.no_grad():
+        X2.mul_(0.5)  # modified in place: rebuilt, and the step is that of the new data
+    opt.step(lambda: net(X2) - shifted)
+    assert opt._kept.problem is not kept and torch.equal(opt._kept.problem.X, X2)

@@ -274,6 +274,15 @@ class ModuleProblem:
         system, grad, cost = normal_equations(self._buffered.jacobian(), residuals)
         return Linearization(cost, grad, system)
 
+    def set_targets(self, y: Tensor) -> None:
+        """Replace the targets by ``y`` of the same shape (for a problem kept from one optimizer
+        step to the next, :class:`~marquardt.optim.KeptProblem`)."""
+        if tuple(y.shape) != tuple(self.y.shape):
+            raise ValueError(f"y must keep the targets' shape {tuple(self.y.shape)}; received {tuple(y.shape)}.")
+        self.y = y.detach().to(device=self.y.device, dtype=self.dtype)
+        if self._buffered is not None:
+            self._targets = self.y.contiguous().numpy()
+
     def recycle(self, lin: Linearization) -> None:
         """Take back the buffers of ``lin``, which the caller no longer uses, for the next
         :meth:`linearize` (``J^T J`` and the factorization workspace of the chunked normal

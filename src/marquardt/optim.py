@@ -59,6 +59,9 @@ class ClosureProblem:
     #: Whether the problem is small enough for one thread (:func:`~marquardt.chunked.is_small`):
     #: a guess for the first closure call, then what :meth:`linearize` found.
     serial: bool = False
+    #: The closed-form problem of an earlier step (kept by the optimizer), reused when the module
+    #: call is the same; :meth:`_closed_form` replaces it when it builds a new one.
+    kept: KeptProblem | None = None
 
     def write(self, x: Tensor) -> None:
         offset = 0
@@ -121,12 +124,18 @@ class ClosureProblem:
             return None
         outputs = call.outputs.detach()
         targets = outputs - r.detach().reshape(outputs.shape)
-        try:
-            problem = ModuleProblem(call.module, call.X.detach(), targets, self.max_jacobian_bytes)
-        except (RuntimeError, TypeError, ValueError):  # never fail a step the graph can take
-            return None
-        if not isinstance(problem.backend, LayeredJacobian) or not _is_output_minus_constant(problem, r,
-                                                                                              self.params, x):
+        if self.kept is not None and self.kept.matches(call, targets, x.dtype, self.max_jacobian_bytes):
+            problem = self.kept.problem
+            problem.set_targets(targets)
+        else:
+            try:
+                problem = ModuleProblem(call.module, call.X.detach(), targets, self.max_jacobian_bytes)
+            except (RuntimeError, TypeError, ValueError):  # never fail a step the graph can take
+                return None
+            if not isinstance(problem.backend, LayeredJacobian):
+                return None
+            self.kept = KeptProblem(problem, call.module, call.X, call.X._version, x.dtype, self.max_jacobian_bytes)
+        if not _is_output_minus_constant(problem, r, self.params, x):
             return None
         self.serial = problem.plan.serial
         residuals = r.detach()
@@ -180,6 +189,32 @@ class ClosureProblem:
             return None
         jac = columns.T.contiguous()
         return jac if _products_agree(jac, probe.detach(), g.detach()) else None
+
+
+@dataclass(frozen=True)
+class KeptProblem:
+    """A closed-form :class:`~marquardt.network.ModuleProblem` kept from one optimizer step to the
+    next: built for ``module`` called on ``X`` (at its ``version``) with parameters of ``dtype``.
+
+    Reused, with the new step's targets, only for a call of the same module on the same
+    unmodified input tensor: no new problem (its network description and buffers), and the
+    ``n x n`` buffers of the last step's system recycled as ``fit`` recycles them between epochs.
+    The check that the residuals are the outputs minus a constant is still made at every step.
+    """
+
+    problem: ModuleProblem
+    module: nn.Module
+    X: Tensor
+    version: int
+    dtype: torch.dtype
+    max_jacobian_bytes: int
+
+    def matches(self, call: ModuleCall, targets: Tensor, dtype: torch.dtype, max_jacobian_bytes: int) -> bool:
+        """Whether ``call`` is this problem's module on the same, unmodified input, for the same
+        target shape, parameter dtype and budget."""
+        return (call.module is self.module and call.X is self.X and call.X._version == self.version
+                and dtype == self.dtype and max_jacobian_bytes == self.max_jacobian_bytes
+                and targets.shape == self.problem.y.shape)
 
 
 @dataclass(frozen=True)
@@ -532,6 +567,7 @@ class LevenbergMarquardt(Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError(f"LevenbergMarquardt supports one parameter group; received {len(self.param_groups)}.")
         self._params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
+        self._kept: KeptProblem | None = None  # the closed-form problem of the last step
 
     def _rule(self) -> MarquardtDamping | NielsenDamping:
         group = self.param_groups[0]
@@ -559,7 +595,7 @@ class LevenbergMarquardt(Optimizer):
         group = self.param_groups[0]
         stored = self.state[self._params[0]]
         problem = ClosureProblem(self._params, closure, group["max_jacobian_bytes"],
-                                 closed_form=self._closed_form, serial=stored.get("serial", False))
+                                 closed_form=self._closed_form, serial=stored.get("serial", False), kept=self._kept)
         x = torch.cat([p.detach().reshape(-1) for p in self._params])
         lin = problem.linearize(x)
         rule = self._rule()
@@ -573,6 +609,9 @@ class LevenbergMarquardt(Optimizer):
         stored.update(damping=out.state.damping, nu=out.state.nu, exhausted=out.exhausted, solver=lin.system.path,
                       jacobian=problem.used_mode, serial=problem.serial,
                       grad_norm=float(torch.linalg.vector_norm(lin.grad)))
+        self._kept = problem.kept
+        if problem.used_mode == "closed-form":
+            self._kept.problem.recycle(lin)  # lin is not used after: its n x n buffers serve the next step
         return torch.tensor(out.cost, dtype=x.dtype)
 
 
