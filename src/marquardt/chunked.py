@@ -972,10 +972,43 @@ def normal_equations(jac: Tensor, residuals: Tensor) -> tuple[AccumulatedNormalE
     n = jac.shape[1]
     if _syrk(jac, residuals) is None or residuals.dtype != jac.dtype:
         return accumulate_normal([(jac, residuals)], n, dtype=jac.dtype, device=jac.device)
-    gram = torch.zeros(n, n, dtype=jac.dtype)
-    symmetric_rank_update(gram, jac)
+    if n <= BLOCKED_GRAM_MAX_ORDER and jac.numel() * jac.element_size() <= BLOCKED_GRAM_MAX_BYTES:
+        gram = torch.zeros(n, n, dtype=jac.dtype)  # the strict upper triangle stays 0, as after ?syrk
+        _blocked_lower_gram(gram.numpy(), jac.detach().numpy())
+    else:
+        gram = torch.zeros(n, n, dtype=jac.dtype)
+        symmetric_rank_update(gram, jac)
     grad = torch.zeros(n, dtype=jac.dtype).addmv_(jac.T, residuals)
     return AccumulatedNormalEquations(gram), grad, 0.5 * float(residuals @ residuals)
+
+
+#: :func:`normal_equations` forms the lower triangle of ``J^T J`` by :data:`BLOCKED_GRAM_COLUMNS`
+#: -column matrix products up to this order, when ``J`` fits in :data:`BLOCKED_GRAM_MAX_BYTES`
+#: (a cache-resident ``J``). OpenBLAS's ``?syrk`` at such orders takes as long as the full
+#: ``J^T J`` product; the row blocks of the lower triangle do about 60% of its work. Measured, one
+#: thread, interleaved medians: 1000 x 61 float64 138 -> 98 us, float32 96 -> 57 us; 1000 x 21
+#: float64 30 -> 25 us. At 5,000 rows (not cache-resident) or 101+ columns ``?syrk`` was as fast
+#: or faster.
+BLOCKED_GRAM_MAX_ORDER = 64
+BLOCKED_GRAM_MAX_BYTES = 512 * 1024
+BLOCKED_GRAM_COLUMNS = 12
+
+
+def _blocked_lower_gram(out: np.ndarray, jac: np.ndarray) -> None:
+    """The lower triangle of ``J^T J`` (and the upper one of the diagonal blocks) into ``out``
+    (C-ordered), one block row of :data:`BLOCKED_GRAM_COLUMNS` rows at a time.
+
+    Examples
+    --------
+    >>> J = np.arange(60.0).reshape(4, 15); out = np.zeros((15, 15))
+    >>> _blocked_lower_gram(out, J)
+    >>> bool(np.array_equal(np.tril(out), np.tril(J.T @ J)))
+    True
+    """
+    n = jac.shape[1]
+    for start in range(0, n, BLOCKED_GRAM_COLUMNS):
+        stop = min(start + BLOCKED_GRAM_COLUMNS, n)
+        np.matmul(jac[:, start:stop].T, jac[:, :stop], out=out[start:stop, :stop])
 
 
 def assemble_sample_space(chunks: Iterable[tuple[Tensor, Tensor]], shape: tuple[int, int] | None = None, *,
