@@ -945,7 +945,10 @@ def accumulate_normal(chunks: Iterable[tuple[Tensor, Tensor]], n: int, *, dtype:
     count = 0
     for jac, residuals in chunks:
         jac, residuals = jac.to(dtype), residuals.to(dtype)
-        symmetric_rank_update(gram, jac)
+        if count == 0:  # gram is zero
+            _first_rank_update(gram, jac)
+        else:
+            symmetric_rank_update(gram, jac)
         grad.addmv_(jac.T, residuals)
         sum_sq += residuals @ residuals
         count += 1
@@ -972,12 +975,8 @@ def normal_equations(jac: Tensor, residuals: Tensor) -> tuple[AccumulatedNormalE
     n = jac.shape[1]
     if _syrk(jac, residuals) is None or residuals.dtype != jac.dtype:
         return accumulate_normal([(jac, residuals)], n, dtype=jac.dtype, device=jac.device)
-    if n <= BLOCKED_GRAM_MAX_ORDER and jac.numel() * jac.element_size() <= BLOCKED_GRAM_MAX_BYTES:
-        gram = torch.zeros(n, n, dtype=jac.dtype)  # the strict upper triangle stays 0, as after ?syrk
-        _blocked_lower_gram(gram.numpy(), jac.detach().numpy())
-    else:
-        gram = torch.zeros(n, n, dtype=jac.dtype)
-        symmetric_rank_update(gram, jac)
+    gram = torch.zeros(n, n, dtype=jac.dtype)
+    _first_rank_update(gram, jac)
     grad = torch.zeros(n, dtype=jac.dtype).addmv_(jac.T, residuals)
     return AccumulatedNormalEquations(gram), grad, 0.5 * float(residuals @ residuals)
 
@@ -992,6 +991,18 @@ def normal_equations(jac: Tensor, residuals: Tensor) -> tuple[AccumulatedNormalE
 BLOCKED_GRAM_MAX_ORDER = 64
 BLOCKED_GRAM_MAX_BYTES = 512 * 1024
 BLOCKED_GRAM_COLUMNS = 12
+
+
+def _first_rank_update(gram: Tensor, jac: Tensor) -> None:
+    """:func:`symmetric_rank_update` of a zero ``gram``: by :func:`_blocked_lower_gram` where that
+    is faster (small, cache-resident CPU ``J``), so that :func:`normal_equations` and the first
+    chunk of :func:`accumulate_normal` round alike."""
+    n = jac.shape[1]
+    if (n <= BLOCKED_GRAM_MAX_ORDER and jac.numel() * jac.element_size() <= BLOCKED_GRAM_MAX_BYTES
+            and _syrk(gram) is not None and jac.dtype == gram.dtype and jac.device.type == "cpu"):
+        _blocked_lower_gram(gram.numpy(), jac.detach().numpy())
+    else:
+        symmetric_rank_update(gram, jac)
 
 
 def _blocked_lower_gram(out: np.ndarray, jac: np.ndarray) -> None:
