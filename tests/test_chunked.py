@@ -635,3 +635,18 @@ def test_reused_jacobian_chunks_share_one_buffer_and_equal_fresh_ones():
         assert torch.equal(jac, expected_jac) and torch.equal(r, expected_r)
     assert len(fresh) == 5 and len(pointers) == 1
     assert fresh[-1][0].shape[0] == 300 - 4 * 64  # the last chunk is the leading rows of the buffer
+
+
+def test_problem_vjp_reads_the_held_jacobian_only_at_its_point():
+    model, X, y = _problem_data(outputs=3)
+    problem = ModuleProblem(model, X, y)
+    assert problem._buffered is not None
+    x = flatten_parameters(model)
+    u = torch.randn(y.numel(), generator=torch.Generator().manual_seed(2), dtype=problem.dtype)
+    general = problem.backend.linearize(problem.params(x), problem.X).vjp(u)
+    problem.linearize(x)
+    torch.testing.assert_close(problem.vjp(x, u), general, rtol=1e-12, atol=1e-12)  # from the held J
+    moved = x + 1e-2
+    problem.cost(moved)  # a trial's forward pass: the held J is still the one at x
+    expected = problem.backend.linearize(problem.params(moved), problem.X).vjp(u)
+    assert torch.equal(problem.vjp(moved, u), expected)  # another point: forward and backward passes
