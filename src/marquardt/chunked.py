@@ -707,24 +707,14 @@ def cholesky_factor(lower: Tensor, damped: Tensor, work: Tensor | None = None) -
     """
     work = torch.empty_like(lower) if work is None else work
     potrf = _potrf(work)
-    if potrf is not None and lower.dtype == work.dtype and _numpy_vector(damped, work.dtype) and lower.is_contiguous():
-        factor = _lapack_factor(potrf, lower, damped, work)
-        if factor is not None:
-            return factor
-        _damped_copy(work, lower, damped)
-    elif potrf is not None:
-        _damped_copy(work, lower, damped)
-        # clean=0: the strict upper triangle (C order) is left as it was, and never read.
-        _, info = _OPENBLAS.run(lambda: potrf(work.numpy().T, lower=0, overwrite_a=1, clean=0), work.shape[0])
-        factor = _checked(CholeskyFactor(work, lapack=True), info)
+    if potrf is not None and lower.dtype == work.dtype:
+        factor = _lapack_factor(potrf, lower.detach().contiguous(), damped.detach().to(work.dtype).contiguous(), work)
         if factor is not None:
             return factor
         # OpenBLAS rounds differently from MKL: at the eps * trace floor (float32, n = 4353, a
         # trained network) its spotrf failed where torch.linalg.cholesky_ex succeeded, and the
-        # eigen fallback costs several factorizations. One torch attempt first, as before.
-        _damped_copy(work, lower, damped)
-    else:
-        _damped_copy(work, lower, damped)
+        # eigen fallback costs several factorizations. One torch attempt first.
+    _damped_copy(work, lower, damped)
     tensor, info = torch.linalg.cholesky_ex(work)
     return _checked(CholeskyFactor(tensor, lapack=False), info)
 

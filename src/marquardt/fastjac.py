@@ -641,6 +641,7 @@ class BufferedNetwork:
         offsets = _offsets(layout)
         self.n_params = sum(numel for _, numel in layout)
         self.point = torch.full((self.n_params,), float("nan"), dtype=torch.float64)  # the last forward's x
+        self._jacobian_point: Tensor | None = None  # where jac was last formed
         fan_ins = [X.shape[1]]
         for layer in network.layers:
             fan_ins.append(offsets[layer.weight][1] // fan_ins[-1])
@@ -695,7 +696,15 @@ class BufferedNetwork:
         deltas = _backpropagate(self._head, self._weights, self._slopes, n, self._deltas, unit_head=self.k == 1)
         for layer, delta in zip(self._layers, deltas):
             _write_jacobian_blocks(delta, layer.inputs_row, layer.weight_block, layer.bias_block)
+        self._jacobian_point = self.point.clone()
         return self.jac
+
+    def held_vjp(self, x: Tensor, cotangent: Tensor) -> Tensor | None:
+        """``J^T u`` from the held ``J`` when the last :meth:`jacobian` was formed at ``x`` (a later
+        :meth:`forward` elsewhere leaves it be), else None."""
+        if self._jacobian_point is None or not torch.equal(self._jacobian_point, x.to(torch.float64)):
+            return None
+        return self.jac.T @ cotangent.to(torch.float64)
 
 
 @dataclass

@@ -181,7 +181,6 @@ class ModuleProblem:
         self._buffered = self._buffered_network()
         self._spare: dict[str, Tensor] = {}  # buffers of a released system, for the next linearization
         self._rows: Tensor | None = None  # the Jacobian chunk buffer of jacobian_chunks(reuse=True)
-        self._jacobian_point: Tensor | None = None  # where the buffered network's J was last formed
 
     def _buffered_network(self) -> BufferedNetwork | None:
         """The reused-buffer forward pass and ``J`` (:class:`~marquardt.fastjac.BufferedNetwork`)
@@ -273,7 +272,6 @@ class ModuleProblem:
     def _buffered_linearization(self, x: Tensor) -> Linearization:
         residuals = self._buffered_residuals(x, fresh=False)
         system, grad, cost = normal_equations(self._buffered.jacobian(), residuals)
-        self._jacobian_point = self._buffered.point.clone()  # the held J is at this point
         return Linearization(cost, grad, system)
 
     def vjp(self, x: Tensor, cotangent: Tensor) -> Tensor:
@@ -281,10 +279,8 @@ class ModuleProblem:
         working dtype: from the Jacobian a tiny network's last :meth:`linearize` holds when that
         was at ``x``, else by a forward and a backward pass."""
         u = cotangent.reshape(-1).to(self.dtype)
-        if self._buffered is not None and self._jacobian_point is not None \
-                and torch.equal(self._jacobian_point, x.to(self.dtype)):
-            return self._buffered.jac.T @ u
-        return self.backend.linearize(self.params(x), self.X).vjp(u)
+        held = None if self._buffered is None else self._buffered.held_vjp(x, u)
+        return held if held is not None else self.backend.linearize(self.params(x), self.X).vjp(u)
 
     def set_targets(self, y: Tensor) -> None:
         """Replace the targets by ``y`` of the same shape (for a problem kept from one optimizer

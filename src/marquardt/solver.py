@@ -299,7 +299,7 @@ def _propose(
         if acceleration is None:
             return step, False, True
         step = step + 0.5 * acceleration
-        if not bool(torch.isfinite(step).all()):
+        if not _all_finite(step):
             return step, True, False
     return step, max_step == math.inf or _scaled_norm(step, scale) <= max_step, True
 
