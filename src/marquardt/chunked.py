@@ -950,10 +950,10 @@ def accumulate_normal(chunks: Iterable[tuple[Tensor, Tensor]], n: int, *, dtype:
 def normal_equations(jac: Tensor, residuals: Tensor) -> tuple[AccumulatedNormalEquations, Tensor, float]:
     """:func:`accumulate_normal` of one chunk, for rows held whole in the working dtype.
 
-    The same kernels on the same memory (bitwise the same ``J^T J``, ``J^T r`` and cost), without
-    the per-chunk conversions, checks and running sums: 175 us against 186 us for the
-    1000 x 61 benchmark Jacobian, ~140 us of it ``dsyrk`` (interleaved medians). Falls back to
-    :func:`accumulate_normal` where ``?syrk`` does not apply.
+    The same kernels on the same memory (bitwise the same ``J^T J``, ``J^T r`` and cost; ``J^T J``
+    of a small ``J`` by :func:`_first_rank_update` in both), without the per-chunk conversions,
+    checks and running sums. Falls back to :func:`accumulate_normal` where ``?syrk`` does not
+    apply.
 
     Examples
     --------

@@ -189,7 +189,7 @@ class ModuleProblem:
         Same arithmetic as the general closed-form path, kernel for kernel (bitwise the same
         costs, ``J``, ``J^T J`` and gradient), with most of its per-call overhead gone: on the
         1-20-1 benchmark network a trial's cost went from 80 to 64 us and a linearization from
-        ~360 to ~275 us, ~140 us of it ``dsyrk`` (one thread, interleaved medians).
+        ~360 to ~275 us (one thread, interleaved medians).
         """
         if not (self.plan.serial and self._keeps_trials and self.plan.form == "normal"):
             return None
