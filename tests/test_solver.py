@@ -340,6 +340,23 @@ def test_non_finite_trial_is_rejected_and_result_is_finite(jac):
     assert res.x[0] == pytest.approx(3.0, rel=1e-10)
 
 
+@pytest.mark.parametrize("damping", ["nielsen", "marquardt"])
+def test_point_with_non_finite_jacobian_is_rejected_and_the_damping_rises(damping):
+    # The cost falls all the way to b = 1, but the Jacobian is undefined beyond b = 0.7. The
+    # trial that lands there lowers the cost and must still be rejected with more damping than
+    # it was computed with; the rejection used to start from the state after the accepting
+    # update (lower damping), so the same step was retried until max_nfev (1000) ran out.
+    def jac(b):
+        return torch.full((1, 1), math.nan if float(b[0]) > 0.7 else 1.0, dtype=b.dtype)
+
+    reports = []
+    res = least_squares(lambda b: b - 1.0, [0.5], jac=jac, damping=damping, callback=reports.append)
+    assert res.status != 0 and res.nfev < 100
+    assert np.isfinite(res.jac).all() and 0.7 - 1e-6 < res.x[0] <= 0.7
+    assert all(float(info.x[0]) <= 0.7 for info in reports)
+    assert not reports[0].accepted  # the first step reached b = 1 and was refused
+
+
 def test_trust_radius_keeps_a_saturating_parameter_from_evaporating():
     # BoxBOD (NIST) from start 1: the damped step with Nielsen's tau sends b2 from 1 to 115,
     # where exp(-b2 x) and its Jacobian column vanish; the first step is now bounded.

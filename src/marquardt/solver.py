@@ -497,6 +497,32 @@ def least_squares(
         return _make_result(x, lin, status, run, as_numpy)
 
 
+@dataclass
+class _TrialRecorder:
+    """A damping rule that remembers the state its last ``update`` started from.
+
+    :func:`lm_step` returns the state after the accepting update; :meth:`_Run._reject_point`
+    needs the state the accepted trial was computed with.
+    """
+
+    rule: DampingRule
+    trial_state: DampingState | None = None
+
+    @property
+    def uses_gain_ratio(self) -> bool:
+        return getattr(self.rule, "uses_gain_ratio", True)
+
+    def accepts(self, actual_reduction: float, gain_ratio: float) -> bool:
+        return self.rule.accepts(actual_reduction, gain_ratio)
+
+    def update(self, state: DampingState, *, accepted: bool, gain_ratio: float) -> DampingState:
+        self.trial_state = state
+        return self.rule.update(state, accepted=accepted, gain_ratio=gain_ratio)
+
+    def exhausted(self, state: DampingState) -> bool:
+        return self.rule.exhausted(state)
+
+
 _RADIUS_FACTOR = 2.0  # first trust radius, in units of ||sqrt(D) x0|| (see _Run._first_state)
 _RADIUS_GROWTH = 2.0  # the radius grows to twice the longest accepted step (1.5 and 4: same NIST counts)
 
@@ -523,26 +549,33 @@ class _Run:
     def solve(self, x: Tensor, lin: Linearization) -> tuple[Tensor, Linearization, int]:
         scale = self.scaling.update(None, lin.system.diagonal())
         state, self.radius = self._first_state(x, lin, scale)
+        rule = _TrialRecorder(self.rule)
         while True:
             if self._gtol_met(lin):
                 return x, lin, 1
             if self.nfev >= self.max_nfev:
                 return x, lin, 0
             geodesic = _Geodesic(self.problem, lin) if self.geodesic else None
-            out = lm_step(self.problem, x, lin, scale, self.rule, state, max_trials=self.max_nfev - self.nfev,
+            out = lm_step(self.problem, x, lin, scale, rule, state, max_trials=self.max_nfev - self.nfev,
                           xtol=self.xtol, geodesic=geodesic, max_step=self.radius)
             self.nfev += out.n_trials
             self.n_iter += 1
             state = out.state
             status = None
-            if out.accepted:
-                self.radius = max(self.radius, _RADIUS_GROWTH * _scaled_norm(out.step, scale))
-                x, lin, scale, state, status = self._accept(x, lin, scale, state, out)
+            accepted = out.accepted
+            if accepted:
+                new_lin = self._relinearize(out.x)
+                if new_lin is None:
+                    state, accepted = self._reject_point(rule.trial_state), False
+                    status = 2 if self.rule.exhausted(state) else None
+                else:
+                    self.radius = max(self.radius, _RADIUS_GROWTH * _scaled_norm(out.step, scale))
+                    x, lin, scale, status = self._accept(lin, scale, out, new_lin)
             elif out.small_step:
                 status = 3
             elif out.exhausted:
                 status = 2
-            if self._report(x, lin, state, out) and status is None:
+            if self._report(x, lin, state, out, accepted) and status is None:
                 status = -2
             if status is not None:
                 return x, lin, status
@@ -583,17 +616,30 @@ class _Run:
             return False
         return range_cosine(lin.jac, lin.residuals) <= self.gtol
 
-    def _accept(self, x, lin, scale, state, out: StepResult):
-        new_lin = self.problem.linearize(out.x)
+    def _relinearize(self, x: Tensor) -> Linearization | None:
+        """The linearization at an accepted point, or ``None`` when its Jacobian is not finite."""
+        new_lin = self.problem.linearize(x)
         self.njev += 1
         if not (bool(torch.isfinite(new_lin.grad).all()) and bool(torch.isfinite(new_lin.jac).all())):
-            # The point is finite but its Jacobian is not: treat the step as rejected.
-            return x, lin, scale, self.rule.update(state, accepted=False, gain_ratio=-1.0), None
+            return None
+        return new_lin
+
+    def _reject_point(self, trial_state: DampingState) -> DampingState:
+        """Damping after a trial whose cost fell but whose Jacobian is not finite: a rejected trial.
+
+        The rejection is applied to the state the trial was computed with, not to the state after
+        the accepting update: that one has lower damping (Nielsen's ``1/3`` then ``x2``,
+        Marquardt's ``x0.1`` then ``x10``), so the same step would be proposed again and again
+        until ``max_nfev`` ran out.
+        """
+        return self.rule.update(trial_state, accepted=False, gain_ratio=-1.0)
+
+    def _accept(self, lin: Linearization, scale: Tensor, out: StepResult, new_lin: Linearization):
         f_ok = out.actual_reduction <= self.ftol * lin.cost and out.predicted_reduction <= self.ftol * lin.cost
         f_ok = f_ok and self._model_converged(new_lin)
         x_ok = out.step_norm <= self.xtol * (self.xtol + float(torch.linalg.vector_norm(out.x)))
         status = 4 if (f_ok and x_ok) else 2 if f_ok else 3 if x_ok else None
-        return out.x, new_lin, self.scaling.update(scale, new_lin.system.diagonal()), state, status
+        return out.x, new_lin, self.scaling.update(scale, new_lin.system.diagonal()), status
 
     def _model_converged(self, lin: Linearization) -> bool:
         """The ``ftol`` certificate: the undamped model at the new point can hardly lower the cost.
@@ -631,9 +677,9 @@ class _Run:
             return x, lin
         return x + step, new_lin
 
-    def _report(self, x: Tensor, lin: Linearization, state: DampingState, out: StepResult) -> bool:
+    def _report(self, x: Tensor, lin: Linearization, state: DampingState, out: StepResult, accepted: bool) -> bool:
         info = IterationInfo(self.n_iter, x, lin.cost, float(lin.grad.abs().max()), state.damping,
-                             out.step_norm, out.accepted)
+                             out.step_norm, accepted)
         if self.verbose >= 2:
             print(f"{info.n_iter:6d} {self.nfev:6d} {info.cost:14.6e} {info.optimality:11.3e} "
                   f"{info.damping:10.2e} {info.step_norm:10.3e} {'yes' if info.accepted else 'no'}")
