@@ -1,5 +1,6 @@
 """The torch.optim-style optimizers: LevenbergMarquardt, GradientDescent, Momentum."""
 
+import copy
 import functools
 import math
 
@@ -559,6 +560,118 @@ def test_lm_rejects_several_parameter_groups():
     groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
     with pytest.raises(ValueError, match="one parameter group; received 2"):
         LevenbergMarquardt(groups)
+
+
+def test_lm_refuses_a_parameter_group_added_after_construction():
+    # Its parameters would never be stepped: the one group holds everything a step solves for.
+    model = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.Linear(2, 1))
+    opt = LevenbergMarquardt(model[0].parameters())
+    with pytest.raises(ValueError, match="one parameter group; add_param_group would add a second"):
+        opt.add_param_group({"params": model[1].parameters()})
+    assert len(opt.param_groups) == 1
+
+
+def _frozen_net():
+    net, X, y = _tanh_problem()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, lambda: net(X) - y
+
+
+def _residuals_of(residuals):
+    def make():
+        net, X, y = _tanh_problem()
+        return net, lambda: residuals(net, X, y)
+
+    return make
+
+
+def _raises_at_second_call():
+    net, X, y = _tanh_problem()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:  # the first trial point
+            raise RuntimeError("closure failed at a trial point")
+        return net(X) - y
+
+    return net, closure
+
+
+# A bad closure or parameter set raises before or during the step; the weights are left as they were.
+_BAD_STEPS = {
+    "no parameter requires grad": (_frozen_net, ValueError, "None of the optimizer's parameters requires grad"),
+    "detached residuals": (_residuals_of(lambda net, X, y: (net(X) - y).detach()), ValueError,
+                           "residuals do not depend on the parameters"),
+    "residuals under no_grad": (_residuals_of(lambda net, X, y: torch.no_grad()(lambda: net(X) - y)()), ValueError,
+                                "residuals do not depend on the parameters"),
+    "empty residuals": (_residuals_of(lambda net, X, y: (net(X) - y)[:0]), ValueError, "empty residual tensor"),
+    "closure raises at a trial": (_raises_at_second_call, RuntimeError, "closure failed at a trial point"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_STEPS))
+def test_lm_bad_steps_raise_clearly_and_leave_the_weights_unchanged(case):
+    make, error, match = _BAD_STEPS[case]
+    net, closure = make()
+    before = _params(net)
+    opt = LevenbergMarquardt(net.parameters())
+    with pytest.raises(error, match=match):
+        opt.step(closure)
+    assert torch.equal(_params(net), before)
+
+
+def test_lm_rejected_step_leaves_the_weights_bitwise_unchanged_and_raises_damping():
+    # Every trial point is non-finite: damping rises past its maximum, the weights stay put.
+    net, X, y = _tanh_problem()
+    start = _params(net)
+
+    def closure():
+        r = net(X) - y
+        return r if torch.equal(_params(net), start) else torch.full_like(r, math.nan)
+
+    opt = LevenbergMarquardt(net.parameters(), damping=1.0, damping_max=100.0)
+    cost = opt.step(closure)
+    assert opt.exhausted and opt.damping_state.damping > 100.0
+    assert torch.equal(_params(net), start)
+    assert float(cost) == pytest.approx(0.5 * float((net(X) - y).detach().pow(2).sum()), rel=1e-15)
+
+
+def test_lm_fits_the_parameters_that_require_grad_at_each_step_and_keeps_its_damping():
+    # Freezing the first layer after construction (torch.optim skips frozen parameters at step
+    # time): the frozen weights stay, the step is that of an optimizer over the last layer
+    # started at the damping the first step left.
+    net, X, y = _tanh_problem()
+    opt = LevenbergMarquardt(net.parameters())
+    opt.step(lambda: net(X) - y)
+    damping, first = opt.damping_state.damping, [p.detach().clone() for p in net[0].parameters()]
+    reference = copy.deepcopy(net)
+    for p in net[0].parameters():
+        p.requires_grad_(False)
+    opt.step(lambda: net(X) - y)
+    for p in reference[0].parameters():
+        p.requires_grad_(False)
+    fresh = LevenbergMarquardt(reference[2].parameters(), damping=damping)
+    fresh.step(lambda: reference(X) - y)
+    assert all(torch.equal(p, q) for p, q in zip(net[0].parameters(), first))
+    assert torch.equal(_params(net), _params(reference))
+    assert _state(opt)["jacobian"] == _state(fresh)["jacobian"] and opt.damping_state == fresh.damping_state
+
+
+def test_lm_resumed_from_state_dict_takes_the_same_next_step():
+    net, X, y = _tanh_problem()
+    opt = LevenbergMarquardt(net.parameters())
+    for _ in range(3):
+        opt.step(lambda: net(X) - y)
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    cost = opt.step(lambda: net(X) - y)
+    resumed, _, _ = _tanh_problem()
+    resumed.load_state_dict(weights)
+    again = LevenbergMarquardt(resumed.parameters())
+    again.load_state_dict(saved)
+    assert again.step(lambda: resumed(X) - y) == cost
+    assert torch.equal(_params(resumed), _params(net)) and again.damping_state == opt.damping_state
 
 
 def test_lm_step_without_closure_is_a_clear_error():

@@ -25,7 +25,7 @@ from .chunked import (DEFAULT_JACOBIAN_BYTES, Plan, PromotedEquations, accumulat
 from .damping import DampingState, MarquardtDamping, NielsenDamping
 from .fastjac import LayeredJacobian
 from .network import ModuleProblem, trainable_parameters
-from .solver import FixedScaling, Linearization, lm_step
+from .solver import FixedScaling, Linearization, StepResult, lm_step
 
 __all__ = ["GradientDescent", "LevenbergMarquardt", "Momentum"]
 
@@ -93,6 +93,12 @@ class ClosureProblem:
         with torch.enable_grad():
             with _SavedBytes() as saved, single_thread(self.serial), _ModuleCalls(self.closed_form) as calls:
                 r = self.residuals()
+            if r.numel() == 0:
+                raise ValueError("The closure returned an empty residual tensor; LevenbergMarquardt needs at "
+                                 "least one residual.")
+            if not r.requires_grad:
+                raise ValueError("The closure's residuals do not depend on the parameters (they carry no autograd "
+                                 "graph): compute them from the parameters, without detach() or torch.no_grad().")
             lin = self._closed_form(r, calls.producer(self.params), x)
             if lin is not None:
                 self.used_mode = "closed-form"
@@ -212,10 +218,12 @@ class KeptProblem:
 
     def matches(self, call: ModuleCall, targets: Tensor, dtype: torch.dtype, max_jacobian_bytes: int) -> bool:
         """Whether ``call`` is this problem's module on the same, unmodified input, for the same
-        target shape, parameter dtype and budget."""
+        target shape, parameter dtype and budget, with the same parameters trainable (a parameter
+        frozen or unfrozen since changes the problem's unknowns)."""
         return (call.module is self.module and call.X is self.X and call.X._version == self.version
                 and dtype == self.dtype and max_jacobian_bytes == self.max_jacobian_bytes
-                and targets.shape == self.problem.y.shape)
+                and targets.shape == self.problem.y.shape
+                and [name for name, _ in trainable_parameters(self.module)] == self.problem.names)
 
 
 @dataclass(frozen=True)
@@ -456,7 +464,8 @@ class LevenbergMarquardt(Optimizer):
     Parameters
     ----------
     params : iterable of Tensor
-        The parameters to fit (one group).
+        The parameters to fit, in one group (several groups, or one added later by
+        ``add_param_group``, are refused). Each step fits those that require grad at that step.
     damping : float
         Initial damping (MATLAB's ``mu``). With ``strategy="nielsen"`` it is relative to the
         largest diagonal entry of ``J^T J``.
@@ -563,11 +572,34 @@ class LevenbergMarquardt(Optimizer):
             raise ValueError(f"Invalid max_jacobian_bytes value: {max_jacobian_bytes!r}; expected a positive int.")
         defaults = dict(damping=damping, damping_dec=damping_dec, damping_inc=damping_inc,
                         damping_max=damping_max, strategy=strategy, max_jacobian_bytes=max_jacobian_bytes)
+        params = list(params) if not isinstance(params, Tensor) else params
+        if isinstance(params, list) and len(params) > 1 and all(isinstance(g, dict) for g in params):
+            raise ValueError(f"LevenbergMarquardt supports one parameter group; received {len(params)}.")
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError(f"LevenbergMarquardt supports one parameter group; received {len(self.param_groups)}.")
-        self._params = [p for p in self.param_groups[0]["params"] if p.requires_grad]
         self._kept: KeptProblem | None = None  # the closed-form problem of the last step
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds the one parameter group (at construction); a second group is refused.
+
+        One LM step solves for all parameters at once, so per-group options have no meaning, and
+        parameters added later would never be stepped.
+        """
+        if self.param_groups:
+            raise ValueError("LevenbergMarquardt supports one parameter group; add_param_group would add a "
+                             "second. Pass all the parameters to the constructor instead.")
+        super().add_param_group(param_group)
+
+    @property
+    def _params(self) -> list[Tensor]:
+        """The parameters a step fits: those of the group that require grad now (read at each
+        step, as torch.optim optimizers skip frozen parameters)."""
+        return [p for p in self.param_groups[0]["params"] if p.requires_grad]
+
+    @property
+    def _state(self) -> dict:
+        # Keyed by the group's first parameter, as torch.optim.LBFGS keeps its state: freezing or
+        # unfreezing parameters between steps keeps the damping.
+        return self.state[self.param_groups[0]["params"][0]]
 
     def _rule(self) -> MarquardtDamping | NielsenDamping:
         group = self.param_groups[0]
@@ -578,25 +610,16 @@ class LevenbergMarquardt(Optimizer):
     @property
     def damping_state(self) -> DampingState | None:
         """The current damping state (``None`` before the first step)."""
-        state = self.state[self._params[0]]
+        state = self._state
         return DampingState(state["damping"], state["nu"]) if "damping" in state else None
 
     @property
     def exhausted(self) -> bool:
         """True when the last step found no lower cost before damping passed its maximum."""
-        return bool(self.state[self._params[0]].get("exhausted", False))
+        return bool(self._state.get("exhausted", False))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
-        """One LM iteration; returns the cost ``0.5 * sum(r**2)`` at the parameters it leaves."""
-        if closure is None:
-            raise ValueError("LevenbergMarquardt.step needs a closure that returns the residual tensor, "
-                             "e.g. opt.step(lambda: model(X) - y).")
-        group = self.param_groups[0]
-        stored = self.state[self._params[0]]
-        problem = ClosureProblem(self._params, closure, group["max_jacobian_bytes"],
-                                 closed_form=self._closed_form, serial=stored.get("serial", False), kept=self._kept)
-        x = torch.cat([p.detach().reshape(-1) for p in self._params])
+    def _iterate(self, problem: ClosureProblem, x: Tensor) -> tuple[Linearization, StepResult]:
+        """The linearization at ``x`` and the LM iteration from it (the trials write the parameters)."""
         lin = problem.linearize(x)
         rule = self._rule()
         state = self.damping_state or rule.init(float(lin.system.diagonal().max()))
@@ -605,6 +628,27 @@ class LevenbergMarquardt(Optimizer):
             out = lm_step(problem, x, lin, scale, rule, state, geodesic=None) if math.isfinite(lin.cost) else None
         if out is None:
             raise ValueError("The closure returned non-finite residuals at the current parameters.")
+        return lin, out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """One LM iteration; returns the cost ``0.5 * sum(r**2)`` at the parameters it leaves."""
+        if closure is None:
+            raise ValueError("LevenbergMarquardt.step needs a closure that returns the residual tensor, "
+                             "e.g. opt.step(lambda: model(X) - y).")
+        group, params = self.param_groups[0], self._params
+        if not params:
+            raise ValueError("None of the optimizer's parameters requires grad; LevenbergMarquardt has nothing "
+                             "to fit.")
+        stored = self._state
+        problem = ClosureProblem(params, closure, group["max_jacobian_bytes"],
+                                 closed_form=self._closed_form, serial=stored.get("serial", False), kept=self._kept)
+        x = torch.cat([p.detach().reshape(-1) for p in params])
+        try:
+            lin, out = self._iterate(problem, x)
+        except BaseException:  # e.g. a closure that raised at a trial point: leave the weights as they were
+            problem.write(x)
+            raise
         problem.write(out.x)
         stored.update(damping=out.state.damping, nu=out.state.nu, exhausted=out.exhausted, solver=lin.system.path,
                       jacobian=problem.used_mode, serial=problem.serial,
