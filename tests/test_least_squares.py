@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.sparse
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,11 +51,42 @@ X0 = [1.0, 1.0, 0.0]
         (decay, torch.tensor([1, 1, 0]), {}, TypeError, "x0 has dtype torch.int64"),
         (decay, np.zeros((3, 1)), {}, ValueError, r"x0 must be 1-D; received shape \(3, 1\)"),
         ("not callable", X0, {}, TypeError, "fun must be callable"),
+        (lambda b: decay(b) * (1 + 0j), X0, {}, TypeError,
+         r"fun\(x0\) returned complex values \(dtype torch.complex128\); expected real numbers"),
+        (lambda b: decay(b).numpy() + 1j, X0, dict(jac="2-point"), TypeError,
+         r"fun\(x0\) returned complex values \(dtype complex128\)"),
+        (decay, X0, dict(jac=lambda b: decay_jac(b) * (1 + 0j)), TypeError, r"jac returned complex values"),
+        (decay, torch.tensor(X0, dtype=torch.float16), {}, TypeError,
+         r"x0 has dtype torch.float16; expected torch.float32 or torch.float64"),
+        (decay, X0, dict(ftol=True), ValueError, "Invalid ftol value: True"),
+        (decay, X0, dict(max_nfev=True), ValueError, "Invalid max_nfev value: True"),
+        (lambda b, c: decay(b) * c, X0, dict(args=2.0), TypeError,
+         r"args must be a tuple of extra arguments for fun; received float 2.0 \(write args=\(2.0,\)"),
+        (decay, X0, dict(kwargs=[1]), TypeError, "kwargs must be a dict of keyword arguments for fun; received list"),
+        (decay, X0, dict(callback="print"), TypeError, "callback must be callable or None; received str"),
     ],
 )
 def test_bad_input_raises_before_iterating(fun, x0, kwargs, error, match):
     with pytest.raises(error, match=match):
         least_squares(fun, x0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("options", "jac"),
+    [
+        (dict(ftol=np.float32(1e-10), xtol=np.float64(1e-10), gtol=np.float32(1e-10)), None),
+        (dict(max_nfev=np.int32(50)), None),
+        ({}, lambda b: torch.as_tensor(decay_jac(b)).to_sparse()),
+        ({}, lambda b: scipy.sparse.csr_matrix(decay_jac(b).numpy())),
+    ],
+    ids=["numpy-tolerances", "numpy-max-nfev", "torch-sparse-jac", "scipy-sparse-jac"],
+)
+def test_numpy_scalars_and_sparse_jacobians_are_accepted(options, jac):
+    # np.float32 is not a Python float: it used to be refused as a tolerance; sparse Jacobians
+    # (as scipy users return them) failed deep inside the solver.
+    res = least_squares(decay, X0, jac=jac, **options)
+    reference = least_squares(decay, X0)
+    assert res.success and res.x == pytest.approx(reference.x, rel=1e-6)
 
 
 def test_numpy_in_numpy_out_float64():
@@ -156,6 +188,16 @@ def test_callback_stop_gives_status_minus_two():
     res = least_squares(decay, X0, callback=callback)
     assert res.status == -2 and not res.success and seen == [1, 2]
     assert res.message == TERMINATION_MESSAGES[-2]
+
+
+def test_verbose_report_gives_the_initial_and_final_cost(capsys):
+    # The report used to print "initial cost -".
+    res = least_squares(decay, X0, verbose=1)
+    initial = 0.5 * float((decay(torch.tensor(X0, dtype=torch.float64)) ** 2).sum())
+    assert capsys.readouterr().out == (
+        f"{res.message} Function evaluations {res.nfev}, initial cost {initial:.4e}, final cost {res.cost:.4e}, "
+        f"first-order optimality {res.optimality:.2e}.\n"
+    )
 
 
 def test_max_nfev_gives_status_zero():

@@ -11,7 +11,8 @@ differ only in the problem they hand over and in their stopping rules.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -347,7 +348,9 @@ class FunctionProblem:
             r = self.residuals(x)
             if self.jac == "2-point":
                 return r, finite_difference_jacobian(self.residuals, x, r)
-            return r, _as_tensor_like(self.jac(x), x)
+            value = _dense(self.jac(x))
+            _check_real("jac", value, "torch.cat([J.real, J.imag]) for residuals torch.cat([r.real, r.imag])")
+            return r, _as_tensor_like(value, x)
 
     def linearize(self, x: Tensor) -> Linearization:
         return _linearization(*self.residuals_and_jacobian(x))
@@ -422,7 +425,7 @@ def least_squares(
     jac : callable, "2-point" or None
         ``None`` (default): the exact Jacobian by :mod:`torch.func` (forward mode when
         ``n <= m``, reverse mode otherwise). A callable ``jac(x, *args, **kwargs)`` returning the
-        ``(m, n)`` Jacobian. ``"2-point"``: forward differences, only when asked for.
+        ``(m, n)`` Jacobian (a tensor, an array, or a scipy/torch sparse matrix, made dense). ``"2-point"``: forward differences, only when asked for.
     args, kwargs
         Extra arguments passed to ``fun`` and ``jac``.
     damping : {"nielsen", "marquardt"} or damping rule
@@ -480,6 +483,7 @@ def least_squares(
     kwargs = {} if kwargs is None else kwargs
     x, as_numpy = _validate_x0(x0)
     _validate_options(ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev, verbose=verbose)
+    _validate_call(args=args, kwargs=kwargs, callback=callback)
     rule = make_damping(damping)
     scaling = make_scaling(x_scale, x.shape[0], dtype=x.dtype, device=x.device)
     bound_fun = _bind(fun, args, kwargs)
@@ -545,8 +549,10 @@ class _Run:
     njev: int = 1
     n_iter: int = 0
     radius: float = math.inf
+    initial_cost: float = math.nan
 
     def solve(self, x: Tensor, lin: Linearization) -> tuple[Tensor, Linearization, int]:
+        self.initial_cost = lin.cost
         scale = self.scaling.update(None, lin.system.diagonal())
         state, self.radius = self._first_state(x, lin, scale)
         rule = _TrialRecorder(self.rule)
@@ -695,7 +701,7 @@ def _make_result(x: Tensor, lin: Linearization, status: int, run: _Run, as_numpy
     covariance = _covariance(lin.jac, lin.cost)
     message = termination_message(status)
     if run.verbose >= 1:
-        print(f"{message} Function evaluations {run.nfev}, initial cost -, final cost {lin.cost:.4e}, "
+        print(f"{message} Function evaluations {run.nfev}, initial cost {run.initial_cost:.4e}, final cost {lin.cost:.4e}, "
               f"first-order optimality {float(lin.grad.abs().max()):.2e}.")
     convert = (lambda t: t.detach().cpu().numpy()) if as_numpy else (lambda t: t.detach())
     return LeastSquaresResult(
@@ -736,6 +742,9 @@ def _validate_x0(x0: Any) -> tuple[Tensor, bool]:
         x = torch.as_tensor(array.astype(np.float64))
     if not x.is_floating_point():
         raise TypeError(f"x0 has dtype {x.dtype}; expected a floating-point tensor (e.g. x0.double()).")
+    if x.dtype not in (torch.float32, torch.float64):
+        # The SVD and Cholesky factorisations the solver needs exist in single and double only.
+        raise TypeError(f"x0 has dtype {x.dtype}; expected torch.float32 or torch.float64 (e.g. x0.float()).")
     if x.ndim > 1:
         raise ValueError(f"x0 must be 1-D; received shape {tuple(x.shape)}.")
     x = x.reshape(-1).clone()
@@ -752,12 +761,26 @@ def _first_bad(values: Tensor) -> int:
 
 def _validate_options(*, ftol: float, xtol: float, gtol: float, max_nfev: int | None, verbose: int) -> None:
     for name, value in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        # numbers.Real takes numpy scalars of every width (np.float32 is not a float); a bool is
+        # a number to Python but never a tolerance anyone meant.
+        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) \
+                or not math.isfinite(value) or value < 0:
             raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0.")
-    if max_nfev is not None and (not isinstance(max_nfev, (int, np.integer)) or max_nfev < 1):
+    if max_nfev is not None and (not isinstance(max_nfev, (int, np.integer)) or isinstance(max_nfev, bool)
+                                 or max_nfev < 1):
         raise ValueError(f"Invalid max_nfev value: {max_nfev!r}; expected a positive integer or None.")
     if verbose not in (0, 1, 2):
         raise ValueError(f"Invalid verbose value: {verbose!r}; expected 0, 1 or 2.")
+
+
+def _validate_call(*, args: Any, kwargs: Any, callback: Any) -> None:
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple of extra arguments for fun; received {type(args).__name__} "
+                        f"{args!r} (write args=({args!r},) for one argument).")
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"kwargs must be a dict of keyword arguments for fun; received {type(kwargs).__name__}.")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None; received {type(callback).__name__}.")
 
 
 def _bind(fun: Callable[..., Any], args: tuple, kwargs: dict) -> Callable[[Tensor], Any]:
@@ -777,6 +800,7 @@ def _bind_jac(jac: Any, args: tuple, kwargs: dict) -> Any:
 def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> Tensor:
     with torch.no_grad():
         value = fun(x)
+    _check_real("fun(x0)", value, "torch.cat([r.real, r.imag])")
     try:
         r = _as_tensor_like(value, x)
     except (TypeError, ValueError) as error:
@@ -794,6 +818,22 @@ def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> Tensor:
             "rescale the residuals or choose a starting point nearer the data."
         )
     return r
+
+
+def _dense(value: Any) -> Any:
+    """A sparse Jacobian (scipy.sparse or a torch sparse layout), as the dense matrix the solver factorises."""
+    if isinstance(value, Tensor):
+        return value.to_dense() if value.layout != torch.strided else value
+    return value.toarray() if hasattr(value, "toarray") else value
+
+
+def _check_real(name: str, value: Any, fix: str) -> None:
+    """Refuse complex output, which the conversion to the real dtype of ``x`` would silently truncate."""
+    complex_ = value.is_complex() if isinstance(value, Tensor) else np.iscomplexobj(value)
+    if complex_:
+        dtype = value.dtype if isinstance(value, Tensor) else np.asarray(value).dtype
+        raise TypeError(f"{name} returned complex values (dtype {dtype}); expected real numbers: "
+                        f"split them into real and imaginary parts, {fix}.")
 
 
 def _first_linearization(problem: FunctionProblem, x: Tensor, m: int, jac: Any) -> Linearization:
