@@ -116,6 +116,15 @@ def test_binary_classifier_has_one_output():
     assert clf.predict_proba(X).shape == (60, 2) and clf.score(X, y + 5) > 0.85
 
 
+@pytest.mark.parametrize("loss", ["mse", "hinge"])
+def test_classifier_refuses_a_loss_that_is_not_a_classification_loss(loss):
+    # "mse" is a loss of fit, but not of a classifier: it used to fail on the network's output shape.
+    X = np.arange(12.0).reshape(6, 2)
+    with pytest.raises(ValueError, match=f"Invalid loss: '{loss}'; expected 'cross_entropy' or "
+                       "'binary_cross_entropy'."):
+        LMClassifier(loss=loss).fit(X, [0, 1, 0, 1, 0, 1])
+
+
 def test_binary_loss_refuses_three_classes():
     X = np.arange(12.0).reshape(6, 2)
     with pytest.raises(ValueError, match="Only binary classification is supported with loss='binary_cross_entropy'; "

@@ -246,6 +246,8 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
 
     def fit(self, X: Any, y: Any) -> LMClassifier:
         """Train on ``X`` (n_samples, n_features) and class labels ``y`` (n_samples,)."""
+        if self.loss not in ("cross_entropy", "binary_cross_entropy"):  # fit's "mse" is no classifier loss
+            raise ValueError(f"Invalid loss: {self.loss!r}; expected 'cross_entropy' or 'binary_cross_entropy'.")
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
