@@ -241,6 +241,9 @@ def files(tmp_path: Path, regression_csv: Path) -> dict[str, Path]:
         "nan": write_csv(tmp_path / "nan.csv", ["x", "y"], [[1, 2], ["nan", 3]]),
         "three": write_csv(tmp_path / "three.csv", ["x", "c"], [[1, "a"], [2, "b"], [3, "c"]]),
         "one": write_csv(tmp_path / "one.csv", ["x", "c"], [[1, "a"], [2, "a"]]),
+        "tiny": write_csv(tmp_path / "tiny.csv", ["x", "y"], [[1, 2], [2, 3], [3, 4]]),
+        "noheader": write_csv(tmp_path / "noheader.csv", ["0.5", "1.5"], [[1, 2], [2, 3]]),
+        "labels": write_csv(tmp_path / "labels.csv", ["x", "c"], [[1, "a"], [2, "b"], [3, "a"], [4, "b"]]),
     }
 
 
@@ -273,6 +276,20 @@ BAD_INPUT = [
      "--loss cross_entropy takes one --target column of class labels; received 2: y,x1"),
     ("out is a file", ["fit", "{data}", "--target", "y", "--features", "x1", "--out", "{data}"],
      "--out {data} is a file; pass a folder"),
+    ("no header line", ["fit", "{noheader}", "--target", "y", *OUT],
+     "--target: {noheader} has no column 'y'; its first line is numbers, not column names; the file needs a header"),
+    ("target listed twice", ["fit", "{data}", "--target", "y,y", *OUT],
+     "--target: column(s) 'y' listed more than once"),
+    ("br with classes", ["fit", "{labels}", "--target", "c", "--loss", "cross_entropy", "--method", "br", *OUT],
+     "--method br needs --loss mse: Bayesian regularization (trainbr) minimises a sum of squared errors"),
+    ("no training samples", ["fit", "{tiny}", "--target", "y", "--split", "0.01,0.49,0.5", *OUT],
+     "--split 0.01,0.49,0.5: {tiny} has 3 rows, and validation and test take round(fraction x rows) each, which "
+     "leaves none for training"),
+    ("checkpoint is a file", ["fit", "{data}", "--target", "y", "--features", "x1", "--seed", "0", "--checkpoint", "{data}",
+                              *OUT],
+     "--checkpoint {data} is a file; pass a folder for the checkpoints"),
+    ("out under a file", ["fit", "{data}", "--target", "y", "--features", "x1", "--out", "{data}/run"],
+     "--out {data}/run: cannot create files in {data}; pass a folder you can write to"),
     ("predict without a model", ["predict", "{tmp}/nomodel", "{data}", "-o", "{tmp}/p.csv"],
      "{tmp}/nomodel/model.safetensors does not exist; train a model with `marquardt fit"),
     ("evaluate without a model", ["evaluate", "{tmp}/nomodel", "{data}"],
@@ -321,6 +338,11 @@ def test_predict_on_data_without_a_feature(trained, tmp_path, capsys):
     data = write_csv(tmp_path / "few.csv", ["x1", "z"], [[1, 2]])
     assert cli.main(["predict", str(trained), str(data), "-o", str(tmp_path / "p.csv")]) == 2
     assert "has no column 'x2'" in capsys.readouterr().err
+
+
+def test_predict_into_a_folder_is_a_usage_error(trained, regression_csv, tmp_path, capsys):
+    assert cli.main(["predict", str(trained), str(regression_csv), "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"marquardt predict: error: -o {tmp_path} is a folder; pass the path of the CSV file to write\n"
 
 
 def test_evaluate_on_data_without_the_target(trained, tmp_path, capsys):

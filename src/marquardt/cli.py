@@ -23,6 +23,7 @@ import argparse
 import csv
 import difflib
 import math
+import os
 import random
 import sys
 import time
@@ -155,8 +156,23 @@ def _check_columns(table: Table, names: Sequence[str], option: str) -> list[str]
         if name not in table.columns:
             close = _closest(name, table.columns)
             hint = f"did you mean {close!r}?" if close else f"the columns are {', '.join(table.columns)}"
+            if _all_numbers(table.columns):
+                hint = ("its first line is numbers, not column names; the file needs a header line naming the "
+                        "columns first")
             raise UsageError(f"{option}: {table.path} has no column {name!r}; {hint}")
+    twice = sorted({name for name in names if list(names).count(name) > 1})
+    if twice:
+        raise UsageError(f"{option}: column(s) {', '.join(map(repr, twice))} listed more than once; name each "
+                         "column once")
     return list(names)
+
+
+def _all_numbers(cells: Sequence[str]) -> bool:
+    try:
+        [float(cell) for cell in cells]
+    except ValueError:
+        return False
+    return True
 
 
 def _closest(name: str, columns: list[str]) -> str | None:
@@ -513,6 +529,7 @@ def run_fit(args: argparse.Namespace) -> int:
                 raise UsageError("--checkpoint needs --seed, so that a resumed run divides the data and starts the "
                                  "same way")
             seed = args.seed if args.seed is not None else _shared_seed(reducer)
+            _check_fit_options(args, task, len(X), seed)
             model, history, train_s = train_model(args, task, X, y, seed, device, reducer)
     except DistributedError as error:
         print(f"marquardt {args.command}: error: {error}", file=sys.stderr)
@@ -531,7 +548,11 @@ def run_fit(args: argparse.Namespace) -> int:
     if reducer.world_size > 1:
         options["ranks"] = reducer.world_size
     record = FitRecord(args.data, features, task, options, history, rows, {"read_s": read_s, "train_s": train_s})
-    written = write_fit_outputs(args.out, model, record, splits, y, outputs)
+    try:
+        written = write_fit_outputs(args.out, model, record, splits, y, outputs)
+    except OSError as error:
+        raise UsageError(f"--out {args.out}: cannot write {error.filename or args.out}: "
+                         f"{error.strerror or error}") from None
     _print_summary(record, written)
     return 0
 
@@ -552,6 +573,29 @@ def _fit_columns(args: argparse.Namespace, table: Table) -> tuple[Regression | C
     if isinstance(task, Classification):
         task.learn_classes(table)
     return task, features
+
+
+def _check_fit_options(args: argparse.Namespace, task: Regression | Classification, n_rows: int, seed: int) -> None:
+    """Option combinations ``fit`` would refuse only after reading the data: checked before training."""
+    if args.method == "br" and isinstance(task, Classification):
+        raise UsageError(f"--method br needs --loss mse: Bayesian regularization (trainbr) minimises a sum of "
+                         f"squared errors; use --method lm with --loss {task.loss}")
+    if args.checkpoint is not None and args.checkpoint.exists() and not args.checkpoint.is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint} is a file; pass a folder for the checkpoints")
+    if args.division != "none" and "Training" not in split_indices(n_rows, args.division, args.split, seed):
+        raise UsageError(f"--split {','.join(f'{s:g}' for s in args.split)}: {args.data} has {n_rows} rows, and "
+                         "validation and test take round(fraction x rows) each, which leaves none for training; "
+                         "use a larger training fraction or --division none")
+    _check_writable(args.out)
+
+
+def _check_writable(out: Path) -> None:
+    # The nearest existing folder must take new files, or the training would be lost at the end.
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create files in {existing}; pass a folder you can write to")
 
 
 def _device(name: str) -> torch.device:
@@ -799,10 +843,15 @@ def run_predict(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.parent and not output.parent.is_dir():
         raise UsageError(f"-o {args.output}: folder {output.parent} does not exist")
-    with open(output, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+    if output.is_dir():
+        raise UsageError(f"-o {args.output} is a folder; pass the path of the CSV file to write")
+    try:
+        with open(output, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+    except OSError as error:
+        raise UsageError(f"-o {args.output}: cannot write it: {error.strerror or error}") from None
     print(f"wrote {len(rows)} predictions to {output}")
     return 0
 
