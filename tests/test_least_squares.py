@@ -64,6 +64,10 @@ X0 = [1.0, 1.0, 0.0]
          r"args must be a tuple of extra arguments for fun; received float 2.0 \(write args=\(2.0,\)"),
         (decay, X0, dict(kwargs=[1]), TypeError, "kwargs must be a dict of keyword arguments for fun; received list"),
         (decay, X0, dict(callback="print"), TypeError, "callback must be callable or None; received str"),
+        (lambda b: torch.tensor([b[0] - 1.0, b[1] - 2.0]), X0, {}, TypeError,
+         r"fun\(x0\) does not depend on x through torch autograd"),
+        (lambda b: torch.from_numpy(decay(b).detach().numpy()), X0, {}, TypeError,
+         r"fun\(x0\) does not depend on x through torch autograd"),
     ],
 )
 def test_bad_input_raises_before_iterating(fun, x0, kwargs, error, match):
@@ -188,6 +192,12 @@ def test_callback_stop_gives_status_minus_two():
     res = least_squares(decay, X0, callback=callback)
     assert res.status == -2 and not res.success and seen == [1, 2]
     assert res.message == TERMINATION_MESSAGES[-2]
+
+
+def test_a_flat_start_with_a_zero_jacobian_is_not_mistaken_for_a_cut_graph():
+    # J(x0) = 0 because the model is flat there, not because fun detached x.
+    res = least_squares(lambda b: torch.stack([b[0] ** 2 - 4.0, b[1] ** 2 - 9.0]), [0.0, 0.0])
+    assert res.status == 1 and res.x.tolist() == [0.0, 0.0]
 
 
 def test_verbose_report_gives_the_initial_and_final_cost(capsys):

@@ -820,6 +820,28 @@ def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> Tensor:
     return r
 
 
+def _check_connected(fun: Callable[[Tensor], Any], x: Tensor) -> None:
+    """Refuse a ``fun`` whose output autograd cannot trace back to ``x``.
+
+    Called only when the exact Jacobian at ``x0`` is zero: ``torch.tensor([...])``, ``.numpy()``
+    or ``float()`` inside ``fun`` cut the graph, the Jacobian reads as zero, and the run used to
+    stop at once on ``gtol`` with ``success=True`` at ``x0``. A Jacobian that is zero because the
+    model is flat there (``b**2`` at ``b = 0``) keeps its graph and passes.
+    """
+    point = x.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            value = fun(point)
+    except Exception:  # noqa: BLE001 - the exact Jacobian was computed; this is only a diagnosis
+        return
+    if isinstance(value, Tensor) and not value.requires_grad:
+        raise TypeError(
+            "fun(x0) does not depend on x through torch autograd (torch.tensor(...), .numpy(), float() or "
+            ".item() inside fun cut the graph), so its exact Jacobian reads as zero; write fun with torch "
+            "operations (torch.stack instead of torch.tensor), or pass jac='2-point' or a jac callable."
+        )
+
+
 def _dense(value: Any) -> Any:
     """A sparse Jacobian (scipy.sparse or a torch sparse layout), as the dense matrix the solver factorises."""
     if isinstance(value, Tensor):
@@ -850,4 +872,6 @@ def _first_linearization(problem: FunctionProblem, x: Tensor, m: int, jac: Any) 
         raise ValueError(f"jac returned shape {tuple(J.shape)}; expected (m, n) = ({m}, {x.shape[0]}).")
     if not bool(torch.isfinite(J).all()):
         raise ValueError("The Jacobian at x0 is not finite; choose a starting point where fun is differentiable.")
+    if jac is None and not bool(J.any()):
+        _check_connected(problem.fun, x)
     return _linearization(r, J)
