@@ -353,3 +353,14 @@ def test_held_weights_restore_the_best_epoch_and_reach_the_module_when_interrupt
     point += 1.0
     assert best.weights is None and best.point.tolist() == [0.0, 1.0, 2.0]
     assert best.offer(0.5, 1, model) and best.point is None and best.weights is not None
+
+
+@pytest.mark.parametrize("method, mu_dec, mu_1", [("lm", 1e-8, 1e-9), ("lm", 1e-300, 1e-20), ("br", 1e-300, 1e-20)])
+def test_mu_is_floored_at_1e_minus_20_after_accepted_steps(method, mu_dec, mu_1):
+    # MATLAB trainlm/trainbr: ``mu = mu * mu_dec; if (mu < 1e-20), mu = 1e-20; end``. Without the
+    # floor, mu_dec=1e-300 takes mu to 1e-303 after one accepted step (and towards underflow after two).
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, method=method, epochs=6, mu_dec=mu_dec, min_grad=0.0)
+    mu = history["mu"]
+    assert min(mu) >= 1e-20 and mu[1] == pytest.approx(mu_1, rel=1e-12)  # epoch 1 accepts at mu = 0.1
+    assert all(b <= a for a, b in zip(history["perf"], history["perf"][1:]))

@@ -59,6 +59,10 @@ _LM_OPTIONS = {"mu": 1e-3, "mu_dec": 0.1, "mu_inc": 10.0, "mu_max": 1e10, "max_j
 # MATLAB trainbr starts from mu = 0.005; the other defaults are trainlm's.
 _DAMPED = {"lm": _LM_OPTIONS, "br": {**_LM_OPTIONS, "mu": 0.005}}
 _DEFAULT_MAX_FAIL = 6
+# MATLAB trainlm and trainbr floor mu at 1e-20 after an accepted step (``if (mu < 1e-20), mu = 1e-20; end``):
+# without it a long run of accepted steps drives mu towards underflow, from which x mu_inc per
+# rejection takes hundreds of trials to climb back.
+_MU_FLOOR = 1e-20
 _FIRST_ORDER = {"gd": (GradientDescent, {"lr": 0.01}), "momentum": (Momentum, {"lr": 0.01, "beta": 0.9})}
 
 
@@ -346,6 +350,8 @@ class LMTrainer:
         out = lm_step(problem, self.x, lin, scale, self.rule, self.state, predict=False)
         self.solver = lin.system.path
         self.state = out.state
+        if out.accepted and out.state.damping < _MU_FLOOR:
+            self.state = DampingState(_MU_FLOOR, out.state.nu)
         self.x = out.x
         self.accepted = out.accepted
 
