@@ -152,6 +152,8 @@ class LMRegressor(RegressorMixin, _LMEstimator):
         Epochs run.
     n_features_in_ : int
         Number of features seen in ``fit``.
+    feature_names_in_ : ndarray of str
+        Column names of ``X`` in ``fit``; only when ``X`` was a DataFrame with string column names.
     n_outputs_ : int
         Number of targets.
 
@@ -201,7 +203,7 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
     ----------
     classes_ : ndarray
         The class labels, sorted; output ``k`` of the network belongs to ``classes_[k]``.
-    model_, history_, n_iter_, n_features_in_
+    model_, history_, n_iter_, n_features_in_, feature_names_in_
         As :class:`LMRegressor`. The history also has ``accuracy`` (and ``vaccuracy``).
 
     Examples
