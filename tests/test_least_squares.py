@@ -93,6 +93,24 @@ def test_numpy_scalars_and_sparse_jacobians_are_accepted(options, jac):
     assert res.success and res.x == pytest.approx(reference.x, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(jac="3-point"), dict(jac=np.eye(3)), dict(callback=1), dict(args=1.0), dict(ftol=-1.0), dict(x_scale=0.0),
+     dict(damping="levenberg")],
+    ids=["jac-name", "jac-array", "callback", "args", "ftol", "x_scale", "damping"],
+)
+def test_options_are_validated_before_fun_is_called(options):
+    calls = []
+
+    def fun(b, *args):
+        calls.append(b)
+        return decay(b)
+
+    with pytest.raises((TypeError, ValueError)):
+        least_squares(fun, X0, **options)
+    assert calls == []
+
+
 def test_numpy_in_numpy_out_float64():
     res = least_squares(decay, np.array(X0))
     assert isinstance(res.x, np.ndarray) and res.x.dtype == np.float64

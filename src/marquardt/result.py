@@ -90,13 +90,14 @@ class IterationInfo:
     cost : float
         ``0.5 * sum(fun**2)`` at ``x``.
     optimality : float
-        ``max |J^T r|`` at the point the step was computed from.
+        ``max |J^T r|`` at ``x``.
     damping : float
         Damping after the step.
     step_norm : float
         Norm of the last trial step.
     accepted : bool
-        Whether the last step lowered the cost.
+        Whether the last trial step was kept (it lowered the cost, and the Jacobian at the new
+        point is finite).
     """
 
     n_iter: int

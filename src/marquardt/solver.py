@@ -486,9 +486,9 @@ def least_squares(
     _validate_call(args=args, kwargs=kwargs, callback=callback)
     rule = make_damping(damping)
     scaling = make_scaling(x_scale, x.shape[0], dtype=x.dtype, device=x.device)
-    bound_fun = _bind(fun, args, kwargs)
+    bound_fun, bound_jac = _bind(fun, args, kwargs), _bind_jac(jac, args, kwargs)
     residuals0 = _validate_residuals(bound_fun, x)
-    problem = FunctionProblem(bound_fun, _bind_jac(jac, args, kwargs), residuals0.shape[0])
+    problem = FunctionProblem(bound_fun, bound_jac, residuals0.shape[0])
     max_nfev = max(1000, 100 * x.shape[0]) if max_nfev is None else max_nfev
     # Small problems run on one thread: a 250 x 8 ``J^T J`` took 5 us on one thread and 31 ms
     # on two on this 2-core machine under load (a descheduled worker costs a time slice).
@@ -790,7 +790,7 @@ def _bind(fun: Callable[..., Any], args: tuple, kwargs: dict) -> Callable[[Tenso
 
 
 def _bind_jac(jac: Any, args: tuple, kwargs: dict) -> Any:
-    if jac is None or jac == "2-point":
+    if jac is None or (isinstance(jac, str) and jac == "2-point"):
         return jac
     if callable(jac):
         return lambda x: jac(x, *args, **kwargs)
