@@ -230,7 +230,7 @@ def test_br_on_a_plain_module():
         (dict(batch_size=10), ValueError, "Invalid batch_size for method='br': 10"),
         (dict(loss="binary_cross_entropy"), ValueError, "Invalid loss for method='br': 'binary_cross_entropy'"),
         (dict(lr=0.1), TypeError, r"Unknown option\(s\) for method='br': \['lr'\]"),
-        (dict(mu=0.0), ValueError, "Invalid damping value: 0.0"),
+        (dict(mu=0.0), ValueError, "Invalid mu value: 0.0; expected a finite number > 0"),
         (dict(max_fail=0), ValueError, "Invalid max_fail value: 0"),
     ],
 )

@@ -290,6 +290,7 @@ BAD_INPUT = [
      "--checkpoint {data} is a file; pass a folder for the checkpoints"),
     ("out under a file", ["fit", "{data}", "--target", "y", "--features", "x1", "--out", "{data}/run"],
      "--out {data}/run: cannot create files in {data}; pass a folder you can write to"),
+    ("demo into a file", ["demo", "--out", "{data}", "--epochs", "1"], "--out {data} is a file; pass a folder"),
     ("predict without a model", ["predict", "{tmp}/nomodel", "{data}", "-o", "{tmp}/p.csv"],
      "{tmp}/nomodel/model.safetensors does not exist; train a model with `marquardt fit"),
     ("evaluate without a model", ["evaluate", "{tmp}/nomodel", "{data}"],
@@ -360,7 +361,9 @@ def test_evaluate_unknown_class_label(classes_csv, tmp_path, capsys):
     assert "line 3, column 'species': label 'cow' is not one of the model's classes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["fit", "d.csv", "--target", "y", "--out", "o", "--hidden", "10,0"],
+@pytest.mark.parametrize("argv", [["fit", "d.csv", "--target", "y", "--out", "o", "--seed", str(2**64)],
+                                  ["demo", "--seed", "x"],
+                                  ["fit", "d.csv", "--target", "y", "--out", "o", "--hidden", "10,0"],
                                   ["fit", "d.csv", "--out", "o"],
                                   ["fit", "d.csv", "--target", "y", "--out", "o", "--method", "newton"],
                                   ["fit", "d.csv", "--target", "y", "--out", "o", "--split", "0.5,0.5"],

@@ -247,7 +247,17 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(batch_size=0), ValueError, "Invalid batch_size value: 0"),
         (X_OK, Y_OK, dict(division="random", split=(0.5, 0.2, 0.2)), ValueError, "must sum to 1"),
         (X_OK, Y_OK, dict(division="shuffle"), ValueError, "Invalid division: 'shuffle'"),
-        (X_OK, Y_OK, dict(mu=-1.0), ValueError, "Invalid damping value: -1.0"),
+        (X_OK, Y_OK, dict(mu=-1.0), ValueError, r"Invalid mu value: -1.0; expected a finite number > 0"),
+        (X_OK, Y_OK, dict(mu_dec=2), ValueError, r"Invalid mu_dec value: 2; expected a number with 0 < mu_dec < 1"),
+        (X_OK, Y_OK, dict(mu_inc=0.5), ValueError, r"Invalid mu_inc value: 0.5; expected a finite number > 1"),
+        (X_OK, Y_OK, dict(method="br", mu_max=0), ValueError, r"Invalid mu_max value: 0; expected a finite number > 0"),
+        (X_OK, Y_OK, dict(max_jacobian_bytes=-5), ValueError, r"Invalid max_jacobian_bytes value: -5"),
+        (X_OK, Y_OK, dict(split=(0.7, 0.3)), ValueError, r"split must be three fractions >= 0 .* received \(0.7, 0.3\)"),
+        (X_OK, Y_OK, dict(seed="a"), ValueError, r"Invalid seed value: 'a'; expected None or an integer"),
+        (X_OK, Y_OK, dict(seed=2**64), ValueError, r"Invalid seed value: 18446744073709551616"),
+        (X_OK, Y_OK, dict(progress="yes"), ValueError, r"Invalid progress value: 'yes'; expected None, True or False"),
+        (X_OK, Y_OK, dict(max_fail=True), ValueError, r"Invalid max_fail value: True"),
+        (X_OK, Y_OK, dict(goal=math.nan), ValueError, r"Invalid goal value: nan"),
         (X_OK, Y_OK, dict(momentum=0.9), TypeError, r"Unknown option\(s\) for method='lm': \['momentum'\]"),
         (X_OK, Y_OK, dict(method="gd", beta=0.9), TypeError, r"Unknown option\(s\) for method='gd': \['beta'\]"),
         (X_OK, Y_OK, dict(validation_data=X_OK), TypeError, "validation_data must be a pair"),
@@ -364,3 +374,17 @@ def test_mu_is_floored_at_1e_minus_20_after_accepted_steps(method, mu_dec, mu_1)
     mu = history["mu"]
     assert min(mu) >= 1e-20 and mu[1] == pytest.approx(mu_1, rel=1e-12)  # epoch 1 accepts at mu = 0.1
     assert all(b <= a for a, b in zip(history["perf"], history["perf"][1:]))
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    # np.float32 is not a Python float: the stopping rules take any real number.
+    X, y = smooth_data()
+    history = fit(tanh_net(), X, y, epochs=np.int64(50), goal=np.float32(1e-3), min_grad=np.float32(0.0),
+                  time_limit=np.float64(1e6), mu=np.float32(1e-3))
+    assert history.stop_reason == STOP_REASONS["goal"] and history["perf"][-1] <= np.float32(1e-3)
+
+
+def test_a_model_that_is_not_a_module_is_a_type_error():
+    X, y = smooth_data()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module; received str"):
+        fit("model", X, y)

@@ -405,6 +405,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -2**63 <= value < 2**64:  # the range torch's generators take
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64), received {text!r}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = _count(text)
     if value < 1:
@@ -431,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("marquardt-demo"), help="folder for the plots "
                       "(default: ./marquardt-demo)")
     demo.add_argument("--epochs", type=_count, default=1000, help="maximum epochs per method (default: 1000)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the division (default: 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the weights and the division (default: 0)")
     demo.set_defaults(run=run_demo_command)
     _add_fit_parser(commands)
     predict = commands.add_parser("predict", help="write a trained model's predictions for a CSV file")
@@ -462,7 +472,7 @@ def _add_fit_parser(commands: Any) -> None:
                      help="division fractions (default: 0.7,0.15,0.15)")
     fit.add_argument("--loss", choices=_LOSSES, default="mse", help="mse for regression, cross_entropy or "
                      "binary_cross_entropy for class labels (default: mse)")
-    fit.add_argument("--seed", type=int, help="seed of the weights and the division (default: random)")
+    fit.add_argument("--seed", type=_seed, help="seed of the weights and the division (default: random)")
     fit.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     fit.add_argument("--checkpoint", type=Path, metavar="CKPT_DIR", help="write checkpoints to CKPT_DIR and resume "
                      "from the newest one there (the same command continues a killed run)")
@@ -500,6 +510,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     """``marquardt demo``: the comparison table and convergence plots."""
     from .demo import run_demo, write_plots
 
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; pass a folder for the plots")
+    _check_writable(args.out)
     print(f"Training mlp 1-10-1 on the built-in simplefit-style data (94 samples, random 70/15/15, "
           f"seed {args.seed}) with LM, momentum and gradient descent...")
     runs = run_demo(epochs=args.epochs, seed=args.seed)

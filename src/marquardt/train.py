@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -418,7 +419,9 @@ def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
         if unknown:
             raise TypeError(f"Unknown option(s) for method={method!r}: {sorted(unknown)}; expected {sorted(defaults)}.")
         merged = {**defaults, **options}
-        MarquardtDamping(merged["mu"], merged["mu_dec"], merged["mu_inc"], merged["mu_max"])  # validates
+        _check_damping_options(merged)
+        merged.update({name: float(merged[name]) for name in ("mu", "mu_dec", "mu_inc", "mu_max")})
+        MarquardtDamping(merged["mu"], merged["mu_dec"], merged["mu_inc"], merged["mu_max"])
         if merged["solver"] not in ("auto",) + FORMS:
             raise ValueError(f"Invalid solver: {merged['solver']!r}; expected 'auto' or one of {FORMS}.")
         return method, merged
@@ -431,6 +434,31 @@ def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
     if inspect.isclass(method) and issubclass(method, torch.optim.Optimizer):
         return method.__name__.lower(), (method, dict(options))
     raise ValueError(f"Invalid method: {method!r}; expected 'lm', 'br', 'gd', 'momentum' or a torch.optim.Optimizer class.")
+
+
+def _check_damping_options(options: dict[str, Any]) -> None:
+    # Checked here under MATLAB's names, the ones the caller passed (the damping rule says "damping").
+    checks = [
+        ("mu", lambda v: v > 0, "a finite number > 0"),
+        ("mu_dec", lambda v: 0 < v < 1, "a number with 0 < mu_dec < 1"),
+        ("mu_inc", lambda v: v > 1, "a finite number > 1"),
+        ("mu_max", lambda v: v > 0, "a finite number > 0"),
+    ]
+    for name, ok, expected in checks:
+        value = options[name]
+        if not (_is_number(value) and math.isfinite(value) and ok(value)):
+            raise ValueError(f"Invalid {name} value: {value!r}; expected {expected}.")
+    budget = options["max_jacobian_bytes"]
+    if not (_is_integer(budget) and budget >= 1):
+        raise ValueError(f"Invalid max_jacobian_bytes value: {budget!r}; expected an integer >= 1 (bytes).")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _make_trainer(kind: str, spec: Any, module: nn.Module, data: Split, loss: Loss,
@@ -492,14 +520,17 @@ def _stop_reason(record: dict, *, goal: float, epochs: int, time_limit: float | 
 
 
 def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time_limit: Any, batch_size: Any,
-                      division: Any, callbacks: Any) -> None:
+                      division: Any, callbacks: Any, seed: Any = None, progress: Any = None) -> None:
+    # numbers.Real takes numpy scalars (np.float32(0.1) is no float); bools are not numbers here.
     checks = [
-        ("epochs", epochs, isinstance(epochs, (int, np.integer)) and not isinstance(epochs, bool) and epochs >= 0, "an integer >= 0"),
-        ("goal", goal, isinstance(goal, (int, float)) and goal >= 0, "a number >= 0"),
-        ("min_grad", min_grad, isinstance(min_grad, (int, float)) and min_grad >= 0, "a number >= 0"),
-        ("max_fail", max_fail, max_fail is None or (isinstance(max_fail, (int, np.integer)) and max_fail >= 1), "None or an integer >= 1"),
-        ("time_limit", time_limit, time_limit is None or (isinstance(time_limit, (int, float)) and time_limit > 0), "None or a number > 0"),
-        ("batch_size", batch_size, batch_size is None or (isinstance(batch_size, (int, np.integer)) and batch_size >= 1), "None or an integer >= 1"),
+        ("epochs", epochs, _is_integer(epochs) and epochs >= 0, "an integer >= 0"),
+        ("goal", goal, _is_number(goal) and goal >= 0, "a number >= 0"),
+        ("min_grad", min_grad, _is_number(min_grad) and min_grad >= 0, "a number >= 0"),
+        ("max_fail", max_fail, max_fail is None or (_is_integer(max_fail) and max_fail >= 1), "None or an integer >= 1"),
+        ("time_limit", time_limit, time_limit is None or (_is_number(time_limit) and time_limit > 0), "None or a number > 0"),
+        ("batch_size", batch_size, batch_size is None or (_is_integer(batch_size) and batch_size >= 1), "None or an integer >= 1"),
+        ("seed", seed, seed is None or (_is_integer(seed) and -2**63 <= seed < 2**64), "None or an integer in [-2**63, 2**64)"),
+        ("progress", progress, progress is None or isinstance(progress, bool), "None, True or False"),
     ]
     for name, value, ok, expected in checks:
         if not ok:
@@ -666,13 +697,14 @@ def fit(
     >>> history.stop_reason
     'Performance goal met.'
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}.")
     callbacks = list(callbacks)
-    _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks)
+    _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks, seed, progress)
     kind, spec = _split_options(method, method_options)
     loss_fn = make_loss(loss)
     _validate_method_loss(kind, loss_fn, batch_size)
-    if division is not None:
-        split = check_split(split)
+    split = check_split(split)  # also without a division: a bad split is a mistake either way
     if seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
