@@ -228,6 +228,22 @@ def test_verbose_report_gives_the_initial_and_final_cost(capsys):
     )
 
 
+@pytest.mark.parametrize(("jac", "calls_per_jacobian"), [(decay_jac, 0), ("2-point", 3)], ids=["callable", "2-point"])
+def test_fun_is_called_once_per_counted_evaluation(jac, calls_per_jacobian):
+    # The linearization at an accepted point called fun again, though the trial had just
+    # evaluated it there: 16 calls for nfev = 8 with a callable jac (an expensive model cost twice).
+    calls = []
+
+    def fun(b):
+        calls.append(b)
+        return decay(b)
+
+    res = least_squares(fun, X0, jac=jac)
+    reference = least_squares(decay, X0, jac=jac)
+    assert len(calls) == res.nfev + calls_per_jacobian * res.njev
+    assert res.nfev == reference.nfev and np.array_equal(res.x, reference.x)
+
+
 def test_max_nfev_gives_status_zero():
     res = least_squares(decay, [10.0, 5.0, -3.0], max_nfev=2)
     assert res.status == 0 and res.nfev <= 2 + 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -330,22 +330,36 @@ class FunctionProblem:
     fun: Callable[[Tensor], Tensor]
     jac: Callable[[Tensor], Any] | str | None
     n_residuals: int
+    _last: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def residuals(self, x: Tensor) -> Tensor:
         return _as_tensor_like(self.fun(x), x)
+
+    def remember(self, x: Tensor, r: Tensor) -> None:
+        """Keep ``fun(x)`` for the linearization that follows an accepted trial at ``x``."""
+        self._last = (x.clone(), r)
 
     def cost(self, x: Tensor) -> float:
         with torch.no_grad():
             r = self.residuals(x)
         if not bool(torch.isfinite(r).all()):
             return math.inf
+        self.remember(x, r)
         return 0.5 * float(r @ r)
+
+    def _residuals_at(self, x: Tensor) -> Tensor:
+        # An accepted point was just evaluated by cost(); a user or finite-difference Jacobian
+        # needs no second call of fun there (an expensive model, an ODE solve, costs twice).
+        # The exact Jacobian evaluates fun in the same pass anyway.
+        if self._last is not None and torch.equal(self._last[0], x):
+            return self._last[1]
+        return self.residuals(x)
 
     def residuals_and_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.jac is None:
             return residuals_and_jacobian(self.residuals, x, self.n_residuals)
         with torch.no_grad():
-            r = self.residuals(x)
+            r = self._residuals_at(x)
             if self.jac == "2-point":
                 return r, finite_difference_jacobian(self.residuals, x, r)
             value = _dense(self.jac(x))
@@ -489,6 +503,7 @@ def least_squares(
     bound_fun, bound_jac = _bind(fun, args, kwargs), _bind_jac(jac, args, kwargs)
     residuals0 = _validate_residuals(bound_fun, x)
     problem = FunctionProblem(bound_fun, bound_jac, residuals0.shape[0])
+    problem.remember(x, residuals0)
     max_nfev = max(1000, 100 * x.shape[0]) if max_nfev is None else max_nfev
     # Small problems run on one thread: a 250 x 8 ``J^T J`` took 5 us on one thread and 31 ms
     # on two on this 2-core machine under load (a descheduled worker costs a time slice).
