@@ -6,6 +6,7 @@ import doctest
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -92,6 +93,20 @@ def test_plot_performance_without_validation_uses_training_minimum():
     assert ax.get_title().startswith("Best Training Performance is ")
     assert ax.get_title().endswith("at epoch 11")
     assert len(ax.get_legend().get_texts()) == 2
+
+
+@pytest.mark.parametrize("perf, scale", [([0.0, 0.0], "linear"), ([1.0, 0.1, 0.0], "log"), ([2.0, 1.0], "log")])
+def test_performance_axes_are_log_only_with_positive_values(perf, scale, tmp_path):
+    # A one-sample run meets goal=0 at epoch 0 with perf 0.0: nothing to draw on a log axis.
+    history = History()
+    for epoch, value in enumerate(perf):
+        history.append(epoch=epoch, perf=value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Data has no positive values" warning
+        fig = plot_performance(history, path=tmp_path / "perf.png")
+        comparison = plot_comparison({"LM": history})
+    assert fig.axes[0].get_yscale() == scale and comparison.axes[0].get_yscale() == scale
+    assert fig.axes[0].get_title() == f"Best Training Performance is {min(perf):.4g} at epoch {perf.index(min(perf))}"
 
 
 def test_plot_performance_custom_title():

@@ -124,7 +124,7 @@ def plot_performance(
             ax.plot(epochs, _series(history, key), color=color, linewidth=2, label=label)
     best_value = _series(history, best_key)[best_index]
     _mark_best(ax, epochs[best_index], best_value, validation=best_key == "vperf")
-    ax.set_yscale("log")
+    _log_scale_if_positive(ax, [_series(history, key) for key, _, _ in _PERF_SERIES if key in history])
     ax.set_xlabel(f"{_int_text(epochs[-1])} Epochs")
     # Classification runs record accuracy; their performance is the mean cross-entropy.
     ax.set_ylabel(_CE_LABEL if _has_data(history, "accuracy") else _MSE_LABEL)
@@ -412,7 +412,7 @@ def plot_comparison(
     ax = axes[0, 0]
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, linewidth=2, label=label)
-    ax.set_yscale("log")
+    _log_scale_if_positive(ax, [ys for _, ys in curves.values()])
     ax.set_xlabel("Epoch" if x == "epoch" else "Time (s)")
     ax.set_ylabel(_MSE_LABEL if key == "perf" else key)
     ax.set_title(f"{'Training performance' if key == 'perf' else key} by method")
@@ -454,6 +454,13 @@ def _finish(fig: Figure, path: PathLike | None) -> Figure:
         fmt = Path(path).suffix.lstrip(".").lower() or "png"
         _write_atomically(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
     return fig
+
+
+def _log_scale_if_positive(ax: Axes, series: list[np.ndarray]) -> None:
+    # A run that fits its data exactly records a performance of 0: with no positive value a log
+    # axis has nothing to show (matplotlib warns and draws an empty panel), so it stays linear.
+    if any((values[np.isfinite(values)] > 0).any() for values in series):
+        ax.set_yscale("log")
 
 
 def _int_text(value: float) -> str:
