@@ -244,6 +244,26 @@ def test_fun_is_called_once_per_counted_evaluation(jac, calls_per_jacobian):
     assert res.nfev == reference.nfev and np.array_equal(res.x, reference.x)
 
 
+T32, Y32 = torch.as_tensor(T, dtype=torch.float32), torch.as_tensor(Y, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "fun",
+    [
+        lambda b: b[0] * torch.exp(-b[1] * T32) + b[2] - Y32,  # a float64 b times float32 data is float32
+        lambda b: (np.float32(b[0]) * np.exp(-np.float32(b[1]) * T32.numpy()) + np.float32(b[2]) - Y32.numpy()),
+    ],
+    ids=["torch-float32-data", "numpy-float32-model"],
+)
+def test_two_point_jacobian_steps_fit_a_float32_model_under_a_float64_x(fun):
+    # Steps of sqrt(eps64) = 1.5e-8 are below float32 resolution: the Jacobian read zero and the
+    # run stopped at x0 on gtol with success=True and stderr 0.
+    res = least_squares(fun, X0, jac="2-point")
+    reference = least_squares(decay, X0)
+    assert res.success and res.x == pytest.approx(reference.x, rel=1e-4)
+    assert res.stderr == pytest.approx(reference.stderr, rel=1e-2)
+
+
 def test_max_nfev_gives_status_zero():
     res = least_squares(decay, [10.0, 5.0, -3.0], max_nfev=2)
     assert res.status == 0 and res.nfev <= 2 + 1

@@ -49,8 +49,12 @@ def residuals_and_jacobian(fun: ResidualFunction, x: Tensor, n_residuals: int) -
     return value.detach(), jac.detach()
 
 
-def finite_difference_jacobian(fun: ResidualFunction, x: Tensor, value: Tensor) -> Tensor:
+def finite_difference_jacobian(fun: ResidualFunction, x: Tensor, value: Tensor, eps: float | None = None) -> Tensor:
     """Forward-difference (``"2-point"``) Jacobian with steps ``sqrt(eps) * max(1, |x_j|)``.
+
+    ``eps`` is the machine epsilon of the precision ``fun`` computes in: by default that of
+    ``x``; pass the larger one when ``fun`` works in lower precision than ``x`` (float32 data
+    with a float64 ``x``), or the steps fall below its resolution and the Jacobian reads zero.
 
     Examples
     --------
@@ -60,7 +64,7 @@ def finite_difference_jacobian(fun: ResidualFunction, x: Tensor, value: Tensor) 
     >>> [round(v, 5) for v in J.flatten().tolist()]
     [2.0, 0.0, 0.0, 3.0]
     """
-    eps = torch.finfo(x.dtype).eps
+    eps = torch.finfo(x.dtype).eps if eps is None else max(eps, torch.finfo(x.dtype).eps)
     steps = eps**0.5 * torch.clamp(x.abs(), min=1.0)
     columns = []
     for j in range(x.shape[0]):

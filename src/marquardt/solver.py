@@ -330,6 +330,9 @@ class FunctionProblem:
     fun: Callable[[Tensor], Tensor]
     jac: Callable[[Tensor], Any] | str | None
     n_residuals: int
+    #: Machine epsilon of the precision ``fun`` computes in, for the finite-difference steps
+    #: (``None``: that of ``x``).
+    fd_eps: float | None = None
     _last: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def residuals(self, x: Tensor) -> Tensor:
@@ -361,7 +364,7 @@ class FunctionProblem:
         with torch.no_grad():
             r = self._residuals_at(x)
             if self.jac == "2-point":
-                return r, finite_difference_jacobian(self.residuals, x, r)
+                return r, finite_difference_jacobian(self.residuals, x, r, self.fd_eps)
             value = _dense(self.jac(x))
             _check_real("jac", value, "torch.cat([J.real, J.imag]) for residuals torch.cat([r.real, r.imag])")
             return r, _as_tensor_like(value, x)
@@ -501,8 +504,8 @@ def least_squares(
     rule = make_damping(damping)
     scaling = make_scaling(x_scale, x.shape[0], dtype=x.dtype, device=x.device)
     bound_fun, bound_jac = _bind(fun, args, kwargs), _bind_jac(jac, args, kwargs)
-    residuals0 = _validate_residuals(bound_fun, x)
-    problem = FunctionProblem(bound_fun, bound_jac, residuals0.shape[0])
+    residuals0, output_eps = _validate_residuals(bound_fun, x)
+    problem = FunctionProblem(bound_fun, bound_jac, residuals0.shape[0], output_eps)
     problem.remember(x, residuals0)
     max_nfev = max(1000, 100 * x.shape[0]) if max_nfev is None else max_nfev
     # Small problems run on one thread: a 250 x 8 ``J^T J`` took 5 us on one thread and 31 ms
@@ -812,7 +815,8 @@ def _bind_jac(jac: Any, args: tuple, kwargs: dict) -> Any:
     raise ValueError(f"Invalid jac: {jac!r}; expected None (exact, by autograd), '2-point' or a callable.")
 
 
-def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> Tensor:
+def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor, float]:
+    """``fun(x0)`` checked, and the machine epsilon of the precision it was computed in."""
     with torch.no_grad():
         value = fun(x)
     _check_real("fun(x0)", value, "torch.cat([r.real, r.imag])")
@@ -832,7 +836,23 @@ def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> Tensor:
             f"The cost 0.5 * sum(fun(x0)**2) overflows {r.dtype} (largest |residual| {largest:.3e}); "
             "rescale the residuals or choose a starting point nearer the data."
         )
-    return r
+    return r, _output_eps(value, x)
+
+
+def _output_eps(value: Any, x: Tensor) -> float:
+    """The machine epsilon of ``fun``'s own output dtype, at least that of ``x``.
+
+    A float32 model with a float64 ``x`` (``b[0] * torch.exp(-b[1] * t)`` with a float32 ``t``
+    gives float32) needs float32-sized difference steps, as scipy's ``approx_derivative`` takes
+    the coarser of the two precisions.
+    """
+    eps = torch.finfo(x.dtype).eps
+    dtype = value.dtype if isinstance(value, Tensor) else np.asarray(value).dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return max(eps, torch.finfo(dtype).eps)
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        return max(eps, float(np.finfo(dtype).eps))
+    return eps
 
 
 def _check_connected(fun: Callable[[Tensor], Any], x: Tensor) -> None:
