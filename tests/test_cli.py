@@ -402,5 +402,27 @@ def test_python_m_marquardt_bad_input(regression_csv, tmp_path):
 
 
 def test_metadata_is_plain_json(trained):
-    record = json.loads((trained / "model.json").read_text())
+    record = json.loads((trained / "model.json").read_text(), parse_constant=pytest.fail)  # no NaN or Infinity
     assert record["metadata"]["cli"]["timings"]["train_s"] > 0
+
+
+def test_metrics_that_do_not_apply_are_null_in_the_model_file(tmp_path):
+    # A constant target has no R^2: the report shows "-", the JSON null (strict JSON has no NaN).
+    data = write_csv(tmp_path / "flat.csv", ["x", "y"], [[i, 3.0] for i in range(10)])
+    assert run_fit(data, tmp_path / "run", "--target", "y", "--division", "none") == 0
+    record = json.loads((tmp_path / "run" / "model.json").read_text(), parse_constant=pytest.fail)
+    assert [row["r2"] for row in record["metadata"]["cli"]["metrics"]] == [None, None]
+    assert record["metadata"]["cli"]["metrics"][0]["mse"] == 0.0
+
+
+def test_ctrl_c_during_fit_is_one_line_with_exit_status_130(regression_csv, tmp_path, monkeypatch, capsys):
+    import marquardt.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(marquardt.train, "fit", interrupted)
+    argv = ["--target", "y", "--features", "x1", "--checkpoint", str(tmp_path / "ckpt")]
+    assert run_fit(regression_csv, tmp_path / "run", *argv) == 130
+    assert capsys.readouterr().err == ("marquardt fit: interrupted (run the same command to resume from the last "
+                                       "checkpoint)\n")
+    assert not (tmp_path / "run").exists()

@@ -261,6 +261,8 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(momentum=0.9), TypeError, r"Unknown option\(s\) for method='lm': \['momentum'\]"),
         (X_OK, Y_OK, dict(method="gd", beta=0.9), TypeError, r"Unknown option\(s\) for method='gd': \['beta'\]"),
         (X_OK, Y_OK, dict(validation_data=X_OK), TypeError, "validation_data must be a pair"),
+        (X_OK, Y_OK, dict(validation_data=(X_OK, Y_OK), division="block"), ValueError,
+         r"Pass either validation_data=\(X_val, y_val\) or division='block', not both"),
         (X_OK, Y_OK, dict(callbacks=[print]), TypeError, "callbacks must be marquardt.Callback instances"),
     ],
 )

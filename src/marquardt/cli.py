@@ -38,6 +38,7 @@ import torch
 __all__ = ["UsageError", "main"]
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 _METHODS = ("lm", "br", "gd", "momentum", "adam")
 _LOSSES = ("mse", "cross_entropy", "binary_cross_entropy")
 _DIVISIONS = ("random", "block", "interleaved", "none")
@@ -504,6 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"marquardt {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        resume = (" (run the same command to resume from the last checkpoint)"
+                  if getattr(args, "checkpoint", None) is not None else "")
+        print(f"marquardt {args.command}: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -742,8 +748,12 @@ class FitRecord:
     timings: dict[str, float]
 
     def metadata(self) -> dict[str, Any]:
+        # Strict JSON, like the History's to_dict: a metric that does not apply (R^2 of a constant
+        # target) is null, not NaN.
+        metrics = [{key: None if isinstance(value, float) and not math.isfinite(value) else value
+                    for key, value in row.items()} for row in self.rows]
         return {"cli": {"data": str(self.data), "features": self.features, **self.task.metadata(),
-                        "options": self.options, "metrics": self.rows, "timings": self.timings},
+                        "options": self.options, "metrics": metrics, "timings": self.timings},
                 "history": self.history.to_dict()}
 
 

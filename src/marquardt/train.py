@@ -705,6 +705,9 @@ def fit(
     loss_fn = make_loss(loss)
     _validate_method_loss(kind, loss_fn, batch_size)
     split = check_split(split)  # also without a division: a bad split is a mistake either way
+    if validation_data is not None and division not in (None, "none"):
+        raise ValueError(f"Pass either validation_data=(X_val, y_val) or division={division!r}, not both: "
+                         "validation_data would replace the division's validation set.")
     if seed is not None:
         torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
