@@ -95,13 +95,15 @@ def second_directional_derivative(fun: ResidualFunction, x: Tensor, direction: T
 
 
 def finite_difference_second_derivative(
-    fun: ResidualFunction, x: Tensor, direction: Tensor, jvp: Tensor | None = None, h: float = 0.1
+    fun: ResidualFunction, x: Tensor, direction: Tensor, jvp: Tensor | None = None, h: float = 0.1,
+    value: Tensor | None = None,
 ) -> Tensor:
     """Transtrum & Sethna's finite difference ``(2/h) ((r(x + h v) - r(x)) / h - J v)``.
 
-    Without ``jvp`` (``J v``) it uses the central second difference instead.
+    Without ``jvp`` (``J v``) it uses the central second difference instead. ``value`` is
+    ``fun(x)`` when the caller holds it (one call of ``fun`` fewer).
     """
-    value = fun(x)
+    value = fun(x) if value is None else value
     if jvp is not None:
         return (2.0 / h) * ((fun(x + h * direction) - value) / h - jvp)
     return (fun(x + h * direction) - 2 * value + fun(x - h * direction)) / h**2

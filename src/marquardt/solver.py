@@ -372,11 +372,12 @@ class FunctionProblem:
     def linearize(self, x: Tensor) -> Linearization:
         return _linearization(*self.residuals_and_jacobian(x))
 
-    def second_directional(self, x: Tensor, direction: Tensor, jvp: Tensor) -> Tensor:
+    def second_directional(self, x: Tensor, direction: Tensor, jvp: Tensor, residuals: Tensor | None = None) -> Tensor:
+        """``d^2/dt^2 fun(x + t direction)``; ``residuals`` is ``fun(x)`` when held (no second call)."""
         if self.jac is None:
             return second_directional_derivative(self.residuals, x, direction)
         with torch.no_grad():
-            return finite_difference_second_derivative(self.residuals, x, direction, jvp)
+            return finite_difference_second_derivative(self.residuals, x, direction, jvp, value=residuals)
 
 
 def _linearization(r: Tensor, jac: Tensor) -> Linearization:
@@ -399,7 +400,7 @@ class _Geodesic:
 
     def __call__(self, x: Tensor, velocity: Tensor, _: Tensor, damping: float, scale: Tensor) -> Tensor | None:
         jac = self.lin.jac
-        rpp = self.problem.second_directional(x, velocity, jac @ velocity)
+        rpp = self.problem.second_directional(x, velocity, jac @ velocity, self.lin.residuals)
         acceleration = self.lin.system.solve(jac.T @ rpp, damping, scale, residuals=rpp)
         if not bool(torch.isfinite(acceleration).all()):
             return torch.zeros_like(velocity)  # no usable second derivative: plain LM step
