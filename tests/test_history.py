@@ -139,6 +139,13 @@ def test_integer_and_slice_indexing_return_copies():
     assert h.records[-1]["perf"] == 0.25
 
 
+@pytest.mark.parametrize("index", [np.int64(1), np.int32(-2), torch.tensor(1)])
+def test_numpy_and_tensor_integers_index_records(index):
+    # history[np.argmin(history["vperf"])] is the natural way to read the best record.
+    h = make_history()
+    assert h[index] == h[1] and h[int(np.argmin(h["perf"]))] == h[np.argmin(h["perf"])]
+
+
 @pytest.mark.parametrize(
     ("key", "exc", "match"),
     [
@@ -146,7 +153,10 @@ def test_integer_and_slice_indexing_return_copies():
         (-4, IndexError, "out of range"),
         (1.0, TypeError, "must be str .* received float"),
         (True, TypeError, "received bool"),
+        (np.bool_(True), TypeError, "received bool"),
+        (np.float64(1.0), TypeError, "received float64"),
         (("perf",), TypeError, "received tuple"),
+        (np.int64(3), IndexError, "index 3 out of range"),
     ],
 )
 def test_bad_indices(key, exc, match):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -153,14 +154,19 @@ class History:
         """
         if isinstance(key, str):
             return self._column(key)
-        if isinstance(key, bool) or not isinstance(key, int | slice):
-            raise TypeError(
-                f"History indices must be str (a key), int or slice; received {type(key).__name__}"
-            )
         if isinstance(key, slice):
             return [dict(r) for r in self.records[key]]
         try:
-            return dict(self.records[key])
+            # Any integer type (np.argmin's np.int64 included), but not a bool.
+            index = None if isinstance(key, bool | np.bool_) else operator.index(key)
+        except TypeError:
+            index = None
+        if index is None:
+            raise TypeError(
+                f"History indices must be str (a key), int or slice; received {type(key).__name__}"
+            )
+        try:
+            return dict(self.records[index])
         except IndexError:
             raise IndexError(
                 f"History index {key} out of range for a history of {len(self)} records"
