@@ -280,6 +280,17 @@ def test_two_point_jacobian_steps_fit_a_float32_model_under_a_float64_x(fun):
     assert res.stderr == pytest.approx(reference.stderr, rel=1e-2)
 
 
+def test_verbose_two_prints_a_header_and_one_line_per_iteration(capsys):
+    # The per-iteration lines had no header naming their seven columns.
+    res = least_squares(decay, X0, verbose=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["iteration", "nfev", "cost", "optimality", "damping", "step", "norm", "accepted"]
+    rows = [line.split() for line in lines[1:-1]]
+    assert [int(row[0]) for row in rows] == list(range(1, res.n_iter + 1))
+    assert all(len(row) == 7 and row[-1] in ("yes", "no") for row in rows)
+    assert lines[-1].startswith(res.message)
+
+
 def test_max_nfev_gives_status_zero():
     res = least_squares(decay, [10.0, 5.0, -3.0], max_nfev=2)
     assert res.status == 0 and res.nfev <= 2 + 1

@@ -572,6 +572,8 @@ class _Run:
 
     def solve(self, x: Tensor, lin: Linearization) -> tuple[Tensor, Linearization, int]:
         self.initial_cost = lin.cost
+        if self.verbose >= 2:
+            print(f"{'iteration':>9} {'nfev':>6} {'cost':>14} {'optimality':>11} {'damping':>10} {'step norm':>10} accepted")
         scale = self.scaling.update(None, lin.system.diagonal())
         state, self.radius = self._first_state(x, lin, scale)
         rule = _TrialRecorder(self.rule)
@@ -706,7 +708,7 @@ class _Run:
         info = IterationInfo(self.n_iter, x, lin.cost, float(lin.grad.abs().max()), state.damping,
                              out.step_norm, accepted)
         if self.verbose >= 2:
-            print(f"{info.n_iter:6d} {self.nfev:6d} {info.cost:14.6e} {info.optimality:11.3e} "
+            print(f"{info.n_iter:9d} {self.nfev:6d} {info.cost:14.6e} {info.optimality:11.3e} "
                   f"{info.damping:10.2e} {info.step_norm:10.3e} {'yes' if info.accepted else 'no'}")
         if self.callback is None:
             return False
