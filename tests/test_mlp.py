@@ -479,3 +479,12 @@ def test_other_trainers_also_work_in_normalized_units(method, options):
     history = fit(model, X, y, method=method, epochs=20, seed=0, **options)
     assert all(math.isfinite(r["perf"]) for r in history.records)
     assert history[history.best_epoch]["perf"] < history[0]["perf"]
+
+
+@pytest.mark.parametrize("shape", [(5, 2), (5, 4), (2,), (5, 3, 1)])
+def test_forward_rejects_inputs_of_the_wrong_width(shape):
+    # Before: torch's "size of tensor a (2) must match the size of tensor b (3)" from the mapminmax buffers.
+    model = mlp(3, hidden=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"MLP with n_inputs=3 needs inputs of shape \(N, 3\); received shape "
+                                         rf"\({', '.join(map(str, shape))},?\)"):
+        model(torch.zeros(shape, dtype=torch.float64))

@@ -240,6 +240,8 @@ Y_INF[1, 0] = math.inf
         (X_OK, torch.zeros(4, 2, dtype=torch.float64), {}, ValueError,
          r"model output shape \(2, 1\) does not match the targets y shape \(4, 2\)"),
         (X_OK[:0], Y_OK[:0], {}, ValueError, "X is empty"),
+        (torch.zeros(4, 2, dtype=torch.float64), Y_OK, {}, ValueError,
+         r"The model cannot take X of shape \(4, 2\) \(samples first\): mat1 and mat2 shapes cannot be multiplied"),
         (X_OK, Y_OK, dict(method="newton"), ValueError, "Invalid method: 'newton'"),
         (X_OK, Y_OK, dict(epochs=-1), ValueError, "Invalid epochs value: -1"),
         (X_OK, Y_OK, dict(goal=-1.0), ValueError, "Invalid goal value: -1.0"),
@@ -390,3 +392,13 @@ def test_a_model_that_is_not_a_module_is_a_type_error():
     X, y = smooth_data()
     with pytest.raises(TypeError, match="model must be a torch.nn.Module; received str"):
         fit("model", X, y)
+
+
+def test_inputs_with_the_wrong_number_of_features_name_the_mlp_inputs():
+    from marquardt import mlp
+
+    model = mlp(3, 4, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"The model cannot take X of shape \(5, 2\) .* MLP with n_inputs=3 needs "
+                                         r"inputs of shape \(N, 3\)"):
+        fit(model, torch.zeros(5, 2, dtype=torch.float64), torch.zeros(5, 1, dtype=torch.float64))
+    assert not model.normalization_set

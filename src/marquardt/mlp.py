@@ -524,6 +524,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map raw inputs (N, n_inputs) to raw outputs (N, n_outputs)."""
+        if x.shape[-1:] != (self.n_inputs,):
+            raise ValueError(f"MLP with n_inputs={self.n_inputs} needs inputs of shape (N, {self.n_inputs}); "
+                             f"received shape {tuple(x.shape)}")
         return self.denormalize_outputs(self.forward_normalized(self.normalize_inputs(x)))
 
 

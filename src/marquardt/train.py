@@ -130,8 +130,12 @@ def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Los
     if X_t.shape[0] != y_t.shape[0]:
         raise ValueError(f"{names[0]} and {names[1]} have different numbers of samples: "
                          f"{X_t.shape[0]} and {y_t.shape[0]}.")
-    with torch.no_grad():
-        probe_shape = tuple(model(X_t[:2]).shape)
+    try:
+        with torch.no_grad():
+            probe_shape = tuple(model(X_t[:2]).shape)
+    except (RuntimeError, ValueError) as error:  # a layer that does not fit X's shape
+        raise ValueError(f"The model cannot take {names[0]} of shape {tuple(X_t.shape)} (samples first): "
+                         f"{error}") from error
     return Split(X_t, loss.targets(y_t, probe_shape, names[1]))
 
 
