@@ -291,6 +291,18 @@ def test_verbose_two_prints_a_header_and_one_line_per_iteration(capsys):
     assert lines[-1].startswith(res.message)
 
 
+@pytest.mark.parametrize("jac", [None, decay_jac, "2-point"], ids=["exact", "callable", "2-point"])
+def test_residuals_that_change_in_number_raise(jac):
+    # Dropping residuals lowers the cost without improving the fit; such a step was accepted and
+    # the run reported success on 20 of the 25 residuals.
+    def fun(b):
+        r = decay(b)
+        return r[:20] if float(b[0]) > 2.0 else r
+
+    with pytest.raises(ValueError, match=r"fun returned \(20,\) residuals at x = \[.*\], but \(25,\) at x0"):
+        least_squares(fun, X0, jac=jac)
+
+
 def test_max_nfev_gives_status_zero():
     res = least_squares(decay, [10.0, 5.0, -3.0], max_nfev=2)
     assert res.status == 0 and res.nfev <= 2 + 1

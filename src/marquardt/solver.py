@@ -336,7 +336,16 @@ class FunctionProblem:
     _last: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def residuals(self, x: Tensor) -> Tensor:
-        return _as_tensor_like(self.fun(x), x)
+        r = _as_tensor_like(self.fun(x), x)
+        if r.shape != (self.n_residuals,):
+            # Dropping residuals (say the non-finite ones) makes a smaller cost that is no
+            # improvement: the step would be accepted for it.
+            raise ValueError(
+                f"fun returned {tuple(r.shape)} residuals at x = {_describe_point(x)}, but "
+                f"({self.n_residuals},) at x0; the number of residuals must not change (keep every "
+                "residual, e.g. torch.where(ok, r, big) instead of r[ok])."
+            )
+        return r
 
     def remember(self, x: Tensor, r: Tensor) -> None:
         """Keep ``fun(x)`` for the linearization that follows an accepted trial at ``x``."""
@@ -378,6 +387,13 @@ class FunctionProblem:
             return second_directional_derivative(self.residuals, x, direction)
         with torch.no_grad():
             return finite_difference_second_derivative(self.residuals, x, direction, jvp, value=residuals)
+
+
+def _describe_point(x: Tensor) -> str:
+    try:
+        return np.array2string(x.detach().cpu().numpy(), precision=6, threshold=10)
+    except RuntimeError:  # a transformed tensor inside torch.func has no data to print
+        return "a trial point"
 
 
 def _linearization(r: Tensor, jac: Tensor) -> Linearization:
