@@ -300,6 +300,19 @@ def test_missing_json_is_refused(tmp_path):
         load(tmp_path / "model")
 
 
+@pytest.mark.parametrize("loader", [load, load_state])
+def test_a_path_with_no_save_is_file_not_found(tmp_path, loader):
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors does not exist \(nor nope\.json\)"):
+        loader(tmp_path / "nope")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_map_location_cuda_without_cuda_is_a_value_error(tmp_path):
+    save(_trained_like_mlp(torch.float64), tmp_path / "model")
+    with pytest.raises(ValueError, match=r"map_location='cuda', but CUDA is not available .* map_location='cpu'"):
+        load(tmp_path / "model", map_location="cuda")
+
+
 def test_missing_tensors_file_is_refused(tmp_path):
     save(_trained_like_mlp(torch.float64), tmp_path / "model")
     (tmp_path / "model.safetensors").unlink()

@@ -310,6 +310,9 @@ def _read_pair(path: Any, kind: str, map_location: Any) -> tuple[dict[str, Tenso
     """Read and cross-check both files of a save."""
     tensors_path, json_path = _file_pair(path)
     device = _check_device(map_location)
+    if not tensors_path.is_file() and not json_path.is_file():
+        # Neither file: a wrong path, not a half save; say so as load's docstring promises.
+        raise FileNotFoundError(f"{tensors_path} does not exist (nor {json_path.name}); is the path right?")
     record = _read_record(json_path, kind)
     tensors, header = _read_tensors(tensors_path, device)
     if header.get("save_id") != record.get("save_id"):
@@ -324,11 +327,18 @@ def _read_pair(path: Any, kind: str, map_location: Any) -> tuple[dict[str, Tenso
 
 def _check_device(map_location: Any) -> str:
     try:
-        return str(torch.device(map_location))
+        device = torch.device(map_location)
     except (RuntimeError, TypeError) as err:
         raise ValueError(
             f"map_location must name a torch device such as 'cpu', received {map_location!r}"
         ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # Checked here: moving the model there later fails with torch's bare AssertionError.
+        raise ValueError(
+            f"map_location={map_location!r}, but CUDA is not available to this PyTorch build on "
+            "this machine; load with map_location='cpu'"
+        )
+    return str(device)
 
 
 def _check_matches(model: nn.Module, tensors: Mapping[str, Tensor], where: Path, *, dtypes: bool) -> None:
