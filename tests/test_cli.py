@@ -182,6 +182,11 @@ def test_classification_with_string_labels(classes_csv, tmp_path, capsys):
     assert meta["classes"] == ["bird", "cat", "dog"] and meta["task"] == "classification"
     assert load(out / "model").n_outputs == 3
     assert {row["split"]: row["accuracy"] for row in meta["metrics"]}["All"] > 0.9
+    # The All row's cross-entropy is the sample-weighted mean of the splits' (it was missing).
+    *parts, whole = meta["metrics"]
+    assert whole["cross_entropy"] == pytest.approx(
+        sum(r["samples"] * r["cross_entropy"] for r in parts) / sum(r["samples"] for r in parts), rel=1e-12)
+    assert whole["samples"] == 60 and 0 < whole["cross_entropy"] < 1.2
     assert "accuracy" in load_metadata(out / "model")["history"]["records"][-1]
 
     assert cli.main(["predict", str(out), str(classes_csv), "-o", str(tmp_path / "p.csv")]) == 0
@@ -426,3 +431,24 @@ def test_ctrl_c_during_fit_is_one_line_with_exit_status_130(regression_csv, tmp_
     assert capsys.readouterr().err == ("marquardt fit: interrupted (run the same command to resume from the last "
                                        "checkpoint)\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("y, outputs, r2", [
+    ([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [3.0, 1.0]], [[0.1, 1.1], [1.1, 1.1], [2.1, 1.1], [3.1, 1.1]], 0.992),
+    ([[0.0], [1.0], [2.0], [3.0]], [[0.1], [1.1], [2.1], [3.1]], 0.992),
+    ([[1.0], [1.0]], [[1.0], [1.5]], math.nan),
+])
+def test_r2_averages_the_target_columns_that_have_one(y, outputs, r2):
+    # A constant second target used to turn the averaged R^2 into NaN.
+    metrics = cli.regression_metrics(np.array(y), np.array(outputs))
+    assert metrics["r2"] == pytest.approx(r2, nan_ok=True, rel=1e-12)
+
+
+def test_a_closed_pipe_is_not_a_traceback(regression_csv, tmp_path):
+    code = ("import sys; from marquardt.cli import main; sys.exit(main(['fit', sys.argv[1], '--target', 'y', "
+            "'--features', 'x1', '--hidden', '2', '--epochs', '2', '--seed', '0', '--out', sys.argv[2]]))")
+    reader = subprocess.Popen([sys.executable, "-c", code, str(regression_csv), str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # as `| head -0` would
+    _, err = reader.communicate()
+    assert b"Traceback" not in err and reader.returncode == 1

@@ -303,7 +303,8 @@ def regression_metrics(y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
 
     Notes
     -----
-    ``R^2 = 1 - sum (y - o)^2 / sum (y - mean y)^2`` per column (NaN for a constant column).
+    ``R^2 = 1 - sum (y - o)^2 / sum (y - mean y)^2`` per column, averaged over the columns that
+    are not constant (NaN when all are).
 
     Examples
     --------
@@ -316,7 +317,9 @@ def regression_metrics(y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
     total = ((y - y.mean(axis=0)) ** 2).sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         r2 = np.where(total > 0, 1.0 - (errors**2).sum(axis=0) / total, np.nan)
-    return {"mse": mse, "rmse": math.sqrt(mse), "r2": float(np.mean(r2))}
+    # A constant target column has no R^2; the others still do (NaN only when none has one).
+    defined = r2[np.isfinite(r2)]
+    return {"mse": mse, "rmse": math.sqrt(mse), "r2": float(defined.mean()) if defined.size else math.nan}
 
 
 def _task(loss: str, targets: list[str]) -> Regression | Classification:
@@ -505,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"marquardt {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `marquardt fit ... | head`: the reader has gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         resume = (" (run the same command to resume from the last checkpoint)"
                   if getattr(args, "checkpoint", None) is not None else "")
@@ -724,9 +730,17 @@ def _split_rows(task: Regression | Classification, splits: dict[str, np.ndarray]
     for name, index in [*splits.items(), ("All", np.arange(len(y)))]:
         row: dict[str, Any] = {"split": name, "samples": len(index)}
         if isinstance(task, Classification):
-            row[task.loss] = kept.get(_LOSS_KEYS.get(name, ""))
+            row[task.loss] = kept.get(_LOSS_KEYS.get(name, "")) if name != "All" else _pooled(rows, task.loss)
         rows.append({**row, **task.metrics(y[index], outputs[index])})
     return rows
+
+
+def _pooled(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The per-sample mean ``key`` over all splits, from each split's mean (one output per sample's loss)."""
+    values = [row.get(key) for row in rows]
+    if not rows or any(not isinstance(v, float) or not math.isfinite(v) for v in values):
+        return None
+    return sum(row["samples"] * value for row, value in zip(rows, values)) / sum(row["samples"] for row in rows)
 
 
 def _options(args: argparse.Namespace, seed: int) -> dict[str, Any]:
