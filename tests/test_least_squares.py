@@ -213,6 +213,20 @@ def test_callback_stop_gives_status_minus_two():
     assert res.message == TERMINATION_MESSAGES[-2]
 
 
+@pytest.mark.parametrize(("returned", "stops"), [(True, True), (np.True_, True), (1, False), ([1], False),
+                                                 (np.False_, False), (None, False)])
+def test_callback_stops_on_true_only(returned, stops):
+    seen = []
+
+    def callback(info):
+        seen.append(info.n_iter)
+        return returned
+
+    res = least_squares(decay, X0, callback=callback)
+    assert (res.status == -2) is stops
+    assert (seen == [1]) is stops
+
+
 def test_a_flat_start_with_a_zero_jacobian_is_not_mistaken_for_a_cut_graph():
     # J(x0) = 0 because the model is flat there, not because fun detached x.
     res = least_squares(lambda b: torch.stack([b[0] ** 2 - 4.0, b[1] ** 2 - 9.0]), [0.0, 0.0])

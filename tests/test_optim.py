@@ -4,6 +4,7 @@ import copy
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -548,6 +549,9 @@ def test_module_hooks_are_removed_after_a_step_even_when_the_closure_raises():
         (dict(damping_max=0), ValueError, "Invalid damping_max value: 0"),
         (dict(strategy="trust"), ValueError, "Invalid strategy: 'trust'"),
         (dict(max_jacobian_bytes=0), ValueError, "Invalid max_jacobian_bytes value: 0"),
+        (dict(damping=True), ValueError, "Invalid damping value: True"),
+        (dict(damping="1e-3"), ValueError, "Invalid damping value: '1e-3'"),
+        (dict(damping_max=np.inf), ValueError, "Invalid damping_max value: inf"),
     ],
 )
 def test_lm_rejects_bad_options(kwargs, error, match):
@@ -714,11 +718,28 @@ def test_momentum_update_is_matlab_traingdm_form():
         (GradientDescent, dict(lr=-0.1), "Invalid lr value: -0.1"),
         (Momentum, dict(lr=0.0), "Invalid lr value: 0.0"),
         (Momentum, dict(beta=1.5), "Invalid beta value: 1.5"),
+        (GradientDescent, dict(lr=False), "Invalid lr value: False"),
     ],
 )
 def test_first_order_optimizers_reject_bad_options(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(torch.nn.Linear(1, 1).parameters(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (LevenbergMarquardt, dict(damping=np.float32(1e-3), damping_dec=np.float64(0.1), damping_inc=np.int64(10),
+                                  damping_max=np.float64(1e10))),
+        (GradientDescent, dict(lr=np.float32(0.5))),
+        (Momentum, dict(lr=np.float64(0.5), beta=np.float32(0.75))),
+    ],
+)
+def test_numpy_scalar_options_are_accepted_and_stored_as_floats(cls, kwargs):
+    opt = cls(torch.nn.Linear(1, 1).parameters(), **kwargs)
+    for name, value in kwargs.items():
+        assert type(opt.defaults[name]) is float and opt.defaults[name] == float(value)
+        assert type(opt.param_groups[0][name]) is float
 
 
 @pytest.mark.parametrize("chunked", [False, True])

@@ -483,3 +483,25 @@ def test_callback_sees_each_iteration_and_can_stop_the_run():
     assert res.status == -2 and not res.success
     assert [n for n, _, _ in seen] == [1, 2, 3]
     assert res.cost == pytest.approx(seen[-1][2])
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (MarquardtDamping, dict(initial=True), "Invalid damping value: True; expected a finite number > 0"),
+        (MarquardtDamping, dict(decrease="0.1"), "Invalid damping_dec value: '0.1'; expected a real number"),
+        (MarquardtDamping, dict(increase=None), "Invalid damping_inc value: None; expected a real number"),
+        (MarquardtDamping, dict(maximum=np.True_), "Invalid damping_max value: np.True_"),
+        (NielsenDamping, dict(tau=-1.0), "Invalid tau value: -1.0"),
+    ],
+)
+def test_damping_rules_reject_bad_options(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_damping_rules_take_numpy_scalars_as_floats():
+    rule = MarquardtDamping(np.float32(0.25), np.float64(0.5), np.int64(4), np.float64(1e3))
+    assert [type(v) for v in (rule.initial, rule.decrease, rule.increase, rule.maximum)] == [float] * 4
+    assert rule.update(rule.init(1.0), accepted=False, gain_ratio=-1.0).damping == 1.0
+    assert type(NielsenDamping(np.float32(0.5)).tau) is float

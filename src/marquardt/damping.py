@@ -8,7 +8,9 @@ trial step is accepted, and the next state. Nothing here touches tensors.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import ClassVar
 
 
@@ -59,6 +61,7 @@ class MarquardtDamping:
     def __post_init__(self) -> None:
         _check_positive("damping", self.initial)
         _check_positive("damping_max", self.maximum)
+        _as_floats(self, damping_dec="decrease", damping_inc="increase")
         if not 0.0 < self.decrease < 1.0:
             raise ValueError(f"Invalid damping_dec value: {self.decrease!r}; expected 0 < damping_dec < 1.")
         if not self.increase > 1.0:
@@ -109,6 +112,7 @@ class NielsenDamping:
     def __post_init__(self) -> None:
         _check_positive("tau", self.tau)
         _check_positive("damping_max", self.maximum)
+        _as_floats(self)
 
     def init(self, reference: float) -> DampingState:
         """First state: ``tau * reference`` (``reference`` is the largest scaled curvature)."""
@@ -155,5 +159,23 @@ def make_damping(damping: str | DampingRule) -> DampingRule:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number > 0.")
+
+
+def _is_real(value: object) -> bool:
+    """A real number (numpy scalars included; numpy's bool is not one), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_floats(rule: object, **fields: str) -> None:
+    """Check that each field is a real number (named by its option in the error) and store it
+    as a Python float, so that a numpy scalar option behaves, and serializes, as a float."""
+    for option, name in fields.items():
+        value = getattr(rule, name)
+        if not _is_real(value):
+            raise ValueError(f"Invalid {option} value: {value!r}; expected a real number.")
+    for name in {f.name for f in dataclass_fields(rule)}:
+        value = getattr(rule, name)
+        if _is_real(value):
+            object.__setattr__(rule, name, float(value))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -30,12 +31,16 @@ from .solver import FixedScaling, Linearization, StepResult, lm_step
 __all__ = ["GradientDescent", "LevenbergMarquardt", "Momentum"]
 
 
-def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = True, high: float = math.inf) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if strict else value >= low)
+def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = True, high: float = math.inf) -> float:
+    """``value`` as a Python float, or a ValueError naming ``name``: a real number (numpy scalars
+    included, bools not) within the bounds."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if strict else value >= low)
     if not ok or value > high:
         bound = f"> {low}" if strict else f">= {low}"
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number {bound}"
                          + (f" and <= {high}." if math.isfinite(high) else "."))
+    return float(value)
 
 
 @dataclass
@@ -562,10 +567,10 @@ class LevenbergMarquardt(Optimizer):
     def __init__(self, params, *, damping: float = 1e-3, damping_dec: float = 0.1, damping_inc: float = 10.0,
                  damping_max: float = 1e10, strategy: str = "marquardt",
                  max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES) -> None:
-        _check_number("damping", damping)
-        _check_number("damping_dec", damping_dec, high=1.0)
-        _check_number("damping_inc", damping_inc, low=1.0)
-        _check_number("damping_max", damping_max)
+        damping = _check_number("damping", damping)
+        damping_dec = _check_number("damping_dec", damping_dec, high=1.0)
+        damping_inc = _check_number("damping_inc", damping_inc, low=1.0)
+        damping_max = _check_number("damping_max", damping_max)
         if strategy not in ("marquardt", "nielsen"):
             raise ValueError(f"Invalid strategy: {strategy!r}; expected 'marquardt' or 'nielsen'.")
         if not isinstance(max_jacobian_bytes, int) or max_jacobian_bytes <= 0:
@@ -672,7 +677,7 @@ class GradientDescent(Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.01) -> None:
-        _check_number("lr", lr)
+        lr = _check_number("lr", lr)
         super().__init__(params, dict(lr=lr))
 
     @torch.no_grad()
@@ -703,8 +708,8 @@ class Momentum(Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.01, beta: float = 0.9) -> None:
-        _check_number("lr", lr)
-        _check_number("beta", beta, strict=False, high=1.0)
+        lr = _check_number("lr", lr)
+        beta = _check_number("beta", beta, strict=False, high=1.0)
         super().__init__(params, dict(lr=lr, beta=beta))
 
     @torch.no_grad()

@@ -729,7 +729,9 @@ class _Run:
         if self.callback is None:
             return False
         try:
-            return self.callback(info) is True
+            result = self.callback(info)
+            # True itself (or numpy's): a merely truthy return (1, a list) does not stop.
+            return result is True or result is np.True_
         except StopIteration:
             return True
 
