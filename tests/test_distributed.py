@@ -329,6 +329,46 @@ def _bad_shard_in_fit(reducer: Any) -> str:
     return "finished"
 
 
+class StopAlone(Callback):
+    """Stops training on rank 0 only, after epoch 1 (a callback reading rank-local state)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_epoch_end(self, history: Any, model: nn.Module) -> None:
+        if self.rank == 0 and len(history) == 2:
+            raise StopIteration
+
+
+def _wider_net(rank: int) -> nn.Module:
+    torch.manual_seed(0)
+    width = 6 if rank == 0 else 7
+    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, 1)).double()
+
+
+#: Ranks that disagree: what each rank passes to fit (rank 0, rank 1).
+MISMATCHES = {
+    "wider model": lambda rank, X, y: dict(model=_wider_net(rank), X=X, y=y, epochs=3),
+    "float32 model": lambda rank, X, y: dict(model=tiny_net() if rank == 0 else tiny_net().float(), X=X, y=y, epochs=3),
+    "callback stops one rank": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=6,
+                                                       callbacks=[StopAlone(rank)]),
+    "fewer epochs on rank 0": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2 if rank == 0 else 6),
+}
+
+
+def _mismatches_body(reducer: Any) -> dict[str, Any]:
+    # Every case ends with matched collectives on both ranks, so one process group serves them all.
+    X, y = _shard(reducer, *tiny_data())
+    out = {}
+    for name, arguments in MISMATCHES.items():
+        try:
+            fit(**arguments(reducer.rank, X, y))
+            out[name] = ("ok", "")
+        except Exception as error:  # noqa: BLE001 - the test asserts on every outcome
+            out[name] = (type(error).__name__, str(error))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # tests: pieces in one process
 
@@ -567,3 +607,26 @@ def test_a_rank_that_dies_ends_the_run_with_an_error_on_the_others():
     assert 1 not in results  # exited without reporting
     assert results[0][0] == "DistributedError", results
     assert "collective failed" in results[0][1]
+
+
+@pytest.fixture(scope="module")
+def mismatches() -> dict[int, tuple[str, Any]]:
+    return launch(_mismatches_body, timeout=30.0)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    # A broadcast of tensors of different sizes aborted a process inside gloo ("terminate called").
+    ("wider model", "ValueError", "The model differs between ranks (rank 0: 4 tensors, 25 elements, 200 bytes; "
+                                  "rank 1: 4 tensors, 29 elements, 232 bytes"),
+    ("float32 model", "ValueError", "rank 0: 4 tensors, 25 elements, 200 bytes; rank 1: 4 tensors, 25 elements, "
+                                    "100 bytes"),
+    # Rank 0 returned success while rank 1 waited in its next collective.
+    ("callback stops one rank", "DistributedError", "rank(s) [0] finished while rank(s) [1] went on"),
+    ("fewer epochs on rank 0", "DistributedError", "rank(s) [0] finished while rank(s) [1] went on"),
+])
+def test_ranks_that_disagree_all_stop_with_an_error_naming_them(mismatches, case, error, message):
+    assert sorted(mismatches) == [0, 1], mismatches
+    for rank, (outcome, value) in mismatches.items():
+        assert outcome == "ok", value
+        assert value[case][0] == error, (rank, value[case])
+        assert message in value[case][1], (rank, value[case])

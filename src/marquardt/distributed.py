@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ __all__ = [
 DEFAULT_TIMEOUT = 300.0
 
 _MESSAGE_BYTES = 512
+_FAILED, _FINISHED = 1, 2  # failure flags (see TorchDistributedReducer._exchange_flags)
 
 
 class DistributedError(RuntimeError):
@@ -148,6 +150,9 @@ class LocalReducer:
     def check(self) -> None:
         """Nothing to check."""
 
+    def finish(self) -> None:
+        """Nothing to agree on."""
+
 
 class TorchDistributedReducer:
     """Sums over the ranks of an initialised :mod:`torch.distributed` process group.
@@ -212,6 +217,15 @@ class TorchDistributedReducer:
         """Reduce the failure flags; raise DistributedError naming any rank that failed."""
         self._exchange_flags(None)
 
+    def finish(self) -> None:
+        """Agree that every rank has finished: raise DistributedError if one failed or is still going.
+
+        A rank that ends early (a callback that stopped it alone, other ``epochs``) would leave
+        its peers waiting in their next collective; its finish flag meets their check instead,
+        and every rank raises, naming the ranks that finished.
+        """
+        self._exchange_flags(None, finished=True)
+
     def signal_failure(self, error: BaseException) -> None:
         """Join the peers' next flag reduction with this rank's flag set, then mark the group broken."""
         if self.broken:
@@ -229,18 +243,31 @@ class TorchDistributedReducer:
         self._collective(lambda: self._dist.all_reduce(buffer, op=op, group=self.group), buffer)
         return buffer.to(tensor.device)
 
-    def _exchange_flags(self, error: BaseException | None) -> None:
+    def _exchange_flags(self, error: BaseException | None, *, finished: bool = False) -> None:
+        # One flag per rank: 0 going on, _FAILED, or _FINISHED (the end of a fail_together block).
         flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
         if error is not None:
-            flags[self.rank] = 1
+            flags[self.rank] = _FAILED
+        elif finished:
+            flags[self.rank] = _FINISHED
         self._collective(lambda: self._dist.all_reduce(flags, group=self.group), flags)
-        failed = [int(r) for r in torch.nonzero(flags.cpu()).reshape(-1)]
+        flags = flags.cpu().tolist()
+        failed = [r for r, flag in enumerate(flags) if flag == _FAILED]
         if failed:
             messages = self._exchange_messages(error)
             self.broken = True
             details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
             raise DistributedError(
                 f"Stopping rank {self.rank} of {self.world_size}: {len(failed)} rank(s) failed ({details})."
+            )
+        done = [r for r, flag in enumerate(flags) if flag == _FINISHED]
+        if 0 < len(done) < self.world_size:
+            self.broken = True
+            going = [r for r in range(self.world_size) if r not in done]
+            raise DistributedError(
+                f"Stopping rank {self.rank} of {self.world_size}: rank(s) {done} finished while rank(s) {going} "
+                "went on. Every rank must run the same epochs: pass the same options (epochs, goal, time_limit, "
+                "...) on every rank, and make callbacks stop training on all ranks or none."
             )
 
     def _exchange_messages(self, error: BaseException | None) -> list[str]:
@@ -338,8 +365,9 @@ def fail_together(reducer: Reducer) -> Iterator[Reducer]:
 
     An exception on this rank is signalled to the peers (who raise :class:`DistributedError`
     from their next collective) and then re-raised here. When the block ends normally, the
-    ranks check once more that none failed, so no rank reports success for a run another
-    rank abandoned.
+    ranks agree once more that none failed and that all of them finished (the reducer's
+    ``finish``, else ``check``), so no rank reports success for a run another rank abandoned,
+    or leaves a rank that is still training waiting for it.
 
     Examples
     --------
@@ -353,7 +381,7 @@ def fail_together(reducer: Reducer) -> Iterator[Reducer]:
     except Exception as error:
         reducer.signal_failure(error)
         raise
-    reducer.check()
+    getattr(reducer, "finish", reducer.check)()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,9 +675,15 @@ def shard_bounds(n_samples: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def synchronize_module(model: nn.Module, reducer: Reducer) -> None:
-    """Copy rank 0's parameters and buffers into ``model`` on every rank (in place, once)."""
+    """Copy rank 0's parameters and buffers into ``model`` on every rank (in place, once).
+
+    The ranks first agree that their models have the same tensors (count, elements, bytes and
+    a checksum of the shapes and dtypes): a broadcast of tensors of different sizes would abort
+    a process inside the backend. A mismatch raises ValueError on every rank, naming the ranks.
+    """
     if reducer.world_size == 1:
         return
+    _require_same_layout(model, reducer)
     with torch.no_grad():
         for tensor in _state_tensors(model):
             tensor.copy_(reducer.broadcast(tensor))
@@ -658,6 +692,27 @@ def synchronize_module(model: nn.Module, reducer: Reducer) -> None:
 def _state_tensors(model: nn.Module) -> Iterable[Tensor]:
     yield from model.parameters()
     yield from model.buffers()
+
+
+def _require_same_layout(model: nn.Module, reducer: Reducer) -> None:
+    """Raise ValueError on every rank unless all ranks' models have the same tensors (one reduction)."""
+    tensors = list(_state_tensors(model))
+    shapes = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in tensors)
+    # crc32 < 2^32 and the counts are exact in float64.
+    code = [len(tensors), sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors),
+            zlib.crc32(shapes.encode())]
+    width, rank = len(code), reducer.rank
+    table = [0.0] * (width * reducer.world_size)
+    table[rank * width : (rank + 1) * width] = code
+    table = sum_values(table, reducer)
+    rows = [[int(v) for v in table[r * width : (r + 1) * width]] for r in range(reducer.world_size)]
+    differ = [r for r, row in enumerate(rows) if row != rows[0]]
+    if differ:
+        describe = lambda r: f"rank {r}: {rows[r][0]} tensors, {rows[r][1]} elements, {rows[r][2]} bytes"  # noqa: E731
+        raise ValueError(
+            f"The model differs between ranks ({'; '.join(describe(r) for r in [0, *differ])}; same counts mean "
+            "other shapes or dtypes). Build the same model, with the same layers, sizes and dtype, on every rank."
+        )
 
 
 def global_scale(local_scale: float, reducer: Reducer) -> float:
