@@ -156,3 +156,49 @@ def test_inexact_step_is_a_descent_direction_with_positive_predicted_reduction()
 ])
 def test_eisenstat_walker_table(norm, previous_norm, previous_forcing, expected):
     assert eisenstat_walker(norm, previous_norm, previous_forcing) == pytest.approx(expected)
+
+
+class _SummedOutputs(torch.nn.Module):
+    """A torch.func module whose per-sample output is a scalar: outputs of shape (N,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.layer(x)).sum(1)
+
+
+def _stack_3d() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+
+
+@pytest.mark.parametrize("make, x_shape, y_shape", [
+    (_SummedOutputs, (20, 3), (20,)),           # targets (N,) against outputs held as (N, 1)
+    (_stack_3d, (20, 4, 3), (20, 4, 2)),        # targets (N, T, K) against outputs held as (N, T K)
+])
+def test_matrix_free_network_step_with_targets_not_shaped_samples_by_outputs(make, x_shape, y_shape):
+    from torch.func import functional_call, jacrev
+
+    from marquardt.network import ModuleProblem, flatten_parameters
+
+    torch.manual_seed(0)
+    model = make().to(DT)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(x_shape, generator=g, dtype=DT), torch.randn(y_shape, generator=g, dtype=DT)
+    x0 = flatten_parameters(model)
+    names, shapes = zip(*[(name, p.shape) for name, p in model.named_parameters()])
+
+    def residuals(x):
+        params = dict(zip(names, (piece.view(s) for piece, s in zip(x.split([s.numel() for s in shapes]), shapes))))
+        return (functional_call(model, params, (X,)) - y).reshape(-1)
+
+    J, r = jacrev(residuals)(x0), residuals(x0)
+    problem = ModuleProblem(model, X, y, solver="matrix-free", cg_max_iter=x0.numel())
+    lin = problem.linearize(x0)
+    lin.system.rtol, lin.system.stall_tol = 1e-12, 0.0
+    step = lin.system.solve(lin.grad, 1e-2, torch.ones_like(x0))
+    assert lin.cost == pytest.approx(0.5 * float(r @ r), rel=1e-12)
+    torch.testing.assert_close(lin.grad, J.T @ r, rtol=1e-10, atol=1e-12)
+    expected = torch.linalg.solve(J.T @ J + 1e-2 * torch.eye(x0.numel(), dtype=DT), -J.T @ r)
+    torch.testing.assert_close(step, expected, rtol=1e-8, atol=1e-10)

@@ -399,7 +399,9 @@ class ModuleProblem:
         previous linearization of this problem.
         """
         lin = self._full_linearization(x)
-        residuals = (lin.outputs - self.y).reshape(-1)
+        # Flattened apart: a torch.func linearization holds its outputs as (samples, -1), which
+        # would broadcast against targets of another shape ((N,) or (N, T, K)).
+        residuals = lin.outputs.reshape(-1) - self.y.reshape(-1)
         grad = lin.vjp(residuals)
         curvature, factor = self._curvature_products(x, lin)
         norm = float(torch.linalg.vector_norm(grad))
