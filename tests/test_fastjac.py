@@ -123,6 +123,34 @@ def test_unsupported_modules_fall_back_to_torch_func(name):
     assert isinstance(jacobian_backend(model, layout), FunctionalJacobian)
 
 
+@pytest.mark.parametrize("name", [name for name in UNSUPPORTED if name != "bilinear"])
+def test_torch_func_rows_of_unsupported_modules_equal_the_batch_jacobian(name):
+    # The reference differentiates the whole batch at once (no vmap over samples); PReLU's
+    # reverse mode cannot be vmapped over samples in torch 2.x, so its rows come by forward mode.
+    torch.manual_seed(0)
+    model = UNSUPPORTED[name]().to(DT).eval()
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    shape = (7, 1, 3) if name == "convolution" else (7, 2)
+    X = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=DT)
+    backend = FunctionalJacobian(model, layout, dict(model.named_buffers()))
+    rows, outputs = zip(*backend.chunks(params, X, 3))
+    dense = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (X,)))(params)
+    m = model(X).numel()
+    expected = torch.cat([dense[n].reshape(m, -1) for n, _ in layout], dim=1)
+    torch.testing.assert_close(torch.cat(rows), expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(torch.cat(outputs), model(X).detach(), rtol=0, atol=0)
+    assert backend.forward_mode == name.startswith("PReLU")
+
+
+def test_forward_mode_fallback_still_raises_a_module_error():
+    model = nn.Sequential(nn.Linear(3, 2)).to(DT)
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    backend = FunctionalJacobian(model, layout)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        next(backend.chunks({n: p.detach() for n, p in model.named_parameters()}, torch.zeros(4, 5, dtype=DT), 2))
+
+
 def test_frozen_layer_falls_back():
     model = _net(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
     model[0].weight.requires_grad_(False)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, jacfwd, jacrev, vmap
 
 __all__ = [
     "Activation",
@@ -774,26 +774,42 @@ class LayeredJacobian:
 
 @dataclass
 class FunctionalJacobian:
-    """Jacobian backend for any module: :mod:`torch.func` (``vmap`` of ``jacrev`` over samples)."""
+    """Jacobian backend for any module: :mod:`torch.func` (``vmap`` of ``jacrev`` over samples).
+
+    Where reverse mode cannot be batched over samples (torch 2.x's ``vmap`` of ``prelu``'s
+    backward fails with a shape error), the rows come from ``vmap`` of ``jacfwd``: the same
+    Jacobian, one tangent per parameter instead of one cotangent per output.
+    """
 
     model: nn.Module
     layout: Sequence[tuple[str, int]]
     buffers: dict[str, Tensor] = field(default_factory=dict)
     name = "torch.func"
+    forward_mode: bool = field(default=False, init=False)
 
     def outputs(self, params: dict[str, Tensor], X: Tensor) -> Tensor:
         return functional_call(self.model, (params, self.buffers), (X,))
 
     def chunks(self, params: dict[str, Tensor], X: Tensor, samples: int) -> Iterator[tuple[Tensor, Tensor]]:
-        per_sample = vmap(jacrev(self._single, has_aux=True), in_dims=(None, 0))
         for start in range(0, X.shape[0], samples):
-            jacs, outputs = per_sample(params, X[start : start + samples])
+            jacs, outputs = self._per_sample(params, X[start : start + samples])
             rows = outputs.reshape(-1).numel()
             jac = torch.cat([jacs[name].reshape(rows, -1) for name, _ in self.layout], dim=1)
             yield jac.detach(), outputs.detach()
 
     def linearize(self, params: dict[str, Tensor], X: Tensor) -> FunctionalLinearization:
         return FunctionalLinearization(self, params, X)
+
+    def _per_sample(self, params: dict[str, Tensor], batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-sample Jacobians and outputs; forward mode from the first batch reverse mode fails on.
+
+        A genuine error in the module fails in forward mode too and is raised from there."""
+        if not self.forward_mode:
+            try:
+                return vmap(jacrev(self._single, has_aux=True), in_dims=(None, 0))(params, batch)
+            except RuntimeError:
+                self.forward_mode = True
+        return vmap(jacfwd(self._single, has_aux=True), in_dims=(None, 0))(params, batch)
 
     def _single(self, params: dict[str, Tensor], sample: Tensor) -> tuple[Tensor, Tensor]:
         out = functional_call(self.model, (params, self.buffers), (sample.unsqueeze(0),)).squeeze(0)
