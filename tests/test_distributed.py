@@ -417,6 +417,27 @@ def test_shards_cover_the_samples_in_order():
         assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
 
 
+@pytest.mark.parametrize("value, expected", [(np.False_, LocalReducer), (False, LocalReducer), (None, LocalReducer)])
+def test_make_reducer_takes_numpy_booleans(value, expected):
+    assert type(make_reducer(value)) is expected
+    with pytest.raises(DistributedError, match="torch.distributed is not initialized"):
+        make_reducer(np.True_)  # was "Invalid distributed value: np.True_"
+
+
+@pytest.mark.parametrize("timeout", [True, False, np.True_, math.nan, math.inf, -1.0, "30", None])
+def test_initialize_refuses_bad_timeouts(timeout):
+    with pytest.raises(ValueError, match="Invalid timeout value: .*expected a finite number of seconds > 0"):
+        initialize(timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", [np.float32(30.0), np.int64(30), 30, 0.5])
+def test_initialize_takes_numeric_timeouts_then_asks_for_torchrun(monkeypatch, timeout):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DistributedError, match="torchrun"):  # numpy numbers were refused as timeouts
+        initialize(timeout=timeout)
+
+
 def test_initialize_outside_torchrun_says_how_to_start(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

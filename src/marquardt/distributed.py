@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import numbers
 import os
 import zlib
 from collections.abc import Iterable, Iterator
@@ -39,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -317,11 +319,13 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     Notes
     -----
     Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. An already initialised
-    process group is kept as it is.
+    process group is kept as it is, whatever its backend (so calling this twice is harmless).
     """
     import torch.distributed as dist
 
-    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+    # numbers.Real takes numpy scalars; a bool is a mistake, not 1 second.
+    if isinstance(timeout, (bool, np.bool_)) or not (isinstance(timeout, numbers.Real) and math.isfinite(timeout)
+                                                     and timeout > 0):
         raise ValueError(f"Invalid timeout value: {timeout!r}; expected a finite number of seconds > 0.")
     if not dist.is_initialized():
         missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
@@ -331,7 +335,7 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
     return TorchDistributedReducer()
 
 
@@ -352,6 +356,8 @@ def make_reducer(distributed: bool | Reducer | None = None) -> Reducer:
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
+    elif isinstance(distributed, np.bool_):  # numpy's True and False, as the other options take them
+        distributed = bool(distributed)
     elif not isinstance(distributed, bool):
         if all(hasattr(distributed, name) for name in ("sum", "sum_scalar", "world_size", "rank")):
             return distributed
