@@ -562,6 +562,7 @@ def test_matrix_free_warm_start_and_forcing_carry_over():
     (dict(max_jacobian_bytes=7 * 8 * 31), {"chunked-cholesky"}),
     (dict(solver="sample-space"), {"sample-space"}),
     (dict(solver="matrix-free"), {"cg"}),
+    (dict(max_matrix_bytes=31 * 31 * 8 - 1), {"cg"}),  # J^T J one byte past the budget
 ])
 def test_fit_records_the_solver_path_and_reduces_the_loss(options, expected):
     torch.manual_seed(0)
@@ -571,6 +572,24 @@ def test_fit_records_the_solver_path_and_reduces_the_loss(options, expected):
     assert set(history["solver"][1:]) == expected
     assert history["perf"][-1] < 0.1 * history["perf"][0]
     assert all(b <= a for a, b in zip(history["perf"], history["perf"][1:]))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(solver="matrix-free"), r"solver='matrix-free' needs the squared-error loss; the cross_entropy loss"),
+    (dict(solver="sample-space"), r"solver='sample-space' needs the squared-error loss"),
+    (dict(max_matrix_bytes=45 * 45 * 8 - 1), r"needs the 45 x 45 Gauss-Newton matrix \(16,200 bytes.* "
+                                             r"max_matrix_bytes=16199"),
+])
+def test_fit_refuses_a_form_a_cross_entropy_loss_does_not_have(options, match):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    X = torch.randn(30, 2, dtype=DT)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        fit(model, X, torch.arange(30) % 3, loss="cross_entropy", epochs=3, **options)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    exact = fit(model, X, torch.arange(30) % 3, loss="cross_entropy", epochs=3, max_matrix_bytes=45 * 45 * 8)
+    assert set(exact["solver"][1:]) == {"cholesky"}
 
 
 def test_fit_rejects_an_unknown_solver():

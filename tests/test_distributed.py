@@ -353,6 +353,10 @@ MISMATCHES = {
     "callback stops one rank": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=6,
                                                        callbacks=[StopAlone(rank)]),
     "fewer epochs on rank 0": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2 if rank == 0 else 6),
+    # Options were checked before fail_together: rank 1 waited in its first collective.
+    "bad option on rank 0": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2,
+                                                    batch_size=8 if rank == 0 else None),
+    "bad mu on rank 1": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2, mu=-1.0 if rank else 1e-3),
 }
 
 
@@ -651,3 +655,14 @@ def test_ranks_that_disagree_all_stop_with_an_error_naming_them(mismatches, case
         assert outcome == "ok", value
         assert value[case][0] == error, (rank, value[case])
         assert message in value[case][1], (rank, value[case])
+
+
+@pytest.mark.parametrize("case, bad, message", [
+    ("bad option on rank 0", 0, "ValueError: Invalid batch_size for distributed training: 8"),
+    ("bad mu on rank 1", 1, "ValueError: Invalid mu value: -1.0"),
+])
+def test_a_bad_option_on_one_rank_stops_the_others(mismatches, case, bad, message):
+    outcomes = {rank: value[case] for rank, (_, value) in mismatches.items()}
+    assert outcomes[bad][0] == "ValueError" and message.split(": ", 1)[1] in outcomes[bad][1]
+    assert outcomes[1 - bad][0] == "DistributedError", outcomes
+    assert f"rank {bad}: {message}" in outcomes[1 - bad][1], outcomes

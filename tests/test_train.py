@@ -254,6 +254,8 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(mu_inc=0.5), ValueError, r"Invalid mu_inc value: 0.5; expected a finite number > 1"),
         (X_OK, Y_OK, dict(method="br", mu_max=0), ValueError, r"Invalid mu_max value: 0; expected a finite number > 0"),
         (X_OK, Y_OK, dict(max_jacobian_bytes=-5), ValueError, r"Invalid max_jacobian_bytes value: -5"),
+        (X_OK, Y_OK, dict(max_matrix_bytes=0), ValueError, r"Invalid max_matrix_bytes value: 0"),
+        (X_OK, Y_OK, dict(max_matrix_bytes=2.5e9), ValueError, r"Invalid max_matrix_bytes value: 2500000000.0"),
         (X_OK, Y_OK, dict(split=(0.7, 0.3)), ValueError, r"split must be three fractions >= 0 .* received \(0.7, 0.3\)"),
         (X_OK, Y_OK, dict(seed="a"), ValueError, r"Invalid seed value: 'a'; expected None or an integer"),
         (X_OK, Y_OK, dict(seed=2**64), ValueError, r"Invalid seed value: 18446744073709551616"),

@@ -166,7 +166,7 @@ class ModuleProblem:
         self.outputs_per_sample = max(1, self.y[0].numel()) if self.y.shape[0] else 1
         # The residual-space and matrix-free solves need residuals r with grad = J^T r; a
         # cross-entropy gradient has none, so its model is always the normal form.
-        form = self.solver if self.is_least_squares else "normal"
+        form = self.solver if self.is_least_squares else self._normal_form_only(named)
         self.plan = plan_assembly(self.y.numel(), self.n_params, self.y.element_size(), self.max_jacobian_bytes,
                                   max_matrix_bytes=self.max_matrix_bytes, form=form)
         self.buffers = dict(self.model.named_buffers())
@@ -181,6 +181,23 @@ class ModuleProblem:
         self._buffered = self._buffered_network()
         self._spare: dict[str, Tensor] = {}  # buffers of a released system, for the next linearization
         self._rows: Tensor | None = None  # the Jacobian chunk buffer of jacobian_chunks(reuse=True)
+
+    def _normal_form_only(self, named: list[tuple[str, Tensor]]) -> str:
+        """``"normal"`` for a cross-entropy loss, whose ``J^T H J`` has no other form here; a
+        ValueError for another ``solver``, or a matrix past ``max_matrix_bytes`` (where the
+        squared error would go matrix-free), before any work."""
+        if self.solver not in ("auto", "normal"):
+            raise ValueError(f"solver={self.solver!r} needs the squared-error loss; the {self.loss.name} loss "
+                             "is solved in the normal form only: pass solver='auto' or 'normal'.")
+        itemsize = named[0][1].element_size() if named else 4
+        needed = self.n_params ** 2 * itemsize
+        if needed > self.max_matrix_bytes:
+            raise ValueError(
+                f"The {self.loss.name} loss needs the {self.n_params} x {self.n_params} Gauss-Newton matrix "
+                f"({needed:,} bytes, and a factor and a partial sum of the same size), more than "
+                f"max_matrix_bytes={self.max_matrix_bytes}; pass a larger max_matrix_bytes if the memory is "
+                "there, or train with a first-order method (method='momentum' or a torch.optim class).")
+        return "normal"
 
     def _buffered_network(self) -> BufferedNetwork | None:
         """The reused-buffer forward pass and ``J`` (:class:`~marquardt.fastjac.BufferedNetwork`)

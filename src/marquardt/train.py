@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_state, update_state
 from .checkpoint import NO_CHECKPOINT, Checkpointer
-from .chunked import DEFAULT_JACOBIAN_BYTES, FORMS, is_small, single_thread
+from .chunked import DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, is_small, single_thread
 from .damping import DampingState, MarquardtDamping
 from .distributed import (LocalReducer, ReducedProblem, Reducer, ShardedCheckpoint, average_gradients, fail_together,
                           global_range, global_scale, make_reducer, require_same, slowest, sum_values,
@@ -56,7 +56,7 @@ STOP_REASONS = {
 }
 
 _LM_OPTIONS = {"mu": 1e-3, "mu_dec": 0.1, "mu_inc": 10.0, "mu_max": 1e10, "max_jacobian_bytes": DEFAULT_JACOBIAN_BYTES,
-                "solver": "auto"}
+                "max_matrix_bytes": DEFAULT_MATRIX_BYTES, "solver": "auto"}
 # MATLAB trainbr starts from mu = 0.005; the other defaults are trainlm's.
 _DAMPED = {"lm": _LM_OPTIONS, "br": {**_LM_OPTIONS, "mu": 0.005}}
 _DEFAULT_MAX_FAIL = 6
@@ -256,7 +256,7 @@ class LMTrainer:
 
     def _problem(self, X: Tensor, y: Tensor) -> ModuleProblem | ReducedProblem:
         problem = ModuleProblem(self.model, X, y, self.options["max_jacobian_bytes"], self.loss,
-                                solver=self.options["solver"])
+                                solver=self.options["solver"], max_matrix_bytes=self.options["max_matrix_bytes"])
         return ReducedProblem(problem, self.reducer) if self.reducer.world_size > 1 else problem
 
     @property
@@ -452,9 +452,10 @@ def _check_damping_options(options: dict[str, Any]) -> None:
         value = options[name]
         if not (_is_number(value) and math.isfinite(value) and ok(value)):
             raise ValueError(f"Invalid {name} value: {value!r}; expected {expected}.")
-    budget = options["max_jacobian_bytes"]
-    if not (_is_integer(budget) and budget >= 1):
-        raise ValueError(f"Invalid max_jacobian_bytes value: {budget!r}; expected an integer >= 1 (bytes).")
+    for name in ("max_jacobian_bytes", "max_matrix_bytes"):
+        budget = options[name]
+        if not (_is_integer(budget) and budget >= 1):
+            raise ValueError(f"Invalid {name} value: {budget!r}; expected an integer >= 1 (bytes).")
 
 
 def _is_number(value: Any) -> bool:
@@ -638,7 +639,8 @@ def fit(
         :class:`~marquardt.distributed.Reducer` may be passed instead of True.
     **method_options
         For ``"lm"``: ``mu=1e-3``, ``mu_dec=0.1``, ``mu_inc=10``, ``mu_max=1e10``,
-        ``max_jacobian_bytes`` (Jacobian rows held at once), ``solver="auto"`` (``"normal"``,
+        ``max_jacobian_bytes`` (Jacobian rows held at once), ``max_matrix_bytes`` (the largest
+        ``n_params x n_params`` matrix the normal form may hold), ``solver="auto"`` (``"normal"``,
         ``"sample-space"`` or ``"matrix-free"`` to force a form; see Notes); for ``"br"`` the same with
         ``mu=0.005``. For ``"gd"``: ``lr=0.01``; for ``"momentum"``: ``lr=0.01``,
         ``beta=0.9``; for an optimizer class: its options.
@@ -689,7 +691,10 @@ def fit(
     ``solver``) keeps the whole Jacobian and solves in sample space when there are fewer
     residuals than parameters and it fits in ``max_jacobian_bytes``; goes matrix-free
     (conjugate gradients on Jacobian products, ``"cg"``) when ``J^T J`` would not fit in
-    :data:`~marquardt.chunked.DEFAULT_MATRIX_BYTES`; see ``docs/performance.md``.
+    ``max_matrix_bytes`` (default :data:`~marquardt.chunked.DEFAULT_MATRIX_BYTES`); see
+    ``docs/performance.md``. The cross-entropy losses always take the normal form (their
+    ``J^T H J`` has no sample-space or matrix-free solve here): a larger matrix than
+    ``max_matrix_bytes``, or another ``solver``, is a ValueError before training.
 
     Examples
     --------
@@ -704,23 +709,27 @@ def fit(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}.")
     callbacks = list(callbacks)
-    _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks, seed, progress)
-    kind, spec = _split_options(method, method_options)
-    loss_fn = make_loss(loss)
-    _validate_method_loss(kind, loss_fn, batch_size)
-    split = check_split(split)  # also without a division: a bad split is a mistake either way
-    if validation_data is not None and division not in (None, "none"):
-        raise ValueError(f"Pass either validation_data=(X_val, y_val) or division={division!r}, not both: "
-                         "validation_data would replace the division's validation set.")
-    if seed is not None:
-        torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
-    checkpointer = NO_CHECKPOINT if checkpoint is None else Checkpointer(checkpoint, checkpoint_every, resume, generator)
     reducer = make_reducer(distributed)
-    if reducer.world_size > 1 and batch_size is not None:
-        raise ValueError(f"Invalid batch_size for distributed training: {batch_size!r}; each step uses every "
-                         "rank's whole shard, so pass batch_size=None (or distributed=False).")
+    # Options are checked inside fail_together: a rank with a bad option stops its peers with a
+    # DistributedError instead of leaving them waiting in their first collective.
     with fail_together(reducer):
+        _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks, seed,
+                          progress)
+        kind, spec = _split_options(method, method_options)
+        loss_fn = make_loss(loss)
+        _validate_method_loss(kind, loss_fn, batch_size)
+        split = check_split(split)  # also without a division: a bad split is a mistake either way
+        if validation_data is not None and division not in (None, "none"):
+            raise ValueError(f"Pass either validation_data=(X_val, y_val) or division={division!r}, not both: "
+                             "validation_data would replace the division's validation set.")
+        if reducer.world_size > 1 and batch_size is not None:
+            raise ValueError(f"Invalid batch_size for distributed training: {batch_size!r}; each step uses every "
+                             "rank's whole shard, so pass batch_size=None (or distributed=False).")
+        if seed is not None:
+            torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
+        checkpointer = NO_CHECKPOINT if checkpoint is None else Checkpointer(checkpoint, checkpoint_every, resume,
+                                                                               generator)
         data = _prepare(model, X, y, ("X", "y"), loss_fn)
         synchronize_module(model, reducer)
         _set_normalization(model, data, loss_fn, reducer)
