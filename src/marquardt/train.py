@@ -844,12 +844,18 @@ class _Loop:
         return val_fail + 1 if (self.val is not None and watched > best.perf) else val_fail
 
     def _callbacks_stop(self) -> str | None:
+        stop = False
         for callback in self.callbacks:
             try:
                 callback.on_epoch_end(self.history, self.model)
             except StopIteration:
-                return STOP_REASONS["user"]
-        return None
+                stop = True
+                break
+        if self.reducer.world_size > 1:
+            # A callback that stops one rank (it may read rank-local state) stops every rank at
+            # this epoch: one small reduction per epoch, on every rank whatever its callbacks.
+            stop = sum_values([float(stop)], self.reducer)[0] > 0
+        return STOP_REASONS["user"] if stop else None
 
     def _finish(self, best: _Best, reason: str, last_epoch: int) -> None:
         if self.keep_last:
