@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import io
 import math
 import os
 import random
@@ -34,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .history import _finite_or_none, _write_atomically
 
 __all__ = ["UsageError", "main"]
 
@@ -764,8 +767,7 @@ class FitRecord:
     def metadata(self) -> dict[str, Any]:
         # Strict JSON, like the History's to_dict: a metric that does not apply (R^2 of a constant
         # target) is null, not NaN.
-        metrics = [{key: None if isinstance(value, float) and not math.isfinite(value) else value
-                    for key, value in row.items()} for row in self.rows]
+        metrics = [{key: _finite_or_none(value) for key, value in row.items()} for row in self.rows]
         return {"cli": {"data": str(self.data), "features": self.features, **self.task.metadata(),
                         "options": self.options, "metrics": metrics, "timings": self.timings},
                 "history": self.history.to_dict()}
@@ -783,7 +785,8 @@ def write_fit_outputs(out: Path, model: Any, record: FitRecord, splits: dict[str
     written += _write_plots(out, record, splits, *record.task.plot_pairs(y, outputs))
     record.timings["write_s"] = time.perf_counter() - start
     report = out / "report.md"
-    report.write_text(format_report(record, written), encoding="utf-8")
+    text = format_report(record, written).encode("utf-8")
+    _write_atomically(report, lambda handle: handle.write(text))
     return [*written, report]
 
 
@@ -882,11 +885,13 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.output}: folder {output.parent} does not exist")
     if output.is_dir():
         raise UsageError(f"-o {args.output} is a folder; pass the path of the CSV file to write")
-    try:
-        with open(output, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    data = text.getvalue().encode("utf-8")
+    try:  # atomically: an interrupted run leaves the old file or none, never half a CSV
+        _write_atomically(output, lambda handle: handle.write(data))
     except OSError as error:
         raise UsageError(f"-o {args.output}: cannot write it: {error.strerror or error}") from None
     print(f"wrote {len(rows)} predictions to {output}")
