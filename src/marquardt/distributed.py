@@ -707,11 +707,7 @@ def _require_same_layout(model: nn.Module, reducer: Reducer) -> None:
     # crc32 < 2^32 and the counts are exact in float64.
     code = [len(tensors), sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors),
             zlib.crc32(shapes.encode())]
-    width, rank = len(code), reducer.rank
-    table = [0.0] * (width * reducer.world_size)
-    table[rank * width : (rank + 1) * width] = code
-    table = sum_values(table, reducer)
-    rows = [[int(v) for v in table[r * width : (r + 1) * width]] for r in range(reducer.world_size)]
+    rows = gather_rows(torch.tensor([code], dtype=torch.float64), reducer).long().tolist()
     differ = [r for r, row in enumerate(rows) if row != rows[0]]
     if differ:
         describe = lambda r: f"rank {r}: {rows[r][0]} tensors, {rows[r][1]} elements, {rows[r][2]} bytes"  # noqa: E731
