@@ -159,12 +159,20 @@ def make_damping(damping: str | DampingRule) -> DampingRule:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (_is_real(value) and math.isfinite(value) and value > 0):
+    if not (is_real_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number > 0.")
 
 
-def _is_real(value: object) -> bool:
-    """A real number (numpy scalars included; numpy's bool is not one), not a bool."""
+def is_real_number(value: object) -> bool:
+    """A real number (numpy scalars included; numpy's bool is not one), not a bool: the test every
+    numeric option of the package takes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> [is_real_number(v) for v in (0.5, np.float32(2), 3, True, np.True_, "1")]
+    [True, True, True, False, False, False]
+    """
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -173,9 +181,9 @@ def _as_floats(rule: object, **fields: str) -> None:
     as a Python float, so that a numpy scalar option behaves, and serializes, as a float."""
     for option, name in fields.items():
         value = getattr(rule, name)
-        if not _is_real(value):
+        if not is_real_number(value):
             raise ValueError(f"Invalid {option} value: {value!r}; expected a real number.")
     for name in {f.name for f in dataclass_fields(rule)}:
         value = getattr(rule, name)
-        if _is_real(value):
+        if is_real_number(value):
             object.__setattr__(rule, name, float(value))

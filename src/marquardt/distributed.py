@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import numbers
 import os
 import zlib
 from collections.abc import Iterable, Iterator
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .chunked import PromotedEquations
+from .damping import is_real_number
 from .linalg import NormalEquations, SampleSpaceEquations
 from .solver import Linearization, Problem
 
@@ -323,9 +323,8 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     """
     import torch.distributed as dist
 
-    # numbers.Real takes numpy scalars; a bool is a mistake, not 1 second.
-    if isinstance(timeout, (bool, np.bool_)) or not (isinstance(timeout, numbers.Real) and math.isfinite(timeout)
-                                                     and timeout > 0):
+    # Numpy scalars count; a bool is a mistake, not 1 second.
+    if not (is_real_number(timeout) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"Invalid timeout value: {timeout!r}; expected a finite number of seconds > 0.")
     if not dist.is_initialized():
         missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]

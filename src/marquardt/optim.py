@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,10 +22,10 @@ from torch.optim import Optimizer
 
 from .chunked import (DEFAULT_JACOBIAN_BYTES, Plan, PromotedEquations, accumulate_normal, assemble_sample_space,
                       plan_assembly, single_thread)
-from .damping import DampingState, MarquardtDamping, NielsenDamping
+from .damping import DampingState, MarquardtDamping, NielsenDamping, is_real_number
 from .fastjac import LayeredJacobian
 from .network import ModuleProblem, trainable_parameters
-from .solver import FixedScaling, Linearization, StepResult, lm_step
+from .solver import Linearization, StepResult, lm_step
 
 __all__ = ["GradientDescent", "LevenbergMarquardt", "Momentum"]
 
@@ -34,8 +33,7 @@ __all__ = ["GradientDescent", "LevenbergMarquardt", "Momentum"]
 def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = True, high: float = math.inf) -> float:
     """``value`` as a Python float, or a ValueError naming ``name``: a real number (numpy scalars
     included, bools not) within the bounds."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value > low if strict else value >= low)
+    ok = is_real_number(value) and math.isfinite(value) and (value > low if strict else value >= low)
     if not ok or value > high:
         bound = f"> {low}" if strict else f">= {low}"
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number {bound}"

@@ -11,7 +11,6 @@ differ only in the problem they hand over and in their stopping rules.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .chunked import SERIAL_MAX_ENTRIES, single_thread
-from .damping import DampingRule, DampingState, make_damping
+from .damping import DampingRule, DampingState, is_real_number, make_damping
 from .jacobian import (
     finite_difference_jacobian,
     finite_difference_second_derivative,
@@ -800,10 +799,9 @@ def _first_bad(values: Tensor) -> int:
 
 def _validate_options(*, ftol: float, xtol: float, gtol: float, max_nfev: int | None, verbose: int) -> None:
     for name, value in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
-        # numbers.Real takes numpy scalars of every width (np.float32 is not a float); a bool is
-        # a number to Python but never a tolerance anyone meant.
-        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) \
-                or not math.isfinite(value) or value < 0:
+        # Numpy scalars of every width count (np.float32 is not a float); a bool is a number to
+        # Python but never a tolerance anyone meant.
+        if not is_real_number(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0.")
     if max_nfev is not None and (not isinstance(max_nfev, (int, np.integer)) or isinstance(max_nfev, bool)
                                  or max_nfev < 1):

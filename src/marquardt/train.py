@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_state, update_state
 from .checkpoint import NO_CHECKPOINT, Checkpointer
 from .chunked import DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, is_small, single_thread
-from .damping import DampingState, MarquardtDamping
+from .damping import DampingState, MarquardtDamping, is_real_number
 from .distributed import (LocalReducer, ReducedProblem, Reducer, ShardedCheckpoint, average_gradients, fail_together,
                           global_range, global_scale, make_reducer, require_same, slowest, sum_values,
                           synchronize_module)
@@ -450,16 +449,12 @@ def _check_damping_options(options: dict[str, Any]) -> None:
     ]
     for name, ok, expected in checks:
         value = options[name]
-        if not (_is_number(value) and math.isfinite(value) and ok(value)):
+        if not (is_real_number(value) and math.isfinite(value) and ok(value)):
             raise ValueError(f"Invalid {name} value: {value!r}; expected {expected}.")
     for name in ("max_jacobian_bytes", "max_matrix_bytes"):
         budget = options[name]
         if not (_is_integer(budget) and budget >= 1):
             raise ValueError(f"Invalid {name} value: {budget!r}; expected an integer >= 1 (bytes).")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_integer(value: Any) -> bool:
@@ -526,13 +521,13 @@ def _stop_reason(record: dict, *, goal: float, epochs: int, time_limit: float | 
 
 def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time_limit: Any, batch_size: Any,
                       division: Any, callbacks: Any, seed: Any = None, progress: Any = None) -> None:
-    # numbers.Real takes numpy scalars (np.float32(0.1) is no float); bools are not numbers here.
+    # is_real_number takes numpy scalars (np.float32(0.1) is no float); bools are not numbers here.
     checks = [
         ("epochs", epochs, _is_integer(epochs) and epochs >= 0, "an integer >= 0"),
-        ("goal", goal, _is_number(goal) and goal >= 0, "a number >= 0"),
-        ("min_grad", min_grad, _is_number(min_grad) and min_grad >= 0, "a number >= 0"),
+        ("goal", goal, is_real_number(goal) and goal >= 0, "a number >= 0"),
+        ("min_grad", min_grad, is_real_number(min_grad) and min_grad >= 0, "a number >= 0"),
         ("max_fail", max_fail, max_fail is None or (_is_integer(max_fail) and max_fail >= 1), "None or an integer >= 1"),
-        ("time_limit", time_limit, time_limit is None or (_is_number(time_limit) and time_limit > 0), "None or a number > 0"),
+        ("time_limit", time_limit, time_limit is None or (is_real_number(time_limit) and time_limit > 0), "None or a number > 0"),
         ("batch_size", batch_size, batch_size is None or (_is_integer(batch_size) and batch_size >= 1), "None or an integer >= 1"),
         ("seed", seed, seed is None or (_is_integer(seed) and -2**63 <= seed < 2**64), "None or an integer in [-2**63, 2**64)"),
         ("progress", progress, progress is None or isinstance(progress, bool), "None, True or False"),
