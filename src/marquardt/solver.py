@@ -160,6 +160,10 @@ class StepResult:
         The last trial step was negligible (``||h|| <= xtol (xtol + ||x||)``).
     exhausted : bool
         The damping rule gave up (damping past its maximum).
+    trial_state : DampingState or None
+        The damping state the accepted step was computed with (before the accepting update),
+        for a caller that rejects the new point after all (a non-finite Jacobian there); None
+        when no step was accepted.
     """
 
     x: Tensor
@@ -173,6 +177,7 @@ class StepResult:
     n_trials: int
     small_step: bool
     exhausted: bool
+    trial_state: DampingState | None = None
 
     @property
     def step_norm(self) -> float:
@@ -258,9 +263,10 @@ def lm_step(
         else:
             ratio = actual / predicted if predicted > 0 else (-1.0 if actual <= 0 else 1.0)
         accepted = math.isfinite(actual) and rule.accepts(actual, ratio)
-        state = rule.update(state, accepted=accepted, gain_ratio=ratio)
+        trial_state, state = state, rule.update(state, accepted=accepted, gain_ratio=ratio)
         if accepted:
-            return StepResult(x + step, trial_cost, True, state, step, actual, predicted, ratio, trials, False, False)
+            return StepResult(x + step, trial_cost, True, state, step, actual, predicted, ratio, trials, False, False,
+                              trial_state)
         if xnorm is None:
             xnorm = float(torch.linalg.vector_norm(x))
         small = _is_small(step, xnorm, xtol)
@@ -535,32 +541,6 @@ def least_squares(
         return _make_result(x, lin, status, run, as_numpy)
 
 
-@dataclass
-class _TrialRecorder:
-    """A damping rule that remembers the state its last ``update`` started from.
-
-    :func:`lm_step` returns the state after the accepting update; :meth:`_Run._reject_point`
-    needs the state the accepted trial was computed with.
-    """
-
-    rule: DampingRule
-    trial_state: DampingState | None = None
-
-    @property
-    def uses_gain_ratio(self) -> bool:
-        return getattr(self.rule, "uses_gain_ratio", True)
-
-    def accepts(self, actual_reduction: float, gain_ratio: float) -> bool:
-        return self.rule.accepts(actual_reduction, gain_ratio)
-
-    def update(self, state: DampingState, *, accepted: bool, gain_ratio: float) -> DampingState:
-        self.trial_state = state
-        return self.rule.update(state, accepted=accepted, gain_ratio=gain_ratio)
-
-    def exhausted(self, state: DampingState) -> bool:
-        return self.rule.exhausted(state)
-
-
 _RADIUS_FACTOR = 2.0  # first trust radius, in units of ||sqrt(D) x0|| (see _Run._first_state)
 _RADIUS_GROWTH = 2.0  # the radius grows to twice the longest accepted step (1.5 and 4: same NIST counts)
 
@@ -591,14 +571,13 @@ class _Run:
             print(f"{'iteration':>9} {'nfev':>6} {'cost':>14} {'optimality':>11} {'damping':>10} {'step norm':>10} accepted")
         scale = self.scaling.update(None, lin.system.diagonal())
         state, self.radius = self._first_state(x, lin, scale)
-        rule = _TrialRecorder(self.rule)
         while True:
             if self._gtol_met(lin):
                 return x, lin, 1
             if self.nfev >= self.max_nfev:
                 return x, lin, 0
             geodesic = _Geodesic(self.problem, lin) if self.geodesic else None
-            out = lm_step(self.problem, x, lin, scale, rule, state, max_trials=self.max_nfev - self.nfev,
+            out = lm_step(self.problem, x, lin, scale, self.rule, state, max_trials=self.max_nfev - self.nfev,
                           xtol=self.xtol, geodesic=geodesic, max_step=self.radius)
             self.nfev += out.n_trials
             self.n_iter += 1
@@ -608,7 +587,7 @@ class _Run:
             if accepted:
                 new_lin = self._relinearize(out.x)
                 if new_lin is None:
-                    state, accepted = self._reject_point(rule.trial_state), False
+                    state, accepted = self._reject_point(out.trial_state), False
                     status = 2 if self.rule.exhausted(state) else None
                 else:
                     self.radius = max(self.radius, _RADIUS_GROWTH * _scaled_norm(out.step, scale))
