@@ -168,6 +168,23 @@ def test_plot_regression_r_matches_numpy():
     assert plot_regression(t, o).axes[0].get_title() == f"R={r:.5f}"
 
 
+def test_plot_regression_leaves_out_non_finite_pairs():
+    # One NaN target and one infinite output among 80 pairs: R and the fit line are those
+    # of the 78 finite pairs (MATLAB's regression drops NaN targets), in the All panel too.
+    t, o = (a.copy() for a in splits()["Training"])
+    r = np.corrcoef(t[2:], o[2:])[0, 1]
+    slope, intercept = np.polyfit(t[2:], o[2:], 1)
+    t[0], o[1] = np.nan, np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_regression({"Training": (t, o), "Test": (np.full(3, np.nan), np.ones(3))})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [f"Training: R={r:.5f}", "Test: R=nan", f"All: R={r:.5f}"]
+    fit_line = next(line for line in fig.axes[0].lines if line.get_label() == "Fit")
+    xs, ys = fit_line.get_data()
+    np.testing.assert_allclose(ys, slope * xs + intercept, rtol=1e-12)
+
+
 def test_plot_regression_dict_of_targets_and_dict_of_outputs():
     s = splits()
     fig = plot_regression({k: t for k, (t, _) in s.items()}, {k: o for k, (_, o) in s.items()})

@@ -214,7 +214,8 @@ def plot_regression(
     -----
     The fit is the least-squares line ``o = m t + b`` with ``m = cov(t, o) / var(t)``, and
     ``R = cov(t, o) / (std(t) std(o))`` is Pearson's correlation, as in MATLAB. A perfect
-    network lies on the dashed ``Y = T`` line with ``R = 1``.
+    network lies on the dashed ``Y = T`` line with ``R = 1``. Pairs whose target or output is
+    NaN or infinite are left out of the fit and of R, as MATLAB leaves out NaN targets.
 
     Examples
     --------
@@ -626,7 +627,16 @@ def _split_color(name: str | None) -> str:
 
 
 def _linear_fit(t: np.ndarray, o: np.ndarray) -> tuple[float, float, float]:
-    """Slope and intercept of ``o ~ m t + b`` and Pearson's R; NaN where undefined."""
+    """Slope and intercept of ``o ~ m t + b`` and Pearson's R over the finite pairs; NaN where undefined.
+
+    A pair with a NaN or infinite target or output is left out, as MATLAB's ``regression``
+    leaves out NaN ("don't care") targets and as :func:`plot_error_histogram` leaves out
+    non-finite errors: one missing value would otherwise make R and the fit line NaN.
+    """
+    finite = np.isfinite(t) & np.isfinite(o)
+    t, o = t[finite], o[finite]
+    if t.size == 0:
+        return math.nan, math.nan, math.nan
     tc, oc = t - t.mean(), o - o.mean()
     stt, soo, sto = float(tc @ tc), float(oc @ oc), float(tc @ oc)
     if stt == 0.0:
