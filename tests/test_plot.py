@@ -345,6 +345,46 @@ def test_save_into_missing_directory(tmp_path):
         plot_performance(lm_history(), path=tmp_path / "missing" / "perf.png")
 
 
+class _CountingModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return 2 * x
+
+
+BAD_PATHS = [
+    ("perf.xyz", ValueError, r"Invalid path value: '.*perf\.xyz'; its suffix '\.xyz' names no image format"),
+    ("run.v2", ValueError, r"suffix '\.v2' names no image format.*\.pdf, .*\.png"),
+    ("missing/perf.png", FileNotFoundError, "does not exist"),
+    ("", IsADirectoryError, "is a directory"),
+]
+
+
+@pytest.mark.parametrize(("name", "exc", "match"), BAD_PATHS)
+def test_unwritable_path_is_refused_before_the_model_is_evaluated(tmp_path, name, exc, match):
+    # plot_fit calls the model: a path savefig cannot write must fail before that, and leave no file.
+    model, x = _CountingModel(), torch.linspace(0.0, 1.0, 5)
+    with pytest.raises(exc, match=match):
+        plot_fit(model, x, 2 * x, path=tmp_path / name)
+    assert model.calls == 0
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("func, args", [
+    (plot_performance, (lm_history(),)), (plot_training_state, (lm_history(),)),
+    (plot_regression, (np.arange(3.0), np.arange(3.0))), (plot_error_histogram, (np.arange(3.0), np.ones(3))),
+    (plot_comparison, ({"LM": lm_history()},)),
+])
+def test_every_plot_refuses_a_bad_path(tmp_path, func, args):
+    with pytest.raises(ValueError, match="Invalid path value"):
+        func(*args, path=tmp_path / "figure.txt")
+    with pytest.raises(TypeError, match="Invalid path value: 3; expected a str or path-like"):
+        func(*args, path=3)
+
+
 def test_save_format_follows_suffix(tmp_path):
     path = tmp_path / "perf.svg"
     plot_performance(lm_history(), path=path)

@@ -2,8 +2,10 @@
 ploterrhist and plotfit.
 
 Every function returns a :class:`matplotlib.figure.Figure` and, given ``path=``, also saves it
-(PNG unless the suffix names another format) atomically: the image is written to a temporary
-file in the same directory and moved into place with ``os.replace``.
+atomically: the image is written to a temporary file in the same directory and moved into place
+with ``os.replace``. The suffix picks the format (``.png``, ``.pdf``, ``.svg``, ...; PNG when there
+is none). A ``path`` that cannot be written (a suffix that names no format, a missing
+directory) is refused before anything is drawn or a model is evaluated.
 
 matplotlib is imported only when a plot is made, and only ``matplotlib.figure`` and the Agg
 canvas: ``matplotlib.pyplot`` is never imported, so no global backend is chosen or changed, no
@@ -72,6 +74,7 @@ _STATE_PANELS = (
     ("ssw", "Sum Squared Param", False),
     ("val_fail", "Validation Checks", False),
 )
+_MATPLOTLIB_HINT = "marquardt.plot needs matplotlib: pip install matplotlib (or pip install 'marquardt[plot]')"
 _MSE_LABEL = "Mean Squared Error (mse)"
 _CE_LABEL = "Cross-Entropy (crossentropy)"
 
@@ -89,7 +92,7 @@ def plot_performance(
     history : History
         Training record with ``perf`` and, when available, ``vperf`` and ``tperf``.
     path : str or path-like, optional
-        Where to save the figure (PNG unless the suffix says otherwise).
+        Where to save the figure; the suffix picks the format (PNG when there is none).
     title : str, optional
         Figure title; by default ``"Best Validation Performance is X at epoch N"``
         (``Training`` when there is no validation data).
@@ -114,6 +117,7 @@ def plot_performance(
     >>> ax.get_yscale(), ax.get_title()
     ('log', 'Best Training Performance is 0.05 at epoch 2')
     """
+    _check_path(path)
     _check_history(history)
     best_index, best_key = _best(history)
     epochs = _epochs(history)
@@ -170,6 +174,7 @@ def plot_training_state(history: History, *, path: PathLike | None = None) -> Fi
     >>> [ax.get_title() for ax in plot_training_state(h).axes][:2]
     ['Gradient = 0.001, at epoch 3', 'Mu = 0.001, at epoch 3']
     """
+    _check_path(path)
     _check_history(history)
     panels = [panel for panel in _STATE_PANELS if _has_data(history, panel[0])]
     if not panels:
@@ -227,6 +232,7 @@ def plot_regression(
     >>> [ax.get_title().split(":")[0] for ax in fig.axes]
     ['Training', 'Test', 'All']
     """
+    _check_path(path)
     splits = _splits(targets, outputs)
     if len(splits) > 1 and "All" not in splits:
         splits["All"] = _concat_splits(splits)
@@ -272,6 +278,7 @@ def plot_error_histogram(
     >>> fig.axes[0].get_title()
     'Error Histogram with 20 Bins'
     """
+    _check_path(path)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"Invalid bins: {bins!r}; expected a positive integer")
     errors = {name: t - o for name, (t, o) in _splits(targets, outputs).items()}
@@ -339,6 +346,7 @@ def plot_fit(
     >>> len(fig.axes)
     2
     """
+    _check_path(path)
     if not callable(model):
         raise TypeError(
             f"model must be a torch.nn.Module or callable; received {type(model).__name__}"
@@ -400,6 +408,7 @@ def plot_comparison(
     >>> ax.get_xlabel(), ax.get_yscale()
     ('Time (s)', 'log')
     """
+    _check_path(path)
     if not isinstance(histories, Mapping) or not histories:
         empty = " (empty)" if isinstance(histories, Mapping) else ""
         raise ValueError(
@@ -438,10 +447,7 @@ def _new_figure(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError(
-            "marquardt.plot needs matplotlib: pip install matplotlib "
-            "(or pip install 'marquardt[plot]')"
-        ) from exc
+        raise ImportError(_MATPLOTLIB_HINT) from exc
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     gridspec = None if height_ratios is None else {"height_ratios": height_ratios}
@@ -452,9 +458,43 @@ def _new_figure(
 def _finish(fig: Figure, path: PathLike | None) -> Figure:
     """Save ``fig`` atomically when a path is given; the format follows the suffix (PNG default)."""
     if path is not None:
-        fmt = Path(path).suffix.lstrip(".").lower() or "png"
+        fmt = _image_format(path)
         _write_atomically(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
     return fig
+
+
+def _image_format(path: PathLike) -> str:
+    return Path(path).suffix.lstrip(".").lower() or "png"
+
+
+def _check_path(path: Any) -> None:
+    """Refuse a ``path`` the figure could not be saved to, before anything is drawn or evaluated."""
+    if path is None:
+        return
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"Invalid path value: {path!r}; expected a str or path-like file name such as 'perf.png'")
+    target = Path(path)
+    formats = _supported_formats()
+    if _image_format(target) not in formats:
+        raise ValueError(
+            f"Invalid path value: {str(target)!r}; its suffix {target.suffix!r} names no image format. "
+            f"Expected no suffix (PNG) or one of {', '.join('.' + f for f in sorted(formats))}"
+        )
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"Cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist"
+        )
+    if target.is_dir():
+        raise IsADirectoryError(f"Invalid path value: {str(target)!r} is a directory; expected a file name in it")
+
+
+def _supported_formats() -> frozenset[str]:
+    """File formats matplotlib's savefig writes (``png``, ``pdf``, ``svg``, ...)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as exc:
+        raise ImportError(_MATPLOTLIB_HINT) from exc
+    return frozenset(FigureCanvasBase.get_supported_filetypes())
 
 
 def _log_scale_if_positive(ax: Axes, series: list[np.ndarray]) -> None:
