@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -397,6 +398,33 @@ def test_bad_arguments(kwargs, error, match):
     args = {"n_inputs": 2, **kwargs}
     with pytest.raises(error, match=match):
         mlp(**args)
+
+
+def test_numpy_integers_build_the_same_network_with_python_int_config():
+    # n_outputs = labels.max() + 1 is a numpy integer; sklearn-style hidden sizes an array.
+    labels = np.array([0, 2, 1, 2])
+    model = mlp(np.int64(3), hidden=np.array([4, 2]), n_outputs=labels.max() + 1, normalize=np.True_,
+                generator=torch.Generator().manual_seed(0))
+    reference = mlp(3, hidden=(4, 2), n_outputs=3, generator=torch.Generator().manual_seed(0))
+    assert model.config() == reference.config()
+    assert json.loads(json.dumps(model.config()))["hidden"] == [4, 2]
+    assert all(type(v) is int for v in (model.n_inputs, model.n_outputs, *model.hidden))
+    assert type(model.normalize) is bool
+    for ours, theirs in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    assert mlp(2, hidden=[np.int32(5)]).hidden == (5,)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"n_inputs": np.float64(2.0)}, TypeError, r"n_inputs must be a positive int, received np\.float64\(2\.0\)"),
+    ({"n_outputs": np.True_}, TypeError, r"n_outputs must be a positive int, received np\.True_"),
+    ({"hidden": np.array([4.0])}, ValueError, r"hidden must contain only positive ints.*received \(4\.0,\)"),
+    ({"hidden": np.ones((2, 2), dtype=int)}, TypeError, r"hidden must be an int or a sequence"),
+    ({"hidden": np.int64(0)}, ValueError, r"hidden must contain only positive ints.*received \(np\.int64\(0\),\)"),
+])
+def test_bad_numpy_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mlp(**{"n_inputs": 2, **kwargs})
 
 
 def test_set_normalization_without_targets_leaves_outputs_unmapped():

@@ -9,9 +9,11 @@ normalisation. :func:`mlp` builds one. Weights start from MATLAB's ``initnw``
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,30 +46,38 @@ _CONFIG_KEYS = ("n_inputs", "hidden", "n_outputs", "activation", "normalize", "i
 # --------------------------------------------------------------------------- validation
 
 
+def _is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python or numpy, such as ``labels.max() + 1``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_count(name: str, value: Any) -> int:
-    """Return ``value`` if it is a positive int, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as a Python int if it is a positive integer, else raise naming ``name``."""
+    if not _is_integer(value):
         raise TypeError(f"{name} must be a positive int, received {value!r} ({type(value).__name__})")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, received {value!r}")
-    return value
+    # A Python int keeps config() JSON-able and the layer sizes plain.
+    return int(value)
 
 
 def _check_hidden(hidden: Any) -> tuple[int, ...]:
-    """Return hidden layer sizes as a tuple; an int means one hidden layer."""
-    if isinstance(hidden, int) and not isinstance(hidden, bool):
+    """Return hidden layer sizes as a tuple of Python ints; an integer means one hidden layer."""
+    if _is_integer(hidden):
         hidden = (hidden,)
+    if isinstance(hidden, np.ndarray) and hidden.ndim == 1:
+        hidden = hidden.tolist()
     if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
         raise TypeError(
             f"hidden must be an int or a sequence of positive ints, received {hidden!r} "
             f"({type(hidden).__name__})"
         )
     for size in hidden:
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        if not _is_integer(size) or size <= 0:
             raise ValueError(
                 f"hidden must contain only positive ints (layer sizes), received {tuple(hidden)!r}"
             )
-    return tuple(hidden)
+    return tuple(int(size) for size in hidden)
 
 
 def _check_activation(activation: Any) -> str:
@@ -334,9 +344,9 @@ class MLP(nn.Module):
         self.hidden = _check_hidden(hidden)
         self.n_outputs = _check_count("n_outputs", n_outputs)
         self.activation = _check_activation(activation)
-        if not isinstance(normalize, bool):
+        if not isinstance(normalize, (bool, np.bool_)):
             raise TypeError(f"normalize must be a bool, received {normalize!r}")
-        self.normalize = normalize
+        self.normalize = bool(normalize)
         self.init = _check_init(init)
         dtype = _check_dtype(dtype)
         generator = _check_generator(generator)
