@@ -279,6 +279,28 @@ def test_plot_comparison_of_validation_performance():
     assert ax.get_ylabel() == "vperf"
 
 
+def ce_history() -> History:
+    """Synthetic cross-entropy record: classification runs record accuracy."""
+    h = History("lm")
+    for e in range(4):
+        h.append(epoch=e, perf=0.7 / (1 + e), accuracy=0.5 + 0.1 * e, damping=1e-3, gradient=1.0)
+    return h
+
+
+@pytest.mark.parametrize(("histories", "label"), [
+    ({"LM": ce_history(), "Momentum": ce_history()}, "Cross-Entropy (crossentropy)"),
+    ({"LM": lm_history(), "GD": lm_history()}, "Mean Squared Error (mse)"),
+    ({"LM": ce_history(), "GD": lm_history()}, "Performance"),
+])
+def test_plot_comparison_labels_the_performance_of_the_loss(histories, label):
+    assert plot_comparison(histories).axes[0].get_ylabel() == label
+
+
+def test_plot_performance_of_a_classification_run_is_cross_entropy():
+    assert plot_performance(ce_history()).axes[0].get_ylabel() == "Cross-Entropy (crossentropy)"
+    assert plot_performance(lm_history()).axes[0].get_ylabel() == "Mean Squared Error (mse)"
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 

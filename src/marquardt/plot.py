@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,8 +130,7 @@ def plot_performance(
     _mark_best(ax, epochs[best_index], best_value, validation=best_key == "vperf")
     _log_scale_if_positive(ax, [_series(history, key) for key, _, _ in _PERF_SERIES if key in history])
     ax.set_xlabel(f"{_int_text(epochs[-1])} Epochs")
-    # Classification runs record accuracy; their performance is the mean cross-entropy.
-    ax.set_ylabel(_CE_LABEL if _has_data(history, "accuracy") else _MSE_LABEL)
+    ax.set_ylabel(_perf_label([history]))
     split = "Validation" if best_key == "vperf" else "Training"
     best_epoch = _int_text(epochs[best_index])
     ax.set_title(title if title is not None else
@@ -424,7 +423,7 @@ def plot_comparison(
         ax.plot(xs, ys, linewidth=2, label=label)
     _log_scale_if_positive(ax, [ys for _, ys in curves.values()])
     ax.set_xlabel("Epoch" if x == "epoch" else "Time (s)")
-    ax.set_ylabel(_MSE_LABEL if key == "perf" else key)
+    ax.set_ylabel(_perf_label(histories.values()) if key == "perf" else key)
     ax.set_title(f"{'Training performance' if key == 'perf' else key} by method")
     ax.legend(loc="upper right")
     ax.grid(True, alpha=0.3)
@@ -531,6 +530,15 @@ def _series(history: History, key: str) -> np.ndarray:
 
 def _has_data(history: History, key: str) -> bool:
     return key in history and bool(np.isfinite(_series(history, key)).any())
+
+
+def _perf_label(histories: Iterable[History]) -> str:
+    """Axis label of ``perf``: classification runs record accuracy, and their performance is the
+    mean cross-entropy; a mix of both kinds gets the neutral ``Performance``."""
+    kinds = {_has_data(history, "accuracy") for history in histories}
+    if kinds == {True}:
+        return _CE_LABEL
+    return _MSE_LABEL if kinds == {False} else "Performance"
 
 
 def _epochs(history: History) -> np.ndarray:
