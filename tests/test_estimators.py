@@ -150,3 +150,22 @@ def test_pickle_round_trip_predicts_identically():
     reg = LMRegressor((4,), epochs=5, random_state=0).fit(X, y)
     again = pickle.loads(pickle.dumps(reg))
     assert np.array_equal(again.predict(X), reg.predict(X))
+
+
+def three_class_data():
+    X, y = make_classification(n_samples=60, n_features=3, n_informative=3, n_redundant=0, n_classes=3,
+                               n_clusters_per_class=1, class_sep=2.0, random_state=0)
+    return X, np.array(["a", "b", "c"])[y]
+
+
+def test_set_params_after_fit_does_not_change_predictions():
+    # Parameters take effect at the next fit, as in scikit-learn: predict_proba used to read the
+    # loss parameter, so set_params(loss="binary_cross_entropy") on a fitted 3-class model gave
+    # 2 sigmoid columns of the first logit.
+    X, labels = three_class_data()
+    clf = LMClassifier((4,), epochs=10, random_state=0).fit(X, labels)
+    proba, predicted = clf.predict_proba(X), clf.predict(X)
+    clf.set_params(loss="binary_cross_entropy")
+    np.testing.assert_array_equal(clf.predict_proba(X), proba)
+    np.testing.assert_array_equal(clf.predict(X), predicted)
+    assert proba.shape == (60, 3)

@@ -268,7 +268,9 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, shape (n_samples, n_classes), columns in the order of ``classes_``."""
         logits = torch.from_numpy(self._outputs(X))
-        if self.loss == "binary_cross_entropy":
+        # The fitted network decides, not the loss parameter, which set_params may have changed
+        # since fit: a binary_cross_entropy network has one logit, a cross_entropy one has one per class.
+        if self.model_.n_outputs == 1:
             p = torch.sigmoid(logits[:, 0])
             return torch.stack([1.0 - p, p], dim=1).numpy()
         return torch.softmax(logits, dim=1).numpy()
