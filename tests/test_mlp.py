@@ -175,6 +175,30 @@ def test_nguyen_widrow_rejects_bad_arguments(kwargs, match):
         nguyen_widrow_(nn.Linear(2, 3), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "linear, kwargs, error, match",
+    [
+        (nn.Linear(2, 3), {"input_range": (1.0,)}, ValueError, r"input_range must be finite \(low, high\).*received \(1\.0,\)"),
+        (nn.Linear(2, 3), {"input_range": None}, ValueError, r"input_range must be finite.*received None"),
+        (nn.Linear(2, 3), {"input_range": ("a", "b")}, ValueError, r"input_range must be finite.*received \('a', 'b'\)"),
+        (nn.Linear(2, 3), {"generator": 3}, TypeError, r"generator must be a torch\.Generator or None, received 3"),
+        (nn.Conv1d(1, 1, 1), {}, TypeError, r"linear must be a torch\.nn\.Linear, received Conv1d"),
+    ],
+)
+def test_nguyen_widrow_names_the_bad_argument(linear, kwargs, error, match):
+    before = [p.detach().clone() for p in linear.parameters()]
+    with pytest.raises(error, match=match):
+        nguyen_widrow_(linear, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, linear.parameters()))
+
+
+def test_nguyen_widrow_takes_an_array_input_range():
+    a, b = nn.Linear(2, 3, dtype=torch.float64), nn.Linear(2, 3, dtype=torch.float64)
+    nguyen_widrow_(a, torch.Generator().manual_seed(1), activation="sigmoid", input_range=np.array([0.0, 1.0]))
+    nguyen_widrow_(b, torch.Generator().manual_seed(1), activation="sigmoid", input_range=(0.0, 1.0))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu", "linear"])
 def test_output_layer_and_non_sigmoidal_layers_use_rands(activation):
     # initnw falls back to rands (uniform [-1, 1]) where the active input range is infinite.

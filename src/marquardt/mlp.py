@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -177,17 +177,18 @@ def nguyen_widrow_(
     >>> bool(torch.allclose(layer.weight.norm(dim=1), torch.full((5,), 2 * beta, dtype=torch.float64)))
     True
     """
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be a torch.nn.Linear, received {type(linear).__name__}")
     if linear.bias is None:
         raise ValueError("linear must have a bias for Nguyen-Widrow initialisation, received bias=None")
+    generator = _check_generator(generator)
     name = _check_activation(activation)
     if name not in _ACTIVE_INPUT_RANGES:
         raise ValueError(
             f"activation must be one of {sorted(_ACTIVE_INPUT_RANGES)} (a finite active input range), "
             f"received {activation!r}"
         )
-    low, high = input_range
-    if not (math.isfinite(low) and math.isfinite(high) and high > low):
-        raise ValueError(f"input_range must be finite (low, high) with high > low, received {input_range!r}")
+    low, high = _check_input_range(input_range)
     weight, bias = _nguyen_widrow_unit(linear.out_features, linear.in_features, generator)
     n_min, n_max = _ACTIVE_INPUT_RANGES[name]
     weight, bias = weight * (n_max - n_min) / 2, bias * (n_max - n_min) / 2 + (n_max + n_min) / 2
@@ -197,6 +198,15 @@ def nguyen_widrow_(
     with torch.no_grad():
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
+
+
+def _check_input_range(input_range: Any) -> tuple[float, float]:
+    """Return ``input_range`` as finite floats ``(low, high)`` with ``high > low``."""
+    pair = tuple(input_range) if isinstance(input_range, Iterable) and not isinstance(input_range, str) else ()
+    if not (len(pair) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+            and math.isfinite(pair[0]) and math.isfinite(pair[1]) and pair[1] > pair[0]):
+        raise ValueError(f"input_range must be finite (low, high) with high > low, received {input_range!r}")
+    return float(pair[0]), float(pair[1])
 
 
 def _nguyen_widrow_unit(n_neurons: int, n_in: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
