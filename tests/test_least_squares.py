@@ -1,6 +1,7 @@
 """least_squares: bad input, types and devices, Jacobian modes, solver paths, statistics, scipy agreement."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from marquardt import TERMINATION_MESSAGES, least_squares
 from marquardt.linalg import NormalEquations, SampleSpaceEquations, damped_lstsq
+from marquardt.nist import load_problem
 
 T = np.linspace(0.0, 3.0, 25)
 TRUE = np.array([2.5, 1.3, 0.4])
@@ -198,6 +200,37 @@ def test_covariance_and_stderr_equal_curve_fit():
     assert res.x == pytest.approx(popt, rel=1e-8)
     assert res.covariance == pytest.approx(pcov, rel=1e-6)
     assert res.stderr == pytest.approx(np.sqrt(np.diag(pcov)), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("fun", "undetermined"),
+    [
+        (lambda b: decay(torch.stack([b[0] * b[3], b[1], b[2]])), [0, 3]),  # a enters as b0 * b3
+        (lambda b: decay(b[:3]) + 0 * b[3], [3]),  # b3 has no effect
+    ],
+    ids=["product", "dead"],
+)
+def test_undetermined_parameters_get_inf_standard_errors_and_a_warning(fun, undetermined):
+    # pinv(J^T J) gave them small finite standard errors (the product: 0.0126 each; the dead
+    # parameter: 0.0) and no warning; the determined ones keep curve_fit's values for the
+    # 3-parameter model, rescaled to 21 degrees of freedom instead of 22.
+    model = lambda t, a, k, c: a * np.exp(-k * t) + c  # noqa: E731
+    _, pcov = scipy.optimize.curve_fit(model, T, Y, p0=X0, method="lm", ftol=1e-14, xtol=1e-14, gtol=1e-14)
+    with pytest.warns(RuntimeWarning, match=rf"parameters {re.escape(str(undetermined))} are not determined by the data"):
+        res = least_squares(fun, [1.0, 1.0, 0.0, 1.0], ftol=1e-14, xtol=1e-14, gtol=1e-14)
+    determined = [j for j in range(4) if j not in undetermined]
+    expected = np.sqrt(np.diag(pcov) * 22 / 21)[[j for j in determined if j < 3]]
+    assert res.stderr[determined] == pytest.approx(expected, rel=1e-6)
+    assert np.all(np.isinf(res.stderr[undetermined]))
+    assert np.all(np.isinf(res.covariance[undetermined])) and np.all(np.isinf(res.covariance[:, undetermined]))
+
+
+def test_float32_standard_errors_do_not_depend_on_the_units_of_the_parameters():
+    # Misra1a's two Jacobian columns differ by 1e5: on the raw float32 J the smaller singular
+    # value fell under the rank cutoff and b1's standard error came out 4.5e-13 of NIST's.
+    p = load_problem("Misra1a")
+    res = least_squares(p.residual_function(torch.float32), torch.tensor(p.certified, dtype=torch.float32))
+    assert res.stderr.numpy() == pytest.approx(p.certified_stderr, rel=1e-4)
 
 
 def test_callback_stop_gives_status_minus_two():

@@ -55,8 +55,10 @@ class LeastSquaresResult:
     success : bool
         ``status > 0``.
     covariance : Tensor or ndarray
-        ``s**2 * pinv(J^T J)`` with ``s**2 = 2 cost / (m - n)`` (``inf`` when ``m <= n``),
-        as :func:`scipy.optimize.curve_fit` reports it.
+        ``s**2 * pinv(J^T J)`` with ``s**2 = 2 cost / (m - n)``, as
+        :func:`scipy.optimize.curve_fit` reports it. ``inf`` everywhere when ``m <= n``, and in
+        the rows and columns of parameters the data do not determine (``J`` rank-deficient,
+        judged with the columns of ``J`` scaled to unit norm; a ``RuntimeWarning`` names them).
     stderr : Tensor or ndarray
         Standard errors of the parameters, ``sqrt(diag(covariance))``.
     """

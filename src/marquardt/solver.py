@@ -11,6 +11,7 @@ differ only in the problem they hand over and in their stopping rules.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -508,7 +509,8 @@ def least_squares(
     step reaches it) and grows to twice the longest accepted step; longer trial steps are
     rejected unevaluated. After a successful stop one undamped Gauss-Newton step is
     tried and kept when it lowers the cost. The covariance is ``s^2 (J^T J)^+`` with
-    ``s^2 = 2 cost / (m - n)``, as :func:`scipy.optimize.curve_fit` reports it.
+    ``s^2 = 2 cost / (m - n)``, as :func:`scipy.optimize.curve_fit` reports it; a parameter the
+    data do not determine (``J`` rank-deficient) gets ``inf`` variance and a ``RuntimeWarning``.
 
     Examples
     --------
@@ -730,16 +732,50 @@ def _make_result(x: Tensor, lin: Linearization, status: int, run: _Run, as_numpy
 
 
 def _covariance(jac: Tensor, cost: float) -> Tensor:
-    """``s^2 (J^T J)^+`` from the SVD of ``J``, as :func:`scipy.optimize.curve_fit` computes it."""
+    """``s^2 (J^T J)^+`` with ``s^2 = 2 cost / (m - n)``, ``inf`` where it cannot be estimated.
+
+    The pseudo-inverse comes from the SVD of ``J`` with unit-norm columns, so that the rank
+    decision (singular values under ``eps * max(m, n)`` times the largest are dropped) does not
+    depend on the units of the parameters: on the raw ``J`` a float32 Misra1a (columns 1e5
+    apart) lost a direction and reported standard errors of 1e-13 times the certified ones.
+    A parameter with a component in a dropped direction is not determined by the data (a dead
+    parameter, or two that enter only as a product); ``pinv`` would give it a small finite
+    variance, so its row and column are ``inf`` instead, with a warning, as
+    :func:`scipy.optimize.curve_fit` fills a covariance it cannot estimate. With ``m <= n`` every
+    entry is ``inf`` and nothing is said: no residual variance can be estimated, and a square
+    system of equations is a common use that asked for no statistics.
+    """
     m, n = jac.shape
-    _, singular, vt = torch.linalg.svd(jac, full_matrices=False)
-    cutoff = torch.finfo(jac.dtype).eps * max(m, n) * singular[0]
-    keep = singular > cutoff
-    vt = vt[keep]
-    pinv = vt.T @ (vt / singular[keep, None] ** 2)
     if m <= n:
-        return torch.full_like(pinv, math.inf)
-    return pinv * (2.0 * cost / (m - n))
+        return torch.full((n, n), math.inf, dtype=jac.dtype, device=jac.device)
+    norms = torch.linalg.vector_norm(jac, dim=0)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    _, singular, vt = torch.linalg.svd(jac / norms, full_matrices=False)
+    eps = torch.finfo(jac.dtype).eps
+    keep = singular > eps * max(m, n) * singular[0]
+    kept = vt[keep] / norms
+    covariance = (kept.T @ (kept / singular[keep, None] ** 2)) * (2.0 * cost / (m - n))
+    undetermined = _undetermined_parameters(vt[~keep], eps)
+    if undetermined:
+        # stacklevel 4: _covariance <- _make_result <- least_squares <- the caller.
+        warnings.warn(f"Covariance of the parameters could not be estimated: the Jacobian is rank-deficient; "
+                      f"parameters {undetermined} are not determined by the data; their standard errors are inf.",
+                      RuntimeWarning, stacklevel=4)
+        covariance[undetermined, :] = math.inf
+        covariance[:, undetermined] = math.inf
+    return covariance
+
+
+def _undetermined_parameters(null_space: Tensor, eps: float) -> list[int]:
+    """Indices of the parameters with a component in the numerical null space of ``J``.
+
+    A parameter outside it has a component there of the size of the SVD's rounding, near
+    ``eps`` times the condition number; ``sqrt(eps)`` separates the two.
+    """
+    if null_space.shape[0] == 0:
+        return []
+    weight = torch.linalg.vector_norm(null_space, dim=0)
+    return torch.nonzero(weight > eps**0.5).flatten().tolist()
 
 
 # ---------------------------------------------------------------------------------------------
