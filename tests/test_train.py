@@ -289,6 +289,16 @@ def test_division_functions_match_matlab_counts():
     assert sorted(torch.cat([train, val, test]).tolist()) == list(range(20))
 
 
+@pytest.mark.parametrize("divide", [lambda n, split: divide_random(n, split, torch.Generator().manual_seed(0)),
+                                    divide_block, divide_interleaved])
+@pytest.mark.parametrize("n, counts", [(30, (20, 5, 5)), (70, (48, 11, 11)), (10, (6, 2, 2)), (100, (70, 15, 15))])
+def test_division_counts_round_halves_up_as_matlab(divide, n, counts):
+    # MATLAB's round(0.15 * 30) is 5; Python's round(4.5) is 4, which gave 22/4/4.
+    parts = divide(n, (0.7, 0.15, 0.15))
+    assert tuple(len(p) for p in parts) == counts
+    assert sorted(torch.cat(parts).tolist()) == list(range(n))
+
+
 def test_best_weights_are_a_copy():
     from marquardt.train import _Best
 

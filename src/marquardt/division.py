@@ -1,7 +1,8 @@
 """Data division into training, validation and test sets, as MATLAB's ``divide*`` functions.
 
 Each function returns three index tensors ``(train, val, test)``. Counts are
-``n_val = round(val * n)``, ``n_test = round(test * n)`` and the rest for training.
+``n_val = round(val * n)``, ``n_test = round(test * n)`` and the rest for training, with
+MATLAB's ``round`` (halves away from zero: 30 samples at 0.15 give 5, not Python's 4).
 """
 
 from __future__ import annotations
@@ -34,9 +35,25 @@ def check_split(split: tuple[float, float, float]) -> tuple[float, float, float]
     return values  # type: ignore[return-value]
 
 
+def _round_half_up(value: float) -> int:
+    """MATLAB's ``round`` of a number >= 0: halves go up (Python's ``round`` sends them to even).
+
+    ``floor(value + 0.5)`` would round 0.49999999999999994 up, since the sum rounds to 1.0;
+    the fractional part ``value - floor(value)`` is exact.
+
+    Examples
+    --------
+    >>> [_round_half_up(v) for v in (4.5, 10.5, 1.5, 0.49999999999999994)]
+    [5, 11, 2, 0]
+    """
+    whole = math.floor(value)
+    return int(whole) + (1 if value - whole >= 0.5 else 0)
+
+
 def _counts(n: int, split: tuple[float, float, float]) -> tuple[int, int, int]:
-    n_val = int(round(split[1] * n))
-    n_test = int(round(split[2] * n))
+    # The products are MATLAB's (valRatio * Q in floating point), so the counts match dividerand's.
+    n_val = _round_half_up(split[1] * n)
+    n_test = _round_half_up(split[2] * n)
     return n - n_val - n_test, n_val, n_test
 
 
