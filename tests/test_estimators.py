@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -78,16 +79,44 @@ def test_validation_fraction():
     assert np.isnan(all_train.history_.last["vperf"])
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"validation_fraction": 1.0}, "Invalid validation_fraction value: 1.0"),
-    ({"dtype": "float16"}, "Invalid dtype: 'float16'"),
-    ({"method": "newton"}, "Invalid method: 'newton'"),
-    ({"epochs": -1}, "Invalid epochs value: -1"),
+@pytest.mark.parametrize("params, error, message", [
+    ({"validation_fraction": 1.0}, ValueError, "Invalid validation_fraction value: 1.0; expected a number in [0, 1)."),
+    ({"validation_fraction": True}, ValueError, "Invalid validation_fraction value: True; expected a number"),
+    ({"dtype": "float16"}, ValueError, "Invalid dtype value: 'float16'; expected one of ['float32', 'float64']."),
+    ({"dtype": torch.float32}, ValueError, "Invalid dtype value: torch.float32; expected one of"),
+    ({"method": "newton"}, ValueError, "Invalid method value: 'newton'; expected one of ['lm', 'br', 'gd', "
+     "'momentum', 'adam'] or a torch.optim.Optimizer class."),
+    ({"method": "Adam"}, ValueError, "Invalid method value: 'Adam'; expected one of"),
+    ({"epochs": -1}, ValueError, "Invalid epochs value: -1"),
+    # These used to name mlp's argument (hidden), or fail inside it on None.
+    ({"hidden_layer_sizes": None}, TypeError, "Invalid hidden_layer_sizes value: None; expected a positive int "
+     "or a sequence of positive ints, e.g. (10,) or (10, 10)."),
+    ({"hidden_layer_sizes": "10"}, TypeError, "Invalid hidden_layer_sizes value: '10'"),
+    ({"hidden_layer_sizes": (5, 0)}, ValueError, "Invalid hidden_layer_sizes value: (5, 0)"),
+    # These used to be dict()'s "got multiple values for keyword argument 'epochs'" and "argument after ** must be a
+    # mapping".
+    ({"method_options": {"epochs": 3}}, ValueError, "Invalid method_options value: {'epochs': 3}; the estimator sets "
+     "'epochs' from its parameter epochs: set that parameter instead."),
+    ({"method_options": {"seed": 1, "mu": 0.1}}, ValueError, "the estimator sets 'seed' from its parameter random_state"),
+    ({"method_options": [("mu", 0.1)]}, TypeError, "Invalid method_options value: [('mu', 0.1)]; expected None or "
+     "a dict"),
+    # These used to be torch's RuntimeError on the device string, or its bare AssertionError without CUDA.
+    ({"device": "gpu"}, ValueError, "Invalid device value: 'gpu'; expected a torch device such as 'cpu' or 'cuda'."),
+    pytest.param({"device": "cuda"}, ValueError, "Invalid device value: 'cuda'; CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
 ])
-def test_bad_parameters_raise_at_fit(params, message):
+def test_bad_parameters_raise_at_fit(params, error, message):
     X, y = regression_data(20)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=re.escape(message)):
         LMRegressor(**params).fit(X, y)
+
+
+def test_numpy_number_validation_fraction_is_accepted():
+    # np.float32 is no Python float; it used to be refused as an invalid validation_fraction.
+    X, y = regression_data(40)
+    numpy_number = LMRegressor((3,), epochs=3, validation_fraction=np.float32(0.25), random_state=0).fit(X, y)
+    python_number = LMRegressor((3,), epochs=3, validation_fraction=0.25, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(numpy_number.predict(X), python_number.predict(X))
 
 
 @pytest.mark.parametrize("method", ["br", "gd", "momentum", "adam"])

@@ -12,6 +12,7 @@ scikit-learn is an optional dependency (``pip install marquardt[sklearn]``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,13 +22,21 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .damping import is_real_number
 from .history import History
-from .mlp import MLP, mlp
+from .mlp import MLP, _check_hidden, mlp
 from .train import fit
 
 __all__ = ["LMClassifier", "LMRegressor"]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_METHODS = ("lm", "br", "gd", "momentum", "adam")
+#: fit's options that the estimator sets from its own parameters (the parameter to use instead).
+_SET_BY_PARAMETERS = {
+    "method": "method", "loss": "loss", "epochs": "epochs", "goal": "goal", "min_grad": "min_grad",
+    "max_fail": "max_fail", "time_limit": "time_limit", "batch_size": "batch_size",
+    "division": "validation_fraction", "split": "validation_fraction", "seed": "random_state", "progress": "verbose",
+}
 
 
 class _LMEstimator(BaseEstimator):
@@ -68,18 +77,26 @@ class _LMEstimator(BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    def _check_parameters(self) -> None:
+        """Check, before any data is looked at, the parameters whose errors would otherwise come from
+        deep inside ``mlp`` or ``fit`` under another name (``hidden``, ``device``, a duplicated keyword)."""
+        _check_hidden_layer_sizes(self.hidden_layer_sizes)
+        _check_method(self.method)
+        fraction = self.validation_fraction
+        if not (is_real_number(fraction) and 0 <= fraction < 1):
+            raise ValueError(f"Invalid validation_fraction value: {fraction!r}; expected a number in [0, 1).")
+        _check_method_options(self.method_options)
+        self._torch_dtype()
+        _check_device(self.device)
+
     def _train(self, X: np.ndarray, y: np.ndarray, n_outputs: int, loss: str) -> None:
         """Build the network from ``random_state`` and train it on ``(X, y)``; set fitted attributes."""
         dtype = self._torch_dtype()
-        if not (isinstance(self.validation_fraction, (int, float)) and 0 <= self.validation_fraction < 1):
-            raise ValueError(f"Invalid validation_fraction value: {self.validation_fraction!r}; expected a "
-                             "number in [0, 1).")
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        hidden = (self.hidden_layer_sizes,) if isinstance(self.hidden_layer_sizes, int) else self.hidden_layer_sizes
         # fit(seed=...) seeds torch's global generator; fork_rng leaves the caller's stream as it was.
         with torch.random.fork_rng(devices=[]):
-            model = mlp(X.shape[1], tuple(hidden), n_outputs, activation=self.activation, dtype=dtype,
-                        device=self.device, generator=torch.Generator().manual_seed(seed))
+            model = mlp(X.shape[1], _check_hidden(self.hidden_layer_sizes), n_outputs, activation=self.activation,
+                        dtype=dtype, device=self.device, generator=torch.Generator().manual_seed(seed))
             history = fit(model, self._tensor(X, model), self._tensor(y, model), **self._fit_options(seed, loss))
         self.model_: MLP = model.eval()
         self.history_: History = history
@@ -94,8 +111,8 @@ class _LMEstimator(BaseEstimator):
                     seed=seed, progress=bool(self.verbose), **(self.method_options or {}))
 
     def _torch_dtype(self) -> torch.dtype:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"Invalid dtype: {self.dtype!r}; expected one of {sorted(_DTYPES)}.")
+        if not isinstance(self.dtype, str) or self.dtype not in _DTYPES:
+            raise ValueError(f"Invalid dtype value: {self.dtype!r}; expected one of {sorted(_DTYPES)}.")
         return _DTYPES[self.dtype]
 
     @staticmethod
@@ -109,6 +126,49 @@ class _LMEstimator(BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=np.float64)
         with torch.no_grad():
             return self.model_(self._tensor(X, self.model_)).cpu().numpy().astype(np.float64, copy=False)
+
+
+def _check_hidden_layer_sizes(sizes: Any) -> None:
+    try:
+        _check_hidden(sizes)
+    except (TypeError, ValueError) as error:
+        # mlp's message names its own argument, hidden; the estimator's user set hidden_layer_sizes.
+        raise type(error)(f"Invalid hidden_layer_sizes value: {sizes!r}; expected a positive int or a sequence "
+                          "of positive ints, e.g. (10,) or (10, 10).") from None
+
+
+def _check_method(method: Any) -> None:
+    if isinstance(method, str) and method in _METHODS:
+        return
+    if isinstance(method, type) and issubclass(method, torch.optim.Optimizer):
+        return
+    raise ValueError(f"Invalid method value: {method!r}; expected one of {list(_METHODS)} or a "
+                     "torch.optim.Optimizer class.")
+
+
+def _check_method_options(options: Any) -> None:
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise TypeError(f"Invalid method_options value: {options!r}; expected None or a dict of the method's "
+                        "options, e.g. {'mu': 1e-2}.")
+    repeated = {key: _SET_BY_PARAMETERS[key] for key in options if key in _SET_BY_PARAMETERS}
+    if repeated:
+        instead = ", ".join(f"{key!r} from its parameter {parameter}" for key, parameter in repeated.items())
+        raise ValueError(f"Invalid method_options value: {dict(options)!r}; the estimator sets {instead}: "
+                         "set that parameter instead.")
+
+
+def _check_device(device: Any) -> None:
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Invalid device value: {device!r}; expected a torch device such as 'cpu' or "
+                         "'cuda'.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        # Checked here: building the network there fails with torch's bare AssertionError.
+        raise ValueError(f"Invalid device value: {device!r}; CUDA is not available to this PyTorch build on "
+                         "this machine: use device='cpu'.")
 
 
 class LMRegressor(RegressorMixin, _LMEstimator):
@@ -169,6 +229,7 @@ class LMRegressor(RegressorMixin, _LMEstimator):
 
     def fit(self, X: Any, y: Any) -> LMRegressor:
         """Train on ``X`` (n_samples, n_features) and ``y`` (n_samples,) or (n_samples, n_targets)."""
+        self._check_parameters()
         X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
         self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
         self._train(X, y.reshape(len(y), self.n_outputs_), self.n_outputs_, "mse")
@@ -250,6 +311,7 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
         """Train on ``X`` (n_samples, n_features) and class labels ``y`` (n_samples,)."""
         if self.loss not in ("cross_entropy", "binary_cross_entropy"):  # fit's "mse" is no classifier loss
             raise ValueError(f"Invalid loss: {self.loss!r}; expected 'cross_entropy' or 'binary_cross_entropy'.")
+        self._check_parameters()
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
