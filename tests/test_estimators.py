@@ -198,3 +198,30 @@ def test_set_params_after_fit_does_not_change_predictions():
     np.testing.assert_array_equal(clf.predict_proba(X), proba)
     np.testing.assert_array_equal(clf.predict(X), predicted)
     assert proba.shape == (60, 3)
+
+
+@pytest.mark.parametrize("params, X_rows", [
+    ({"epochs": -1}, slice(None)),                      # refused by fit, after the data checks
+    ({"loss": "binary_cross_entropy"}, slice(None)),    # three classes for a binary loss
+    ({}, slice(None, 1)),                               # one sample: one class only
+])
+def test_a_refused_fit_leaves_a_fitted_classifier_as_it_was(params, X_rows):
+    # The refit used to replace n_features_in_ and classes_ before failing, leaving the old network
+    # with new attributes: predict then named the wrong classes or refused the old feature count.
+    X, three = three_class_data()
+    clf = LMClassifier((4,), epochs=10, random_state=0).fit(X[:, :2], three == "a")
+    predicted = clf.predict(X[:, :2])
+    with pytest.raises(ValueError):
+        clf.set_params(**params).fit(X[X_rows], three[X_rows])
+    assert clf.n_features_in_ == 2 and clf.classes_.tolist() == [False, True]
+    np.testing.assert_array_equal(clf.predict(X[:, :2]), predicted)
+
+
+def test_a_refused_fit_leaves_a_fitted_regressor_as_it_was():
+    X, y = regression_data(40)
+    reg = LMRegressor((3,), epochs=5, random_state=0).fit(X, y)
+    predicted = reg.predict(X)
+    with pytest.raises(ValueError, match="Invalid goal value: -1"):
+        reg.set_params(goal=-1).fit(np.column_stack([X, X]), np.column_stack([y, y]))
+    assert reg.n_features_in_ == 3 and reg.n_outputs_ == 1
+    np.testing.assert_array_equal(reg.predict(X), predicted)

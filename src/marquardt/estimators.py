@@ -12,7 +12,8 @@ scikit-learn is an optional dependency (``pip install marquardt[sklearn]``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,22 @@ class _LMEstimator(BaseEstimator):
             return self.model_(self._tensor(X, self.model_)).cpu().numpy().astype(np.float64, copy=False)
 
 
+@contextmanager
+def _unchanged_on_error(estimator: BaseEstimator) -> Iterator[None]:
+    """Give ``estimator`` back its attributes if the block raises.
+
+    ``validate_data`` replaces ``n_features_in_`` before the classes and the options are checked;
+    without this, a refused refit would leave the old network behind new attributes.
+    """
+    saved = dict(vars(estimator))
+    try:
+        yield
+    except BaseException:
+        vars(estimator).clear()
+        vars(estimator).update(saved)
+        raise
+
+
 def _check_hidden_layer_sizes(sizes: Any) -> None:
     try:
         _check_hidden(sizes)
@@ -230,9 +247,10 @@ class LMRegressor(RegressorMixin, _LMEstimator):
     def fit(self, X: Any, y: Any) -> LMRegressor:
         """Train on ``X`` (n_samples, n_features) and ``y`` (n_samples,) or (n_samples, n_targets)."""
         self._check_parameters()
-        X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
-        self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
-        self._train(X, y.reshape(len(y), self.n_outputs_), self.n_outputs_, "mse")
+        with _unchanged_on_error(self):
+            X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
+            self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
+            self._train(X, y.reshape(len(y), self.n_outputs_), self.n_outputs_, "mse")
         return self
 
     def predict(self, X: Any) -> np.ndarray:
@@ -312,20 +330,24 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
         if self.loss not in ("cross_entropy", "binary_cross_entropy"):  # fit's "mse" is no classifier loss
             raise ValueError(f"Invalid loss: {self.loss!r}; expected 'cross_entropy' or 'binary_cross_entropy'.")
         self._check_parameters()
-        X, y = validate_data(self, X, y, dtype=np.float64)
-        check_classification_targets(y)
-        self.classes_, codes = np.unique(y, return_inverse=True)
+        with _unchanged_on_error(self):
+            X, y = validate_data(self, X, y, dtype=np.float64)
+            check_classification_targets(y)
+            self.classes_, codes = np.unique(y, return_inverse=True)
+            self._check_class_count()
+            if self.loss == "binary_cross_entropy":
+                self._train(X, codes.astype(np.float64)[:, None], 1, self.loss)
+            else:
+                self._train(X, codes.astype(np.float64), len(self.classes_), self.loss)
+        return self
+
+    def _check_class_count(self) -> None:
         if len(self.classes_) < 2:
             raise ValueError(f"LMClassifier needs samples of at least two classes; received one class, "
                              f"{self.classes_[0]!r}.")
-        if self.loss == "binary_cross_entropy":
-            if len(self.classes_) != 2:
-                raise ValueError(f"Only binary classification is supported with loss='binary_cross_entropy'; "
-                                 f"received {len(self.classes_)} classes. Use loss='cross_entropy'.")
-            self._train(X, codes.astype(np.float64)[:, None], 1, self.loss)
-        else:
-            self._train(X, codes.astype(np.float64), len(self.classes_), self.loss)
-        return self
+        if self.loss == "binary_cross_entropy" and len(self.classes_) != 2:
+            raise ValueError(f"Only binary classification is supported with loss='binary_cross_entropy'; "
+                             f"received {len(self.classes_)} classes. Use loss='cross_entropy'.")
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, shape (n_samples, n_classes), columns in the order of ``classes_``."""
