@@ -405,10 +405,14 @@ def _stop_at_second_iteration(info):
         (lambda b: b - 1.0, [1.0, 1.0], {}, 1),  # starts at the solution: r = 0
         (decay, X0, dict(xtol=0.0, gtol=0.0), 2),
         (decay, X0, dict(ftol=0.0, gtol=0.0, xtol=1e-6), 3),
+        (decay, X0, dict(xtol=None, gtol=None), 2),  # None disables a test, as in scipy
+        (decay, X0, dict(ftol=None, gtol=None, xtol=1e-6), 3),
+        (decay, X0, dict(ftol=None, xtol=None, gtol=1e-6), 1),
         (decay, X0, dict(callback=_stop_at_second_iteration), -2),
         (decay, X0, dict(callback=lambda info: info.n_iter == 1), -2),
     ],
-    ids=["max_nfev", "gtol", "ftol", "xtol", "callback-raises", "callback-returns-true"],
+    ids=["max_nfev", "gtol", "ftol", "xtol", "ftol-others-none", "xtol-others-none", "gtol-others-none",
+         "callback-raises", "callback-returns-true"],
 )
 def test_status_message_and_success_follow_scipys_table(fun, x0, options, status):
     res = least_squares(fun, x0, **options)

@@ -443,9 +443,9 @@ def least_squares(
     kwargs: dict | None = None,
     damping: str | DampingRule = "nielsen",
     geodesic: bool = False,
-    ftol: float = 1e-8,
-    xtol: float = 1e-8,
-    gtol: float = 1e-8,
+    ftol: float | None = 1e-8,
+    xtol: float | None = 1e-8,
+    gtol: float | None = 1e-8,
     max_nfev: int | None = None,
     x_scale: Any = "jac",
     verbose: int = 0,
@@ -476,8 +476,8 @@ def least_squares(
         of the residuals by a forward-mode JVP of a JVP, solved with the same factorisation; a
         trial with ``2 |a| / |v| > 0.75`` (norms in the damping metric) is rejected and the
         damping raised, as in Transtrum & Sethna's geodesicLM.
-    ftol, xtol, gtol : float
-        ``ftol``: stop when an accepted step reduced the cost, and the model predicted it would,
+    ftol, xtol, gtol : float or None
+        ``None`` or ``0`` disables the test, as in :func:`scipy.optimize.least_squares`. ``ftol``: stop when an accepted step reduced the cost, and the model predicted it would,
         by at most ``ftol * cost`` (scipy's test), and the undamped Gauss-Newton model at the new
         point can remove at most ``ftol * cost / max(1, m - n)`` more. ``xtol``: stop when a step
         is shorter than ``xtol * (xtol + ||x||)``. ``gtol``: stop when
@@ -524,6 +524,7 @@ def least_squares(
     kwargs = {} if kwargs is None else kwargs
     x, as_numpy = _validate_x0(x0)
     _validate_options(ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev, verbose=verbose)
+    ftol, xtol, gtol = (0.0 if tol is None else tol for tol in (ftol, xtol, gtol))
     _validate_call(args=args, kwargs=kwargs, callback=callback)
     rule = make_damping(damping)
     scaling = make_scaling(x_scale, x.shape[0], dtype=x.dtype, device=x.device)
@@ -812,12 +813,14 @@ def _first_bad(values: Tensor) -> int:
     return int(torch.nonzero(~torch.isfinite(values.reshape(-1)))[0])
 
 
-def _validate_options(*, ftol: float, xtol: float, gtol: float, max_nfev: int | None, verbose: int) -> None:
+def _validate_options(*, ftol: float | None, xtol: float | None, gtol: float | None, max_nfev: int | None,
+                      verbose: int) -> None:
     for name, value in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
         # Numpy scalars of every width count (np.float32 is not a float); a bool is a number to
-        # Python but never a tolerance anyone meant.
-        if not is_real_number(value) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0.")
+        # Python but never a tolerance anyone meant. None disables the test, as in scipy.
+        if value is not None and (not is_real_number(value) or not math.isfinite(value) or value < 0):
+            raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0, or None to disable "
+                             "the test.")
     if max_nfev is not None and (not isinstance(max_nfev, (int, np.integer)) or isinstance(max_nfev, bool)
                                  or max_nfev < 1):
         raise ValueError(f"Invalid max_nfev value: {max_nfev!r}; expected a positive integer or None.")
