@@ -194,6 +194,22 @@ def test_first_order_methods_lower_the_error(method):
     assert math.isnan(history["damping"][-1])
 
 
+@pytest.mark.parametrize("method", ["gd", "momentum"])
+def test_first_order_methods_stop_at_matlabs_min_grad_of_1e_minus_5(method):
+    # traingd and traingdm default to min_grad = 1e-5 (trainlm's 1e-7 kept them running).
+    X = torch.linspace(-1, 1, 20, dtype=torch.float64)[:, None]
+
+    def run(**options):
+        model = nn.Linear(1, 1).double()
+        nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+        return fit(model, X, 2 * X + 1, method=method, lr=0.5, epochs=5000, **options)
+
+    history, tighter = run(), run(min_grad=1e-7)
+    assert history.stop_reason == tighter.stop_reason == STOP_REASONS["gradient"]
+    assert history["gradient"][-1] <= 1e-5 < history["gradient"][-2]
+    assert tighter["gradient"][-1] <= 1e-7 < tighter["gradient"][-2]
+
+
 def test_momentum_matches_closed_form_linear_regression():
     rng = np.random.default_rng(0)
     x = 2 * rng.random((100, 1))

@@ -64,6 +64,9 @@ _DEFAULT_MAX_FAIL = 6
 # rejection takes hundreds of trials to climb back.
 _MU_FLOOR = 1e-20
 _FIRST_ORDER = {"gd": (GradientDescent, {"lr": 0.01}), "momentum": (Momentum, {"lr": 0.01, "beta": 0.9})}
+# MATLAB's min_grad: 1e-7 for trainlm and trainbr, 1e-5 for traingd and traingdm.
+_DEFAULT_MIN_GRAD = 1e-7
+_MIN_GRAD = {"gd": 1e-5, "momentum": 1e-5}
 
 
 class Callback:
@@ -525,7 +528,7 @@ def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time
     checks = [
         ("epochs", epochs, _is_integer(epochs) and epochs >= 0, "an integer >= 0"),
         ("goal", goal, is_real_number(goal) and goal >= 0, "a number >= 0"),
-        ("min_grad", min_grad, is_real_number(min_grad) and min_grad >= 0, "a number >= 0"),
+        ("min_grad", min_grad, min_grad is None or (is_real_number(min_grad) and min_grad >= 0), "None or a number >= 0"),
         ("max_fail", max_fail, max_fail is None or (_is_integer(max_fail) and max_fail >= 1), "None or an integer >= 1"),
         ("time_limit", time_limit, time_limit is None or (is_real_number(time_limit) and time_limit > 0), "None or a number > 0"),
         ("batch_size", batch_size, batch_size is None or (_is_integer(batch_size) and batch_size >= 1), "None or an integer >= 1"),
@@ -562,7 +565,7 @@ def fit(
     loss: str = "mse",
     epochs: int = 1000,
     goal: float = 0.0,
-    min_grad: float = 1e-7,
+    min_grad: float | None = None,
     max_fail: int | None = None,
     time_limit: float | None = None,
     validation_data: tuple[Any, Any] | None = None,
@@ -600,6 +603,8 @@ def fit(
         on each output. LM uses the generalized Gauss-Newton matrix of the cross-entropies.
     epochs, goal, min_grad, max_fail, time_limit
         MATLAB's ``epochs``, ``goal``, ``min_grad``, ``max_fail`` and ``time`` (seconds).
+        ``min_grad=None`` means MATLAB's default for the method: 1e-5 for ``"gd"`` and
+        ``"momentum"`` (``traingd``, ``traingdm``), 1e-7 otherwise (``trainlm``, ``trainbr``).
         ``max_fail=None`` means 6, except for ``method="br"``, which then never stops on
         validation (as ``trainbr``); give ``max_fail`` to make it.
     validation_data : (X_val, y_val), optional
@@ -711,6 +716,8 @@ def fit(
         _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks, seed,
                           progress)
         kind, spec = _split_options(method, method_options)
+        if min_grad is None:
+            min_grad = _MIN_GRAD.get(kind, _DEFAULT_MIN_GRAD)
         loss_fn = make_loss(loss)
         _validate_method_loss(kind, loss_fn, batch_size)
         split = check_split(split)  # also without a division: a bad split is a mistake either way
