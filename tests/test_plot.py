@@ -185,6 +185,14 @@ def test_plot_regression_leaves_out_non_finite_pairs():
     np.testing.assert_allclose(ys, slope * xs + intercept, rtol=1e-12)
 
 
+def test_plot_regression_pairs_samples_across_singleton_dimensions():
+    # A MATLAB row of targets (1, N) against torch outputs (N, 1) and (N,): the same R.
+    t, o = splits()["Training"]
+    r = f"R={np.corrcoef(t, o)[0, 1]:.5f}"
+    assert plot_regression(t[None, :], o[:, None]).axes[0].get_title() == r
+    assert plot_regression(torch.as_tensor(t)[:, None], o).axes[0].get_title() == r
+
+
 def test_plot_regression_dict_of_targets_and_dict_of_outputs():
     s = splits()
     fig = plot_regression({k: t for k, (t, _) in s.items()}, {k: o for k, (_, o) in s.items()})
@@ -324,6 +332,10 @@ BAD_INPUTS = [
     (plot_regression, ({"Test": (np.ones((3, 2)), np.ones(5))},), {}, ValueError,
      r"for split 'Test'.*shape \(3, 2\) and outputs of shape \(5,\)"),
     (plot_regression, (np.ones(0), np.ones(0)), {}, ValueError, "are empty"),
+    (plot_regression, (np.ones((2, 5)), np.ones((5, 2))), {}, ValueError,
+     r"same shape \(dimensions of size 1 aside\); received targets of shape \(2, 5\) and outputs of shape \(5, 2\)"),
+    (plot_error_histogram, ({"Test": (np.ones((3, 4)), np.ones((4, 3)))},), {}, ValueError,
+     r"for split 'Test' must have the same shape.*Transpose one of them"),
     (plot_regression, (np.ones(3),), {}, TypeError, "outputs is required"),
     (plot_regression, ({},), {}, ValueError, "empty dict"),
     (plot_regression, ({"Training": np.ones(3)},), {}, TypeError, r"\(targets, outputs\) pair"),

@@ -205,8 +205,8 @@ def plot_regression(
         With a dict of target arrays, pass a dict of output arrays with the same keys
         as ``outputs``.
     outputs : array, tensor or dict, optional
-        Network outputs, same number of elements as ``targets``; omitted when ``targets``
-        is a dict of ``(t, o)`` pairs.
+        Network outputs, the shape of ``targets`` (dimensions of size 1 aside: ``(N,)``
+        and ``(N, 1)`` pair up); omitted when ``targets`` is a dict of ``(t, o)`` pairs.
     path : str or path-like, optional
         Where to save the figure.
 
@@ -634,7 +634,19 @@ def _pair(name: str | None, targets: Any, outputs: Any) -> tuple[np.ndarray, np.
         )
     if t.size == 0:
         raise ValueError(f"targets and outputs{where} are empty; there is nothing to plot")
+    # Same size is not enough: (outputs, samples) against (samples, outputs) would be flattened
+    # in different orders and paired wrongly. Dimensions of size 1 may differ ((N,) vs (N, 1)).
+    if _squeezed_shape(t) != _squeezed_shape(o):
+        raise ValueError(
+            f"targets and outputs{where} must have the same shape (dimensions of size 1 aside); "
+            f"received targets of shape {t.shape} and outputs of shape {o.shape}. Transpose one of "
+            "them so that both hold one row per sample"
+        )
     return t.reshape(-1), o.reshape(-1)
+
+
+def _squeezed_shape(array: np.ndarray) -> tuple[int, ...]:
+    return tuple(size for size in array.shape if size != 1)
 
 
 def _splits(targets: Any, outputs: Any) -> Splits:
