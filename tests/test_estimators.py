@@ -225,3 +225,14 @@ def test_a_refused_fit_leaves_a_fitted_regressor_as_it_was():
         reg.set_params(goal=-1).fit(np.column_stack([X, X]), np.column_stack([y, y]))
     assert reg.n_features_in_ == 3 and reg.n_outputs_ == 1
     np.testing.assert_array_equal(reg.predict(X), predicted)
+
+
+def test_regressor_predicts_the_shape_of_the_targets_it_was_fitted_on():
+    # y of shape (n, 1), as marquardt.fit takes it, used to predict shape (n,): y - predict(X) then
+    # broadcast to (n, n). scikit-learn's LinearRegression keeps the column too.
+    X, y = regression_data(40)
+    column = LMRegressor((3,), epochs=5, random_state=0).fit(X, y[:, None])
+    flat = LMRegressor((3,), epochs=5, random_state=0).fit(X, y)
+    assert column.n_outputs_ == 1 and column.predict(X).shape == (40, 1) and flat.predict(X).shape == (40,)
+    np.testing.assert_array_equal(column.predict(X)[:, 0], flat.predict(X))
+    assert column.score(X, y[:, None]) == pytest.approx(flat.score(X, y), rel=1e-12)

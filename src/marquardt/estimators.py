@@ -250,13 +250,15 @@ class LMRegressor(RegressorMixin, _LMEstimator):
         with _unchanged_on_error(self):
             X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
             self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
+            # predict gives y's shape back: a (n, 1) target predicts (n, 1), as LinearRegression.
+            self._target_ndim = y.ndim
             self._train(X, y.reshape(len(y), self.n_outputs_), self.n_outputs_, "mse")
         return self
 
     def predict(self, X: Any) -> np.ndarray:
-        """Network outputs: shape (n_samples,) for one target, else (n_samples, n_targets)."""
+        """Network outputs, shaped as the ``y`` of ``fit``: (n_samples,) or (n_samples, n_targets)."""
         outputs = self._outputs(X)
-        return outputs.ravel() if self.n_outputs_ == 1 else outputs
+        return outputs.ravel() if self._target_ndim == 1 else outputs
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
