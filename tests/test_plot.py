@@ -258,6 +258,17 @@ def test_plot_fit_uses_model_dtype_and_restores_training_mode():
     assert model.training and model[0].training and not model[1].training
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_plot_fit_draws_the_output_over_the_finite_inputs(bad):
+    X = np.array([1.0, bad, 3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_fit(lambda x: 2 * x, X, np.arange(3.0), grid_points=5)
+    line = next(ln for ln in fig.axes[0].lines if ln.get_label() == "Network output")
+    np.testing.assert_array_equal(line.get_xdata(), [1.0, 1.5, 2.0, 2.5, 3.0])
+    np.testing.assert_array_equal(line.get_ydata(), [2.0, 3.0, 4.0, 5.0, 6.0])
+
+
 def test_plot_fit_accepts_plain_callable():
     fig = plot_fit(lambda x: x ** 2, [0.0, 1.0, 2.0], [0.0, 1.0, 4.0])
     assert len(fig.axes) == 2
@@ -353,6 +364,7 @@ BAD_INPUTS = [
     (plot_fit, (torch.nn.Linear(1, 1), np.ones(5), np.ones(4)), {}, ValueError,
      r"same number of samples; received X of shape \(5,\) and y of shape \(4,\)"),
     (plot_fit, ("model", np.ones(5), np.ones(5)), {}, TypeError, "received str"),
+    (plot_fit, (torch.nn.Linear(1, 1), np.full(3, np.nan), np.ones(3)), {}, ValueError, "X has no finite values"),
     (plot_fit, (torch.nn.Linear(1, 1), np.ones(5), np.ones(5)), {"grid_points": 1}, ValueError,
      "Invalid grid_points: 1"),
 ]

@@ -353,7 +353,7 @@ def plot_fit(
     if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
         raise ValueError(f"Invalid grid_points: {grid_points!r}; expected an integer >= 2")
     x, t = _fit_data(X, y)
-    grid = np.linspace(x.min(), x.max(), grid_points)
+    grid = _input_grid(x, grid_points)
     out_data, out_grid = _predict(model, x), _predict(model, grid)
     fig, axes = _new_figure(2, 1, figsize=(6.4, 6.0), sharex=True, height_ratios=(3, 1))
     top, bottom = axes[0, 0], axes[1, 0]
@@ -742,6 +742,15 @@ def _fit_data(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     if x.size == 0:
         raise ValueError("X and y are empty; there is nothing to plot")
     return x, t
+
+
+def _input_grid(x: np.ndarray, grid_points: int) -> np.ndarray:
+    """``grid_points`` inputs over the finite range of ``x``: one NaN or infinite input would make
+    every grid point NaN, and the network output line empty."""
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        raise ValueError("X has no finite values; there is no input range to draw the network output over")
+    return np.linspace(finite.min(), finite.max(), grid_points)
 
 
 def _column(value: Any, name: str, what: str) -> np.ndarray:
