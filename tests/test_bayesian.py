@@ -205,6 +205,19 @@ def test_br_records_validation_without_stopping_on_it():
     assert stopped.best_epoch == vperf.index(min(vperf)) < len(stopped) - 1
 
 
+@pytest.mark.parametrize("max_fail", [0, math.inf])
+def test_br_max_fail_0_or_inf_disables_validation_stops_as_trainbr(max_fail):
+    # trainbr's documented default is max_fail = 0 (inf in later releases): "validation stops disabled".
+    X, y = noisy_sine(n=40)
+    kwargs = dict(method="br", validation_data=(X, -y), epochs=12)
+    default = fit(mlp(1, 5, dtype=f64, generator=torch.Generator().manual_seed(0)), X, y, **kwargs)
+    model = mlp(1, 5, dtype=f64, generator=torch.Generator().manual_seed(0))
+    history = fit(model, X, y, max_fail=max_fail, **kwargs)
+    assert history.stop_reason == default.stop_reason == "Maximum epoch reached."
+    assert history["perf"] == default["perf"] and history[-1]["val_fail"] >= 6
+    assert history.best_epoch == 12  # trainbr's final weights, as without max_fail
+
+
 def test_br_gamma_does_not_depend_on_data_units():
     # A normalized MLP trains in mapminmax units, as MATLAB does: same run whatever the units.
     X, y = noisy_sine(n=40)
@@ -231,7 +244,7 @@ def test_br_on_a_plain_module():
         (dict(loss="binary_cross_entropy"), ValueError, "Invalid loss for method='br': 'binary_cross_entropy'"),
         (dict(lr=0.1), TypeError, r"Unknown option\(s\) for method='br': \['lr'\]"),
         (dict(mu=0.0), ValueError, "Invalid mu value: 0.0; expected a finite number > 0"),
-        (dict(max_fail=0), ValueError, "Invalid max_fail value: 0"),
+        (dict(max_fail=0.5), ValueError, "Invalid max_fail value: 0.5"),
     ],
 )
 def test_bad_br_options_are_rejected(kwargs, error, match):

@@ -109,6 +109,17 @@ def test_validation_stop_restores_best_weights():
         assert float(((return_model(X) + y) ** 2).mean()) == pytest.approx(model_perf, rel=1e-12)
 
 
+def test_max_fail_inf_never_stops_on_validation_but_keeps_the_best_weights():
+    X, y = smooth_data()
+    model = tanh_net()
+    history = fit(model, X, y, validation_data=(X, -y), epochs=20, max_fail=math.inf)
+    assert history.stop_reason == STOP_REASONS["epochs"] and history["val_fail"][-1] >= 6
+    best = history.best_epoch
+    assert history["vperf"][best] == min(history["vperf"]) and best < 20
+    with torch.no_grad():
+        assert float(((model(X) + y) ** 2).mean()) == pytest.approx(history["vperf"][best], rel=1e-12)
+
+
 def test_best_training_weights_kept_without_validation():
     X, y = smooth_data()
     model = tanh_net()
@@ -261,7 +272,8 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(method="newton"), ValueError, "Invalid method: 'newton'"),
         (X_OK, Y_OK, dict(epochs=-1), ValueError, "Invalid epochs value: -1"),
         (X_OK, Y_OK, dict(goal=-1.0), ValueError, "Invalid goal value: -1.0"),
-        (X_OK, Y_OK, dict(max_fail=0), ValueError, "Invalid max_fail value: 0"),
+        (X_OK, Y_OK, dict(max_fail=0), ValueError, r"Invalid max_fail value: 0; .* with method='lm' \(max_fail=0 turns"),
+        (X_OK, Y_OK, dict(max_fail=-math.inf), ValueError, r"Invalid max_fail value: -inf; expected None, an integer"),
         (X_OK, Y_OK, dict(batch_size=0), ValueError, "Invalid batch_size value: 0"),
         (X_OK, Y_OK, dict(division="random", split=(0.5, 0.2, 0.2)), ValueError, "must sum to 1"),
         (X_OK, Y_OK, dict(division="shuffle"), ValueError, "Invalid division: 'shuffle'"),

@@ -529,7 +529,8 @@ def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time
         ("epochs", epochs, _is_integer(epochs) and epochs >= 0, "an integer >= 0"),
         ("goal", goal, is_real_number(goal) and goal >= 0, "a number >= 0"),
         ("min_grad", min_grad, min_grad is None or (is_real_number(min_grad) and min_grad >= 0), "None or a number >= 0"),
-        ("max_fail", max_fail, max_fail is None or (_is_integer(max_fail) and max_fail >= 1), "None or an integer >= 1"),
+        ("max_fail", max_fail, max_fail is None or max_fail == math.inf or (_is_integer(max_fail) and max_fail >= 0),
+         "None, an integer >= 1 or math.inf"),
         ("time_limit", time_limit, time_limit is None or (is_real_number(time_limit) and time_limit > 0), "None or a number > 0"),
         ("batch_size", batch_size, batch_size is None or (_is_integer(batch_size) and batch_size >= 1), "None or an integer >= 1"),
         ("seed", seed, seed is None or (_is_integer(seed) and -2**63 <= seed < 2**64), "None or an integer in [-2**63, 2**64)"),
@@ -545,7 +546,22 @@ def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time
             raise TypeError(f"callbacks must be marquardt.Callback instances; received {type(callback).__name__}.")
 
 
-def _validate_method_loss(kind: str, loss: Loss, batch_size: int | None) -> None:
+def _max_fail(kind: str, max_fail: int | float | None) -> float:
+    """The validation failures that stop training: 6 by default; never for ``trainbr`` by default.
+
+    MATLAB documents ``trainbr``'s ``max_fail = 0`` (``inf`` in later releases) as "validation
+    stops disabled"; ``math.inf`` disables them for every method.
+    """
+    if kind == "br" and max_fail in (None, 0):
+        return math.inf
+    return _DEFAULT_MAX_FAIL if max_fail is None else max_fail
+
+
+def _validate_method_loss(kind: str, loss: Loss, batch_size: int | None, max_fail: int | float | None = None) -> None:
+    if kind != "br" and max_fail == 0:
+        # MATLAB trainlm/traingd would stop at epoch 0 with 'Validation stop.': surely not what was meant.
+        raise ValueError(f"Invalid max_fail value: 0; expected None, an integer >= 1 or math.inf with method={kind!r} "
+                         "(max_fail=0 turns validation stops off for method='br' only, as in trainbr).")
     if kind != "br":
         return
     if loss.classification:
@@ -566,7 +582,7 @@ def fit(
     epochs: int = 1000,
     goal: float = 0.0,
     min_grad: float | None = None,
-    max_fail: int | None = None,
+    max_fail: int | float | None = None,
     time_limit: float | None = None,
     validation_data: tuple[Any, Any] | None = None,
     division: str | None = None,
@@ -606,7 +622,9 @@ def fit(
         ``min_grad=None`` means MATLAB's default for the method: 1e-5 for ``"gd"`` and
         ``"momentum"`` (``traingd``, ``traingdm``), 1e-7 otherwise (``trainlm``, ``trainbr``).
         ``max_fail=None`` means 6, except for ``method="br"``, which then never stops on
-        validation (as ``trainbr``); give ``max_fail`` to make it.
+        validation (as ``trainbr``); give ``max_fail`` to make it. ``max_fail=math.inf``
+        never stops on validation (the model still ends with the best validation weights,
+        except with ``"br"``); so does ``max_fail=0`` with ``"br"``, ``trainbr``'s default.
     validation_data : (X_val, y_val), optional
         Explicit validation set (early stopping after ``max_fail`` consecutive failures).
     division : {"random", "block", "interleaved"}, optional
@@ -719,7 +737,7 @@ def fit(
         if min_grad is None:
             min_grad = _MIN_GRAD.get(kind, _DEFAULT_MIN_GRAD)
         loss_fn = make_loss(loss)
-        _validate_method_loss(kind, loss_fn, batch_size)
+        _validate_method_loss(kind, loss_fn, batch_size, max_fail)
         split = check_split(split)  # also without a division: a bad split is a mistake either way
         if validation_data is not None and division not in (None, "none"):
             raise ValueError(f"Pass either validation_data=(X_val, y_val) or division={division!r}, not both: "
@@ -743,12 +761,12 @@ def fit(
         fitting = to_training_units(train)
         trainer = _make_trainer(kind, spec, module, fitting, loss_fn, _make_batches(fitting, batch_size, generator),
                                 reducer)
-        validation_stops = val is not None and (kind != "br" or max_fail is not None)
+        stop_after = _max_fail(kind, max_fail) if val is not None else math.inf
         history = History(kind)
         loop = _Loop(model, trainer, train, val, test, history, callbacks, loss_fn,
                      dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad,
-                          max_fail=(max_fail or _DEFAULT_MAX_FAIL) if validation_stops else math.inf),
-                     keep_last=kind == "br" and not validation_stops, checkpoint=checkpointer, reducer=reducer)
+                          max_fail=stop_after),
+                     keep_last=kind == "br" and stop_after == math.inf, checkpoint=checkpointer, reducer=reducer)
         display = _progress_display(progress if reducer.rank == 0 else False, epochs)
         n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         try:
