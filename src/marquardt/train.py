@@ -102,6 +102,8 @@ class Split:
 
 def _as_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
+        if value.is_complex():  # .to(float) would drop the imaginary part (for y without a warning)
+            raise TypeError(f"{name} must be real; received a tensor of dtype {value.dtype}.")
         tensor = value.detach()
     else:
         try:
@@ -115,7 +117,7 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
         raise ValueError(f"{name} must have a samples dimension; received a scalar.")
     if tensor.shape[0] == 0:
         raise ValueError(f"{name} is empty; expected at least one sample.")
-    tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() or not tensor.dtype.is_complex else dtype)
+    tensor = tensor.to(device=device, dtype=dtype)
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         index = tuple(int(i) for i in torch.nonzero(bad)[0])
