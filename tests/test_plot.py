@@ -227,6 +227,14 @@ def test_plot_error_histogram_single_pair_counts_all_errors():
     assert sum(p.get_height() for p in ax.patches) == len(t)
 
 
+def test_numpy_integer_bins_and_grid_points():
+    t, o = splits()["Training"]
+    ax = plot_error_histogram(t, o, bins=np.int64(7)).axes[0]
+    assert ax.get_title() == "Error Histogram with 7 Bins" and len(ax.patches) == 7
+    fig = plot_fit(lambda x: 2 * x, np.arange(3.0), np.arange(3.0), grid_points=np.int32(4))
+    assert len(next(ln for ln in fig.axes[0].lines if ln.get_label() == "Network output").get_xdata()) == 4
+
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -353,6 +361,9 @@ BAD_INPUTS = [
     (plot_regression, ({"Training": np.ones(3)}, {"Test": np.ones(3)}), {}, ValueError, "same splits"),
     (plot_regression, (["a", "b"], [1.0, 2.0]), {}, TypeError, "targets must be an array"),
     (plot_error_histogram, (np.ones(3), np.ones(3)), {"bins": 0}, ValueError, "Invalid bins: 0"),
+    (plot_error_histogram, (np.ones(3), np.ones(3)), {"bins": np.float64(5.0)}, ValueError,
+     r"Invalid bins: np\.float64\(5\.0\); expected a positive integer"),
+    (plot_error_histogram, (np.ones(3), np.ones(3)), {"bins": np.True_}, ValueError, r"Invalid bins: np\.True_"),
     (plot_error_histogram, (np.ones(3), np.ones(2)), {}, ValueError, r"shape \(3,\).*shape \(2,\)"),
     (plot_error_histogram, (np.full(2, np.nan), np.ones(2)), {}, ValueError, "NaN or infinite"),
     (plot_fit, (torch.nn.Linear(2, 1), np.ones((5, 2)), np.ones(5)), {}, ValueError,

@@ -26,6 +26,7 @@ Examples
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -278,8 +279,9 @@ def plot_error_histogram(
     'Error Histogram with 20 Bins'
     """
     _check_path(path)
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+    if not _is_integer(bins) or bins < 1:
         raise ValueError(f"Invalid bins: {bins!r}; expected a positive integer")
+    bins = int(bins)
     errors = {name: t - o for name, (t, o) in _splits(targets, outputs).items()}
     finite = np.concatenate([e[np.isfinite(e)] for e in errors.values()])
     if finite.size == 0:
@@ -350,8 +352,9 @@ def plot_fit(
         raise TypeError(
             f"model must be a torch.nn.Module or callable; received {type(model).__name__}"
         )
-    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
+    if not _is_integer(grid_points) or grid_points < 2:
         raise ValueError(f"Invalid grid_points: {grid_points!r}; expected an integer >= 2")
+    grid_points = int(grid_points)
     x, t = _fit_data(X, y)
     grid = _input_grid(x, grid_points)
     out_data, out_grid = _predict(model, x), _predict(model, grid)
@@ -501,6 +504,11 @@ def _log_scale_if_positive(ax: Axes, series: list[np.ndarray]) -> None:
     # axis has nothing to show (matplotlib warns and draws an empty panel), so it stays linear.
     if any((values[np.isfinite(values)] > 0).any() for values in series):
         ax.set_yscale("log")
+
+
+def _is_integer(value: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _int_text(value: float) -> str:
