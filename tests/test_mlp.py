@@ -540,3 +540,13 @@ def test_forward_rejects_inputs_of_the_wrong_width(shape):
     with pytest.raises(ValueError, match=rf"MLP with n_inputs=3 needs inputs of shape \(N, 3\); received shape "
                                          rf"\({', '.join(map(str, shape))},?\)"):
         model(torch.zeros(shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("x", [np.ones((4, 3)), [[1.0, 2.0, 3.0]]])
+def test_forward_names_a_non_tensor_input(x):
+    # Before: "unsupported operand type(s) for -: 'numpy.ndarray' and 'Tensor'" from mapminmax,
+    # or "'list' object has no attribute 'shape'".
+    model = mlp(3, hidden=4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=rf"MLP inputs must be a torch\.Tensor of shape \(N, 3\); received "
+                                        rf"{type(x).__name__}\. Convert with torch\.as_tensor"):
+        model(x)

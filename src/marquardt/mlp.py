@@ -544,6 +544,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map raw inputs (N, n_inputs) to raw outputs (N, n_outputs)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MLP inputs must be a torch.Tensor of shape (N, {self.n_inputs}); received "
+                            f"{type(x).__name__}. Convert with torch.as_tensor(x, dtype=torch.float64)")
         if x.shape[-1:] != (self.n_inputs,):
             raise ValueError(f"MLP with n_inputs={self.n_inputs} needs inputs of shape (N, {self.n_inputs}); "
                              f"received shape {tuple(x.shape)}")
