@@ -1,18 +1,34 @@
-"""The README's Python examples run as written (the scikit-learn one on small stand-in data)."""
+"""The README's and docs/sklearn.md's Python examples run as written (the scikit-learn ones on small
+stand-in data), its command lines parse, and its checkable claims hold."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import marquardt
+from marquardt.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SKLEARN_DOC = ROOT / "docs" / "sklearn.md"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def python_blocks(path: Path = README) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def command_lines() -> list[str]:
+    """The ``marquardt ...`` commands of the README's shell blocks, comments removed."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    commands = [part.strip() for line in lines for part in line.split("&&")]
+    return [command for command in commands if command.startswith("marquardt ")]
 
 
 def test_readme_has_the_quick_starts():
@@ -36,6 +52,9 @@ def test_least_squares_and_pytorch_quick_starts(capsys):
     assert float(namespace["cost"]) < 1e-4
     printed = capsys.readouterr().out
     assert namespace["history"].stop_reason in printed and res.message in printed
+    # "numpy in, numpy out; float64", and the optimizer found fit's Jacobian, as the comments say.
+    assert isinstance(res.x, np.ndarray) and res.x.dtype == np.float64 and res.stderr.dtype == np.float64
+    assert printed.splitlines()[-1] == "closed-form"
 
 
 def test_scikit_learn_quick_start():
@@ -52,3 +71,34 @@ def test_scikit_learn_quick_start():
     exec(compile(block, str(README), "exec"), namespace)
     assert namespace["search"].best_params_["lmregressor__hidden_layer_sizes"] in [(5,), (10,), (10, 10)]
     assert namespace["reg"].predict(namespace["X_new"]).shape == (5,)
+
+
+def sklearn_stand_ins(n: int = 60) -> dict:
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, size=(n, 2))
+    y = np.sin(3 * X[:, 0]) * X[:, 1]
+    return {"X": X, "y": y, "X_new": rng.uniform(-1, 1, size=(5, 2)), "X_test": X[:10], "y_test": y[:10],
+            "labels": np.where(X[:, 0] > 0, "right", "left")}
+
+
+def test_sklearn_doc_example():
+    pytest.importorskip("sklearn")
+    (block,) = python_blocks(SKLEARN_DOC)
+    namespace = sklearn_stand_ins()
+    exec(compile(block, str(SKLEARN_DOC), "exec"), namespace)
+    clf = namespace["clf"]
+    assert clf.classes_.tolist() == ["left", "right"]
+    assert clf.predict_proba(namespace["X_new"]).shape == (5, 2)
+    assert namespace["search"].best_params_["lmregressor__hidden_layer_sizes"] in [(5,), (10,), (10, 10)]
+
+
+@pytest.mark.parametrize("command", command_lines())
+def test_readme_command_lines_parse(command):
+    # Each option the README shows exists, with a value the command line takes.
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.command == shlex.split(command)[1]
+
+
+def test_readme_shows_every_command():
+    assert {shlex.split(command)[1] for command in command_lines()} == {"demo", "fit", "predict", "evaluate"}
+
