@@ -102,3 +102,14 @@ def test_readme_command_lines_parse(command):
 def test_readme_shows_every_command():
     assert {shlex.split(command)[1] for command in command_lines()} == {"demo", "fit", "predict", "evaluate"}
 
+
+def test_memory_table_sample_space_row():
+    # "fewer residuals than parameters, and the whole m x n J fits max_jacobian_bytes"
+    X = torch.linspace(-1, 1, 20, dtype=torch.float64)[:, None]
+    jacobian_bytes = 20 * 121 * 8  # 20 residuals, 121 parameters, float64
+    forms = {}
+    for budget in (jacobian_bytes, jacobian_bytes - 8):
+        model = marquardt.mlp(1, hidden=(40,), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        history = marquardt.fit(model, X, torch.sin(3 * X), epochs=1, max_jacobian_bytes=budget)
+        forms[budget] = history["solver"][-1]
+    assert forms == {jacobian_bytes: "sample-space", jacobian_bytes - 8: "chunked-cholesky"}
