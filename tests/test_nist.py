@@ -2,7 +2,8 @@
 
 Every problem is run from both NIST starting points with ``marquardt.least_squares`` at its
 defaults and must reach the certified parameters to 4 significant digits (LRE >= 4). On the
-Lower-difficulty problems the reported standard errors must match the certified ones, and
+Lower-difficulty problems the reported standard errors must match the certified ones (rtol 5e-3),
+on the Average and Higher ones to 4 significant digits (Lanczos1 excepted), and
 from Start 2 the final cost must be no worse than MINPACK's (scipy ``method="lm"``) at tight
 tolerances.
 """
@@ -229,6 +230,18 @@ def test_certified_standard_errors(name):
     best = max(fits, key=lambda r: lre(r.x, p.certified))
     assert lre(best.x, p.certified) >= MIN_LRE, f"{name}: neither start converged"
     np.testing.assert_allclose(to_numpy(best.stderr), p.certified_stderr, rtol=STDERR_RTOL)
+
+
+@pytest.mark.parametrize("name", [name for name in PROBLEM_NAMES if name not in LOWER and name != "Lanczos1"])
+def test_certified_standard_errors_of_the_harder_problems(name):
+    # Their Jacobians are the ill-conditioned ones (Hahn1, MGH09, Bennett5: condition numbers up
+    # to 1e9 before column scaling), where a rank cutoff can drop a direction and make standard
+    # errors wrong or inf. 4 significant digits, as for the parameters. Lanczos1 is left out:
+    # its certified RSS (1.4e-25) is below float64 resolution, so s is rounding noise.
+    p = problem(name)
+    best = max((marquardt_fit(name, start) for start in (1, 2)), key=lambda r: lre(r.x, p.certified))
+    score = lre(best.stderr, p.certified_stderr)
+    assert score >= MIN_LRE, f"{name}: standard errors LRE {score:.2f}; {describe(best)}"
 
 
 @pytest.mark.parametrize("name", PROBLEM_NAMES)
