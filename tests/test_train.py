@@ -309,6 +309,30 @@ def test_bad_input_is_rejected_before_training(X, y, kwargs, error, match):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(method="gd", lr=-1.0), ValueError, "Invalid lr value: -1.0"),
+        (dict(method="momentum", beta=2.0), ValueError, "Invalid beta value: 2.0"),
+        (dict(method=torch.optim.Adam, lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
+        (dict(method=torch.optim.Adam, momentum=0.9), TypeError, "unexpected keyword argument 'momentum'"),
+        (dict(validation_data=(np.zeros((3, 1)), np.zeros((2, 1)))), ValueError,
+         "X_val and y_val have different numbers of samples: 3 and 2"),
+        (dict(division="block", split=(0.01, 0.5, 0.49)), ValueError, "leaves no training samples out of 4"),
+    ],
+)
+def test_a_failed_call_leaves_the_mlp_normalization_unset(kwargs, error, match):
+    from marquardt import mlp
+
+    model = mlp(1, hidden=(3,), dtype=torch.float64)
+    X = np.array([[0.0], [10.0], [20.0], [30.0]])
+    with pytest.raises(error, match=match):
+        fit(model, X, X / 10, **kwargs)
+    assert not model.normalization_set  # a corrected call takes the ranges from its own data
+    fit(model, 2 * X, X, epochs=1)
+    assert model.normalization_set and model.x_max.tolist() == [60.0]
+
+
 def test_division_functions_match_matlab_counts():
     generator = torch.Generator().manual_seed(0)
     parts = divide_random(100, (0.7, 0.15, 0.15), generator)

@@ -466,6 +466,14 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _check_optimizer_options(kind: str, spec: Any, model: nn.Module) -> None:
+    """Build a first-order method's optimizer once, so that a bad option (``lr=-1``, an unknown
+    keyword) raises before training starts; constructing it changes no parameter."""
+    if kind not in _DAMPED:
+        cls, options = spec
+        cls(model.parameters(), **options)
+
+
 def _make_trainer(kind: str, spec: Any, module: nn.Module, data: Split, loss: Loss,
                   batches, reducer: Reducer) -> LMTrainer | FirstOrderTrainer:
     if kind in _DAMPED:
@@ -753,9 +761,12 @@ def fit(
         checkpointer = NO_CHECKPOINT if checkpoint is None else Checkpointer(checkpoint, checkpoint_every, resume,
                                                                                generator)
         data = _prepare(model, X, y, ("X", "y"), loss_fn)
+        # Every check on the input comes before the model is changed (its mapminmax ranges set
+        # from X, y): a call that fails leaves the model as it was.
+        train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
+        _check_optimizer_options(kind, spec, model)
         synchronize_module(model, reducer)
         _set_normalization(model, data, loss_fn, reducer)
-        train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
         require_same({"validation data": val is not None, "test data": test is not None}, reducer)
         if reducer.world_size > 1 and checkpoint is not None:
             checkpointer = ShardedCheckpoint(checkpointer, reducer)
