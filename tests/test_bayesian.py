@@ -245,6 +245,10 @@ def test_br_on_a_plain_module():
         (dict(lr=0.1), TypeError, r"Unknown option\(s\) for method='br': \['lr'\]"),
         (dict(mu=0.0), ValueError, "Invalid mu value: 0.0; expected a finite number > 0"),
         (dict(max_fail=0.5), ValueError, "Invalid max_fail value: 0.5"),
+        (dict(solver="matrix-free"), ValueError, r"Invalid solver for method='br': 'matrix-free'; .* pass solver='auto'"),
+        # auto would go matrix-free past the budget: 2 x 2 float64 is 32 bytes.
+        (dict(max_matrix_bytes=31), ValueError, r"method='br' needs the 2 x 2 matrix J\^T J \(32 bytes\) for gamma, "
+                                                 r"more than max_matrix_bytes=31"),
     ],
 )
 def test_bad_br_options_are_rejected(kwargs, error, match):

@@ -474,6 +474,25 @@ def _check_optimizer_options(kind: str, spec: Any, model: nn.Module) -> None:
         cls(model.parameters(), **options)
 
 
+def _check_bayesian_form(kind: str, spec: Any, model: nn.Module) -> None:
+    """``trainbr``'s ``gamma`` needs the eigenvalues of the dense ``n x n`` ``J^T J``: refuse the
+    matrix-free form, and a matrix past ``max_matrix_bytes`` (where ``"auto"`` goes matrix-free),
+    before any work rather than failing at the first epoch."""
+    if kind != "br":
+        return
+    if spec["solver"] == "matrix-free":
+        raise ValueError("Invalid solver for method='br': 'matrix-free'; Bayesian regularization needs the dense "
+                         "n x n J^T J (gamma comes from its eigenvalues): pass solver='auto', 'normal' or "
+                         "'sample-space'.")
+    parameters = [p for _, p in trainable_parameters(model)]
+    n_params = sum(p.numel() for p in parameters)
+    needed = n_params ** 2 * (parameters[0].element_size() if parameters else 8)
+    if needed > spec["max_matrix_bytes"]:
+        raise ValueError(f"method='br' needs the {n_params} x {n_params} matrix J^T J ({needed:,} bytes) for gamma, "
+                         f"more than max_matrix_bytes={spec['max_matrix_bytes']}; pass a larger max_matrix_bytes "
+                         "if the memory is there, or train with method='lm' and early stopping (division='random').")
+
+
 def _make_trainer(kind: str, spec: Any, module: nn.Module, data: Split, loss: Loss,
                   batches, reducer: Reducer) -> LMTrainer | FirstOrderTrainer:
     if kind in _DAMPED:
@@ -685,7 +704,8 @@ def fit(
     ValueError
         For an unknown ``method`` or ``loss``, targets that do not fit the loss (shape, class
         index out of range, non 0/1 values), bad option values, ``method="br"`` with a
-        classification loss or with ``batch_size``.
+        classification loss, with ``batch_size``, with ``solver="matrix-free"`` or with a
+        ``J^T J`` larger than ``max_matrix_bytes``.
 
     Notes
     -----
@@ -765,6 +785,7 @@ def fit(
         # from X, y): a call that fails leaves the model as it was.
         train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
         _check_optimizer_options(kind, spec, model)
+        _check_bayesian_form(kind, spec, model)
         synchronize_module(model, reducer)
         _set_normalization(model, data, loss_fn, reducer)
         require_same({"validation data": val is not None, "test data": test is not None}, reducer)
