@@ -236,3 +236,21 @@ def test_regressor_predicts_the_shape_of_the_targets_it_was_fitted_on():
     assert column.n_outputs_ == 1 and column.predict(X).shape == (40, 1) and flat.predict(X).shape == (40,)
     np.testing.assert_array_equal(column.predict(X)[:, 0], flat.predict(X))
     assert column.score(X, y[:, None]) == pytest.approx(flat.score(X, y), rel=1e-12)
+
+
+@pytest.mark.parametrize("hide", ["sklearn", "validate_data"])
+def test_missing_or_old_scikit_learn_is_named_at_import(monkeypatch, hide):
+    # Without scikit-learn, or with one older than 1.6 (no validate_data), the import used to fail
+    # with "No module named 'sklearn'" or "cannot import name 'validate_data'", without the version needed.
+    import sys
+
+    import sklearn.utils.validation
+
+    if hide == "sklearn":
+        monkeypatch.setitem(sys.modules, "sklearn.base", None)  # a None entry: ModuleNotFoundError on import
+    else:
+        monkeypatch.delattr(sklearn.utils.validation, "validate_data")
+    monkeypatch.delitem(sys.modules, "marquardt.estimators")
+    with pytest.raises(ImportError, match=re.escape("marquardt's LMRegressor and LMClassifier need scikit-learn "
+                                                    ">= 1.6 (")):
+        import marquardt.estimators  # noqa: F401

@@ -18,10 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+    from sklearn.utils import check_random_state
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import check_is_fitted, validate_data
+except ImportError as error:
+    # validate_data and __sklearn_tags__ came with scikit-learn 1.6; older releases fail on the
+    # import above with a message that does not say so.
+    raise ImportError(f"marquardt's LMRegressor and LMClassifier need scikit-learn >= 1.6 ({error}); "
+                      "install or upgrade it: pip install 'scikit-learn>=1.6'.") from error
 
 from .damping import is_real_number
 from .history import History
