@@ -299,6 +299,9 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(validation_data=(X_OK, Y_OK), division="block"), ValueError,
          r"Pass either validation_data=\(X_val, y_val\) or division='block', not both"),
         (X_OK, Y_OK, dict(callbacks=[print]), TypeError, "callbacks must be marquardt.Callback instances"),
+        (X_OK, Y_OK, dict(callbacks=Callback()), TypeError,
+         r"callbacks must be a sequence of marquardt.Callback instances; received Callback \(wrap a single"),
+        (X_OK, Y_OK, dict(callbacks=3), TypeError, r"callbacks must be a sequence .*; received int"),
     ],
 )
 def test_bad_input_is_rejected_before_training(X, y, kwargs, error, match):
@@ -331,6 +334,11 @@ def test_a_failed_call_leaves_the_mlp_normalization_unset(kwargs, error, match):
     assert not model.normalization_set  # a corrected call takes the ranges from its own data
     fit(model, 2 * X, X, epochs=1)
     assert model.normalization_set and model.x_max.tolist() == [60.0]
+
+
+def test_callbacks_none_means_no_callbacks():
+    X, y = smooth_data()
+    assert fit(tanh_net(), X, y, epochs=2, callbacks=None)["epoch"] == [0, 1, 2]
 
 
 def test_division_functions_match_matlab_counts():

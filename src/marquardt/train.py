@@ -19,7 +19,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -586,6 +586,17 @@ def _max_fail(kind: str, max_fail: int | float | None) -> float:
     return _DEFAULT_MAX_FAIL if max_fail is None else max_fail
 
 
+def _callback_list(callbacks: Any) -> list[Callback]:
+    """``callbacks`` as a list: None is none; a single Callback or a non-iterable is a TypeError
+    that says what was received (``list(None)`` said only that NoneType is not iterable)."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be a sequence of marquardt.Callback instances; received "
+                        f"{type(callbacks).__name__} (wrap a single callback in a list).")
+    return list(callbacks)
+
+
 def _validate_method_loss(kind: str, loss: Loss, batch_size: int | None, max_fail: int | float | None = None) -> None:
     if kind != "br" and max_fail == 0:
         # MATLAB trainlm/traingd would stop at epoch 0 with 'Validation stop.': surely not what was meant.
@@ -619,7 +630,7 @@ def fit(
     batch_size: int | None = None,
     seed: int | None = None,
     progress: bool | None = None,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[Callback] | None = (),
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = True,
     checkpoint_every: int = 10,
@@ -756,7 +767,7 @@ def fit(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}.")
-    callbacks = list(callbacks)
+    callbacks = _callback_list(callbacks)
     reducer = make_reducer(distributed)
     # Options are checked inside fail_together: a rank with a bad option stops its peers with a
     # DistributedError instead of leaving them waiting in their first collective.
