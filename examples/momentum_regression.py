@@ -20,13 +20,14 @@ import marquardt
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
     x = 2 * rng.random((100, 1))
     y = 4 + 3 * x + rng.standard_normal((100, 1))
+    torch.manual_seed(0)  # the initial weights, so that every run prints the same numbers
     model = torch.nn.Linear(1, 1).double()
     history = marquardt.fit(model, x, y, method="momentum", lr=0.1, beta=0.9, epochs=args.epochs, min_grad=0.0)
     intercept, slope = float(model.bias.detach()), float(model.weight.detach())
