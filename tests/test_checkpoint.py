@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from marquardt import Callback, fit, mlp
-from marquardt.checkpoint import CheckpointMismatch, Checkpointer, latest_checkpoint
+from marquardt.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, latest_checkpoint
 from marquardt.io import load_state
 
 
@@ -197,20 +197,97 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     assert len(history) == 9 and same_weights(longer.state_dict(), plain.state_dict())
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path):
-    X, y = problem()
-    fit(network(6), X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=1, progress=False)
-    with pytest.raises(ValueError, match="belongs to a different run .*parameters.* resume=False"):
-        fit(network(5), X, y, epochs=2, checkpoint=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="belongs to a different run .*method 'lm' there, 'gd' here"):
-        fit(network(6), X, y, method="gd", epochs=2, checkpoint=tmp_path, progress=False)
+def sequential(activation=torch.nn.Tanh, dtype=torch.float64):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(1, 5), activation(), torch.nn.Linear(5, 1)).to(dtype)
+
+
+# (case, the checkpointed run's model and fit options, the resuming run's, the difference named)
+OTHER_RUNS = [
+    ("hidden size", (network, {}), (lambda: network(5), {}), "architecture hidden [6] there, [5] here"),
+    ("method", (network, {}), (network, {"method": "gd"}), "method 'lm' there, 'gd' here"),
+    ("activation", (sequential, {}), (lambda: sequential(torch.nn.ReLU), {}),
+     "architecture layer '1': Tanh there, ReLU here"),
+    ("dtype", (sequential, {}), (lambda: sequential(dtype=torch.float32), {}),
+     "dtype ['float64'] there, ['float32'] here"),
+    ("learning rate", (network, {"method": "gd"}), (network, {"method": "gd", "lr": 0.5}),
+     "method options lr 0.01 there, 0.5 here"),
+    ("Adam betas", (network, {"method": torch.optim.Adam}),
+     (network, {"method": torch.optim.Adam, "betas": (0.8, 0.9)}),
+     "method options betas [0.9, 0.999] there, [0.8, 0.9] here"),
+    ("mu_dec", (network, {}), (network, {"mu_dec": 0.5}), "method options mu_dec 0.1 there, 0.5 here"),
+    ("loss", (network, {}), (network, {"loss": "binary_cross_entropy"}),
+     "loss 'mse' there, 'binary_cross_entropy' here"),
+    ("batch size", (network, {}), (network, {"batch_size": 16}), "batch_size None there, 16 here"),
+]
+
+
+@pytest.mark.parametrize("first, second, message", [case[1:] for case in OTHER_RUNS],
+                         ids=[case[0] for case in OTHER_RUNS])
+def test_checkpoint_of_another_run_is_refused_before_the_model_changes(tmp_path, first, second, message):
+    X = torch.linspace(-1, 1, 40, dtype=torch.float64)[:, None]
+    y = (X > 0).to(torch.float64)  # 0/1 targets: the same data for mse and binary_cross_entropy
+    (build, options), (build_again, other_options) = first, second
+    fit(build(), X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=1, progress=False, **options)
+    model = build_again()
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    with pytest.raises(CheckpointMismatch, match="belongs to a different run") as refused:
+        fit(model, X, y, epochs=4, checkpoint=tmp_path, progress=False, **other_options)
+    assert f"({message}). Resume with the same model, method, options" in str(refused.value)
+    assert same_weights(dict(model.named_parameters()), before)  # refused before any weight is loaded
+    # The same options resume it, as ever.
+    history = fit(build(), X, y, epochs=4, checkpoint=tmp_path, progress=False, **options)
+    assert history["epoch"] == [0, 1, 2, 3, 4]
 
 
 def test_resume_with_another_division_is_refused(tmp_path):
     X, y = problem()
     fit(network(), X, y, epochs=2, division="random", seed=0, checkpoint=tmp_path, checkpoint_every=1, progress=False)
-    with pytest.raises(CheckpointMismatch, match="belongs to a different run .*data"):
+    with pytest.raises(CheckpointMismatch, match="belongs to a different run .*other data, or another seed"):
         fit(network(), X, y, epochs=2, division="random", seed=1, checkpoint=tmp_path, progress=False)
+
+
+def truncate_tensors(folder: Path) -> None:
+    path = latest_checkpoint(folder)
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def remove_json(folder: Path) -> None:
+    latest_checkpoint(folder).with_suffix(".json").unlink()
+
+
+def garble_pointer(folder: Path) -> None:
+    (folder / "latest.txt").write_bytes(b"\xff\xfe")
+
+
+def point_nowhere(folder: Path) -> None:
+    (folder / "latest.txt").write_text("checkpoint-00000099\n")
+
+
+# (damage, the checkpoint file named, what the message says of it)
+DAMAGES = [
+    (truncate_tensors, "checkpoint-00000002.safetensors", "is not a valid safetensors file"),
+    (remove_json, "checkpoint-00000002.safetensors", "checkpoint-00000002.json is missing"),
+    (garble_pointer, "latest.txt", "can't decode byte 0xff"),
+    (point_nowhere, "checkpoint-00000099.safetensors", "does not exist"),
+]
+
+
+@pytest.mark.parametrize("damage, name, message", DAMAGES, ids=[case[0].__name__ for case in DAMAGES])
+def test_unreadable_checkpoint_is_named_before_the_model_changes(tmp_path, damage, name, message):
+    X, y = problem()
+    fit(network(), X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=1, progress=False)
+    damage(tmp_path)
+    model = network()
+    before = {key: value.detach().clone() for key, value in model.named_parameters()}
+    expected = f"The checkpoint .*{name} in {tmp_path} cannot be read: .*{message}"
+    with pytest.raises(CheckpointError, match=expected) as err:
+        fit(model, X, y, epochs=4, checkpoint=tmp_path, progress=False)
+    assert str(err.value).endswith("Pass another checkpoint folder, or resume=False to start over and replace it.")
+    assert not isinstance(err.value, CheckpointMismatch) and err.value.path.name == name
+    assert same_weights(dict(model.named_parameters()), before)
+    history = fit(network(), X, y, epochs=2, checkpoint=tmp_path, resume=False, progress=False)  # the way out
+    assert history["epoch"] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("options, error, message", [

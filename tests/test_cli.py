@@ -326,6 +326,26 @@ def test_checkpoint_resumes_the_same_command(regression_csv, tmp_path, capsys):
     assert "--checkpoint needs --seed" in capsys.readouterr().err
 
 
+def test_unresumable_checkpoint_is_one_line_with_exit_status_2(regression_csv, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    argv = ["--target", "y", "--features", "x1,x2", "--checkpoint", str(folder), "--checkpoint-every", "2"]
+    assert run_fit(regression_csv, tmp_path / "a", *argv) == 0
+    capsys.readouterr()
+    assert run_fit(regression_csv, tmp_path / "b", *argv, "--method", "gd") == 2
+    assert capsys.readouterr().err == (
+        f"marquardt fit: error: --checkpoint {folder}: checkpoint-00000008.safetensors belongs to a different run "
+        "(method 'lm' there, 'gd' here); run the same command (data, options and --seed) to resume it, pass another "
+        f"--checkpoint folder, or delete {folder} to start over\n")
+    checkpoint = folder / "checkpoint-00000008.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # truncated, as by a full disk
+    assert run_fit(regression_csv, tmp_path / "c", *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"marquardt fit: error: --checkpoint {folder}: checkpoint-00000008.safetensors in {folder} "
+                          "cannot be read: ") and err.count("\n") == 1
+    assert err.endswith(f"; pass another --checkpoint folder, or delete {folder} to start over\n")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_cuda_unavailable_is_a_usage_error(regression_csv, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -13,12 +13,20 @@ Layout of ``DIR``: ``checkpoint-<epoch>.safetensors`` + ``.json`` (via
 ``latest.txt`` naming the newest complete pair. The pointer moves only after both files are in
 place, and older pairs are deleted only after it moves, so a process killed at any moment
 leaves a readable checkpoint behind.
+
+A resume is refused before any weight is loaded: with :class:`CheckpointMismatch`, naming the
+differences, when the checkpoint was written by a run with another network (class,
+architecture, shapes, dtype), method, method options, loss, batch size or data; with
+:class:`CheckpointError` when the newest checkpoint cannot be read (truncated, garbled
+pointer, a missing file). Stopping rules (``epochs``, ``goal``, ...) may change, so a finished
+run can be continued.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,21 +40,43 @@ from torch import Tensor
 from .bayesian import BayesianState
 from .damping import DampingState
 from .history import History
-from .io import _atomic_write, load_state, save_state
+from .io import _atomic_write, _describe, _dtype_name, _json_default, load_state, save_state
 
-__all__ = ["NO_CHECKPOINT", "CheckpointMismatch", "Checkpointer", "NoCheckpoint", "latest_checkpoint"]
+__all__ = ["NO_CHECKPOINT", "CheckpointError", "CheckpointMismatch", "Checkpointer", "NoCheckpoint",
+           "latest_checkpoint"]
 
 _POINTER = "latest.txt"
 _PREFIX = "checkpoint-"
-_FORMAT = 1
+# 2: the run record names the loss, options, architecture, dtype and batch size as well.
+_FORMAT = 2
 # What a trainer carries between epochs besides the weights (and an optimizer's buffers): LM's
 # damping state and last solver path, trainbr's hyperparameters and whether the last step was kept.
 _TRAINER_FIELDS = ("state", "regularization", "accepted", "solver")
 _STATE_CLASSES = {cls.__name__: cls for cls in (DampingState, BayesianState)}
+# LM options that fix the iterates. The memory budgets are left out: their defaults depend on the
+# machine's memory, and a run resumed on another machine is still the same run.
+_LM_OPTIONS = ("mu", "mu_dec", "mu_inc", "mu_max", "solver")
+# What a resume must share with the run that wrote the checkpoint, and how a difference is named.
+_RUN_FIELDS = {
+    "method": "method", "trainer": "trainer", "loss": "loss", "options": "method options",
+    "model": "model class", "architecture": "architecture", "dtype": "dtype", "batch_size": "batch_size",
+}
 
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint in the folder was written by a run with another model, method or data."""
+class CheckpointError(ValueError):
+    """The checkpoint in the folder cannot be resumed: it is unreadable, or from another run.
+
+    ``path`` is the checkpoint and ``reason`` says what is wrong with it, without the advice
+    that ends the message (the command line gives its own).
+    """
+
+    def __init__(self, path: Path, reason: str, advice: str) -> None:
+        super().__init__(f"The checkpoint {path} {reason}. {advice}")
+        self.path, self.reason = path, reason
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint in the folder was written by a run with another model, method, options or data."""
 
 
 def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
@@ -113,10 +143,10 @@ class Checkpointer:
 
         Returns ``(0, 0, 0.0)``, a fresh start, when there is no checkpoint or ``resume`` is False.
         """
-        path = latest_checkpoint(self.folder) if self.resume else None
-        if path is None:
+        found = _read_latest(self.folder) if self.resume else None
+        if found is None:
             return 0, 0, 0.0
-        tensors, meta = load_state(path)
+        path, tensors, meta = found
         self._check_compatible(path, loop, meta)
         device = next(loop.model.parameters()).device
         loop.model.load_state_dict(_prefixed(tensors, "model/"))
@@ -132,13 +162,17 @@ class Checkpointer:
     def _check_compatible(self, path: Path, loop: Any, meta: Mapping[str, Any]) -> None:
         expected = self._fingerprint(loop)
         found = meta.get("run")
-        if meta.get("format") != _FORMAT or found != expected:
-            differences = [f"{key} {found.get(key)!r} there, {value!r} here" for key, value in expected.items()
-                           if not isinstance(found, Mapping) or found.get(key) != value]
+        if meta.get("format") != _FORMAT:
+            raise CheckpointError(
+                path, f"has checkpoint format {meta.get('format')!r}, and this marquardt resumes format {_FORMAT}",
+                "Pass another checkpoint folder, or resume=False to start over and replace it."
+            )
+        if found != expected:
+            differences = "; ".join(_differences(found, expected)) or "another run record"
             raise CheckpointMismatch(
-                f"The checkpoint {path} belongs to a different run ({'; '.join(differences) or 'unknown format'}). "
-                "Resume with the same model, method, data and seed (the seed fixes the division), pass another "
-                "checkpoint folder, or resume=False to start over and replace it."
+                path, f"belongs to a different run ({differences})",
+                "Resume with the same model, method, options, data and seed (the seed fixes the division), pass "
+                "another checkpoint folder, or resume=False to start over and replace it."
             )
 
     # -- write ----------------------------------------------------------------------------------
@@ -168,9 +202,10 @@ class Checkpointer:
         return path
 
     def _fingerprint(self, loop: Any) -> dict[str, Any]:
-        # Once per run: the data digest reads every training sample.
+        # Once per run: the data digest reads every training sample. Taken through JSON, as the
+        # checkpoint stores it, so that tuples (Adam's betas) compare equal to the lists read back.
         if self._run is None:
-            self._run = _fingerprint(loop)
+            self._run = json.loads(json.dumps(_fingerprint(loop), default=_plain_option))
         return self._run
 
     def _remove_older(self, keep: str) -> None:
@@ -192,18 +227,125 @@ class NoCheckpoint:
 NO_CHECKPOINT = NoCheckpoint()
 
 
+def _read_latest(folder: Path) -> tuple[Path, dict[str, Tensor], dict[str, Any]] | None:
+    """The newest checkpoint's path, tensors and metadata, or None; unreadable is a CheckpointError.
+
+    Raised before the model is touched: a damaged file (truncated, edited, or its pair from
+    another save) is named, where load_state's own error would not say it is the checkpoint.
+    """
+    path = folder / _POINTER
+    try:
+        path = latest_checkpoint(folder)
+        return None if path is None else (path, *load_state(path))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError (a garbled pointer) is a ValueError
+        raise CheckpointError(
+            path, f"in {folder} cannot be read: {error}",
+            "Pass another checkpoint folder, or resume=False to start over and replace it."
+        ) from error
+
+
 def _fingerprint(loop: Any) -> dict[str, Any]:
     """What must match between the checkpointed run and the one resuming it.
 
-    The data digest covers the divided sets, so a resume with another seed (hence another
-    random division) or other data is refused rather than silently trained on.
+    Everything that fixes the iterates apart from the stopping rules (which a resume may change,
+    say to train longer): the network (class, architecture, parameter shapes and dtype), the
+    method and its options, the loss, the batch size and the data. The data digest covers the
+    divided sets, so a resume with another seed (hence another random division) or other data
+    is refused rather than silently trained on.
     """
+    model_class, architecture = _describe(loop.model)
+    state = loop.model.state_dict()
+    batches = getattr(loop.trainer, "batches", None)
     return {
         "method": loop.history.method,
         "trainer": type(loop.trainer).__name__,
-        "parameters": {name: list(value.shape) for name, value in loop.model.state_dict().items()},
+        "loss": loop.loss.name,
+        "options": _trainer_options(loop.trainer),
+        "model": model_class,
+        "architecture": architecture,
+        "dtype": sorted({_dtype_name(value.dtype) for value in state.values() if value.is_floating_point()}),
+        "batch_size": len(batches[0][0]) if batches else None,
+        "parameters": {name: list(value.shape) for name, value in state.items()},
         "data": _digest(loop.train, loop.val, loop.test),
     }
+
+
+def _plain_option(value: Any) -> Any:
+    # A custom optimizer may keep anything in its groups; such a value is named by its type.
+    try:
+        return _json_default(value)
+    except TypeError:
+        return f"<{type(value).__name__}>"
+
+
+def _trainer_options(trainer: Any) -> dict[str, Any]:
+    """LM's damping options, or an optimizer's hyperparameters (its first group, less the tensors)."""
+    optimizer = getattr(trainer, "optimizer", None)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        group = optimizer.param_groups[0]
+        return {key: value for key, value in group.items() if key != "params"}
+    options = getattr(trainer, "options", {})
+    return {key: options[key] for key in _LM_OPTIONS if key in options}
+
+
+def _differences(found: Any, expected: Mapping[str, Any]) -> list[str]:
+    """Each way the checkpointed run (``found``) differs from this one, in words.
+
+    What follows from an earlier difference is left out: another method has other options,
+    another architecture other parameter shapes, another dtype other data.
+    """
+    if not isinstance(found, Mapping):
+        return []
+    fields = dict(_RUN_FIELDS)
+    if found.get("method") != expected["method"]:
+        del fields["trainer"], fields["options"]
+    differences = [_difference(label, found.get(key), expected[key])
+                   for key, label in fields.items() if found.get(key) != expected[key]]
+    same_architecture = expected["architecture"] is None or found.get("architecture") == expected["architecture"]
+    if same_architecture and found.get("parameters") != expected["parameters"]:
+        differences.append(_parameter_differences(found.get("parameters"), expected["parameters"]))
+    # The data are digested in the model's dtype, so another dtype has other data too.
+    if found.get("data") != expected["data"] and found.get("dtype") == expected["dtype"]:
+        differences.append("other data, or another seed or division of it")
+    return differences
+
+
+def _difference(label: str, there: Any, here: Any) -> str:
+    if _is_layers(there) and _is_layers(here):  # a Sequential: name the layers that differ
+        return _layer_differences(there["layers"], here["layers"])
+    if isinstance(there, Mapping) and isinstance(here, Mapping):  # name the entries that differ
+        keys = [key for key in {**there, **here} if there.get(key) != here.get(key)]
+        return "; ".join(f"{label} {key} {there.get(key)!r} there, {here.get(key)!r} here" for key in keys)
+    return f"{label} {there!r} there, {here!r} here"
+
+
+def _is_layers(architecture: Any) -> bool:
+    return isinstance(architecture, Mapping) and isinstance(architecture.get("layers"), list)
+
+
+def _layer_differences(there: list[Any], here: list[Any]) -> str:
+    if len(there) != len(here):
+        return f"architecture {len(there)} layers there, {len(here)} here"
+    return "; ".join(f"architecture layer {a.get('name')!r}: {_layer_text(a)} there, {_layer_text(b)} here"
+                     for a, b in zip(there, here) if a != b)
+
+
+def _layer_text(spec: Mapping[str, Any]) -> str:
+    """``Linear(in_features=1, out_features=5, bias=True)``, ``Tanh``: a layer record as code."""
+    if spec.get("type") == "Sequential":
+        return f"Sequential({', '.join(_layer_text(layer) for layer in spec.get('layers', []))})"
+    args = ", ".join(f"{key}={value!r}" for key, value in spec.items() if key not in ("name", "type"))
+    return f"{spec.get('type')}({args})" if args else str(spec.get("type"))
+
+
+def _parameter_differences(found: Any, expected: Mapping[str, list[int]], shown: int = 4) -> str:
+    found = found if isinstance(found, Mapping) else {}
+    lines = [f"{name} missing there" for name in expected if name not in found]
+    lines += [f"{name} not here" for name in found if name not in expected]
+    lines += [f"{name} of shape {found[name]} there, {shape} here" for name, shape in expected.items()
+              if name in found and found[name] != shape]
+    more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
+    return "parameters: " + ", ".join(lines[:shown]) + more
 
 
 def _digest(*splits: Any) -> str:

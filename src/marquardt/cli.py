@@ -635,7 +635,7 @@ def _device(name: str) -> torch.device:
 def train_model(args: argparse.Namespace, task: Regression | Classification, X: np.ndarray, y: np.ndarray,
                 seed: int, device: torch.device, reducer: Any = None) -> tuple[Any, Any, float]:
     """Build ``mlp(F, hidden, outputs)`` from ``seed`` and train it with ``fit``; return model, history, seconds."""
-    from .checkpoint import CheckpointMismatch
+    from .checkpoint import CheckpointError
     from .mlp import mlp
     from .train import fit
 
@@ -650,9 +650,19 @@ def train_model(args: argparse.Namespace, task: Regression | Classification, X: 
                       split=args.split, loss=task.loss, seed=seed, progress=sys.stdout.isatty(),
                       checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                       distributed=reducer if reducer is not None else False)
-    except CheckpointMismatch as error:
-        raise UsageError(f"--checkpoint {args.checkpoint}: {error}") from None
+    except CheckpointError as error:
+        raise UsageError(_checkpoint_problem(args.checkpoint, error)) from None
     return model, history, time.perf_counter() - start
+
+
+def _checkpoint_problem(folder: Path, error: Any) -> str:
+    """A checkpoint that cannot be resumed, with the command line's ways out (it has no resume=False)."""
+    from .checkpoint import CheckpointMismatch
+
+    mismatch = isinstance(error, CheckpointMismatch)
+    same = "run the same command (data, options and --seed) to resume it, " if mismatch else ""
+    return (f"--checkpoint {folder}: {error.path.name} {error.reason}; {same}pass another --checkpoint folder, or "
+            f"delete {folder} to start over")
 
 
 def split_indices(n: int, division: str, split: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
