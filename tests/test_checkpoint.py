@@ -138,6 +138,25 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, method, options)
     assert all(b >= a for a, b in zip(times, times[1:]))
 
 
+def test_bfloat16_model_is_checkpointed_and_resumed(tmp_path):
+    # numpy has no bfloat16: the data digest read the tensors through numpy and raised TypeError.
+    X, y = problem()
+
+    def bfloat16_network():
+        return sequential(dtype=torch.bfloat16)
+
+    common = dict(method="gd", lr=0.05, epochs=6, min_grad=0.0, progress=False)
+    plain = bfloat16_network()
+    expected = fit(plain, X, y, **common)
+    with pytest.raises(Interrupted):
+        fit(bfloat16_network(), X, y, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(5)], **common)
+    assert load_state(latest_checkpoint(tmp_path))[1]["epoch"] == 4
+    model = bfloat16_network()
+    resumed = fit(model, X, y, checkpoint=tmp_path, checkpoint_every=2, **common)
+    assert same_weights(model.state_dict(), plain.state_dict()) and model[0].weight.dtype == torch.bfloat16
+    assert without_time(resumed) == without_time(expected)
+
+
 def test_validation_stop_and_best_weights_survive_a_resume(tmp_path):
     X, y = problem()
     common = dict(epochs=200, division="random", seed=1, progress=False, max_fail=3)

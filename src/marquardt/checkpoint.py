@@ -353,8 +353,13 @@ def _digest(*splits: Any) -> str:
     for split in splits:
         for tensor in () if split is None else (split.X, split.y):
             digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
+
+
+def _raw_bytes(tensor: Tensor) -> np.ndarray:
+    """The tensor's memory as bytes: numpy has no bfloat16, so its bytes are read as uint8."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
