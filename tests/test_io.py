@@ -134,6 +134,33 @@ def test_sequential_round_trip(tmp_path, dtype, name):
     assert torch.equal(loaded(x), model(x))
 
 
+# save records "dtype": null for these; load failed on them ("invalid architecture record").
+UNEVEN_DTYPES = {
+    "float32 then float64": lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2).double()),
+    "bfloat16 and float16, nested": lambda: nn.Sequential(
+        nn.Linear(3, 4).to(torch.bfloat16), nn.Sequential(nn.Linear(4, 2).half(), nn.Tanh())),
+    "no tensors": lambda: nn.Sequential(nn.Tanh()),
+}
+
+
+@pytest.mark.parametrize("name", list(UNEVEN_DTYPES))
+def test_sequential_of_several_dtypes_or_none_round_trip(tmp_path, name):
+    torch.manual_seed(0)
+    model = UNEVEN_DTYPES[name]()
+    save(model, tmp_path / "model")
+    assert _record(tmp_path)["dtype"] is None
+    loaded = load(tmp_path / "model")
+    assert repr(loaded) == repr(model)
+    saved, found = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == found.keys()
+    for key in saved:
+        assert found[key].dtype == saved[key].dtype and torch.equal(found[key], saved[key]), key
+    assert all(type(p) is nn.Parameter and p.requires_grad for p in loaded.parameters())
+    first = next(model.parameters(), None)
+    x = _inputs(dtype=torch.float32 if first is None else first.dtype)
+    assert torch.equal(loaded[0](x), model[0](x))
+
+
 def _with_layer_norm() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
 

@@ -251,7 +251,9 @@ def _build(record: Mapping[str, Any], where: Path) -> nn.Module:
             f"pass the module to load into: load(path, model=<module instance>)"
         )
     try:
-        dtype = getattr(torch, record["dtype"])
+        # save records null when the floating tensors have several dtypes (or there are none):
+        # the layers are built in the default dtype and take the file's tensors as they are.
+        dtype = torch.get_default_dtype() if record["dtype"] is None else getattr(torch, record["dtype"])
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"not a dtype: {record['dtype']!r}")
         # Fresh layers draw initial weights that are overwritten at once; fork_rng keeps
@@ -475,8 +477,9 @@ def load(
         model.load_state_dict(tensors)
         return model
     built = _build(record, tensors_path)
-    _check_matches(built, tensors, tensors_path, dtypes=True)
-    built.load_state_dict(tensors)
+    uniform = record["dtype"] is not None
+    _check_matches(built, tensors, tensors_path, dtypes=uniform)
+    built.load_state_dict(tensors, assign=not uniform)  # assign: each tensor keeps the dtype it was saved in
     return built.to(device)
 
 
