@@ -320,6 +320,40 @@ def test_garbage_tensors_file_is_refused(tmp_path, content):
         load_state(tmp_path / "state")
 
 
+def _flip_a_data_byte(path: Path, offset: int) -> None:
+    """Change one byte of the tensor data (after the 8-byte length and the JSON header; < 0: from the end)."""
+    content = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(content[:8], "little")
+    content[offset if offset < 0 else start + offset] ^= 0x40
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("offset", [0, 20, -1])
+def test_a_changed_byte_in_the_tensors_is_refused(tmp_path, offset):
+    model = _trained_like_mlp(torch.float64)
+    save(model, tmp_path / "model")
+    save_state(tmp_path / "state", {"w": torch.arange(6.0), "rng": torch.get_rng_state()}, {"epoch": 3})
+    for stem in ("model", "state"):
+        _flip_a_data_byte(tmp_path / f"{stem}.safetensors", offset)
+    # safetensors itself reads these files without complaint: only the checksum notices.
+    with pytest.raises(ValueError, match=r"model\.safetensors is corrupted: its numbers differ from those saved "
+                                         r"\(the checksum in model\.json does not match\)"):
+        load(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"state\.safetensors is corrupted"):
+        load_state(tmp_path / "state")
+
+
+def test_a_save_without_checksum_still_loads(tmp_path):
+    # Files written before the checksum was recorded.
+    model = _trained_like_mlp(torch.float32)
+    save(model, tmp_path / "model")
+    record = _record(tmp_path)
+    assert len(record.pop("checksum")) == 32
+    _write_record(tmp_path, record)
+    x = _inputs(dtype=torch.float32)
+    assert torch.equal(load(tmp_path / "model")(x), model(x))
+
+
 def test_missing_json_is_refused(tmp_path):
     save(_trained_like_mlp(torch.float64), tmp_path / "model")
     (tmp_path / "model.json").unlink()

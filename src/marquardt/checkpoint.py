@@ -40,7 +40,7 @@ from torch import Tensor
 from .bayesian import BayesianState
 from .damping import DampingState
 from .history import History
-from .io import _atomic_write, _describe, _dtype_name, _json_default, load_state, save_state
+from .io import _atomic_write, _describe, _dtype_name, _json_default, _raw_bytes, load_state, save_state
 
 __all__ = ["NO_CHECKPOINT", "CheckpointError", "CheckpointMismatch", "Checkpointer", "NoCheckpoint",
            "latest_checkpoint"]
@@ -356,10 +356,6 @@ def _digest(*splits: Any) -> str:
             digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
 
-
-def _raw_bytes(tensor: Tensor) -> np.ndarray:
-    """The tensor's memory as bytes: numpy has no bfloat16, so its bytes are read as uint8."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -2,8 +2,9 @@
 
 A save writes two files side by side: ``<stem>.safetensors`` with the tensors and
 ``<stem>.json`` with what is needed to rebuild and check them (format version,
-class name, architecture, dtype, tensor names and shapes, user metadata). Loading
-parses only these two formats, so a file from an untrusted source cannot run code.
+class name, architecture, dtype, tensor names and shapes, a checksum of the tensors, user
+metadata). Loading parses only these two formats, so a file from an untrusted source cannot run
+code, and checks the tensors against the checksum, so a file changed on disk is refused.
 
 Each file is written to a temporary file in the same directory and moved into place
 with ``os.replace``, so a reader sees either the old or the new file, never a partial
@@ -14,6 +15,7 @@ different saves (say, a save interrupted between the two moves) are refused on l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -171,6 +173,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _raw_bytes(tensor: Tensor) -> np.ndarray:
+    """The tensor's memory as bytes: numpy has no bfloat16, so its bytes are read as uint8."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _checksum(tensors: Mapping[str, Tensor]) -> str:
+    """A digest of every tensor's name, dtype, shape and bytes, recorded in the JSON file.
+
+    safetensors checks the layout of its file, not the numbers in it: a byte changed on disk
+    would load as a different weight, silently.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}\0{_dtype_name(tensor.dtype)}\0{list(tensor.shape)}\0".encode())
+        digest.update(_raw_bytes(tensor))
+    return digest.hexdigest()
+
+
 def _write_pair(
     path: Any, kind: str, tensors: dict[str, Tensor], record: dict[str, Any], argument: str
 ) -> Path:
@@ -181,6 +202,7 @@ def _write_pair(
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "save_id": save_id}
     full.update(record)
     full["tensors"] = _tensor_table(tensors)
+    full["checksum"] = _checksum(tensors)
     text = _to_json(full, argument)  # fail before touching any file
     save_file = _safetensors_torch().save_file
     _atomic_write(tensors_path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
@@ -324,6 +346,12 @@ def _read_pair(path: Any, kind: str, map_location: Any) -> tuple[dict[str, Tenso
         )
     if _tensor_table(tensors) != record.get("tensors"):
         raise ValueError(f"{tensors_path} does not hold the tensors that {json_path} lists")
+    # Saves written before the checksum was recorded have none to compare with.
+    if "checksum" in record and _checksum(tensors) != record["checksum"]:
+        raise ValueError(
+            f"{tensors_path} is corrupted: its numbers differ from those saved (the checksum in "
+            f"{json_path.name} does not match); save the model again or restore the file from a copy"
+        )
     return tensors, record
 
 
@@ -459,7 +487,8 @@ def load(
     ValueError
         If the ``.json`` file is missing, is not a marquardt save, or has an unknown
         format version; if the tensors file is not valid safetensors (nothing in it is
-        ever executed); if the two files come from different saves; if the tensor names
+        ever executed); if the two files come from different saves; if the tensors differ
+        from the checksum recorded at save (a corrupted file); if the tensor names
         or shapes do not match the architecture; if no architecture is recorded and no
         ``model`` is given.
 
