@@ -254,3 +254,12 @@ def test_missing_or_old_scikit_learn_is_named_at_import(monkeypatch, hide):
     with pytest.raises(ImportError, match=re.escape("marquardt's LMRegressor and LMClassifier need scikit-learn "
                                                     ">= 1.6 (")):
         import marquardt.estimators  # noqa: F401
+
+
+def test_classifier_refuses_bayesian_regularization_naming_the_regressor():
+    # fit's own refusal asked for loss='mse', which the classifier refuses in turn.
+    X = np.arange(12.0).reshape(6, 2)
+    with pytest.raises(ValueError, match=re.escape("Invalid method value for LMClassifier: 'br'; Bayesian "
+                                                   "regularization (trainbr) fits a sum of squared errors: use "
+                                                   "LMRegressor for it, or method='lm' here.")):
+        LMClassifier(method="br").fit(X, [0, 1, 0, 1, 0, 1])

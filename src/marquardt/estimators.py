@@ -338,6 +338,9 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
         """Train on ``X`` (n_samples, n_features) and class labels ``y`` (n_samples,)."""
         if self.loss not in ("cross_entropy", "binary_cross_entropy"):  # fit's "mse" is no classifier loss
             raise ValueError(f"Invalid loss: {self.loss!r}; expected 'cross_entropy' or 'binary_cross_entropy'.")
+        if isinstance(self.method, str) and self.method == "br":  # fit would ask for loss='mse', refused above
+            raise ValueError("Invalid method value for LMClassifier: 'br'; Bayesian regularization (trainbr) fits a "
+                             "sum of squared errors: use LMRegressor for it, or method='lm' here.")
         self._check_parameters()
         with _unchanged_on_error(self):
             X, y = validate_data(self, X, y, dtype=np.float64)
