@@ -283,7 +283,7 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
         Gauss-Newton LM step). ``"binary_cross_entropy"``: two classes, one logit.
     hidden_layer_sizes, activation, method, epochs, goal, min_grad, max_fail, validation_fraction,
     batch_size, time_limit, method_options, dtype, device, random_state, verbose
-        As :class:`LMRegressor`.
+        As :class:`LMRegressor`, except ``method="br"`` (trainbr fits a squared error: regressor only).
 
     Labels may be any values :func:`numpy.unique` can sort (ints, strings).
 
