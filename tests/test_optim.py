@@ -700,16 +700,27 @@ def test_gradient_descent_step_is_exact():
 
 
 def test_momentum_update_is_matlab_traingdm_form():
-    w = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = Momentum([w], lr=0.5, beta=0.9)
-    expected_w, velocity = 1.0, 0.0
+    # traingdm.m, literally: gX is minus the gradient; dX = lr*gX before the loop, then each
+    # epoch dX = mc*dX + (1-mc)*lr*gX; X = X + dX. The first step is lr*gX, not (1-mc)*lr*gX.
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    lr, mc = 0.5, 0.9
+    opt = Momentum([w], lr=lr, beta=mc)
+    X = 1.0
+    dX = lr * -(2 * X)
+    expected = []
+    for _ in range(3):
+        gX = -(2 * X)
+        dX = mc * dX + (1 - mc) * lr * gX
+        X = X + dX
+        expected.append(X)
+    got = []
     for _ in range(3):
         opt.zero_grad()
         (w**2).sum().backward()
-        velocity = 0.9 * velocity + 0.1 * (2 * expected_w)
-        expected_w -= 0.5 * velocity
         opt.step()
-        assert float(w.detach()) == pytest.approx(expected_w, rel=1e-6)
+        got.append(float(w.detach()))
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got[0] == pytest.approx(0.0)  # 1 - 0.5 * 2: the whole first gradient step
 
 
 @pytest.mark.parametrize(

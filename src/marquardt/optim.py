@@ -694,15 +694,21 @@ class Momentum(Optimizer):
 
     Notes
     -----
-    ``velocity = beta * velocity + (1 - beta) * grad``; ``param -= lr * velocity``.
+    ``velocity = beta * velocity + (1 - beta) * grad``; ``param -= lr * velocity``. The velocity
+    starts at the first gradient, so the first step is ``lr * grad``: ``traingdm`` starts its
+    weight change at ``lr * gX`` (and ``torch.optim.SGD`` its momentum buffer at the gradient);
+    a zero start would make it ``(1 - beta) * lr * grad``, ten times smaller at ``beta = 0.9``.
 
     Examples
     --------
     >>> w = torch.nn.Parameter(torch.tensor([1.0]))
-    >>> opt = Momentum([w], lr=1.0, beta=0.5)
+    >>> opt = Momentum([w], lr=0.25, beta=0.5)
     >>> (w**2).sum().backward(); _ = opt.step()
-    >>> w.item()  # velocity = 0.5 * 2
-    0.0
+    >>> w.item()  # velocity = grad = 2; w = 1 - 0.25 * 2
+    0.5
+    >>> opt.zero_grad(); (w**2).sum().backward(); _ = opt.step()
+    >>> w.item()  # velocity = 0.5 * 2 + 0.5 * 1 = 1.5; w = 0.5 - 0.25 * 1.5
+    0.125
     """
 
     def __init__(self, params, lr: float = 0.01, beta: float = 0.9) -> None:
@@ -721,8 +727,9 @@ class Momentum(Optimizer):
                 state = self.state[p]
                 velocity = state.get("velocity")
                 if velocity is None:
-                    velocity = state["velocity"] = torch.zeros_like(p)
-                velocity.mul_(group["beta"]).add_(p.grad, alpha=1.0 - group["beta"])
+                    velocity = state["velocity"] = p.grad.detach().clone()
+                else:
+                    velocity.mul_(group["beta"]).add_(p.grad, alpha=1.0 - group["beta"])
                 p.add_(velocity, alpha=-group["lr"])
         return loss
 
