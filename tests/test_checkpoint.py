@@ -205,6 +205,27 @@ def test_resume_false_starts_over(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-00000002.safetensors"
 
 
+def test_crash_while_replacing_the_pointed_checkpoint_leaves_no_damaged_one(tmp_path, monkeypatch):
+    # resume=False writes checkpoint-00000002 again while latest.txt still names the old one; a
+    # crash between the two renames left latest.txt naming a pair from two saves (unreadable).
+    X, y = problem()
+    fit(network(), X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    replace = os.replace
+
+    def crash_at_the_json(source, target):
+        if str(target).endswith(".json"):
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", crash_at_the_json)
+    with pytest.raises(KeyboardInterrupt):
+        fit(network(), X, y, epochs=4, checkpoint=tmp_path, checkpoint_every=2, resume=False, progress=False)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) is None  # no checkpoint, rather than a damaged one
+    history = fit(network(), X, y, epochs=4, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    assert history["epoch"] == [0, 1, 2, 3, 4] and latest_checkpoint(tmp_path).name == "checkpoint-00000004.safetensors"
+
+
 def test_resume_can_extend_a_finished_run(tmp_path):
     X, y = problem()
     common = dict(min_grad=0.0, progress=False)

@@ -12,7 +12,8 @@ Layout of ``DIR``: ``checkpoint-<epoch>.safetensors`` + ``.json`` (via
 :func:`marquardt.io.save_state`, each file written to a temporary file and renamed) and
 ``latest.txt`` naming the newest complete pair. The pointer moves only after both files are in
 place, and older pairs are deleted only after it moves, so a process killed at any moment
-leaves a readable checkpoint behind.
+leaves a readable checkpoint behind (or, when ``resume=False`` rewrites the very pair the
+pointer names, no pointer until the new pair is complete: never a damaged one).
 
 A resume is refused before any weight is loaded: with :class:`CheckpointMismatch`, naming the
 differences, when the checkpoint was written by a run with another network (class,
@@ -196,6 +197,7 @@ class Checkpointer:
             "history": {"method": loop.history.method, "records": loop.history.records},
         }
         stem = f"{_PREFIX}{epoch:08d}"
+        self._unpoint(stem)
         path = save_state(self.folder / stem, tensors, meta)
         _atomic_write(self.folder / _POINTER, lambda tmp: tmp.write_text(stem + "\n", encoding="utf-8"))
         self._remove_older(stem)
@@ -207,6 +209,14 @@ class Checkpointer:
         if self._run is None:
             self._run = json.loads(json.dumps(_fingerprint(loop), default=_plain_option))
         return self._run
+
+    def _unpoint(self, stem: str) -> None:
+        # The two files of a pair are replaced one after the other: while latest.txt names the
+        # pair being rewritten (resume=False reaching the old run's epoch), a crash between the
+        # two would leave it naming files from two saves. No checkpoint is better than that.
+        pointer = self.folder / _POINTER
+        if pointer.is_file() and pointer.read_bytes().strip() == stem.encode():
+            pointer.unlink()
 
     def _remove_older(self, keep: str) -> None:
         for old in self.folder.glob(f"{_PREFIX}*"):
