@@ -263,3 +263,17 @@ def test_classifier_refuses_bayesian_regularization_naming_the_regressor():
                                                    "regularization (trainbr) fits a sum of squared errors: use "
                                                    "LMRegressor for it, or method='lm' here.")):
         LMClassifier(method="br").fit(X, [0, 1, 0, 1, 0, 1])
+
+
+def test_float32_network_refuses_values_past_float32_range():
+    # Finite float64 values past float32's range became inf in the network: fit reported
+    # "X contains NaN or inf", and predict returned NaN without a word.
+    X, y = regression_data(20)
+    reg = LMRegressor((3,), epochs=3, dtype="float32", random_state=0).fit(X, y)
+    message = "Invalid X: values up to 1e+39 in magnitude do not fit the network's dtype float32"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reg.predict(X * 1e39 / np.abs(X).max())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LMRegressor((3,), dtype="float32").fit(X * 1e39 / np.abs(X).max(), y)
+    with pytest.raises(ValueError, match=re.escape("Invalid y: values up to 1e+39 in magnitude")):
+        LMRegressor((3,), dtype="float32").fit(X, y * 1e39 / np.abs(y).max())

@@ -105,7 +105,8 @@ class _LMEstimator(BaseEstimator):
         with torch.random.fork_rng(devices=[]):
             model = mlp(X.shape[1], _check_hidden(self.hidden_layer_sizes), n_outputs, activation=self.activation,
                         dtype=dtype, device=self.device, generator=torch.Generator().manual_seed(seed))
-            history = fit(model, self._tensor(X, model), self._tensor(y, model), **self._fit_options(seed, loss))
+            history = fit(model, self._tensor("X", X, model), self._tensor("y", y, model),
+                          **self._fit_options(seed, loss))
         self.model_: MLP = model.eval()
         self.history_: History = history
         self.n_iter_: int = int(history.last["epoch"])
@@ -124,16 +125,23 @@ class _LMEstimator(BaseEstimator):
         return _DTYPES[self.dtype]
 
     @staticmethod
-    def _tensor(array: np.ndarray, model: MLP) -> torch.Tensor:
+    def _tensor(name: str, array: np.ndarray, model: MLP) -> torch.Tensor:
+        """``array`` in the network's dtype and device; ``name`` names it if it does not fit the dtype."""
+        dtype = model.x_min.dtype
+        largest = torch.finfo(dtype).max
+        peak = float(np.max(np.abs(array))) if array.size else 0.0
+        if peak > largest:  # validate_data checked finiteness in float64; in float32 this would be inf
+            raise ValueError(f"Invalid {name}: values up to {peak:.3g} in magnitude do not fit the network's dtype "
+                             f"{str(dtype).removeprefix('torch.')} (largest {largest:.3g}); use dtype='float64'.")
         # A copy: scikit-learn may pass read-only (memory-mapped) arrays, which torch cannot wrap.
-        return torch.tensor(array, dtype=model.x_min.dtype, device=model.x_min.device)
+        return torch.tensor(array, dtype=dtype, device=model.x_min.device)
 
     def _outputs(self, X: Any) -> np.ndarray:
         """Raw network outputs for ``X``, shape (n_samples, n_outputs)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         with torch.no_grad():
-            return self.model_(self._tensor(X, self.model_)).cpu().numpy().astype(np.float64, copy=False)
+            return self.model_(self._tensor("X", X, self.model_)).cpu().numpy().astype(np.float64, copy=False)
 
 
 @contextmanager
