@@ -195,15 +195,46 @@ def test_cholesky_and_qr_paths_agree():
 
 
 def test_ill_conditioned_normal_equations_fall_back_to_qr():
-    # cond(J) ~ 1e9: J^T J (cond 1e18) is refused by the Cholesky condition test.
+    # cond(J) ~ 1e9 with the columns mixed (no column scaling removes it): J^T J (cond 1e18)
+    # is refused by the Cholesky condition test.
     torch.manual_seed(5)
     q, _ = torch.linalg.qr(torch.randn(20, 3, dtype=F64))
-    jac = q * torch.tensor([1.0, 1e-4, 1e-9], dtype=F64)
+    mix, _ = torch.linalg.qr(torch.randn(3, 3, dtype=F64))
+    jac = (q * torch.tensor([1.0, 1e-4, 1e-9], dtype=F64)) @ mix.T
     residuals = torch.randn(20, dtype=F64)
     system = NormalEquations(jac.T @ jac, jac, residuals)
     step = system.solve(jac.T @ residuals, 0.0, torch.ones(3, dtype=F64))
     assert system.path == "qr"
-    torch.testing.assert_close(step, gauss_newton_step(jac, residuals), rtol=1e-6, atol=0.0)
+    # Forward error of any backward-stable solve: a small multiple of cond(J) * eps = 2e-7.
+    torch.testing.assert_close(step, gauss_newton_step(jac, residuals), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_badly_scaled_parameters_keep_cholesky_and_every_direction(dtype):
+    # Orthogonal columns of sizes 1e3 and 1e-3: cond(J^T J) = 1e12 (past float32's and
+    # float64's unscaled test) but 1 once the columns are scaled. The step must keep both
+    # directions; an unscaled test sent float32 to a QR solve whose rank cutoff dropped one.
+    torch.manual_seed(7)
+    q, _ = torch.linalg.qr(torch.randn(30, 2, dtype=F64))
+    jac64 = q * torch.tensor([1e3, 1e-3], dtype=F64)
+    residuals64 = torch.randn(30, dtype=F64)
+    jac, residuals = jac64.to(dtype), residuals64.to(dtype)
+    system = NormalEquations(jac.T @ jac, jac, residuals)
+    step = system.solve(jac.T @ residuals, 0.0, torch.ones(2, dtype=dtype))
+    assert system.path == "cholesky"
+    expected = gauss_newton_step(jac64, residuals64)
+    torch.testing.assert_close(step.double(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0.0)
+
+
+def test_qr_fallback_keeps_the_direction_of_a_small_parameter():
+    # A column 1e-6 the size of the others, below float32's unscaled rank cutoff
+    # (eps * max(m, n) ~ 5e-6 of the largest singular value): on unit-norm columns it is kept.
+    torch.manual_seed(8)
+    jac64 = torch.randn(40, 3, dtype=F64) * torch.tensor([1.0, 1.0, 1e-6], dtype=F64)
+    residuals64 = torch.randn(40, dtype=F64)
+    step = damped_lstsq(jac64.float(), residuals64.float(), 0.0, torch.ones(3))
+    expected = torch.linalg.lstsq(jac64, -residuals64[:, None]).solution[:, 0]
+    torch.testing.assert_close(step.double(), expected, rtol=1e-4, atol=0.0)
 
 
 def test_gauss_newton_step_is_the_least_squares_solution_whatever_the_units():

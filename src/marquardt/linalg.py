@@ -26,9 +26,14 @@ from torch import Tensor
 def cholesky_or_none(matrix: Tensor) -> Tensor | None:
     """Lower Cholesky factor of ``matrix``, or ``None`` when it fails or is ill-conditioned.
 
-    The condition test uses the diagonal of the factor: ``(min L_ii / max L_ii)^2`` estimates
-    ``1 / cond(matrix)`` from below; when it is under ``100 * eps`` the normal equations have lost
-    the accuracy a QR solve on ``J`` would keep.
+    The condition test uses the diagonal of the factor of the unit-diagonal matrix
+    ``D^-1/2 A D^-1/2`` (``D = diag(A)``), which is ``L_ii / sqrt(A_ii)``: the squared ratio of
+    its smallest to its largest entry estimates ``1 / cond`` from below; when it is under
+    ``100 * eps`` the normal equations have lost the accuracy a QR solve on ``J`` would keep.
+    Scaling first makes the test blind to the parameters' units, as the solve itself is
+    (Cholesky is exact under diagonal scaling): unscaled, a float32 fit whose parameters
+    differ by 10^4 in size left Cholesky for a QR solve that dropped the large parameter's
+    direction, and stalled.
 
     Examples
     --------
@@ -43,6 +48,7 @@ def cholesky_or_none(matrix: Tensor) -> Tensor | None:
     diag = factor.diagonal()
     if not bool(torch.isfinite(diag).all()):
         return None
+    diag = diag / matrix.diagonal().sqrt()
     ratio = (diag.min() / diag.max()) ** 2
     if float(ratio) < 100 * torch.finfo(matrix.dtype).eps:
         return None
@@ -50,13 +56,28 @@ def cholesky_or_none(matrix: Tensor) -> Tensor | None:
 
 
 def damped_lstsq(jac: Tensor, residuals: Tensor, damping: float, scale: Tensor) -> Tensor:
-    """Minimum-norm solution of ``[J; sqrt(damping * scale)] h = [-r; 0]`` (QR/SVD path)."""
+    """Minimum-norm solution of ``[J; sqrt(damping * scale)] h = [-r; 0]`` (QR/SVD path).
+
+    Solved for ``C^-1 h`` with the columns of the augmented matrix scaled to unit norm by
+    ``C``, so that the SVD's rank cutoff (``eps * max(m, n)`` of the largest singular value)
+    does not depend on the parameters' units; a zero column keeps scale 1.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1e4, 0.0], [0.0, 1e-4], [1e4, 1e-4]], dtype=torch.float64)
+    >>> r = torch.tensor([1e4, 1e-4, 0.0], dtype=torch.float64)
+    >>> h = damped_lstsq(J, r, 0.0, torch.ones(2, dtype=torch.float64))
+    >>> torch.allclose(h, torch.linalg.lstsq(J, -r[:, None]).solution[:, 0])
+    True
+    """
     n = jac.shape[1]
     lower = torch.diag(torch.sqrt(damping * scale))
     augmented = torch.cat([jac, lower])
+    norms = torch.linalg.vector_norm(augmented, dim=0)
+    columns = torch.where(norms > 0, 1.0 / norms, torch.ones_like(norms))
     rhs = torch.cat([-residuals, residuals.new_zeros(n)]).unsqueeze(1)
     driver = "gelsd" if augmented.device.type == "cpu" else "gels"
-    return torch.linalg.lstsq(augmented, rhs, driver=driver).solution.squeeze(1)
+    return columns * torch.linalg.lstsq(augmented * columns, rhs, driver=driver).solution.squeeze(1)
 
 
 def damped_eigh_solve(gram: Tensor, grad: Tensor, damping: float, scale: Tensor) -> Tensor:
