@@ -477,3 +477,16 @@ def test_inputs_with_the_wrong_number_of_features_name_the_mlp_inputs():
                                          r"inputs of shape \(N, 3\)"):
         fit(model, torch.zeros(5, 2, dtype=torch.float64), torch.zeros(5, 1, dtype=torch.float64))
     assert not model.normalization_set
+
+
+def test_the_shape_probe_leaves_batchnorm_statistics_and_modes_alone():
+    # fit checks the output shape on two samples before training; in training mode that
+    # forward pass moved BatchNorm's running statistics even when fit then refused the targets.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+    model[3].eval()  # a user's own mixed modes are kept as they were
+    with pytest.raises(ValueError, match="does not match the targets"):
+        fit(model, torch.randn(20, 1), torch.randn(20, 3), epochs=2)
+    assert model[1].running_mean.tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert int(model[1].num_batches_tracked) == 0
+    assert [m.training for m in model] == [True, True, True, False]
