@@ -346,3 +346,15 @@ def test_checkpoint_path_that_is_a_file(tmp_path):
     file.write_text("")
     with pytest.raises(ValueError, match="is a file; pass a folder"):
         Checkpointer(file)
+
+
+def test_checkpoint_folder_under_a_file_is_refused_before_training(tmp_path):
+    file = tmp_path / "f"
+    file.write_text("")
+    X, y = problem()
+    model = network()
+    before = {key: value.detach().clone() for key, value in model.named_parameters()}
+    # Was NotADirectoryError at the first write, after checkpoint_every epochs of training.
+    with pytest.raises(ValueError, match=f"checkpoint='{file}/ckpt' cannot be written: {file} is not a folder"):
+        fit(model, X, y, epochs=4, checkpoint=file / "ckpt", checkpoint_every=2, progress=False)
+    assert same_weights(dict(model.named_parameters()), before)

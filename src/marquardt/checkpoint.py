@@ -136,6 +136,7 @@ class Checkpointer:
             raise TypeError(f"resume must be True or False; received {self.resume!r}.")
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint={str(self.folder)!r} is a file; pass a folder for the checkpoints.")
+        _check_creatable(self.folder)
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -235,6 +236,16 @@ class NoCheckpoint:
 
 
 NO_CHECKPOINT = NoCheckpoint()
+
+
+def _check_creatable(folder: Path) -> None:
+    # Checked before training: the first write comes only after `every` epochs.
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"checkpoint={str(folder)!r} cannot be written: {existing} is not a folder this process "
+                         "can create files in; pass a folder you can write to.")
 
 
 def _read_latest(folder: Path) -> tuple[Path, dict[str, Tensor], dict[str, Any]] | None:

@@ -610,6 +610,8 @@ def _check_fit_options(args: argparse.Namespace, task: Regression | Classificati
                          f"squared errors; use --method lm with --loss {task.loss}")
     if args.checkpoint is not None and args.checkpoint.exists() and not args.checkpoint.is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint} is a file; pass a folder for the checkpoints")
+    if args.checkpoint is not None:
+        _check_writable(args.checkpoint, "--checkpoint")
     if args.division != "none" and "Training" not in split_indices(n_rows, args.division, args.split, seed):
         raise UsageError(f"--split {','.join(f'{s:g}' for s in args.split)}: {args.data} has {n_rows} rows, and "
                          "validation and test take round(fraction x rows) each, which leaves none for training; "
@@ -617,13 +619,14 @@ def _check_fit_options(args: argparse.Namespace, task: Regression | Classificati
     _check_writable(args.out)
 
 
-def _check_writable(out: Path) -> None:
-    # The nearest existing folder must take new files, or the training would be lost at the end.
+def _check_writable(out: Path, option: str = "--out") -> None:
+    # The nearest existing folder must take new files, or the training would be lost at the end
+    # (--out), or stop with a traceback at the first checkpoint (--checkpoint).
     existing = out.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: cannot create files in {existing}; pass a folder you can write to")
+        raise UsageError(f"{option} {out}: cannot create files in {existing}; pass a folder you can write to")
 
 
 def _device(name: str) -> torch.device:
