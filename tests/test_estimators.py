@@ -277,3 +277,15 @@ def test_float32_network_refuses_values_past_float32_range():
         LMRegressor((3,), dtype="float32").fit(X * 1e39 / np.abs(X).max(), y)
     with pytest.raises(ValueError, match=re.escape("Invalid y: values up to 1e+39 in magnitude")):
         LMRegressor((3,), dtype="float32").fit(X, y * 1e39 / np.abs(y).max())
+
+
+@pytest.mark.parametrize("method", ["gd", "momentum"])
+def test_first_order_estimators_stop_at_matlabs_min_grad(method):
+    # min_grad=None passes the method's MATLAB default to fit: traingd/traingdm stop at 1e-5
+    # (a fixed 1e-7 kept them running past the point MATLAB stops).
+    X = np.linspace(-1, 1, 20)[:, None]
+    reg = LMRegressor((), method=method, method_options={"lr": 0.5}, epochs=5000, validation_fraction=0,
+                      random_state=0).fit(X, (2 * X + 1).ravel())
+    gradient = reg.history_["gradient"]
+    assert reg.history_.stop_reason == "Minimum gradient reached."
+    assert gradient[-1] <= 1e-5 < gradient[-2]

@@ -58,7 +58,7 @@ class _LMEstimator(BaseEstimator):
         method: str | type = "lm",
         epochs: int = 1000,
         goal: float = 0.0,
-        min_grad: float = 1e-7,
+        min_grad: float | None = None,
         max_fail: int = 6,
         validation_fraction: float = 0.15,
         batch_size: int | None = None,
@@ -218,7 +218,9 @@ class LMRegressor(RegressorMixin, _LMEstimator):
     epochs : int, default 1000
         Maximum epochs (LM iterations).
     goal, min_grad, max_fail, time_limit
-        MATLAB's ``goal``, ``min_grad``, ``max_fail`` and ``time`` stopping rules.
+        MATLAB's ``goal``, ``min_grad``, ``max_fail`` and ``time`` stopping rules;
+        ``min_grad=None`` is the method's MATLAB default (1e-7 for ``"lm"``/``"br"``, 1e-5 for
+        ``"gd"``/``"momentum"``).
     validation_fraction : float, default 0.15
         Share of the samples held out at random for early stopping; 0 trains on all of them.
     batch_size : int, optional
@@ -324,7 +326,7 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
         loss: str = "cross_entropy",
         epochs: int = 1000,
         goal: float = 0.0,
-        min_grad: float = 1e-7,
+        min_grad: float | None = None,
         max_fail: int = 6,
         validation_fraction: float = 0.15,
         batch_size: int | None = None,
