@@ -185,6 +185,19 @@ def test_folder_holds_one_checkpoint_and_a_pointer(tmp_path):
     assert meta["epoch"] == 6 and len(meta["history"]["records"]) == 6
 
 
+def test_temporary_files_of_killed_writes_are_removed(tmp_path):
+    # What SIGKILL leaves in the middle of io._atomic_write.
+    stale = [".checkpoint-00000020.json.a5d3pv_t.tmp", ".checkpoint-00000089.safetensors.j_mr6c4o.tmp",
+             ".latest.txt.v206loof.tmp"]
+    for name in stale:
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("mine")
+    X, y = problem()
+    fit(network(), X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["checkpoint-00000002.json", "checkpoint-00000002.safetensors", "latest.txt", "notes.txt"]
+
+
 def test_a_pair_left_half_written_is_ignored(tmp_path):
     X, y = problem()
     fit(network(), X, y, epochs=4, checkpoint=tmp_path, checkpoint_every=2, progress=False)

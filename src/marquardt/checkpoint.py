@@ -223,6 +223,10 @@ class Checkpointer:
         for old in self.folder.glob(f"{_PREFIX}*"):
             if old.name.split(".")[0] != keep:
                 old.unlink(missing_ok=True)
+        # Temporary files of writes that a kill interrupted (io._atomic_write's names): each can be
+        # as large as a checkpoint, and nothing else would ever remove them.
+        for stale in [*self.folder.glob(f".{_PREFIX}*.tmp"), *self.folder.glob(f".{_POINTER}.*.tmp")]:
+            stale.unlink(missing_ok=True)
 
 
 class NoCheckpoint:
