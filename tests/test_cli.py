@@ -329,6 +329,24 @@ def test_checkpoint_resumes_the_same_command(regression_csv, tmp_path, capsys):
     assert "--checkpoint needs --seed" in capsys.readouterr().err
 
 
+def test_report_of_a_resumed_run_times_the_epochs_it_trained(regression_csv, tmp_path, capsys):
+    argv = ["--target", "y", "--features", "x1,x2", "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-every", "2",
+            "--hidden", "4", "--seed", "0"]
+    assert cli.main(["fit", str(regression_csv), "--out", str(tmp_path / "a"), "--epochs", "4", *argv]) == 0
+    capsys.readouterr()
+    assert cli.main(["fit", str(regression_csv), "--out", str(tmp_path / "b"), "--epochs", "8", *argv]) == 0
+    assert "(epochs 4 to 8, resumed from the checkpoint)" in capsys.readouterr().out
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "Epochs: 8; best epoch: " in report and " Resumed from the checkpoint of epoch 4." in report
+    train_s = load_metadata(tmp_path / "b" / "model")["cli"]["timings"]["train_s"]
+    cells = [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in report.splitlines()]
+    rows = {row[0]: row[1] for row in cells if len(row) == 2}
+    assert rows["training (epochs 4 to 8)"] == f"{train_s:.4g}"
+    assert rows["per epoch"] == f"{train_s / 4:.4g}"  # 4 epochs trained here, not 8
+    first = (tmp_path / "a" / "report.md").read_text()
+    assert "Resumed" not in first and "| training (epochs 4) " in first
+
+
 def test_unresumable_checkpoint_is_one_line_with_exit_status_2(regression_csv, tmp_path, capsys):
     folder = tmp_path / "ckpt"
     argv = ["--target", "y", "--features", "x1,x2", "--checkpoint", str(folder), "--checkpoint-every", "2"]

@@ -558,6 +558,7 @@ def run_fit(args: argparse.Namespace) -> int:
                                  "same way")
             seed = args.seed if args.seed is not None else _shared_seed(reducer)
             _check_fit_options(args, task, len(X), seed)
+            resumed = _checkpoint_epoch(args.checkpoint)
             model, history, train_s = train_model(args, task, X, y, seed, device, reducer)
     except DistributedError as error:
         print(f"marquardt {args.command}: error: {error}", file=sys.stderr)
@@ -575,7 +576,8 @@ def run_fit(args: argparse.Namespace) -> int:
     options = _options(args, seed)
     if reducer.world_size > 1:
         options["ranks"] = reducer.world_size
-    record = FitRecord(args.data, features, task, options, history, rows, {"read_s": read_s, "train_s": train_s})
+    record = FitRecord(args.data, features, task, options, history, rows, {"read_s": read_s, "train_s": train_s},
+                       resumed)
     try:
         written = write_fit_outputs(args.out, model, record, splits, y, outputs)
     except OSError as error:
@@ -666,6 +668,21 @@ def _checkpoint_problem(folder: Path, error: Any) -> str:
     same = "run the same command (data, options and --seed) to resume it, " if mismatch else ""
     return (f"--checkpoint {folder}: {error.path.name} {error.reason}; {same}pass another --checkpoint folder, or "
             f"delete {folder} to start over")
+
+
+def _checkpoint_epoch(folder: Path | None) -> int:
+    """The epoch of the newest checkpoint in ``folder`` (0 without one), where ``fit`` will resume.
+
+    Only for the timings: an unreadable or foreign checkpoint is fit's to report.
+    """
+    from .checkpoint import latest_checkpoint
+    from .io import load_state
+
+    try:
+        path = None if folder is None else latest_checkpoint(folder)
+        return 0 if path is None else int(load_state(path)[1]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def split_indices(n: int, division: str, split: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
@@ -776,6 +793,17 @@ class FitRecord:
     history: Any
     rows: list[dict[str, Any]]
     timings: dict[str, float]
+    resumed: int = 0  # the checkpoint's epoch this run continued from (0: a fresh start)
+
+    @property
+    def trained(self) -> str:
+        """The epochs trained by this run, for the timings: ``"784"``, or ``"777 to 784"`` after a resume."""
+        last = self.history.last["epoch"]
+        return f"{self.resumed} to {last}" if self.resumed else str(last)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.timings["train_s"] / max(self.history.last["epoch"] - self.resumed, 1)
 
     def metadata(self) -> dict[str, Any]:
         # Strict JSON, like the History's to_dict: a metric that does not apply (R^2 of a constant
@@ -835,7 +863,8 @@ def format_report(record: FitRecord, written: Sequence[Path]) -> str:
         "",
         "## Result",
         "",
-        f"Stop reason: {history.stop_reason} Epochs: {epochs}; best epoch: {history.best_epoch}.",
+        f"Stop reason: {history.stop_reason} Epochs: {epochs}; best epoch: {history.best_epoch}."
+        + (f" Resumed from the checkpoint of epoch {record.resumed}." if record.resumed else ""),
         "",
         format_table(record.rows, markdown=True),
         "",
@@ -843,8 +872,8 @@ def format_report(record: FitRecord, written: Sequence[Path]) -> str:
         "",
         format_table([
             {"step": "read CSV", "seconds": record.timings["read_s"]},
-            {"step": "training", "seconds": train_s},
-            {"step": "per epoch", "seconds": train_s / max(epochs, 1)},
+            {"step": f"training (epochs {record.trained})", "seconds": train_s},
+            {"step": "per epoch", "seconds": record.seconds_per_epoch},
             {"step": "save model and plots", "seconds": record.timings["write_s"]},
         ], markdown=True),
         "",
@@ -861,7 +890,8 @@ def _print_summary(record: FitRecord, written: Sequence[Path]) -> None:
     history = record.history
     print(format_table(record.rows))
     print(f"stop reason: {history.stop_reason} epochs: {history.last['epoch']}, best epoch: {history.best_epoch}, "
-          f"training time: {record.timings['train_s']:.3g} s")
+          f"training time: {record.timings['train_s']:.3g} s"
+          + (f" (epochs {record.trained}, resumed from the checkpoint)" if record.resumed else ""))
     print(f"wrote {', '.join(str(path) for path in written)}")
 
 
