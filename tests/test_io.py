@@ -361,7 +361,7 @@ def test_missing_json_is_refused(tmp_path):
         load(tmp_path / "model")
 
 
-@pytest.mark.parametrize("loader", [load, load_state])
+@pytest.mark.parametrize("loader", [load, load_state, load_metadata])
 def test_a_path_with_no_save_is_file_not_found(tmp_path, loader):
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors does not exist \(nor nope\.json\)"):
         loader(tmp_path / "nope")

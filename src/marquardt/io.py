@@ -334,9 +334,7 @@ def _read_pair(path: Any, kind: str, map_location: Any) -> tuple[dict[str, Tenso
     """Read and cross-check both files of a save."""
     tensors_path, json_path = _file_pair(path)
     device = _check_device(map_location)
-    if not tensors_path.is_file() and not json_path.is_file():
-        # Neither file: a wrong path, not a half save; say so as load's docstring promises.
-        raise FileNotFoundError(f"{tensors_path} does not exist (nor {json_path.name}); is the path right?")
+    _check_exists(tensors_path, json_path)
     record = _read_record(json_path, kind)
     tensors, header = _read_tensors(tensors_path, device)
     if header.get("save_id") != record.get("save_id"):
@@ -353,6 +351,12 @@ def _read_pair(path: Any, kind: str, map_location: Any) -> tuple[dict[str, Tenso
             f"{json_path.name} does not match); save the model again or restore the file from a copy"
         )
     return tensors, record
+
+
+def _check_exists(tensors_path: Path, json_path: Path) -> None:
+    if not tensors_path.is_file() and not json_path.is_file():
+        # Neither file: a wrong path, not a half save; say so as load's docstring promises.
+        raise FileNotFoundError(f"{tensors_path} does not exist (nor {json_path.name}); is the path right?")
 
 
 def _check_device(map_location: Any) -> str:
@@ -515,11 +519,16 @@ def load(
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the user ``metadata`` stored by :func:`save` (without reading tensors).
 
+    Raises FileNotFoundError when neither file of the save exists, as :func:`load` does, and
+    ValueError when the ``.json`` file is missing or not a marquardt model save.
+
     Examples
     --------
     See :func:`save`.
     """
-    return _read_record(_file_pair(path)[1], "model").get("metadata", {})
+    tensors_path, json_path = _file_pair(path)
+    _check_exists(tensors_path, json_path)
+    return _read_record(json_path, "model").get("metadata", {})
 
 
 def save_state(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Path:
