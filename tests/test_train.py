@@ -490,3 +490,13 @@ def test_the_shape_probe_leaves_batchnorm_statistics_and_modes_alone():
     assert model[1].running_mean.tolist() == [0.0, 0.0, 0.0, 0.0]
     assert int(model[1].num_batches_tracked) == 0
     assert [m.training for m in model] == [True, True, True, False]
+
+
+def test_lbfgs_class_trains_through_a_closure():
+    # "any torch.optim class": LBFGS needs a closure at every step (it was a TypeError).
+    torch.manual_seed(0)
+    X = torch.linspace(-1, 1, 30, dtype=torch.float64)[:, None]
+    model = nn.Linear(1, 1).double()
+    history = fit(model, X, 2 * X + 1, method=torch.optim.LBFGS, epochs=3)
+    assert history["perf"][0] > 1e-2 and history["perf"][-1] < 1e-9
+    assert float(model.weight.detach()) == pytest.approx(2.0, abs=1e-4)

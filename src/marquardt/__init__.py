@@ -4,10 +4,10 @@ Examples
 --------
 >>> import marquardt
 >>> sorted(marquardt.__all__)[:3]
-['BinaryCrossEntropy', 'Callback', 'CheckpointMismatch']
+['BinaryCrossEntropy', 'Callback', 'CheckpointError']
 """
 
-from .checkpoint import CheckpointMismatch
+from .checkpoint import CheckpointError, CheckpointMismatch
 from .damping import DampingState, MarquardtDamping, NielsenDamping
 from .distributed import DistributedError, LocalReducer, Reducer, TorchDistributedReducer
 from .history import History
@@ -41,6 +41,7 @@ __all__ = [
     "TERMINATION_MESSAGES",
     "BinaryCrossEntropy",
     "Callback",
+    "CheckpointError",
     "CheckpointMismatch",
     "CrossEntropy",
     "DistributedError",

@@ -16,6 +16,7 @@ in the original target units, as MATLAB does.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import inspect
 import math
@@ -414,10 +415,16 @@ class FirstOrderTrainer:
 
     def step(self) -> None:
         for X_b, y_b in self.batches or [(self.data.X, self.data.y)]:
-            self.optimizer.zero_grad()
-            self.loss.criterion(self.model(X_b), y_b).backward()
-            average_gradients(self.model.parameters(), self.reducer, self.share)
-            self.optimizer.step()
+            # Through a closure, which every torch optimizer takes and LBFGS requires (it
+            # re-evaluates the loss in its inner iterations); the others call it once, first.
+            self.optimizer.step(functools.partial(self._loss_and_gradient, X_b, y_b))
+
+    def _loss_and_gradient(self, X_b: Tensor, y_b: Tensor) -> Tensor:
+        self.optimizer.zero_grad()
+        loss = self.loss.criterion(self.model(X_b), y_b)
+        loss.backward()
+        average_gradients(self.model.parameters(), self.reducer, self.share)
+        return loss
 
     def sync_from_model(self) -> None:
         pass
