@@ -18,7 +18,7 @@ with the same kernels and so the same iterates.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,34 @@ from .fastjac import BufferedNetwork, LayeredJacobian, jacobian_backend
 from .losses import Loss, SquaredError, accumulate_gauss_newton
 from .matfree import MatrixFreeEquations, curvature_sample_size, eisenstat_walker, scaled_products
 from .solver import Linearization
+
+
+@contextmanager
+def evaluation_mode(model: Any) -> Iterator[None]:
+    """``model`` in eval mode, each submodule's own mode restored after (anything that is not
+    an ``nn.Module`` is left alone): a forward pass that only reads the model (a shape probe,
+    a plotted curve) must not move BatchNorm's running statistics or sample dropout.
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2))
+    >>> with evaluation_mode(model):
+    ...     model.training
+    False
+    >>> model.training
+    True
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
 
 
 def _finite(value: float) -> float:

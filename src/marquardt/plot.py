@@ -28,8 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ import numpy.typing as npt
 import torch
 
 from marquardt.history import History, _write_atomically
+from marquardt.network import evaluation_mode
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -774,7 +774,7 @@ def _column(value: Any, name: str, what: str) -> np.ndarray:
 def _predict(model: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
     dtype, device = _dtype_device(model)
     inputs = torch.as_tensor(x, dtype=dtype, device=device).reshape(-1, 1)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), evaluation_mode(model):
         out = torch.as_tensor(model(inputs))
     if out.numel() != inputs.shape[0]:
         raise ValueError(
@@ -799,17 +799,3 @@ def _dtype_device(model: Any) -> tuple[torch.dtype, torch.device]:
             if tensor.is_floating_point():
                 return tensor.dtype, tensor.device
     return torch.get_default_dtype(), torch.device("cpu")
-
-
-@contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training

@@ -15,7 +15,6 @@ in the original target units, as MATLAB does.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import inspect
@@ -41,7 +40,7 @@ from .division import DIVISIONS, check_split, divide
 from .history import History
 from .losses import Loss, SquaredError, make_loss
 from .mlp import MLP
-from .network import ModuleProblem, flatten_parameters, trainable_parameters, write_parameters
+from .network import ModuleProblem, evaluation_mode, flatten_parameters, trainable_parameters, write_parameters
 from .optim import GradientDescent, Momentum
 from .solver import lm_step
 
@@ -128,19 +127,6 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
     return tensor
 
 
-@contextlib.contextmanager
-def _evaluation_mode(model: nn.Module):
-    """``model`` in eval mode, each submodule's own mode restored after: a shape probe in
-    training mode would move BatchNorm's running statistics before any check has passed."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Loss) -> Split:
     reference = next(model.parameters(), None)
     if reference is None:
@@ -151,7 +137,7 @@ def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Los
         raise ValueError(f"{names[0]} and {names[1]} have different numbers of samples: "
                          f"{X_t.shape[0]} and {y_t.shape[0]}.")
     try:
-        with torch.no_grad(), _evaluation_mode(model):
+        with torch.no_grad(), evaluation_mode(model):
             probe_shape = tuple(model(X_t[:2]).shape)
     except (RuntimeError, ValueError) as error:  # a layer that does not fit X's shape
         raise ValueError(f"The model cannot take {names[0]} of shape {tuple(X_t.shape)} (samples first): "
