@@ -382,7 +382,6 @@ def _digest(*splits: Any) -> str:
     return digest.hexdigest()
 
 
-
 def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
 

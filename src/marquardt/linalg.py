@@ -204,19 +204,26 @@ def make_system(jac: Tensor, residuals: Tensor) -> NormalEquations | SampleSpace
     return NormalEquations(jac.T @ jac, jac, residuals)
 
 
-def _unit_column_svd(jac: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SVD of ``J`` with unit-norm columns, and the column norms.
+def unit_column_svd(jac: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Thin SVD of ``J`` with unit-norm columns: ``U, s, V^T``, the column norms and the mask of
+    the singular values kept.
 
     Normalising the columns first makes the rank decision (singular values under
     ``eps * max(m, n)`` times the largest are dropped, as LAPACK's ``gelsd`` does) independent of
-    the units of the parameters. Returns ``U_k, s_k, V_k^T`` (kept triplets only) and the norms.
+    the units of the parameters; the dropped rows of ``V^T`` span the numerical null space.
+
+    Examples
+    --------
+    >>> J = torch.tensor([[1e6, 0.0], [0.0, 1e-6], [0.0, 0.0]], dtype=torch.float64)
+    >>> u, s, vt, norms, keep = unit_column_svd(J)
+    >>> s.tolist(), norms.tolist(), keep.tolist()
+    ([1.0, 1.0], [1000000.0, 1e-06], [True, True])
     """
     norms = torch.linalg.vector_norm(jac, dim=0)
     norms = torch.where(norms > 0, norms, torch.ones_like(norms))
     u, s, vt = _thin_svd(jac / norms)
     cutoff = torch.finfo(jac.dtype).eps * max(jac.shape) * (s[0] if s.numel() else 0.0)
-    keep = s > cutoff
-    return u[:, keep], s[keep], vt[keep], norms
+    return u, s, vt, norms, s > cutoff
 
 
 def _thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,8 +243,8 @@ def gauss_newton_step(jac: Tensor, residuals: Tensor) -> Tensor:
     >>> gauss_newton_step(J, torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)).tolist()
     [-1.0, -0.5]
     """
-    u, s, vt, norms = _unit_column_svd(jac)
-    return -(vt.T @ ((u.T @ residuals) / s)) / norms
+    u, s, vt, norms, keep = unit_column_svd(jac)
+    return -(vt[keep].T @ ((u[:, keep].T @ residuals) / s[keep])) / norms
 
 
 def range_cosine(jac: Tensor, residuals: Tensor) -> float:
@@ -257,8 +264,8 @@ def range_cosine(jac: Tensor, residuals: Tensor) -> float:
     rnorm = float(torch.linalg.vector_norm(residuals))
     if rnorm == 0.0:
         return 0.0
-    u, _, _, _ = _unit_column_svd(jac)
-    return float(torch.linalg.vector_norm(u.T @ residuals)) / rnorm
+    u, _, _, _, keep = unit_column_svd(jac)
+    return float(torch.linalg.vector_norm(u[:, keep].T @ residuals)) / rnorm
 
 
 def damping_for_radius(jac: Tensor, residuals: Tensor, scale: Tensor, radius: float) -> float:

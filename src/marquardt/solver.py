@@ -28,7 +28,8 @@ from .jacobian import (
     residuals_and_jacobian,
     second_directional_derivative,
 )
-from .linalg import cosine_optimality, damping_for_radius, gauss_newton_step, make_system, range_cosine
+from .linalg import (cosine_optimality, damping_for_radius, gauss_newton_step, make_system, range_cosine,
+                     unit_column_svd)
 from .result import IterationInfo, LeastSquaresResult, termination_message
 
 __all__ = [
@@ -749,14 +750,10 @@ def _covariance(jac: Tensor, cost: float) -> Tensor:
     m, n = jac.shape
     if m <= n:
         return torch.full((n, n), math.inf, dtype=jac.dtype, device=jac.device)
-    norms = torch.linalg.vector_norm(jac, dim=0)
-    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-    _, singular, vt = torch.linalg.svd(jac / norms, full_matrices=False)
-    eps = torch.finfo(jac.dtype).eps
-    keep = singular > eps * max(m, n) * singular[0]
+    _, singular, vt, norms, keep = unit_column_svd(jac)
     kept = vt[keep] / norms
     covariance = (kept.T @ (kept / singular[keep, None] ** 2)) * (2.0 * cost / (m - n))
-    undetermined = _undetermined_parameters(vt[~keep], eps)
+    undetermined = _undetermined_parameters(vt[~keep], torch.finfo(jac.dtype).eps)
     if undetermined:
         # stacklevel 4: _covariance <- _make_result <- least_squares <- the caller.
         warnings.warn(f"Covariance of the parameters could not be estimated: the Jacobian is rank-deficient; "

@@ -16,7 +16,6 @@ in the original target units, as MATLAB does.
 from __future__ import annotations
 
 import functools
-
 import inspect
 import math
 import os
