@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from marquardt import TERMINATION_MESSAGES, least_squares
+from marquardt.jacobian import finite_difference_jacobian, residuals_and_jacobian
 from marquardt.linalg import NormalEquations, SampleSpaceEquations, damped_lstsq
-from marquardt.nist import load_problem
+from marquardt.nist import load_problem, lre
 
 T = np.linspace(0.0, 3.0, 25)
 TRUE = np.array([2.5, 1.3, 0.4])
@@ -326,6 +327,45 @@ def test_two_point_jacobian_steps_fit_a_float32_model_under_a_float64_x(fun):
     reference = least_squares(decay, X0)
     assert res.success and res.x == pytest.approx(reference.x, rel=1e-4)
     assert res.stderr == pytest.approx(reference.stderr, rel=1e-2)
+
+
+def test_two_point_jacobian_reaches_nist_hahn1_from_start_2():
+    # Steps sqrt(eps) * max(1, |x_j|) moved Hahn1's parameters of size 1e-7 by 15 % of
+    # themselves: the run stopped at cost 22.7 (certified 0.766) with success=True and LRE 0.
+    problem = load_problem("Hahn1")
+    res = least_squares(problem.residual_function(), problem.starts[1], jac="2-point")
+    assert res.success and lre(res.x, problem.certified) >= 4
+    assert res.cost == pytest.approx(problem.certified_rss / 2, rel=1e-6)
+
+
+def test_two_point_jacobian_is_accurate_for_parameters_of_size_1e_minus_8():
+    # MINPACK's relative step sqrt(eps) * |x_j| gives columns right to 7e-9; the old floor of
+    # sqrt(eps) = 1.5e-8 was half the parameter and the columns were wrong by 2 % and 22 %.
+    s = torch.linspace(0.0, 1e8, 6, dtype=torch.float64)
+
+    def fun(b):
+        return torch.cat([torch.exp(-b[0] * s), torch.sin(b[1] * s), b[0] * b[1] * s**2])
+
+    x = torch.tensor([3e-8, -2e-8], dtype=torch.float64)
+    value, exact = residuals_and_jacobian(fun, x, 18)
+    approx = finite_difference_jacobian(fun, x, value)
+    assert torch.all((approx - exact).norm(dim=0) / exact.norm(dim=0) < 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_point_jacobian_steps_a_zero_parameter_by_sqrt_eps(dtype):
+    # A relative step alone is zero at x_j = 0; MINPACK's fdjac2 then steps by sqrt(eps).
+    points = []
+
+    def fun(b):
+        points.append(b.clone())
+        return torch.stack([b[0] ** 2 + 3 * b[0], 2 * b[1], b[0] * b[1]])
+
+    x = torch.tensor([0.0, 1.0], dtype=dtype)
+    jac = finite_difference_jacobian(fun, x, fun(x))
+    assert float(points[1][0] - x[0]) == pytest.approx(torch.finfo(dtype).eps ** 0.5, rel=1e-6)
+    expected = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 0.0]], dtype=dtype)
+    torch.testing.assert_close(jac, expected, rtol=0, atol=10 * torch.finfo(dtype).eps ** 0.5)
 
 
 def test_verbose_two_prints_a_header_and_one_line_per_iteration(capsys):
