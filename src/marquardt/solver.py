@@ -203,7 +203,6 @@ def lm_step(
     geodesic: GeodesicFn | None = None,
     max_step: float = math.inf,
     predict: bool = True,
-    lookahead: int = 1,
 ) -> StepResult:
     """One Levenberg-Marquardt iteration: damped trials until a step is accepted.
 
@@ -237,16 +236,6 @@ def lm_step(
         (``rule.uses_gain_ratio`` False, as for :class:`~marquardt.damping.MarquardtDamping`,
         whose decisions rest on the actual reduction alone): ``fit`` saves one ``h^T J^T J h``
         and one ``g^T h`` per trial, about 10 us each on the T1 benchmark network.
-    lookahead : int
-        Trials computed together: the step at the current damping and those the rule would try
-        after each rejection, their costs in one ``problem.costs(x, steps)`` call (one batched
-        forward pass of a small network). The trials are then taken in order, exactly as one at
-        a time: the same steps, costs and decisions; a trial past the accepted one is work
-        thrown away. Used only where the rule's rejections do not read the gain ratio
-        (``rule.uses_gain_ratio`` False, MATLAB's rule), without ``geodesic`` or ``max_step``,
-        and when ``problem`` has ``costs``; otherwise trials go one at a time. Under MATLAB's
-        rule nearly every epoch of a small network tries ``mu`` (rejected) then ``10 mu``
-        (accepted): ``fit`` asks for 2 after an iteration that took two trials or more.
 
     Returns
     -------
@@ -261,26 +250,15 @@ def lm_step(
     trials = 0
     predict = predict or getattr(rule, "uses_gain_ratio", True)
     xnorm = None  # ||x||, for the small-step test of a rejected trial only
-    batched = lookahead > 1 and geodesic is None and max_step == math.inf \
-        and not getattr(rule, "uses_gain_ratio", True) and hasattr(problem, "costs")
-    ahead: list[_Trial] = []  # trials computed ahead, for the damping values still to come
     while True:
-        if batched and not ahead:
-            ahead = _trials_ahead(problem, x, lin, scale, rule, state, min(lookahead, max_trials - trials))
-        if ahead and ahead[0].damping == state.damping:
-            trial = ahead.pop(0)
-            step, finite, trial_cost = trial.step, trial.finite, trial.cost
-            predicted = _predicted_reduction(lin, step) if predict and finite else math.nan
-        else:
-            ahead = []
-            step, admissible, finite = _propose(lin, x, state.damping, scale, geodesic, max_step)
-            if not admissible:
-                state = rule.update(state, accepted=False, gain_ratio=-1.0)
-                if rule.exhausted(state):
-                    return StepResult(x, lin.cost, False, state, step, -math.inf, math.nan, -1.0, trials, False, True)
-                continue
-            trial_cost, predicted = _evaluate_trial(problem, x, lin, step, finite, predict)
+        step, admissible, finite = _propose(lin, x, state.damping, scale, geodesic, max_step)
+        if not admissible:
+            state = rule.update(state, accepted=False, gain_ratio=-1.0)
+            if rule.exhausted(state):
+                return StepResult(x, lin.cost, False, state, step, -math.inf, math.nan, -1.0, trials, False, True)
+            continue
         trials += 1
+        trial_cost, predicted = _evaluate_trial(problem, x, lin, step, finite, predict)
         actual = lin.cost - trial_cost if math.isfinite(trial_cost) else -math.inf
         if not predict:
             ratio = math.nan
@@ -304,45 +282,11 @@ def _evaluate_trial(problem: Problem, x: Tensor, lin: Linearization, step: Tenso
     """Cost at ``x + step`` and the reduction the quadratic model predicts for ``step`` (``finite``: no NaN or inf in it)."""
     if not finite:
         return math.inf, math.nan
+    # Python floats (float64): two scalar reads instead of two more tensor kernels.
     if not predict:
         return problem.cost(x + step), math.nan
-    predicted = _predicted_reduction(lin, step)
+    predicted = -(float(lin.grad @ step) + 0.5 * float(lin.system.curvature(step)))
     return problem.cost(x + step), predicted
-
-
-def _predicted_reduction(lin: Linearization, step: Tensor) -> float:
-    # Python floats (float64): two scalar reads instead of two more tensor kernels.
-    return -(float(lin.grad @ step) + 0.5 * float(lin.system.curvature(step)))
-
-
-@dataclass(frozen=True)
-class _Trial:
-    """A trial computed ahead: its damping, step, whether the step is finite, and its cost."""
-
-    damping: float
-    step: Tensor
-    finite: bool
-    cost: float
-
-
-def _trials_ahead(problem: Problem, x: Tensor, lin: Linearization, scale: Tensor, rule: DampingRule,
-                  state: DampingState, count: int) -> list[_Trial]:
-    """The trials at ``state`` and at the states the rule reaches after each rejection (up to
-    ``count``, stopping where it would give up), their costs from one ``problem.costs`` call.
-
-    The rule's rejections must not read the gain ratio (the states do not depend on the costs).
-    """
-    dampings = [state.damping]
-    while len(dampings) < count:  # count may be a float (inf - trials): compared, never used as a length
-        state = rule.update(state, accepted=False, gain_ratio=math.nan)
-        if rule.exhausted(state):
-            break
-        dampings.append(state.damping)
-    steps = [lin.system.solve(lin.grad, damping, scale) for damping in dampings]
-    finite = [_all_finite(step) for step in steps]
-    costs = iter(problem.costs(x, [step for step, ok in zip(steps, finite) if ok]))
-    return [_Trial(damping, step, ok, next(costs) if ok else math.inf)
-            for damping, step, ok in zip(dampings, steps, finite)]
 
 
 def _is_small(step: Tensor, xnorm: float, xtol: float) -> bool:
