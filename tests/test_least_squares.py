@@ -414,3 +414,48 @@ def test_agrees_with_scipy_on_random_well_posed_problems(a, k, c, noise, seed):
     # Near-noiseless data leave a cost at float64 rounding level: allow eps-scale slack on it.
     assert ours.cost <= scipy_res.cost * (1 + 1e-9) + 1e-12 * float(np.sum(y**2))
     assert ours.x == pytest.approx(scipy_res.x, rel=1e-5, abs=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# float32: torch.func's dtype quirk and overflow of J^T J
+
+
+def test_float32_fun_stacking_indexed_elements_gets_a_float32_jacobian():
+    # torch.func's forward mode returns a float64 J for this float32 fun (torch 2.13); J^T r
+    # then failed with "addmv input tensors must have the same dtype".
+    def fun(x):
+        return torch.stack([3.0 * (x[0] - 1), x[1] - 2, x[0] * x[1]])
+
+    r, J = residuals_and_jacobian(fun, torch.tensor([0.5, 0.5]), 3)
+    assert r.dtype == J.dtype == torch.float32
+    result = least_squares(fun, torch.tensor([0.5, 0.5]))
+    reference = scipy.optimize.least_squares(
+        lambda x: [3.0 * (x[0] - 1), x[1] - 2, x[0] * x[1]], [0.5, 0.5], method="lm", xtol=1e-15, ftol=1e-15)
+    assert result.x.dtype == torch.float32 and result.success
+    np.testing.assert_allclose(result.x.numpy(), reference.x, rtol=1e-4)
+
+
+@pytest.mark.parametrize("jac", [None, "2-point"])
+def test_float32_overflow_of_the_normal_equations_at_x0_is_a_value_error(jac):
+    # J^T J = 9e38 overflows float32; the solver used to report `gtol` met (status 1) at x0.
+    def fun(x):
+        return torch.stack([3e19 * (x[0] - 1), x[1] - 2, x[0] * x[1]])
+
+    with pytest.raises(ValueError, match=r"overflows torch.float32 at x0 \(largest \|J\| entry 3e\+19"):
+        least_squares(fun, torch.tensor([0.5, 0.5]), jac=jac)
+
+
+def test_damped_lstsq_with_an_overflowed_scale_gives_a_nan_step_not_a_lapack_error():
+    J = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    step = damped_lstsq(J, torch.ones(3), 1e-3, torch.tensor([math.inf, 1.0]))
+    assert step.shape == (2,) and bool(torch.isnan(step).all())
+
+
+def test_float32_mgh10_from_start_1_does_not_raise():
+    # Its Jacobian reaches ~6e18 on the way: J^T J overflows float32 and gelsd raised an
+    # internal assertion ("Argument 4 has illegal value"). Such points are now rejected trials.
+    problem = load_problem("MGH10")
+    x0 = torch.as_tensor(problem.starts[0], dtype=torch.float32)
+    result = least_squares(problem.residual_function(torch.float32), x0, jac="2-point")
+    assert result.status in (1, 2, 3, 4) and math.isfinite(result.cost)
+    assert bool(torch.isfinite(result.x).all())

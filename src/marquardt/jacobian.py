@@ -46,7 +46,10 @@ def residuals_and_jacobian(fun: ResidualFunction, x: Tensor, n_residuals: int) -
     except (RuntimeError, NotImplementedError, TypeError):
         value = fun(x).detach()
         jac = torch.autograd.functional.jacobian(fun, x)
-    return value.detach(), jac.detach()
+    # torch.func's forward mode returns a float64 Jacobian for a float32 fun that stacks indexed
+    # elements (torch.stack([3.0 * x[0], x[1]]), measured with torch 2.13): J takes the
+    # residuals' dtype, or J^T r mixes dtypes and fails.
+    return value.detach(), jac.detach().to(value.dtype)
 
 
 def finite_difference_jacobian(fun: ResidualFunction, x: Tensor, value: Tensor, eps: float | None = None) -> Tensor:

@@ -76,8 +76,13 @@ def damped_lstsq(jac: Tensor, residuals: Tensor, damping: float, scale: Tensor) 
     norms = torch.linalg.vector_norm(augmented, dim=0)
     columns = torch.where(norms > 0, 1.0 / norms, torch.ones_like(norms))
     rhs = torch.cat([-residuals, residuals.new_zeros(n)]).unsqueeze(1)
+    scaled = augmented * columns
+    if not bool(torch.isfinite(scaled).all()):
+        # An overflowed damping scale (inf * 0): no step. LAPACK's gelsd refuses a NaN with an
+        # internal assertion; a NaN step is what the LM loop rejects (damping rises).
+        return torch.full((n,), float("nan"), dtype=jac.dtype, device=jac.device)
     driver = "gelsd" if augmented.device.type == "cpu" else "gels"
-    return columns * torch.linalg.lstsq(augmented * columns, rhs, driver=driver).solution.squeeze(1)
+    return columns * torch.linalg.lstsq(scaled, rhs, driver=driver).solution.squeeze(1)
 
 
 def damped_eigh_solve(gram: Tensor, grad: Tensor, damping: float, scale: Tensor) -> Tensor:

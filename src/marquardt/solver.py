@@ -644,12 +644,11 @@ class _Run:
         return range_cosine(lin.jac, lin.residuals) <= self.gtol
 
     def _relinearize(self, x: Tensor) -> Linearization | None:
-        """The linearization at an accepted point, or ``None`` when its Jacobian is not finite."""
+        """The linearization at an accepted point, or ``None`` when it is not finite (``J``, or
+        ``J^T r`` and ``J^T J`` overflowing the working precision)."""
         new_lin = self.problem.linearize(x)
         self.njev += 1
-        if not (bool(torch.isfinite(new_lin.grad).all()) and bool(torch.isfinite(new_lin.jac).all())):
-            return None
-        return new_lin
+        return new_lin if _finite_linearization(new_lin) else None
 
     def _reject_point(self, trial_state: DampingState) -> DampingState:
         """Damping after a trial whose cost fell but whose Jacobian is not finite: a rejected trial.
@@ -945,4 +944,16 @@ def _first_linearization(problem: FunctionProblem, x: Tensor, m: int, jac: Any) 
         raise ValueError("The Jacobian at x0 is not finite; choose a starting point where fun is differentiable.")
     if jac is None and not bool(J.any()):
         _check_connected(problem.fun, x)
-    return _linearization(r, J)
+    lin = _linearization(r, J)
+    if not _finite_linearization(lin):
+        raise ValueError(
+            f"J^T J or J^T r overflows {x.dtype} at x0 (largest |J| entry {float(J.abs().max()):.3g}, largest "
+            f"|r| {float(r.abs().max()):.3g}); pass x0 in float64, or rescale fun or the parameters.")
+    return lin
+
+
+def _finite_linearization(lin: Linearization) -> bool:
+    """Whether ``J``, ``J^T r`` and ``diag(J^T J)`` are finite (in float32 the products overflow
+    from entries of about 1e19: NIST MGH10 from start 1 reaches them)."""
+    return (bool(torch.isfinite(lin.grad).all()) and bool(torch.isfinite(lin.jac).all())
+            and bool(torch.isfinite(lin.system.diagonal()).all()))
