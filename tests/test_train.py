@@ -57,6 +57,18 @@ def test_maximum_time_stop():
     assert len(history) == 1
 
 
+def test_time_limit_zero_stops_after_epoch_zero_as_matlab():
+    # MATLAB's trainParam.time = 0 is valid (nntype.pos_inf_scalar) and 'current_time >= time'
+    # holds at epoch 0: one record, stop 'Maximum time elapsed.', weights untouched.
+    X, y = smooth_data()
+    model = tanh_net()
+    before = [p.detach().clone() for p in model.parameters()]
+    history = fit(model, X, y, time_limit=0, epochs=500)
+    assert history.stop_reason == STOP_REASONS["time"]
+    assert history["epoch"] == [0] and history.best_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_minimum_gradient_stop():
     X, y = smooth_data()
     history = fit(tanh_net(), X, y, min_grad=1e3)
@@ -293,6 +305,9 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(progress="yes"), ValueError, r"Invalid progress value: 'yes'; expected None, True or False"),
         (X_OK, Y_OK, dict(max_fail=True), ValueError, r"Invalid max_fail value: True"),
         (X_OK, Y_OK, dict(goal=math.nan), ValueError, r"Invalid goal value: nan"),
+        (X_OK, Y_OK, dict(time_limit=-1.0), ValueError, r"Invalid time_limit value: -1.0; expected None or a number >= 0"),
+        (X_OK, Y_OK, dict(time_limit=math.nan), ValueError, r"Invalid time_limit value: nan"),
+        (X_OK, Y_OK, dict(time_limit="10"), ValueError, r"Invalid time_limit value: '10'"),
         (X_OK, Y_OK, dict(momentum=0.9), TypeError, r"Unknown option\(s\) for method='lm': \['momentum'\]"),
         (X_OK, Y_OK, dict(method="gd", beta=0.9), TypeError, r"Unknown option\(s\) for method='gd': \['beta'\]"),
         (X_OK, Y_OK, dict(validation_data=X_OK), TypeError, "validation_data must be a pair"),

@@ -567,7 +567,9 @@ def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time
         ("min_grad", min_grad, min_grad is None or (is_real_number(min_grad) and min_grad >= 0), "None or a number >= 0"),
         ("max_fail", max_fail, max_fail is None or max_fail == math.inf or (_is_integer(max_fail) and max_fail >= 0),
          "None, an integer >= 1 or math.inf"),
-        ("time_limit", time_limit, time_limit is None or (is_real_number(time_limit) and time_limit > 0), "None or a number > 0"),
+        # MATLAB's time is a nntype.pos_inf_scalar: 0 is allowed and stops after epoch 0's record.
+        ("time_limit", time_limit, time_limit is None or (is_real_number(time_limit) and time_limit >= 0),
+         "None or a number >= 0 (seconds; math.inf for no limit)"),
         ("batch_size", batch_size, batch_size is None or (_is_integer(batch_size) and batch_size >= 1), "None or an integer >= 1"),
         ("seed", seed, seed is None or (_is_integer(seed) and -2**63 <= seed < 2**64), "None or an integer in [-2**63, 2**64)"),
         ("progress", progress, progress is None or isinstance(progress, bool), "None, True or False"),
@@ -666,6 +668,8 @@ def fit(
         on each output. LM uses the generalized Gauss-Newton matrix of the cross-entropies.
     epochs, goal, min_grad, max_fail, time_limit
         MATLAB's ``epochs``, ``goal``, ``min_grad``, ``max_fail`` and ``time`` (seconds).
+        As in MATLAB, ``time_limit=0`` stops after epoch 0's record with ``"Maximum time
+        elapsed."``, the weights as they were.
         ``min_grad=None`` means MATLAB's default for the method: 1e-5 for ``"gd"`` and
         ``"momentum"`` (``traingd``, ``traingdm``), 1e-7 otherwise (``trainlm``, ``trainbr``).
         ``max_fail=None`` means 6, except for ``method="br"``, which then never stops on
