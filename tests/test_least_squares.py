@@ -123,6 +123,15 @@ def test_numpy_in_numpy_out_float64():
     assert res.message == TERMINATION_MESSAGES[res.status]
 
 
+def test_result_has_scipys_fields_including_the_active_mask():
+    ours = least_squares(decay, X0)
+    theirs = scipy.optimize.least_squares(lambda b: decay(torch.as_tensor(b)).numpy(), X0, method="lm")
+    missing = [key for key in theirs.keys() if not hasattr(ours, key)]
+    assert missing == []
+    assert ours.active_mask.dtype == theirs.active_mask.dtype and ours.active_mask.tolist() == [0, 0, 0]
+    assert least_squares(decay, torch.tensor(X0)).active_mask.tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tensor_in_keeps_dtype(dtype):
     res = least_squares(decay, torch.tensor(X0, dtype=dtype))

@@ -46,6 +46,9 @@ class LeastSquaresResult:
         Gradient of the cost, ``jac.T @ fun``.
     optimality : float
         First-order optimality, ``max |grad|``.
+    active_mask : Tensor or ndarray
+        Zeros of shape ``(n,)``, integer: no bound is active (Levenberg-Marquardt takes no
+        bounds), as :func:`scipy.optimize.least_squares` reports for ``method="lm"``.
     nfev, njev, n_iter : int
         Residual evaluations, Jacobian evaluations and accepted-or-rejected iterations.
     status : int
@@ -69,6 +72,7 @@ class LeastSquaresResult:
     jac: Any
     grad: Any
     optimality: float
+    active_mask: Any
     nfev: int
     njev: int
     n_iter: int

@@ -728,7 +728,8 @@ def _make_result(x: Tensor, lin: Linearization, status: int, run: _Run, as_numpy
     convert = (lambda t: t.detach().cpu().numpy()) if as_numpy else (lambda t: t.detach())
     return LeastSquaresResult(
         x=convert(x), cost=lin.cost, fun=convert(lin.residuals), jac=convert(lin.jac),
-        grad=convert(lin.grad), optimality=float(lin.grad.abs().max()), nfev=run.nfev, njev=run.njev,
+        grad=convert(lin.grad), optimality=float(lin.grad.abs().max()),
+        active_mask=convert(torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)), nfev=run.nfev, njev=run.njev,
         n_iter=run.n_iter, status=status, message=message, success=status > 0,
         covariance=convert(covariance), stderr=convert(covariance.diagonal().sqrt()),
     )
