@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import fractions
 import json
 import math
 import os
@@ -63,6 +64,8 @@ def test_append_accepts_dict_and_keywords_keywords_win():
         (2, 2, int),
         ("cholesky", "cholesky", str),
         (None, None, type(None)),
+        (np.longdouble(0.5), 0.5, float),
+        (fractions.Fraction(1, 4), 0.25, float),
     ],
 )
 def test_append_converts_scalars_to_python(value, expected, kind):
@@ -79,8 +82,17 @@ def test_append_converts_scalars_to_python(value, expected, kind):
         (({1: 0.5},), {}, TypeError, "keys must be strings; received 1"),
         ((), {"perf": torch.ones(3)}, TypeError, r"'perf' must be a scalar; received a Tensor of shape \(3,\)"),
         ((), {"perf": np.ones((2, 2))}, TypeError, r"'perf' must be a scalar; received a ndarray of shape \(2, 2\)"),
-        ((), {"perf": [1.0]}, TypeError, "'perf' must be a number, str, bool or None; received list"),
+        ((), {"perf": [1.0]}, TypeError, r"'perf' must be a real number, str, bool or None \(NaN or None for no value\); received list"),
         ((), {"perf": object()}, TypeError, "received object"),
+        # Complex values: Python's was refused, numpy's and torch's were stored (and to_json then failed).
+        ((), {"perf": 1 + 2j}, TypeError, r"'perf' must be a real number.*; received complex \(1\+2j\)"),
+        ((), {"perf": np.complex128(1j)}, TypeError, r"'perf' must be a real number.*; received complex128"),
+        ((), {"perf": torch.tensor(1j)}, TypeError, r"received a 0-d Tensor of dtype torch.complex64"),
+        ((), {"perf": np.array(2 + 0j)}, TypeError, r"received a 0-d ndarray of dtype complex128"),
+        ((), {"perf": np.array(1j, dtype=object)}, TypeError, r"received a 0-d ndarray of dtype object"),
+        # Other non-real values numpy's .item() turns into Python objects.
+        ((), {"time": np.datetime64("2020-01-01")}, TypeError, r"'time' must be a real number.*; received datetime64"),
+        ((), {"solver": np.bytes_(b"qr")}, TypeError, r"'solver' must be a real number.*; received bytes_"),
     ],
 )
 def test_append_rejects_bad_records(args, kwargs, exc, match):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import operator
 import os
 import uuid
@@ -120,7 +121,8 @@ class History:
         Raises
         ------
         TypeError
-            If ``record`` is not a mapping, a key is not a string, or a value is not a scalar.
+            If ``record`` is not a mapping, a key is not a string, or a value is not a real
+            number, str, bool or None (a complex number, for one), or not 0-d.
 
         Examples
         --------
@@ -290,25 +292,48 @@ _PLAIN = frozenset((bool, int, float, str))
 
 
 def _to_scalar(key: str, value: Any) -> Scalar:
-    """Convert 0-d tensors/arrays and numpy scalars to Python scalars; reject anything else."""
+    """Convert 0-d tensors/arrays and numpy scalars to Python scalars; reject anything else.
+
+    A record holds real numbers (NaN or None for "no value"), strings and booleans: a complex
+    number, or a date or bytes that numpy's ``.item()`` returns, has no place in a record and
+    could not be written as JSON.
+    """
     if value is None or type(value) in _PLAIN:  # the common case, by exact type (np.float64 is a float)
         return value
-    if isinstance(value, np.generic):  # before float: np.float64 subclasses float
+    converted = _unwrap(key, value)
+    if converted is None or isinstance(converted, bool | int | float | str):
+        return converted
+    raise TypeError(
+        f"History value for {key!r} must be a real number, str, bool or None (NaN or None for no "
+        f"value); received {_describe(value)}"
+    )
+
+
+def _unwrap(key: str, value: Any) -> Any:
+    """The Python object inside a numpy scalar or a 0-d tensor/array; other values as they are."""
+    if isinstance(value, np.floating):
+        return float(value)  # np.longdouble's .item() is a np.longdouble again
+    if isinstance(value, np.generic):
         return value.item()
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
     if isinstance(value, torch.Tensor | np.ndarray):
         if value.ndim != 0:
             raise TypeError(
                 f"History value for {key!r} must be a scalar; received a "
                 f"{type(value).__name__} of shape {tuple(value.shape)} (use .item() or a 0-d value)"
             )
-        value = value.detach() if isinstance(value, torch.Tensor) else value
-        return value.item()
-    raise TypeError(
-        f"History value for {key!r} must be a number, str, bool or None; "
-        f"received {type(value).__name__}"
-    )
+        return (value.detach() if isinstance(value, torch.Tensor) else value).item()
+    if isinstance(value, numbers.Real) and not isinstance(value, int):
+        return float(value)  # fractions.Fraction and other registered reals
+    return value
+
+
+def _describe(value: Any) -> str:
+    """The type of ``value`` (with its dtype for tensors and arrays) and its repr, for errors."""
+    name = type(value).__name__
+    if isinstance(value, torch.Tensor | np.ndarray):
+        name = f"a 0-d {name} of dtype {value.dtype}"
+    text = repr(value)
+    return f"{name} {text}" if len(text) <= 60 else name
 
 
 def _finite_or_none(value: Scalar) -> Scalar:
