@@ -603,6 +603,19 @@ def _raises_at_second_call():
     return net, closure
 
 
+def _fewer_residuals_at_trials():
+    # A minibatch drawn inside the closure: the trials' costs would be those of other residuals.
+    net, X, y = _tanh_problem()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        rows = 60 if len(calls) == 1 else 30
+        return net(X[:rows]) - y[:rows]
+
+    return net, closure
+
+
 # A bad closure or parameter set raises before or during the step; the weights are left as they were.
 _BAD_STEPS = {
     "no parameter requires grad": (_frozen_net, ValueError, "None of the optimizer's parameters requires grad"),
@@ -612,6 +625,9 @@ _BAD_STEPS = {
                                 "residuals do not depend on the parameters"),
     "empty residuals": (_residuals_of(lambda net, X, y: (net(X) - y)[:0]), ValueError, "empty residual tensor"),
     "closure raises at a trial": (_raises_at_second_call, RuntimeError, "closure failed at a trial point"),
+    "residual count changes within the step": (
+        _fewer_residuals_at_trials, ValueError,
+        "returned 30 residuals at a trial point of the step and 60 at the current parameters"),
 }
 
 

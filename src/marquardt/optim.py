@@ -65,6 +65,9 @@ class ClosureProblem:
     #: The closed-form problem of an earlier step (kept by the optimizer), reused when the module
     #: call is the same; :meth:`_closed_form` replaces it when it builds a new one.
     kept: KeptProblem | None = None
+    #: Residuals the closure returned at the current parameters (set by :meth:`linearize`); every
+    #: trial must return as many, or its cost would be that of another problem.
+    size: int = field(default=0, init=False)
 
     def write(self, x: Tensor) -> None:
         offset = 0
@@ -82,6 +85,12 @@ class ClosureProblem:
                 "The closure returned a scalar loss; LevenbergMarquardt needs the residual tensor "
                 "(e.g. return model(X) - y, not a loss such as mse(model(X), y))."
             )
+        if self.size and value.numel() != self.size:
+            raise ValueError(
+                f"The closure returned {value.numel()} residuals at a trial point of the step and {self.size} at "
+                "the current parameters; a step compares costs of the same residuals, so draw a minibatch "
+                "outside the closure, once per step."
+            )
         return value.reshape(-1)
 
     def cost(self, x: Tensor) -> float:
@@ -96,6 +105,7 @@ class ClosureProblem:
         with torch.enable_grad():
             with _SavedBytes() as saved, single_thread(self.serial), _ModuleCalls(self.closed_form) as calls:
                 r = self.residuals()
+            self.size = r.numel()
             if r.numel() == 0:
                 raise ValueError("The closure returned an empty residual tensor; LevenbergMarquardt needs at "
                                  "least one residual.")
@@ -485,7 +495,10 @@ class LevenbergMarquardt(Optimizer):
     -----
     Each step solves ``(J^T J + damping I) h = -J^T r`` and retries with more damping until the
     cost ``0.5 * sum(r**2)`` drops or damping passes ``damping_max``. The parameters are left at
-    the accepted point, or unchanged. A non-finite trial is a rejected step.
+    the accepted point, or unchanged. A non-finite trial is a rejected step. The closure is called
+    at the current point and at each trial: it must return as many residuals each time within a
+    step (a ValueError otherwise; draw a minibatch outside the closure), and may change them
+    between steps.
 
     Three ways to the system, the first that applies; ``state["jacobian"]`` records which
     ("closed-form", "forward" or "reverse") and ``state["solver"]`` the solve it led to.
