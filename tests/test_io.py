@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -285,6 +286,41 @@ def test_replaces_go_through_same_directory_temporaries(tmp_path, monkeypatch):
     save(_trained_like_mlp(torch.float64), tmp_path / "model")
     assert [dst.name for _, dst in calls] == ["model.safetensors", "model.json"]
     assert all(src.parent == dst.parent and src.name.endswith(".tmp") for src, dst in calls)
+
+
+def test_atomic_write_syncs_file_then_folder_and_cleans_up(tmp_path, monkeypatch):
+    # The one atomic write (models, checkpoints, histories, CLI reports and predictions): the
+    # file's data reach the disk before the rename, the folder's entry after it.
+    from marquardt.io import _atomic_write
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", Path(src).parent == Path(dst).parent))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    target = tmp_path / "out.txt"
+    assert _atomic_write(str(target), lambda tmp: tmp.write_text("new")) == target
+    assert events == [("fsync", "file"), ("replace", True), ("fsync", "folder")]
+    assert target.read_text() == "new"
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_write(target, fail)
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    with pytest.raises(FileNotFoundError, match="directory .*missing.* does not exist"):
+        _atomic_write(tmp_path / "missing" / "out.txt", lambda tmp: tmp.write_text("x"))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
 # --------------------------------------------------------------------------- refusing files

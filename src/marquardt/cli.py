@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .history import _finite_or_none, _write_atomically
+from .history import _finite_or_none
+from .io import _atomic_write
 
 __all__ = ["UsageError", "main"]
 
@@ -827,7 +828,7 @@ def write_fit_outputs(out: Path, model: Any, record: FitRecord, splits: dict[str
     record.timings["write_s"] = time.perf_counter() - start
     report = out / "report.md"
     text = format_report(record, written).encode("utf-8")
-    _write_atomically(report, lambda handle: handle.write(text))
+    _atomic_write(report, lambda tmp: tmp.write_bytes(text))
     return [*written, report]
 
 
@@ -934,7 +935,7 @@ def run_predict(args: argparse.Namespace) -> int:
     writer.writerows(rows)
     data = text.getvalue().encode("utf-8")
     try:  # atomically: an interrupted run leaves the old file or none, never half a CSV
-        _write_atomically(output, lambda handle: handle.write(data))
+        _atomic_write(output, lambda tmp: tmp.write_bytes(data))
     except OSError as error:
         raise UsageError(f"-o {args.output}: cannot write it: {error.strerror or error}") from None
     print(f"wrote {len(rows)} predictions to {output}")

@@ -27,13 +27,14 @@ import math
 import numbers
 import operator
 import os
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
+
+from .io import _atomic_write
 
 __all__ = ["History", "STANDARD_KEYS", "OPTIONAL_KEYS"]
 
@@ -255,9 +256,14 @@ class History:
         -------
         pathlib.Path
             The path written.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the folder of ``path`` does not exist.
         """
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        return _write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+        return _atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> History:
@@ -344,24 +350,14 @@ def _finite_or_none(value: Scalar) -> Scalar:
 
 
 def _write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write`` on a temporary file next to ``path``, then move it into place.
+    """:func:`marquardt.io._atomic_write` for a writer that takes an open binary file.
 
-    The temporary file is opened with default permissions (unlike ``mkstemp``'s 0600), so the
-    final file gets the same mode a plain ``open`` would give it.
+    Kept for ``plot.py``, which saves figures through a handle; new code calls
+    ``io._atomic_write`` with a writer of a path.
     """
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(
-            f"Cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist"
-        )
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+
+    def to_handle(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    return _atomic_write(path, to_handle)

@@ -15,6 +15,7 @@ different saves (say, a save interrupted between the two moves) are refused on l
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -92,21 +93,77 @@ def _safetensors_torch() -> Any:
 # ------------------------------------------------------------------------------ writing
 
 
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``target``, then move it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _atomic_write(target: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``target``, then move it into place.
+
+    The one atomic write of the package (models, checkpoints, histories, reports, plots,
+    predictions). A reader sees the old file or the new one, never a partial one, and a crash
+    at any point leaves the old file intact:
+
+    - the temporary file is in ``target``'s folder (``os.replace`` is atomic only within one
+      file system), named ``.<name>.<random>.tmp``;
+    - its data reach the disk (``fsync``) before the rename, and the folder's entry after it,
+      so that after a power loss ``target`` holds the old or the new contents, not an empty file;
+    - on any failure (an exception from ``write``, a full disk, ``KeyboardInterrupt``) the
+      temporary file is removed;
+    - the final file gets the permissions a plain ``open`` would give it (``mkstemp``'s are 0600).
+
+    Parameters
+    ----------
+    target : str or os.PathLike
+        The file to write. Its folder must exist.
+    write : callable
+        Called with the temporary file's path; writes the whole contents there.
+
+    Returns
+    -------
+    pathlib.Path
+        ``target``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``target``'s folder does not exist.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"Cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist"
+        )
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
         os.chmod(tmp, _new_file_mode())
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        _fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(target.parent)
+    return target
+
+
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (the rename) to disk; POSIX only (Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        # Some file systems (certain network and FUSE mounts) cannot sync a folder; the rename
+        # has happened, so the write is complete, only not yet durable.
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _new_file_mode() -> int:
@@ -205,6 +262,7 @@ def _write_pair(
     full["checksum"] = _checksum(tensors)
     text = _to_json(full, argument)  # fail before touching any file
     save_file = _safetensors_torch().save_file
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(tensors_path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     _atomic_write(json_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return tensors_path
