@@ -616,6 +616,27 @@ def _fewer_residuals_at_trials():
     return net, closure
 
 
+def _nan_at_the_start():
+    net, X, y = _tanh_problem()
+    return net, lambda: torch.where(X == X[3], math.nan, net(X) - y)
+
+
+def _float32_cost_overflow():
+    # Every residual is finite (about 1e20); their squares pass float32's 3.4e38.
+    net, X, y = _tanh_problem()
+    net, X, y = net.float(), X.float(), y.float()
+    return net, lambda: 1e20 * (net(X) - y)
+
+
+def _sqrt_at_zero():
+    # Finite residuals whose derivative is infinite: d sqrt(w) / dw at w = 0.
+    net = torch.nn.Linear(1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        net.weight.zero_()
+    X = torch.linspace(0, 1, 10, dtype=torch.float64)
+    return net, lambda: torch.sqrt(net.weight[0]) * X + net.bias - (2 * X + 1)
+
+
 # A bad closure or parameter set raises before or during the step; the weights are left as they were.
 _BAD_STEPS = {
     "no parameter requires grad": (_frozen_net, ValueError, "None of the optimizer's parameters requires grad"),
@@ -625,6 +646,11 @@ _BAD_STEPS = {
                                 "residuals do not depend on the parameters"),
     "empty residuals": (_residuals_of(lambda net, X, y: (net(X) - y)[:0]), ValueError, "empty residual tensor"),
     "closure raises at a trial": (_raises_at_second_call, RuntimeError, "closure failed at a trial point"),
+    "non-finite residuals": (_nan_at_the_start, ValueError,
+                             r"non-finite residuals at the current parameters \(first at flat index 3: nan\)"),
+    "float32 cost overflows": (_float32_cost_overflow, ValueError,
+                               r"cost 0.5 \* sum\(r\*\*2\) overflows torch.float32 at the current parameters"),
+    "non-finite Jacobian": (_sqrt_at_zero, ValueError, r"gradient J\^T r is not finite at the current parameters"),
     "residual count changes within the step": (
         _fewer_residuals_at_trials, ValueError,
         "returned 30 residuals at a trial point of the step and 60 at the current parameters"),

@@ -109,6 +109,7 @@ class ClosureProblem:
             if r.numel() == 0:
                 raise ValueError("The closure returned an empty residual tensor; LevenbergMarquardt needs at "
                                  "least one residual.")
+            _check_start_residuals(r.detach())
             if not r.requires_grad:
                 raise ValueError("The closure's residuals do not depend on the parameters (they carry no autograd "
                                  "graph): compute them from the parameters, without detach() or torch.no_grad().")
@@ -209,6 +210,31 @@ class ClosureProblem:
             return None
         jac = columns.T.contiguous()
         return jac if _products_agree(jac, probe.detach(), g.detach()) else None
+
+
+def _check_start_residuals(r: Tensor) -> None:
+    """Refuse residuals at the current parameters that no step can start from: non-finite ones,
+    or finite ones whose cost ``0.5 * sum(r**2)`` overflows their dtype (float32 from ``|r|``
+    about 1e19), which is a scaling problem, not a non-finite closure."""
+    if math.isfinite(0.5 * float(r @ r)):
+        return
+    bad = ~torch.isfinite(r)
+    if bool(bad.any()):
+        index = int(torch.nonzero(bad)[0])
+        raise ValueError(f"The closure returned non-finite residuals at the current parameters (first at flat "
+                         f"index {index}: {float(r[index])}); start from parameters where they are finite.")
+    raise ValueError(f"The cost 0.5 * sum(r**2) overflows {r.dtype} at the current parameters (largest |residual| "
+                     f"{float(r.abs().max()):.3e}); rescale the residuals, or compute them and the parameters in "
+                     "float64.")
+
+
+def _check_start_gradient(grad: Tensor) -> None:
+    """Refuse a non-finite ``J^T r`` at the current parameters: every damped step from there is
+    non-finite, so the trials would only raise the damping past its maximum."""
+    if not bool(torch.isfinite(grad).all()):
+        raise ValueError(f"The gradient J^T r is not finite at the current parameters: the residuals' Jacobian has "
+                         f"non-finite entries there (sqrt or log at 0, say), or J^T r overflows {grad.dtype}; start "
+                         "from parameters where the residuals are differentiable.")
 
 
 @dataclass(frozen=True)
@@ -495,7 +521,9 @@ class LevenbergMarquardt(Optimizer):
     -----
     Each step solves ``(J^T J + damping I) h = -J^T r`` and retries with more damping until the
     cost ``0.5 * sum(r**2)`` drops or damping passes ``damping_max``. The parameters are left at
-    the accepted point, or unchanged. A non-finite trial is a rejected step. The closure is called
+    the accepted point, or unchanged. A non-finite trial is a rejected step; at the current
+    parameters, non-finite residuals, a cost that overflows their dtype, or a non-finite gradient
+    ``J^T r`` are a ValueError before any trial (no step can start there). The closure is called
     at the current point and at each trial: it must return as many residuals each time within a
     step (a ValueError otherwise; draw a minibatch outside the closure), and may change them
     between steps.
@@ -637,14 +665,12 @@ class LevenbergMarquardt(Optimizer):
     def _iterate(self, problem: ClosureProblem, x: Tensor) -> tuple[Linearization, StepResult]:
         """The linearization at ``x`` and the LM iteration from it (the trials write the parameters)."""
         lin = problem.linearize(x)
+        _check_start_gradient(lin.grad)
         rule = self._rule()
         state = self.damping_state or rule.init(float(lin.system.diagonal().max()))
         scale = torch.ones_like(x)
         with single_thread(problem.serial):
-            out = lm_step(problem, x, lin, scale, rule, state, geodesic=None) if math.isfinite(lin.cost) else None
-        if out is None:
-            raise ValueError("The closure returned non-finite residuals at the current parameters.")
-        return lin, out
+            return lin, lm_step(problem, x, lin, scale, rule, state, geodesic=None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
