@@ -357,11 +357,18 @@ MISMATCHES = {
     "bad option on rank 0": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2,
                                                     batch_size=8 if rank == 0 else None),
     "bad mu on rank 1": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2, mu=-1.0 if rank else 1e-3),
+    # Ranks whose code takes different paths reached collectives of other sizes: gloo aborted
+    # rank 0 ("terminate called ... Received data size doesn't match expected size").
+    "momentum on rank 1": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2,
+                                                  method="momentum" if rank else "lm"),
+    "checkpoint on rank 0 only": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2, checkpoint_every=1,
+                                                         checkpoint=None if rank else os.environ["MISMATCH_FOLDER"]),
 }
 
 
-def _mismatches_body(reducer: Any) -> dict[str, Any]:
+def _mismatches_body(folder: str, reducer: Any) -> dict[str, Any]:
     # Every case ends with matched collectives on both ranks, so one process group serves them all.
+    os.environ["MISMATCH_FOLDER"] = folder
     X, y = _shard(reducer, *tiny_data())
     out = {}
     for name, arguments in MISMATCHES.items():
@@ -525,7 +532,7 @@ def test_fewer_residuals_than_parameters_gathers_rows_and_solves_in_residual_spa
         assert gathered["form"] == "sample-space"
         assert relative_difference(gathered["x"], reference["gathered"]) <= 1e-6
         assert gathered["calls"] == 2
-        assert gathered["bytes"] == 8 * m * (n + 1) + 4 * WORLD
+        assert gathered["bytes"] == 8 * m * (n + 1) + 8 * WORLD
 
 
 def test_two_ranks_first_order_weights_equal_one_process_on_all_data(ranks, reference):
@@ -538,7 +545,7 @@ def test_linearize_sends_the_upper_gram_gradient_and_cost_in_one_reduction(ranks
     n = 25
     out = ranks[0][1]
     assert out["linearize_calls"] == 2  # failure flags, then the payload
-    assert out["linearize_bytes"] == payload_bytes(n, 8) + 4 * WORLD
+    assert out["linearize_bytes"] == payload_bytes(n, 8) + 8 * WORLD
     assert payload_bytes(n, 8) < 8 * (n * n + n + 1)
 
 
@@ -574,9 +581,9 @@ def test_matrix_free_reduces_one_vector_per_cg_iteration(ranks, reference):
         mf = out["matrix_free"]
         assert relative_difference(mf["x"], reference["matrix_free"]) <= 1e-6
         assert mf["iterations"] >= 2
-        # Per product: failure flags (4 * WORLD bytes) and one n-vector; the diagonal once.
+        # Per product: failure flags (8 * WORLD bytes) and one n-vector; the diagonal once.
         assert mf["calls"] == 2 * (mf["iterations"] + 1)
-        assert mf["bytes"] == (mf["iterations"] + 1) * (8 * n + 4 * WORLD)
+        assert mf["bytes"] == (mf["iterations"] + 1) * (8 * n + 8 * WORLD)
 
 
 def test_checkpoint_written_by_two_ranks_resumes_in_one_process(agreement, reference):
@@ -635,8 +642,13 @@ def test_a_rank_that_dies_ends_the_run_with_an_error_on_the_others():
 
 
 @pytest.fixture(scope="module")
-def mismatches() -> dict[int, tuple[str, Any]]:
-    return launch(_mismatches_body, timeout=30.0)
+def mismatch_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mismatch") / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def mismatches(mismatch_folder) -> dict[int, tuple[str, Any]]:
+    return launch(functools.partial(_mismatches_body, str(mismatch_folder)), timeout=30.0)
 
 
 @pytest.mark.parametrize("case, error, message", [
@@ -649,6 +661,11 @@ def mismatches() -> dict[int, tuple[str, Any]]:
     ("fewer epochs on rank 0", "DistributedError", "rank(s) [0] finished while rank(s) [1] went on"),
     # Rank 0 stopped alone; now the ranks agree on the stop each epoch.
     ("callback stops one rank", "ok", "User stop. after epoch 1"),
+    # gloo aborted rank 0 on the mismatched sizes; now both name what each rank reached.
+    ("momentum on rank 1", "DistributedError", "the ranks reached different collectives (rank 0: a sum of 1 float64 "
+                                               "numbers; rank 1: a sum of 25 float64 numbers)"),
+    ("checkpoint on rank 0 only", "DistributedError", "the ranks reached different collectives (rank 0: a sum of 2 "
+                                                      "float64 numbers; rank 1: a sum of 3 float64 numbers)"),
 ])
 def test_ranks_that_disagree_all_stop_with_an_error_naming_them(mismatches, case, error, message):
     assert sorted(mismatches) == [0, 1], mismatches
@@ -656,6 +673,11 @@ def test_ranks_that_disagree_all_stop_with_an_error_naming_them(mismatches, case
         assert outcome == "ok", value
         assert value[case][0] == error, (rank, value[case])
         assert message in value[case][1], (rank, value[case])
+
+
+def test_a_checkpoint_on_rank_0_alone_is_refused_before_anything_is_written(mismatches, mismatch_folder):
+    assert sorted(mismatches) == [0, 1], mismatches
+    assert not mismatch_folder.exists()
 
 
 @pytest.mark.parametrize("case, bad, message", [

@@ -23,9 +23,13 @@ Faults: each collective of :class:`TorchDistributedReducer` is preceded by an ``
 one flag per rank. A rank that raises inside :func:`fail_together` joins that flag reduction
 with its flag set, so the ranks waiting in their next collective learn of the failure and raise
 :class:`DistributedError` naming the failed rank and its error, instead of waiting for it
-forever. A rank that dies without a word (killed, segfault) is caught by the process group
-itself: its peers' collectives fail when the connection drops, or after the process-group
-timeout (``initialize(timeout=...)``), and that failure is raised as :class:`DistributedError`.
+forever. A rank going on puts the collective it is about to join in its flag (operation, dtype
+and size): ranks whose code took different paths (another method, solver or loss on one rank)
+raise DistributedError naming what each rank reached, where the mismatched collective itself
+would abort a process inside the backend. A rank that dies without a word (killed, segfault)
+is caught by the process group itself: its peers' collectives fail when the connection drops,
+or after the process-group timeout (``initialize(timeout=...)``), and that failure is raised as
+:class:`DistributedError`.
 """
 
 from __future__ import annotations
@@ -75,7 +79,13 @@ __all__ = [
 DEFAULT_TIMEOUT = 300.0
 
 _MESSAGE_BYTES = 512
-_FAILED, _FINISHED = 1, 2  # failure flags (see TorchDistributedReducer._exchange_flags)
+# Flag values (see TorchDistributedReducer._exchange_flags); a rank going on sends the signature
+# of its next collective instead, a number >= 0.
+_FAILED, _FINISHED = -1, -2
+_OPERATIONS = ("check", "sum", "maximum", "broadcast")
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool, torch.complex128, torch.complex64)
+_OTHER_DTYPE = 15  # signatures keep 4 bits for the dtype
 
 
 class DistributedError(RuntimeError):
@@ -168,8 +178,10 @@ class TorchDistributedReducer:
     -----
     Tensors are reduced on the backend's device (CPU for gloo, the current CUDA device for
     NCCL) and returned on the device they came from. Every collective first reduces one
-    ``int32`` flag per rank (``4 * world_size`` bytes, latency-bound) so that a failure on one
-    rank stops all of them (see :func:`fail_together`). A collective that fails (a peer
+    ``int64`` flag per rank (``8 * world_size`` bytes, latency-bound) so that a failure on one
+    rank stops all of them (see :func:`fail_together`), and so that ranks about to join
+    different collectives (operation, dtype or size) raise DistributedError instead of
+    reaching them: gloo aborts the process on a size mismatch. A collective that fails (a peer
     exited, or the process-group timeout passed) raises :class:`DistributedError`; after that
     the reducer refuses further collectives, since the group is no longer in step.
     """
@@ -210,8 +222,8 @@ class TorchDistributedReducer:
 
     def broadcast(self, tensor: Tensor) -> Tensor:
         """Rank 0's ``tensor`` on every rank (a new tensor on ``tensor``'s device)."""
-        self.check()
         buffer = tensor.detach().to(self.device, copy=True).contiguous()
+        self._exchange_flags(None, next_collective=_signature("broadcast", buffer))
         self._collective(lambda: self._dist.broadcast(buffer, src=self._global_rank(0), group=self.group), buffer)
         return buffer.to(tensor.device)
 
@@ -240,18 +252,18 @@ class TorchDistributedReducer:
             self.broken = True
 
     def _reduce(self, tensor: Tensor, op: Any) -> Tensor:
-        self.check()
         buffer = tensor.detach().to(self.device, copy=True).contiguous()
+        name = "maximum" if op == self._dist.ReduceOp.MAX else "sum"
+        self._exchange_flags(None, next_collective=_signature(name, buffer))
         self._collective(lambda: self._dist.all_reduce(buffer, op=op, group=self.group), buffer)
         return buffer.to(tensor.device)
 
-    def _exchange_flags(self, error: BaseException | None, *, finished: bool = False) -> None:
-        # One flag per rank: 0 going on, _FAILED, or _FINISHED (the end of a fail_together block).
-        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
-        if error is not None:
-            flags[self.rank] = _FAILED
-        elif finished:
-            flags[self.rank] = _FINISHED
+    def _exchange_flags(self, error: BaseException | None, *, finished: bool = False,
+                        next_collective: int = 0) -> None:
+        # One flag per rank: _FAILED, _FINISHED (the end of a fail_together block), or the
+        # signature of the collective this rank joins next (0: none, a bare check).
+        flags = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
+        flags[self.rank] = _FAILED if error is not None else _FINISHED if finished else next_collective
         self._collective(lambda: self._dist.all_reduce(flags, group=self.group), flags)
         flags = flags.cpu().tolist()
         failed = [r for r, flag in enumerate(flags) if flag == _FAILED]
@@ -270,6 +282,14 @@ class TorchDistributedReducer:
                 f"Stopping rank {self.rank} of {self.world_size}: rank(s) {done} finished while rank(s) {going} "
                 "went on. Every rank must run the same epochs: pass the same options (epochs, goal, time_limit, "
                 "...) on every rank, and make callbacks stop training on all ranks or none."
+            )
+        if len(set(flags)) > 1:
+            self.broken = True
+            reached = "; ".join(f"rank {r}: {_describe_signature(flag)}" for r, flag in enumerate(flags))
+            raise DistributedError(
+                f"Stopping rank {self.rank} of {self.world_size}: the ranks reached different collectives "
+                f"({reached}). Every rank must run the same code with the same options: pass the same method, "
+                "loss, solver, checkpoint and other options on every rank."
             )
 
     def _exchange_messages(self, error: BaseException | None) -> list[str]:
@@ -303,6 +323,22 @@ class TorchDistributedReducer:
         if self.group is None:
             return group_rank
         return self._dist.get_global_rank(self.group, group_rank)
+
+
+def _signature(operation: str, buffer: Tensor) -> int:
+    """A number naming a collective: its operation, dtype and element count (see _describe_signature)."""
+    dtype = _DTYPES.index(buffer.dtype) if buffer.dtype in _DTYPES else _OTHER_DTYPE
+    return (buffer.numel() * len(_OPERATIONS) + _OPERATIONS.index(operation)) * 16 + dtype
+
+
+def _describe_signature(signature: int) -> str:
+    """The words for a :func:`_signature`, e.g. ``"a sum of 3 float64 numbers"``."""
+    if signature == 0:
+        return "no collective (a check)"
+    rest, dtype = divmod(signature, 16)
+    numel, operation = divmod(rest, len(_OPERATIONS))
+    name = str(_DTYPES[dtype]).removeprefix("torch.") if dtype < len(_DTYPES) else "other-dtype"
+    return f"a {_OPERATIONS[operation]} of {numel} {name} numbers"
 
 
 def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> TorchDistributedReducer:
