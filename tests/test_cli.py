@@ -235,11 +235,17 @@ def files(tmp_path: Path, regression_csv: Path) -> dict[str, Path]:
     """The data files of the bad-input table, by name."""
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "ragged.csv").write_text("x,y\n1,2\n3\n")
+    # A quote never closed swallowed the rest of the file into one cell of an unused column.
+    (tmp_path / "unclosed.csv").write_text('x,y,note\n1,2,a\n3,4,"oops\n5,6,b\n7,8,c\n')
+    (tmp_path / "after_quote.csv").write_text('x,y\n1,2\n"3"x,4\n5,6\n')
     return {
         "tmp": tmp_path,
         "data": regression_csv,
         "empty": tmp_path / "empty.csv",
         "ragged": tmp_path / "ragged.csv",
+        "unclosed": tmp_path / "unclosed.csv",
+        "after_quote": tmp_path / "after_quote.csv",
+        "underscore": write_csv(tmp_path / "underscore.csv", ["x", "y"], [[1, 2], ["1_000", 3], [2, 4]]),
         "header": write_csv(tmp_path / "header.csv", ["x", "y"], []),
         "text": write_csv(tmp_path / "text.csv", ["x", "y"], [[1, 2], [2, 3], ["abc", 4]]),
         "blank": write_csv(tmp_path / "blank.csv", ["x", "y"], [[1, 2], [2, ""]]),
@@ -267,6 +273,13 @@ BAD_INPUT = [
     ("empty value", ["fit", "{blank}", "--target", "y", *OUT],
      "{blank} line 3, column 'y': an empty value is not a finite number"),
     ("nan value", ["fit", "{nan}", "--target", "y", *OUT], "{nan} line 3, column 'x': 'nan' is not a finite number"),
+    # float() and numpy read '1_000' as 1000 (PEP 515).
+    ("underscore in a number", ["fit", "{underscore}", "--target", "y", *OUT],
+     "{underscore} line 3, column 'x': '1_000' is not a finite number"),
+    ("quote never closed", ["fit", "{unclosed}", "--target", "y", "--features", "x", *OUT],
+     '{unclosed} line 3: a quoted field opened there is never closed (a " without its closing ")'),
+    ("text after a closing quote", ["fit", "{after_quote}", "--target", "y", *OUT],
+     "{after_quote} line 3: malformed CSV: ',' expected after '\"'"),
     ("empty file", ["fit", "{empty}", "--target", "y", *OUT],
      "{empty} is empty; expected a header line naming the columns, then data rows"),
     ("header only", ["fit", "{header}", "--target", "y", *OUT], "{header} has a header but no data rows"),
@@ -385,6 +398,15 @@ def test_predict_on_data_without_a_feature(trained, tmp_path, capsys):
     data = write_csv(tmp_path / "few.csv", ["x1", "z"], [[1, 2]])
     assert cli.main(["predict", str(trained), str(data), "-o", str(tmp_path / "p.csv")]) == 2
     assert "has no column 'x2'" in capsys.readouterr().err
+
+
+def test_predict_refuses_an_underscore_in_a_number(trained, tmp_path, capsys):
+    # The numbers go through numpy's string-to-float cast, which reads '2_5' as 25 (PEP 515).
+    data = write_csv(tmp_path / "new.csv", ["x1", "x2"], [[0.5, 1.0], [1.5, "2_5"]])
+    assert cli.main(["predict", str(trained), str(data), "-o", str(tmp_path / "p.csv")]) == 2
+    assert capsys.readouterr().err == (f"marquardt predict: error: {data} line 3, column 'x2': '2_5' is not a "
+                                       "finite number\n")
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_predict_into_a_folder_is_a_usage_error(trained, regression_csv, tmp_path, capsys):

@@ -79,11 +79,13 @@ class Table:
     def numbers(self, names: Sequence[str]) -> np.ndarray:
         """The named columns as a float64 array (rows, columns); non-numbers raise UsageError."""
         indices = [self.columns.index(name) for name in names]
+        cells = np.array([[row[i] for i in indices] for row in self.rows], dtype=np.str_)
         try:
-            values = np.array([[row[i] for i in indices] for row in self.rows], dtype=np.str_).astype(np.float64)
+            values = cells.astype(np.float64)
         except ValueError:
             values = None
-        if values is None or not np.isfinite(values).all():
+        # Python's float() and numpy read '1_000' as 1000 (PEP 515); in a data file it is a typo.
+        if values is None or not np.isfinite(values).all() or (np.char.find(cells, "_") >= 0).any():
             values = self._numbers_one_by_one(names)  # names the first bad cell
         return values
 
@@ -93,13 +95,20 @@ class Table:
             for c, name in enumerate(names):
                 text = row[self.columns.index(name)]
                 try:
-                    values[r, c] = float(text)
+                    values[r, c] = _cell_number(text)
                 except ValueError:
                     values[r, c] = math.nan
                 if not math.isfinite(values[r, c]):
                     what = "an empty value" if not text.strip() else f"{text!r}"
                     raise UsageError(f"{self.path} line {line}, column {name!r}: {what} is not a finite number")
         return values
+
+
+def _cell_number(text: str) -> float:
+    """The number in a CSV cell, as ``float`` reads it but without PEP 515's underscores."""
+    if "_" in text:
+        raise ValueError(f"{text!r} has an underscore")
+    return float(text)
 
 
 def read_table(path: str | Path) -> Table:
@@ -122,20 +131,37 @@ def read_table(path: str | Path) -> Table:
         raise UsageError(f"{path} is not a file")
     try:
         with open(file, newline="", encoding="utf-8-sig") as handle:
-            return _parse(str(path), csv.reader(handle))
+            # strict: a quote never closed is an error, not a field that swallows the rest of the file
+            return _parse(str(path), csv.reader(handle, strict=True))
     except UnicodeDecodeError as error:
         raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except csv.Error as error:
-        raise UsageError(f"{path}: malformed CSV: {error}") from None
+
+
+def _rows(path: str, reader: Any) -> Any:
+    """The reader's rows; a csv.Error becomes a UsageError naming the line the bad row starts on."""
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            if str(error) == "unexpected end of data":
+                raise UsageError(f"{path} line {start}: a quoted field opened there is never closed (a \" without "
+                                 "its closing \")") from None
+            raise UsageError(f"{path} line {start}: malformed CSV: {error}") from None
+        yield row
+        start = reader.line_num + 1
 
 
 def _parse(path: str, reader: Any) -> Table:
-    header = next((row for row in reader if row), None)
+    rows_read = _rows(path, reader)
+    header = next((row for row in rows_read if row), None)
     if header is None:
         raise UsageError(f"{path} is empty; expected a header line naming the columns, then data rows")
     columns = _check_header(path, [name.strip() for name in header])
     rows, lines = [], []
-    for row in reader:
+    for row in rows_read:
         if not row:
             continue  # blank line
         if len(row) != len(columns):
@@ -174,7 +200,7 @@ def _check_columns(table: Table, names: Sequence[str], option: str) -> list[str]
 
 def _all_numbers(cells: Sequence[str]) -> bool:
     try:
-        [float(cell) for cell in cells]
+        [_cell_number(cell) for cell in cells]
     except ValueError:
         return False
     return True
@@ -297,7 +323,7 @@ class Classification:
 def _label_order(label: str) -> tuple[int, float, str]:
     # Numeric labels in numeric order (2 before 10), then any others alphabetically.
     try:
-        return (0, float(label), label)
+        return (0, _cell_number(label), label)
     except ValueError:
         return (1, 0.0, label)
 
