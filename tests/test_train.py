@@ -478,6 +478,15 @@ def test_numpy_scalars_are_accepted_as_options():
     assert history.stop_reason == STOP_REASONS["goal"] and history["perf"][-1] <= np.float32(1e-3)
 
 
+def test_numpy_integer_seed_and_batch_size_train_as_python_ints():
+    # Both passed validation, then torch.manual_seed ('an integer is required') and torch.split
+    # ('must be tuple of ints') refused them, the latter after the MLP's ranges had been set.
+    X, y = smooth_data(n=20)
+    runs = [fit(tanh_net(), X, y, epochs=3, seed=seed, batch_size=size, division="random", progress=False)
+            for seed, size in ((np.int64(3), np.int32(4)), (3, 4))]
+    assert runs[0]["perf"] == runs[1]["perf"] and len(runs[0]) == 4
+
+
 def test_a_model_that_is_not_a_module_is_a_type_error():
     X, y = smooth_data()
     with pytest.raises(TypeError, match="model must be a torch.nn.Module; received str"):

@@ -799,6 +799,8 @@ def fit(
     with fail_together(reducer):
         _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks, seed,
                           progress)
+        # numpy integers pass the checks; torch's seeding and tensor splitting take Python ints only.
+        epochs, batch_size, seed = (None if value is None else int(value) for value in (epochs, batch_size, seed))
         kind, spec = _split_options(method, method_options)
         if min_grad is None:
             min_grad = _MIN_GRAD.get(kind, _DEFAULT_MIN_GRAD)
