@@ -765,6 +765,52 @@ def test_momentum_update_is_matlab_traingdm_form():
     assert got[0] == pytest.approx(0.0)  # 1 - 0.5 * 2: the whole first gradient step
 
 
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+def test_momentum_follows_schedulers_that_cycle_the_momentum_as_sgd_does(scheduler):
+    # Both cycle the momentum constant by default (cycle_momentum=True); they refused Momentum
+    # ("optimizer must support momentum or beta1"). Each step must use the lr and the constant
+    # the scheduler set, the ones it sets on SGD(momentum=0.9).
+    def schedule(opt):
+        if scheduler == "OneCycleLR":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+        return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=2)
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = Momentum([w], lr=0.1, beta=0.9)
+    sgd = torch.optim.SGD([torch.nn.Parameter(w.detach().clone())], lr=0.1, momentum=0.9)
+    schedulers = [schedule(opt), schedule(sgd)]
+    expected, velocity, constants = w.detach().clone(), None, []
+    for _ in range(5):
+        lr, beta = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
+        assert (lr, beta) == (sgd.param_groups[0]["lr"], sgd.param_groups[0]["momentum"])
+        constants.append(beta)
+        grad = 2 * expected
+        velocity = grad if velocity is None else beta * velocity + (1 - beta) * grad
+        expected = expected - lr * velocity
+        for optimizer, lr_schedule in zip((opt, sgd), schedulers):
+            optimizer.zero_grad()
+            (optimizer.param_groups[0]["params"][0] ** 2).sum().backward()
+            optimizer.step()
+            lr_schedule.step()
+    assert len(set(constants)) > 1 and min(constants) >= 0.8 and max(constants) <= 0.95
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=0.0)
+
+
+def test_momentum_loads_a_state_dict_that_named_the_constant_beta():
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = Momentum([w], lr=0.5, beta=0.9)
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["momentum"]
+    saved["param_groups"][0]["beta"] = 0.5
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["momentum"] == 0.5 and "beta" not in opt.param_groups[0]
+    for _ in range(2):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    assert float(w.detach()) == -0.5  # v = 2, w = 1 - 0.5 * 2 = 0; then v = 0.5 * 2 + 0.5 * 0, w = -0.5
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
@@ -790,7 +836,8 @@ def test_first_order_optimizers_reject_bad_options(cls, kwargs, match):
 )
 def test_numpy_scalar_options_are_accepted_and_stored_as_floats(cls, kwargs):
     opt = cls(torch.nn.Linear(1, 1).parameters(), **kwargs)
-    for name, value in kwargs.items():
+    for option, value in kwargs.items():
+        name = "momentum" if option == "beta" else option  # Momentum's groups use torch.optim's key
         assert type(opt.defaults[name]) is float and opt.defaults[name] == float(value)
         assert type(opt.param_groups[0][name]) is float
 

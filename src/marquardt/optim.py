@@ -704,6 +704,10 @@ class LevenbergMarquardt(Optimizer):
 class GradientDescent(Optimizer):
     """Gradient descent (backpropagation), MATLAB ``traingd``: ``param -= lr * grad``.
 
+    Learning-rate schedulers work as on :class:`torch.optim.SGD`; those that also cycle a
+    momentum constant (``OneCycleLR``, ``CyclicLR``) need ``cycle_momentum=False`` here, as
+    there is none (on ``SGD(momentum=0)`` they would switch momentum on).
+
     Examples
     --------
     >>> w = torch.nn.Parameter(torch.tensor([1.0]))
@@ -731,6 +735,18 @@ class GradientDescent(Optimizer):
 class Momentum(Optimizer):
     """Momentum gradient descent as MATLAB ``traingdm``.
 
+    Parameters
+    ----------
+    params : iterable of Tensor or dict
+        Parameters or parameter groups, as for :class:`torch.optim.SGD`.
+    lr : float
+        Learning rate (``traingdm``'s ``lr``), > 0.
+    beta : float
+        Momentum constant (``traingdm``'s ``mc``), in ``[0, 1]``. Each parameter group holds it
+        under torch.optim's key ``"momentum"``, the one learning-rate schedulers cycle
+        (:class:`~torch.optim.lr_scheduler.OneCycleLR`, :class:`~torch.optim.lr_scheduler.CyclicLR`
+        with ``cycle_momentum=True``), so they work as on ``SGD(momentum=...)``.
+
     Notes
     -----
     ``velocity = beta * velocity + (1 - beta) * grad``; ``param -= lr * velocity``. The velocity
@@ -753,7 +769,15 @@ class Momentum(Optimizer):
     def __init__(self, params, lr: float = 0.01, beta: float = 0.9) -> None:
         lr = _check_number("lr", lr)
         beta = _check_number("beta", beta, strict=False, high=1.0)
-        super().__init__(params, dict(lr=lr, beta=beta))
+        super().__init__(params, dict(lr=lr, momentum=beta))
+
+    def __setstate__(self, state: dict) -> None:
+        # A state dict saved when the groups held the constant as "beta" loads as "momentum"
+        # (SGD's __setstate__ fills keys added since in the same way).
+        super().__setstate__(state)
+        for group in self.param_groups:
+            if "beta" in group:
+                group.setdefault("momentum", group.pop("beta"))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -768,7 +792,7 @@ class Momentum(Optimizer):
                 if velocity is None:
                     velocity = state["velocity"] = p.grad.detach().clone()
                 else:
-                    velocity.mul_(group["beta"]).add_(p.grad, alpha=1.0 - group["beta"])
+                    velocity.mul_(group["momentum"]).add_(p.grad, alpha=1.0 - group["momentum"])
                 p.add_(velocity, alpha=-group["lr"])
         return loss
 
