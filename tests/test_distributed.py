@@ -301,6 +301,28 @@ def _matrix_free_run(reducer: Any, X: torch.Tensor, y: torch.Tensor) -> dict[str
             "calls": sent[1]}
 
 
+def _checkpoint_fit(folder: str | None, shard: Callable, epochs: int, seed: int = 0) -> tuple[nn.Module, Any]:
+    """fit() with validation data and a checkpoint every 2 epochs; the model and History."""
+    model = tiny_net(seed=seed)
+    history = fit(model, *shard(*tiny_data()), epochs=epochs, validation_data=tuple(shard(*validation_data())),
+                  checkpoint=folder, checkpoint_every=2)
+    return model, history
+
+
+def _resume_body(folder: str, reducer: Any) -> dict[str, Any]:
+    shard = functools.partial(_shard, reducer)
+    model, history = _checkpoint_fit(folder, shard, epochs=7, seed=reducer.rank)  # rank 0's weights are sent
+    out = {"x": flatten_parameters(model), "epoch": history["epoch"]}
+    # Rank 1 given a folder of its own (a disk the ranks do not share): it sees no checkpoint.
+    own = folder if reducer.rank == 0 else f"{folder}-rank-{reducer.rank}"
+    try:
+        _checkpoint_fit(own, shard, epochs=9)
+        out["unshared"] = ("ok", "")
+    except Exception as error:  # noqa: BLE001 - the test asserts on the outcome
+        out["unshared"] = (type(error).__name__, str(error))
+    return out
+
+
 class FailAt(Callback):
     """Rank 1 fails after epoch 2: by raising, or by exiting without a word."""
 
@@ -595,6 +617,41 @@ def test_checkpoint_written_by_two_ranks_resumes_in_one_process(agreement, refer
     fit(straight, X, y, epochs=7, distributed=False)
     assert history["epoch"] == list(range(8))
     assert relative_difference(flatten_parameters(resumed), flatten_parameters(straight)) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> dict[str, Any]:
+    """A checkpoint written by one process after 4 epochs, resumed on two ranks to epoch 7."""
+    folder = tmp_path_factory.mktemp("resume") / "checkpoint"
+    whole = lambda *tensors: list(tensors)  # noqa: E731
+    _checkpoint_fit(str(folder), whole, epochs=4)
+    straight, _ = _checkpoint_fit(None, whole, epochs=7)
+    return {"ranks": launch(functools.partial(_resume_body, str(folder))), "folder": folder,
+            "straight": flatten_parameters(straight)}
+
+
+def test_checkpoint_written_by_one_process_resumes_on_two_ranks(resumed):
+    ranks = resumed["ranks"]
+    assert sorted(ranks) == [0, 1], ranks
+    for outcome, out in ranks.values():
+        assert outcome == "ok", out
+        assert out["epoch"] == list(range(8))
+        assert relative_difference(out["x"], resumed["straight"]) <= 1e-6
+
+
+def test_ranks_that_see_different_checkpoints_are_refused_before_training(resumed):
+    # Rank 0 resumed from checkpoint 6 while rank 1 started over: the ranks summed J^T J at
+    # different weights, rank 0 wrote that as checkpoint 8, and only the end said "rank(s) [0]
+    # finished while rank(s) [1] went on".
+    ranks, folder = resumed["ranks"], resumed["folder"]
+    assert sorted(ranks) == [0, 1], ranks
+    for outcome, out in ranks.values():
+        assert outcome == "ok", out
+        error, message = out["unshared"]
+        assert error == "CheckpointError", message
+        assert "is not the same folder on every rank (rank 0: checkpoint-00000006; rank 1: no checkpoint)" in message
+    assert (folder / "latest.txt").read_text().strip() == "checkpoint-00000006"
+    assert not (folder.parent / "checkpoint-rank-1").exists()  # rank 1 writes nothing
 
 
 def test_cli_under_two_ranks_writes_once_and_matches_one_process(agreement):

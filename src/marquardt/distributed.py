@@ -79,6 +79,7 @@ __all__ = [
 DEFAULT_TIMEOUT = 300.0
 
 _MESSAGE_BYTES = 512
+_NAME_BYTES = 64  # a checkpoint's name, as the ranks compare it on resume
 # Flag values (see TorchDistributedReducer._exchange_flags); a rank going on sends the signature
 # of its next collective instead, a number >= 0.
 _FAILED, _FINISHED = -1, -2
@@ -848,7 +849,8 @@ class ShardedCheckpoint:
     _view: Any = field(default=None, init=False, repr=False)
 
     def restore(self, loop: Any, best: Any) -> tuple[int, int, float]:
-        """Every rank loads the newest checkpoint."""
+        """Every rank loads the newest checkpoint, once the ranks agree on which one it is."""
+        self._require_same_checkpoint()
         splits = [None if split is None else _Rows(gather_rows(split.X, self.reducer), gather_rows(split.y, self.reducer))
                   for split in (loop.train, loop.val, loop.test)]
         view = _WholeRun(loop, *splits)
@@ -860,6 +862,31 @@ class ShardedCheckpoint:
         """Rank 0 writes; the others carry on."""
         if self.reducer.rank == 0:
             self.inner.epoch_done(self._view, epoch, best, val_fail, elapsed)
+
+    def _require_same_checkpoint(self) -> None:
+        """Raise CheckpointError on every rank unless all ranks see the same newest checkpoint (or none).
+
+        Checked before any weight is loaded. A folder that is not shared (each machine's own
+        disk, or another path on one rank) let rank 0 resume while the others started over:
+        the ranks then summed linearizations taken at different weights, and rank 0 wrote
+        that mixture as the next checkpoint.
+        """
+        from .checkpoint import CheckpointError, latest_checkpoint
+
+        folder = self.inner.folder
+        found = latest_checkpoint(folder) if self.inner.resume else None
+        name = b"" if found is None else found.stem.encode("utf-8", "replace")[:_NAME_BYTES]
+        row = torch.zeros(1, _NAME_BYTES, dtype=torch.uint8)
+        if name:
+            row[0, : len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
+        names = [bytes(r).rstrip(b"\0").decode("utf-8", "replace") for r in gather_rows(row, self.reducer).numpy()]
+        if len(set(names)) > 1:
+            seen = "; ".join(f"rank {r}: {name or 'no checkpoint'}" for r, name in enumerate(names))
+            raise CheckpointError(
+                folder, f"is not the same folder on every rank ({seen})",
+                "Every rank must read the one checkpoint folder, on a file system the ranks share: pass the same "
+                "folder on every rank, or resume=False to start over."
+            )
 
 
 @dataclass
