@@ -400,6 +400,17 @@ def test_predict_on_data_without_a_feature(trained, tmp_path, capsys):
     assert "has no column 'x2'" in capsys.readouterr().err
 
 
+def test_a_quote_never_closed_in_a_large_file_names_its_line(tmp_path, capsys):
+    # Past 131072 characters csv stops on its field limit before reaching the end of the file.
+    rows = [f"{i},{2 * i},a" for i in range(15000)]
+    rows[3] = '3,6,"oops'
+    data = tmp_path / "big.csv"
+    data.write_text("x,y,note\n" + "\n".join(rows) + "\n")
+    assert cli.main(["fit", str(data), "--target", "y", "--features", "x", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"marquardt fit: error: {data} line 5: a field there runs past 131072 "
+                                       "characters; most likely a quote opened on that line is never closed\n")
+
+
 def test_predict_refuses_an_underscore_in_a_number(trained, tmp_path, capsys):
     # The numbers go through numpy's string-to-float cast, which reads '2_5' as 25 (PEP 515).
     data = write_csv(tmp_path / "new.csv", ["x1", "x2"], [[0.5, 1.0], [1.5, "2_5"]])

@@ -149,6 +149,10 @@ def _rows(path: str, reader: Any) -> Any:
             if str(error) == "unexpected end of data":
                 raise UsageError(f"{path} line {start}: a quoted field opened there is never closed (a \" without "
                                  "its closing \")") from None
+            if str(error).startswith("field larger than field limit"):
+                # In a large file an unclosed quote reaches csv's field limit before the end of the file.
+                raise UsageError(f"{path} line {start}: a field there runs past {csv.field_size_limit()} characters; "
+                                 "most likely a quote opened on that line is never closed") from None
             raise UsageError(f"{path} line {start}: malformed CSV: {error}") from None
         yield row
         start = reader.line_num + 1
