@@ -637,6 +637,19 @@ def _sqrt_at_zero():
     return net, lambda: torch.sqrt(net.weight[0]) * X + net.bias - (2 * X + 1)
 
 
+def _bfloat16_net():
+    # Twice the residuals: not the closed form (which works the network in float64), so the
+    # Jacobian comes from autograd in bfloat16, which no Cholesky accepts.
+    net, X, y = _tanh_problem()
+    net, X, y = net.bfloat16(), X.bfloat16(), y.bfloat16()
+    return net, lambda: 2 * (net(X) - y)
+
+
+def _complex_residuals():
+    net, X, y = _tanh_problem()
+    return net, lambda: torch.fft.fft((net(X) - y).reshape(-1))
+
+
 # A bad closure or parameter set raises before or during the step; the weights are left as they were.
 _BAD_STEPS = {
     "no parameter requires grad": (_frozen_net, ValueError, "None of the optimizer's parameters requires grad"),
@@ -646,6 +659,11 @@ _BAD_STEPS = {
                                 "residuals do not depend on the parameters"),
     "empty residuals": (_residuals_of(lambda net, X, y: (net(X) - y)[:0]), ValueError, "empty residual tensor"),
     "closure raises at a trial": (_raises_at_second_call, RuntimeError, "closure failed at a trial point"),
+    "bfloat16 parameters": (_bfloat16_net, TypeError,
+                            r"Invalid parameter dtype: torch.bfloat16 \(a parameter of shape \(8, 1\)\); "
+                            "LevenbergMarquardt fits float32 or float64 parameters when the closure is not model"),
+    "complex residuals": (_complex_residuals, TypeError,
+                          r"returned complex residuals \(dtype torch.complex128\).*torch.view_as_real"),
     "non-finite residuals": (_nan_at_the_start, ValueError,
                              r"non-finite residuals at the current parameters \(first at flat index 3: nan\)"),
     "float32 cost overflows": (_float32_cost_overflow, ValueError,

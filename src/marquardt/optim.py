@@ -80,6 +80,9 @@ class ClosureProblem:
         value = self.closure()
         if not isinstance(value, Tensor):
             raise TypeError(f"The closure must return the residual tensor; received {type(value).__name__}.")
+        if value.is_complex():
+            raise TypeError(f"The closure returned complex residuals (dtype {value.dtype}); LevenbergMarquardt needs "
+                            "real ones: return torch.view_as_real(r), its real and imaginary parts as residuals.")
         if value.ndim == 0:
             raise ValueError(
                 "The closure returned a scalar loss; LevenbergMarquardt needs the residual tensor "
@@ -117,6 +120,7 @@ class ClosureProblem:
             if lin is not None:
                 self.used_mode = "closed-form"
                 return lin
+            _check_autograd_dtype(self.params)
             m, n, itemsize = r.numel(), x.numel(), r.element_size()
             plan = plan_assembly(m, n, itemsize, self.max_jacobian_bytes)
             self.serial = plan.serial
@@ -210,6 +214,17 @@ class ClosureProblem:
             return None
         jac = columns.T.contiguous()
         return jac if _products_agree(jac, probe.detach(), g.detach()) else None
+
+
+def _check_autograd_dtype(params: list[Tensor]) -> None:
+    """Refuse parameters the autograd paths cannot solve in, before forming ``J``: they work in
+    the parameters' dtype, and torch has no half-precision or complex Cholesky (the closed form,
+    tried first, works a half-precision network in float64 itself)."""
+    for p in params:
+        if p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"Invalid parameter dtype: {p.dtype} (a parameter of shape {tuple(p.shape)}); "
+                            "LevenbergMarquardt fits float32 or float64 parameters when the closure is not "
+                            "model(X) - y for a network fit supports: convert with .float() or .double().")
 
 
 def _check_start_residuals(r: Tensor) -> None:
