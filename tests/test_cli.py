@@ -300,6 +300,10 @@ BAD_INPUT = [
      "--target: column(s) 'y' listed more than once"),
     ("br with classes", ["fit", "{labels}", "--target", "c", "--loss", "cross_entropy", "--method", "br", *OUT],
      "--method br needs --loss mse: Bayesian regularization (trainbr) minimises a sum of squared errors"),
+    # fit's own refusals before training (here J^T J of 4.6 GB, past any default budget) were tracebacks.
+    ("br network too large", ["fit", "{data}", "--target", "y", "--features", "x1", "--method", "br", "--hidden",
+                              "8000", *OUT],
+     "--method br --hidden 8000 --loss mse: method='br' needs the 24001 x 24001 matrix J^T J"),
     ("no training samples", ["fit", "{tiny}", "--target", "y", "--split", "0.01,0.49,0.5", *OUT],
      "--split 0.01,0.49,0.5: {tiny} has 3 rows, and validation and test take round(fraction x rows) each, which "
      "leaves none for training"),

@@ -688,6 +688,11 @@ def train_model(args: argparse.Namespace, task: Regression | Classification, X: 
                       distributed=reducer if reducer is not None else False)
     except CheckpointError as error:
         raise UsageError(_checkpoint_problem(args.checkpoint, error)) from None
+    except ValueError as error:
+        # fit refuses, before training, what the options and data together cannot do (a J^T J
+        # beyond the memory budget for --method br or a cross-entropy loss): a usage error too.
+        hidden = ",".join(map(str, args.hidden))
+        raise UsageError(f"--method {args.method} --hidden {hidden} --loss {task.loss}: {error}") from None
     return model, history, time.perf_counter() - start
 
 
