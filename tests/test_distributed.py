@@ -471,6 +471,23 @@ def test_initialize_takes_numeric_timeouts_then_asks_for_torchrun(monkeypatch, t
         initialize(timeout=timeout)
 
 
+@pytest.mark.parametrize("backend, message", [
+    # torch raised AssertionError("Unknown backend type glooo") and "Backend constructor parameter must be string-ish".
+    ("glooo", "Invalid backend value: 'glooo'; expected 'gloo', 'nccl' or None"),
+    (7, "Invalid backend value: 7; expected 'gloo', 'nccl' or None"),
+    pytest.param("nccl", "Invalid backend value: 'nccl'; NCCL needs CUDA", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CUDA is available")),  # was AttributeError from torch.cuda
+])
+def test_initialize_refuses_bad_backends_before_anything_starts(monkeypatch, backend, message):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(ValueError, match=message):
+        initialize(backend=backend, timeout=5)
+    assert not torch.distributed.is_initialized()
+
+
 def test_initialize_outside_torchrun_says_how_to_start(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

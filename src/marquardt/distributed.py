@@ -349,7 +349,7 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     ----------
     backend : {"gloo", "nccl"}, optional
         Default NCCL when CUDA is available, else gloo. With NCCL each process uses the GPU
-        ``LOCAL_RANK``.
+        ``LOCAL_RANK``; NCCL without CUDA is a ValueError.
     timeout : float
         Seconds a collective may wait for a peer before failing (the process-group timeout).
 
@@ -363,6 +363,7 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     # Numpy scalars count; a bool is a mistake, not 1 second.
     if not (is_real_number(timeout) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"Invalid timeout value: {timeout!r}; expected a finite number of seconds > 0.")
+    backend = _check_backend(backend)
     if not dist.is_initialized():
         missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
         if missing:
@@ -373,6 +374,25 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
     return TorchDistributedReducer()
+
+
+def _check_backend(backend: Any) -> str | None:
+    """``backend`` in lower case (torch's spelling), or ValueError naming it.
+
+    torch's own errors name neither the argument nor the choices: an unknown name is an
+    AssertionError inside init_process_group, and NCCL on a machine without CUDA an
+    AttributeError from torch.cuda.
+    """
+    if backend is None:
+        return None
+    name = backend.lower() if isinstance(backend, str) else backend
+    if name not in ("gloo", "nccl"):
+        raise ValueError(f"Invalid backend value: {backend!r}; expected 'gloo', 'nccl' or None (NCCL when CUDA is "
+                         "available, else gloo).")
+    if name == "nccl" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid backend value: {backend!r}; NCCL needs CUDA, which this process does not have. "
+                         "Pass backend='gloo' (or None) to train on the CPU.")
+    return name
 
 
 def make_reducer(distributed: bool | Reducer | None = None) -> Reducer:
