@@ -650,6 +650,13 @@ def _complex_residuals():
     return net, lambda: torch.fft.fft((net(X) - y).reshape(-1))
 
 
+def _another_models_residuals():
+    # The optimizer holds net's parameters; the closure uses a copy: J reads as zero.
+    net, X, y = _tanh_problem()
+    copied = copy.deepcopy(net)
+    return net, lambda: copied(X) - y
+
+
 # A bad closure or parameter set raises before or during the step; the weights are left as they were.
 _BAD_STEPS = {
     "no parameter requires grad": (_frozen_net, ValueError, "None of the optimizer's parameters requires grad"),
@@ -657,6 +664,8 @@ _BAD_STEPS = {
                            "residuals do not depend on the parameters"),
     "residuals under no_grad": (_residuals_of(lambda net, X, y: torch.no_grad()(lambda: net(X) - y)()), ValueError,
                                 "residuals do not depend on the parameters"),
+    "residuals of another model": (_another_models_residuals, ValueError,
+                                   "residuals do not depend on the optimizer's parameters"),
     "empty residuals": (_residuals_of(lambda net, X, y: (net(X) - y)[:0]), ValueError, "empty residual tensor"),
     "closure raises at a trial": (_raises_at_second_call, RuntimeError, "closure failed at a trial point"),
     "bfloat16 parameters": (_bfloat16_net, TypeError,
@@ -684,6 +693,13 @@ def test_lm_bad_steps_raise_clearly_and_leave_the_weights_unchanged(case):
     with pytest.raises(error, match=match):
         opt.step(closure)
     assert torch.equal(_params(net), before)
+
+
+def test_lm_zero_gradient_of_connected_residuals_is_a_stationary_point_not_an_error():
+    # w**2 - 1 at w = 0: J is zero but the graph reaches w (unlike another model's residuals).
+    w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = LevenbergMarquardt([w])
+    assert float(opt.step(lambda: w**2 - 1)) == 0.5 and float(w.detach()) == 0.0
 
 
 def test_lm_rejected_step_leaves_the_weights_bitwise_unchanged_and_raises_damping():

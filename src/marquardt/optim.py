@@ -133,7 +133,10 @@ class ClosureProblem:
             # A small problem's columns are small kernels (n x graph), best on one thread; its rows
             # are m x graph each and were measured faster on two (T1: 103 vs 142 ms at load 3).
             with single_thread(plan.serial and jac is not None):
-                return self._assemble(r, jac, plan, saved.nbytes, x)
+                lin = self._assemble(r, jac, plan, saved.nbytes, x)
+            if not bool(lin.grad.any()):
+                _check_reaches_parameters(r, self.params)
+            return lin
 
     def _closed_form(self, r: Tensor, call: ModuleCall | None, x: Tensor) -> Linearization | None:
         """The system ``fit`` would build for ``call.module`` (:class:`~marquardt.network.ModuleProblem`),
@@ -241,6 +244,17 @@ def _check_start_residuals(r: Tensor) -> None:
     raise ValueError(f"The cost 0.5 * sum(r**2) overflows {r.dtype} at the current parameters (largest |residual| "
                      f"{float(r.abs().max()):.3e}); rescale the residuals, or compute them and the parameters in "
                      "float64.")
+
+
+def _check_reaches_parameters(r: Tensor, params: list[Tensor]) -> None:
+    """Refuse residuals whose graph reaches none of ``params`` (computed from another model, or
+    a copy made after the optimizer): their Jacobian reads as zero, and every step would leave
+    the parameters as they are while raising the damping. Called only when ``J^T r`` is zero."""
+    grads = torch.autograd.grad(r, params, torch.ones_like(r), retain_graph=True, allow_unused=True)
+    if all(g is None for g in grads):
+        raise ValueError("The closure's residuals do not depend on the optimizer's parameters (autograd reaches "
+                         "none of them): compute them from the parameters the optimizer was given (one made "
+                         "before the model was copied or replaced holds the old parameters).")
 
 
 def _check_start_gradient(grad: Tensor) -> None:
