@@ -754,6 +754,30 @@ def test_a_checkpoint_on_rank_0_alone_is_refused_before_anything_is_written(mism
     assert not mismatch_folder.exists()
 
 
+class PartialReducer:
+    """Sums only: a reducer written against an older Reducer protocol."""
+
+    rank, world_size = 0, 2
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor * 2
+
+    def sum_scalar(self, value: float) -> float:
+        return value * 2
+
+
+def test_fit_refuses_a_reducer_that_lacks_members_before_training():
+    # fit took it, then raised AttributeError: 'PartialReducer' object has no attribute
+    # 'signal_failure' (from fail_together, over a ValueError saying the model differs between ranks).
+    X, y = tiny_data()
+    model = tiny_net()
+    before = flatten_parameters(model).clone()
+    with pytest.raises(ValueError, match=r"Invalid distributed value: .*PartialReducer.*; expected None, True, False "
+                                         r"or a Reducer \(a Reducer needs maximum, broadcast, signal_failure, check\)"):
+        fit(model, X, y, epochs=2, distributed=PartialReducer())
+    assert torch.equal(flatten_parameters(model), before)
+
+
 @pytest.mark.parametrize("case, bad, message", [
     ("bad option on rank 0", 0, "ValueError: Invalid batch_size for distributed training: 8"),
     ("bad mu on rank 1", 1, "ValueError: Invalid mu value: -1.0"),

@@ -395,6 +395,10 @@ def _check_backend(backend: Any) -> str | None:
     return name
 
 
+#: What fit uses of a Reducer (see the Protocol).
+_REDUCER_MEMBERS = ("rank", "world_size", "sum", "sum_scalar", "maximum", "broadcast", "signal_failure", "check")
+
+
 def make_reducer(distributed: bool | Reducer | None = None) -> Reducer:
     """The reducer for ``fit(..., distributed=...)``.
 
@@ -415,9 +419,13 @@ def make_reducer(distributed: bool | Reducer | None = None) -> Reducer:
     elif isinstance(distributed, np.bool_):  # numpy's True and False, as the other options take them
         distributed = bool(distributed)
     elif not isinstance(distributed, bool):
-        if all(hasattr(distributed, name) for name in ("sum", "sum_scalar", "world_size", "rank")):
+        missing = [name for name in _REDUCER_MEMBERS if not hasattr(distributed, name)]
+        if not missing:
             return distributed
-        raise ValueError(f"Invalid distributed value: {distributed!r}; expected None, True, False or a Reducer.")
+        # An object with some of the members is meant as a reducer: say which ones it lacks (fit
+        # would otherwise stop with an AttributeError at the first it uses, after the others).
+        lacks = f" (a Reducer needs {', '.join(missing)})" if len(missing) < len(_REDUCER_MEMBERS) else ""
+        raise ValueError(f"Invalid distributed value: {distributed!r}; expected None, True, False or a Reducer{lacks}.")
     return TorchDistributedReducer() if distributed else LocalReducer()
 
 
