@@ -68,6 +68,9 @@ _FIRST_ORDER = {"gd": (GradientDescent, {"lr": 0.01}), "momentum": (Momentum, {"
 # MATLAB's min_grad: 1e-7 for trainlm and trainbr, 1e-5 for traingd and traingdm.
 _DEFAULT_MIN_GRAD = 1e-7
 _MIN_GRAD = {"gd": 1e-5, "momentum": 1e-5}
+# MATLAB's names, named in the error when one is passed: what a trainFcn or trainParam becomes here.
+_MATLAB_METHODS = {"trainlm": "lm", "trainbr": "br", "traingd": "gd", "traingdm": "momentum"}
+_MATLAB_OPTIONS = {"mc": "beta", "time": "time_limit"}
 
 
 class Callback:
@@ -430,9 +433,7 @@ def _gradient_norm(model: nn.Module, data: Split, loss: Loss, reducer: Reducer |
 def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
     if isinstance(method, str) and method in _DAMPED:
         defaults = _DAMPED[method]
-        unknown = set(options) - set(defaults)
-        if unknown:
-            raise TypeError(f"Unknown option(s) for method={method!r}: {sorted(unknown)}; expected {sorted(defaults)}.")
+        _check_known_options(method, options, defaults)
         merged = {**defaults, **options}
         _check_damping_options(merged)
         merged.update({name: float(merged[name]) for name in ("mu", "mu_dec", "mu_inc", "mu_max")})
@@ -442,13 +443,22 @@ def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
         return method, merged
     if isinstance(method, str) and method in _FIRST_ORDER:
         cls, defaults = _FIRST_ORDER[method]
-        unknown = set(options) - set(defaults)
-        if unknown:
-            raise TypeError(f"Unknown option(s) for method={method!r}: {sorted(unknown)}; expected {sorted(defaults)}.")
+        _check_known_options(method, options, defaults)
         return method, (cls, {**defaults, **options})
     if inspect.isclass(method) and issubclass(method, torch.optim.Optimizer):
         return method.__name__.lower(), (method, dict(options))
-    raise ValueError(f"Invalid method: {method!r}; expected 'lm', 'br', 'gd', 'momentum' or a torch.optim.Optimizer class.")
+    matlab = _MATLAB_METHODS.get(method) if isinstance(method, str) else None
+    hint = f" (MATLAB's {method!r} is method={matlab!r})" if matlab else ""
+    raise ValueError(f"Invalid method: {method!r}; expected 'lm', 'br', 'gd', 'momentum' or a torch.optim.Optimizer "
+                     f"class{hint}.")
+
+
+def _check_known_options(method: str, options: dict[str, Any], defaults: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        renamed = [f"MATLAB's {name!r} is {_MATLAB_OPTIONS[name]!r}" for name in unknown if name in _MATLAB_OPTIONS]
+        hint = f" ({'; '.join(renamed)})" if renamed else ""
+        raise TypeError(f"Unknown option(s) for method={method!r}: {unknown}; expected {sorted(defaults)}{hint}.")
 
 
 def _check_damping_options(options: dict[str, Any]) -> None:
