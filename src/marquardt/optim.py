@@ -651,6 +651,12 @@ class LevenbergMarquardt(Optimizer):
         super().__init__(params, defaults)
         self._kept: KeptProblem | None = None  # the closed-form problem of the last step
 
+    def __setstate__(self, state: dict) -> None:
+        # torch.optim pickles (and deep-copies) only defaults, state and groups; the kept problem
+        # is a cache of the last step's module and input, rebuilt by the next step.
+        super().__setstate__(state)
+        self._kept = None
+
     def add_param_group(self, param_group: dict) -> None:
         """Adds the one parameter group (at construction); a second group is refused.
 
