@@ -550,6 +550,8 @@ def test_module_hooks_are_removed_after_a_step_even_when_the_closure_raises():
         (dict(damping_max=0), ValueError, "Invalid damping_max value: 0"),
         (dict(strategy="trust"), ValueError, "Invalid strategy: 'trust'"),
         (dict(max_jacobian_bytes=0), ValueError, "Invalid max_jacobian_bytes value: 0"),
+        (dict(max_jacobian_bytes=True), ValueError, r"Invalid max_jacobian_bytes value: True; expected an integer >= 1"),
+        (dict(max_jacobian_bytes=2.0**20), ValueError, "Invalid max_jacobian_bytes value: 1048576.0"),
         (dict(damping=True), ValueError, "Invalid damping value: True"),
         (dict(damping="1e-3"), ValueError, "Invalid damping value: '1e-3'"),
         (dict(damping_max=np.inf), ValueError, "Invalid damping_max value: inf"),
@@ -558,6 +560,11 @@ def test_module_hooks_are_removed_after_a_step_even_when_the_closure_raises():
 def test_lm_rejects_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         LevenbergMarquardt(torch.nn.Linear(1, 1).parameters(), **kwargs)
+
+
+def test_lm_takes_a_numpy_integer_budget_as_fit_does():
+    opt = LevenbergMarquardt(torch.nn.Linear(1, 1).parameters(), max_jacobian_bytes=np.int64(1 << 20))
+    assert type(opt.defaults["max_jacobian_bytes"]) is int and opt.defaults["max_jacobian_bytes"] == 1 << 20
 
 
 def test_lm_rejects_several_parameter_groups():

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -39,6 +40,14 @@ def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = T
         raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number {bound}"
                          + (f" and <= {high}." if math.isfinite(high) else "."))
     return float(value)
+
+
+def _check_bytes(name: str, value: int) -> int:
+    """``value`` as a Python int, or a ValueError naming ``name``: an integer >= 1 (numpy integers
+    included, bools not), as :func:`marquardt.fit` takes its byte budgets."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"Invalid {name} value: {value!r}; expected an integer >= 1 (bytes).")
+    return int(value)
 
 
 @dataclass
@@ -641,8 +650,7 @@ class LevenbergMarquardt(Optimizer):
         damping_max = _check_number("damping_max", damping_max)
         if strategy not in ("marquardt", "nielsen"):
             raise ValueError(f"Invalid strategy: {strategy!r}; expected 'marquardt' or 'nielsen'.")
-        if not isinstance(max_jacobian_bytes, int) or max_jacobian_bytes <= 0:
-            raise ValueError(f"Invalid max_jacobian_bytes value: {max_jacobian_bytes!r}; expected a positive int.")
+        max_jacobian_bytes = _check_bytes("max_jacobian_bytes", max_jacobian_bytes)
         defaults = dict(damping=damping, damping_dec=damping_dec, damping_inc=damping_inc,
                         damping_max=damping_max, strategy=strategy, max_jacobian_bytes=max_jacobian_bytes)
         params = list(params) if not isinstance(params, Tensor) else params
