@@ -219,6 +219,11 @@ def test_from_dict_round_trip():
         ({"method": "lm"}, r"'records' list.*keys \['method'\]"),
         ({"records": {}}, "'records' list"),
         ({"records": [], "epochs": 3}, r"Unexpected fields \['epochs'\]"),
+        # An edited file: plot_performance later said "best_epoch=3 is not the epoch of any record".
+        ({"records": [], "best_epoch": "3"}, r"Invalid best_epoch in History dict: '3'; expected None or an integer"),
+        ({"records": [], "best_epoch": -1}, r"Invalid best_epoch in History dict: -1"),
+        ({"records": [], "best_epoch": True}, r"Invalid best_epoch in History dict: True"),
+        ({"records": [], "stop_reason": 5}, r"Invalid stop_reason in History dict: 5; expected None or a string"),
     ],
 )
 def test_from_dict_rejects_bad_input(data, match):

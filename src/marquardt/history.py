@@ -226,7 +226,8 @@ class History:
         Raises
         ------
         ValueError
-            If ``data`` has no ``"records"`` list, or has unexpected fields.
+            If ``data`` has no ``"records"`` list, has unexpected fields, or a ``stop_reason``
+            that is not a string or a ``best_epoch`` that is not an integer >= 0 (None for either).
         """
         if not isinstance(data, Mapping) or not isinstance(data.get("records"), list):
             raise ValueError(
@@ -240,8 +241,8 @@ class History:
                 f"Unexpected fields {unexpected} in History dict; expected {sorted(_DICT_FIELDS)}"
             )
         history = cls(data.get("method", "lm"))
-        history.stop_reason = data.get("stop_reason")
-        history.best_epoch = data.get("best_epoch")
+        history.stop_reason = _checked_field(data, "stop_reason", str, "None or a string")
+        history.best_epoch = _checked_field(data, "best_epoch", int, "None or an integer epoch >= 0")
         for record in data["records"]:
             history.append(record)
         return history
@@ -286,6 +287,14 @@ class History:
             f"History(method={self.method!r}, epochs={epochs}, stop_reason={self.stop_reason!r}, "
             f"best_epoch={self.best_epoch}, final_perf={perf_text})"
         )
+
+
+def _checked_field(data: Mapping[str, Any], name: str, kind: type, expected: str) -> Any:
+    """``data[name]`` if None or of ``kind`` (an int >= 0, not a bool, for ``best_epoch``)."""
+    value = data.get(name)
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool) and not (kind is int and value < 0)):
+        return value
+    raise ValueError(f"Invalid {name} in History dict: {value!r}; expected {expected}")
 
 
 def _check_key(key: object) -> str:
