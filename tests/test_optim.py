@@ -792,6 +792,18 @@ def test_lm_step_with_scalar_loss_closure_is_a_clear_error():
         opt.step(lambda: torch.nn.functional.mse_loss(model(X), y))
 
 
+def test_lm_single_residual_as_a_one_element_tensor_finds_a_root():
+    # A 0-dim residual is refused as a scalar loss; the message says how to pass one residual.
+    w = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    opt = LevenbergMarquardt([w])
+    with pytest.raises(ValueError, match=r"return a single residual as a 1-element tensor, r.reshape\(1\)"):
+        opt.step(lambda: w**2 - 2)
+    assert float(w.detach()) == 1.0
+    for _ in range(8):
+        opt.step(lambda: (w**2 - 2).reshape(1))
+    assert float(w.detach()) == pytest.approx(math.sqrt(2), rel=1e-12)
+
+
 def test_gradient_descent_step_is_exact():
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = GradientDescent([w], lr=0.1)

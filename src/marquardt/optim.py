@@ -95,7 +95,8 @@ class ClosureProblem:
         if value.ndim == 0:
             raise ValueError(
                 "The closure returned a scalar loss; LevenbergMarquardt needs the residual tensor "
-                "(e.g. return model(X) - y, not a loss such as mse(model(X), y))."
+                "(e.g. return model(X) - y, not a loss such as mse(model(X), y)); return a single residual "
+                "as a 1-element tensor, r.reshape(1)."
             )
         if self.size and value.numel() != self.size:
             raise ValueError(
