@@ -5,7 +5,9 @@ The LM loop (:func:`marquardt.solver.lm_step`) never sees a process rank. It see
 rows in chunks, folded into ``J^T J``) and then sums ``J^T J``, ``J^T r`` and the cost over the
 ranks through a :class:`Reducer`. Every rank then holds the same system, computes the same step
 and takes the same accept/reject decision, so the weights stay identical without being sent
-again after the initial broadcast.
+again after the initial broadcast: as long as every rank's solve rounds the same way (the same
+thread count and BLAS on every rank; otherwise the ranks' weights drift apart by rounding, see
+``docs/scaling.md``).
 
 The sums are exact re-associations of the one-machine sums: the rows of ``J`` are split by
 sample, ``J^T J = sum_k J_k^T J_k``, ``J^T r = sum_k J_k^T r_k`` and the cost likewise. The
