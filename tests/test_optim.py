@@ -867,6 +867,23 @@ def test_momentum_follows_schedulers_that_cycle_the_momentum_as_sgd_does(schedul
     torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=0.0)
 
 
+def test_momentum_group_constants_given_as_beta_or_momentum_are_the_ones_stepped():
+    a, b, c = (torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64)) for _ in range(3))
+    opt = Momentum([{"params": [a], "beta": 0.5}, {"params": [b]}, {"params": [c], "momentum": 0.0}], lr=0.5)
+    assert [group["momentum"] for group in opt.param_groups] == [0.5, 0.9, 0.0]
+    assert all("beta" not in group for group in opt.param_groups)
+    for _ in range(2):
+        opt.zero_grad()
+        sum((p**2).sum() for p in (a, b, c)).backward()
+        opt.step()
+    # v = 2, w = 0 for all; then v = beta * 2 + (1 - beta) * 0 and w = -0.5 * v.
+    assert [float(p.detach()) for p in (a, b, c)] == pytest.approx([-0.5, -0.9, 0.0], rel=1e-15)
+    with pytest.raises(ValueError, match="gives both 'beta' and 'momentum'"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "beta": 0.5, "momentum": 0.5})
+    with pytest.raises(ValueError, match="Invalid beta value: 2.0"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "beta": 2.0})
+
+
 def test_momentum_loads_a_state_dict_that_named_the_constant_beta():
     w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
     opt = Momentum([w], lr=0.5, beta=0.9)

@@ -815,6 +815,18 @@ class Momentum(Optimizer):
         beta = _check_number("beta", beta, strict=False, high=1.0)
         super().__init__(params, dict(lr=lr, momentum=beta))
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group; its own constant may be given as ``"beta"`` (the constructor's name) or
+        ``"momentum"`` (torch.optim's), and is held as ``"momentum"``."""
+        if "beta" in param_group:
+            if "momentum" in param_group:
+                raise ValueError("A parameter group gives both 'beta' and 'momentum'; they name the same constant: "
+                                 "give one.")
+            beta = _check_number("beta", param_group["beta"], strict=False, high=1.0)
+            param_group = {key: value for key, value in param_group.items() if key != "beta"}
+            param_group["momentum"] = beta
+        super().add_param_group(param_group)
+
     def __setstate__(self, state: dict) -> None:
         # A state dict saved when the groups held the constant as "beta" loads as "momentum"
         # (SGD's __setstate__ fills keys added since in the same way).
