@@ -779,6 +779,20 @@ def test_lm_deep_copied_or_pickled_with_its_model_takes_the_same_next_step():
     assert _state(copied_opt) == _state(opt) == _state(loaded_opt)
 
 
+@pytest.mark.parametrize("extra", [0, 4])
+def test_float32_closure_stacking_indexed_elements_steps_in_float32(extra):
+    # torch.func's forward mode gives such a function a float64 Jacobian (least_squares had to
+    # cast it); the optimizer's rows (extra=0) and columns (m = 6 > 2 n) stay float32.
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = LevenbergMarquardt([w])
+    for _ in range(6):
+        cost = opt.step(lambda: torch.stack([3.0 * (w[0] - 1), w[1], *[w[0] + w[1] - 2 for _ in range(extra)]]))
+    assert _state(opt)["jacobian"] == ("reverse" if extra == 0 else "forward")
+    assert w.dtype == cost.dtype == torch.float32
+    expected = [1.0, 0.0] if extra == 0 else [53 / 49, 36 / 49]  # 13 a + 4 b = 17, 4 a + 5 b = 8
+    torch.testing.assert_close(w.detach(), torch.tensor(expected), rtol=0, atol=1e-6)
+
+
 def test_lm_step_without_closure_is_a_clear_error():
     opt = LevenbergMarquardt(torch.nn.Linear(1, 1).parameters())
     with pytest.raises(ValueError, match="needs a closure that returns the residual tensor"):
