@@ -114,6 +114,21 @@ def fit_runs(shard: Callable, distributed: bool, checkpoint: str | None = None) 
     return out
 
 
+def uneven_runs(shard: Callable, distributed: bool) -> dict[str, torch.Tensor]:
+    """fit() by LM, trainbr and momentum where one rank holds 40 samples and the other 1.
+
+    The one-sample shard is in residual-space form locally and the other in normal form: the
+    reduction turns both into ``J^T J``.
+    """
+    X, y = tiny_data()
+    out = {}
+    for method, options in {"lm": {}, "br": {}, "momentum": {"lr": 0.2}}.items():
+        model = tiny_net()
+        fit(model, shard(X), shard(y), epochs=6, method=method, distributed=distributed, **options)
+        out[method] = flatten_parameters(model)
+    return out
+
+
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
@@ -223,6 +238,7 @@ def _agreement_body(folder: str, reducer: Any) -> dict[str, Any]:
     out["matrix_free"] = _matrix_free_run(reducer, X_k, y_k) if _has_matrix_free() else None
     out.update({f"fit_{k}": v for k, v in fit_runs(functools.partial(_shard, reducer), True, folder).items()})
     out["cli_status"] = cli_fit(Path(folder).parent / "data.csv", Path(folder).parent / "cli-2-ranks")
+    out["uneven"] = uneven_runs(lambda X: X[:40] if reducer.rank == 0 else X[40:], True)
     return out
 
 
@@ -524,6 +540,7 @@ def _reference() -> dict[str, Any]:
     if _has_matrix_free():
         ref["matrix_free"] = lm_run(MatrixFreeShard(X, y), flatten_parameters(cg_net()), steps=8)
     ref.update({f"fit_{k}": v for k, v in fit_runs(lambda *t: list(t), False).items()})
+    ref["uneven"] = uneven_runs(lambda X: X, False)
     return ref
 
 
@@ -599,6 +616,13 @@ def test_fit_on_two_ranks_equals_fit_on_all_data_in_one_process(ranks, reference
         assert relative_difference(out[f"fit_{method}"], reference[f"fit_{method}"]) <= 1e-6
         for key, values in reference[f"fit_{method}_history"].items():
             assert out[f"fit_{method}_history"][key] == pytest.approx(values, rel=1e-6, nan_ok=True), key
+
+
+@pytest.mark.parametrize("method", ["lm", "br", "momentum"])
+def test_a_rank_with_one_sample_trains_as_one_process_on_all_data(ranks, reference, method):
+    assert relative_difference(reference["uneven"][method], reference["x0"]) > 1e-2  # the run moved
+    for _, out in ranks.values():
+        assert relative_difference(out["uneven"][method], reference["uneven"][method]) <= 1e-6
 
 
 def test_fit_on_two_ranks_reduces_validation_performance(ranks, reference):
