@@ -665,6 +665,19 @@ def _another_models_residuals():
     return net, lambda: copied(X) - y
 
 
+def _lbfgs_style_closure():
+    # Written as for torch.optim.LBFGS, but returning the residuals: backward() frees the graph.
+    net, X, y = _tanh_problem()
+
+    def closure():
+        net.zero_grad()
+        r = net(X) - y
+        (r**2).sum().backward()
+        return r
+
+    return net, closure
+
+
 # A bad closure or parameter set raises before or during the step; the weights are left as they were.
 _BAD_STEPS = {
     "no parameter requires grad": (_frozen_net, ValueError, "None of the optimizer's parameters requires grad"),
@@ -674,6 +687,8 @@ _BAD_STEPS = {
                                 "residuals do not depend on the parameters"),
     "residuals of another model": (_another_models_residuals, ValueError,
                                    "residuals do not depend on the optimizer's parameters"),
+    "closure calls backward()": (_lbfgs_style_closure, RuntimeError,
+                                 r"does not call backward\(\) on them \(LBFGS closures do\)"),
     "empty residuals": (_residuals_of(lambda net, X, y: (net(X) - y)[:0]), ValueError, "empty residual tensor"),
     "closure raises at a trial": (_raises_at_second_call, RuntimeError, "closure failed at a trial point"),
     "bfloat16 parameters": (_bfloat16_net, TypeError,

@@ -11,6 +11,7 @@ graph (so the closure may itself use autograd, as physics-informed residuals do)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -142,7 +143,7 @@ class ClosureProblem:
             self.used_mode = "reverse" if jac is None else "forward"
             # A small problem's columns are small kernels (n x graph), best on one thread; its rows
             # are m x graph each and were measured faster on two (T1: 103 vs 142 ms at load 3).
-            with single_thread(plan.serial and jac is not None):
+            with single_thread(plan.serial and jac is not None), _freed_graph_hint():
                 lin = self._assemble(r, jac, plan, saved.nbytes, x)
             if not bool(lin.grad.any()):
                 _check_reaches_parameters(r, self.params)
@@ -254,6 +255,21 @@ def _check_start_residuals(r: Tensor) -> None:
     raise ValueError(f"The cost 0.5 * sum(r**2) overflows {r.dtype} at the current parameters (largest |residual| "
                      f"{float(r.abs().max()):.3e}); rescale the residuals, or compute them and the parameters in "
                      "float64.")
+
+
+@contextlib.contextmanager
+def _freed_graph_hint() -> Iterator[None]:
+    """Re-raises autograd's 'backward through the graph a second time' as what a closure did:
+    called ``backward()`` on its residuals, as LBFGS closures do, which frees the graph the
+    Jacobian needs (torch's own advice, retain_graph, reads as if the optimizer should pass it)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "backward through the graph a second time" not in str(error):
+            raise
+        raise RuntimeError("The closure's autograd graph was freed before the step could form the Jacobian: a "
+                           "LevenbergMarquardt closure returns the residuals and does not call backward() on them "
+                           "(LBFGS closures do); remove that call, or give it retain_graph=True.") from error
 
 
 def _check_reaches_parameters(r: Tensor, params: list[Tensor]) -> None:
