@@ -336,6 +336,11 @@ def _resume_body(folder: str, reducer: Any) -> dict[str, Any]:
         out["unshared"] = ("ok", "")
     except Exception as error:  # noqa: BLE001 - the test asserts on the outcome
         out["unshared"] = (type(error).__name__, str(error))
+    try:
+        _checkpoint_fit(f"{folder}-garbled", shard, epochs=9)
+        out["garbled"] = ("ok", "")
+    except Exception as error:  # noqa: BLE001 - the test asserts on the outcome
+        out["garbled"] = (type(error).__name__, str(error))
     return out
 
 
@@ -667,6 +672,9 @@ def resumed(tmp_path_factory) -> dict[str, Any]:
     whole = lambda *tensors: list(tensors)  # noqa: E731
     _checkpoint_fit(str(folder), whole, epochs=4)
     straight, _ = _checkpoint_fit(None, whole, epochs=7)
+    garbled = folder.parent / "checkpoint-garbled"
+    garbled.mkdir()
+    (garbled / "latest.txt").write_bytes(b"\xff\xfe not a name")
     return {"ranks": launch(functools.partial(_resume_body, str(folder))), "folder": folder,
             "straight": flatten_parameters(straight)}
 
@@ -693,6 +701,13 @@ def test_ranks_that_see_different_checkpoints_are_refused_before_training(resume
         assert "is not the same folder on every rank (rank 0: checkpoint-00000006; rank 1: no checkpoint)" in message
     assert (folder / "latest.txt").read_text().strip() == "checkpoint-00000006"
     assert not (folder.parent / "checkpoint-rank-1").exists()  # rank 1 writes nothing
+
+
+def test_a_garbled_checkpoint_pointer_is_named_on_every_rank(resumed):
+    for outcome, out in resumed["ranks"].values():
+        assert outcome == "ok", out
+        error, message = out["garbled"]
+        assert error == "CheckpointError" and "checkpoint-garbled cannot be read" in message, out["garbled"]
 
 
 def test_cli_under_two_ranks_writes_once_and_matches_one_process(agreement):

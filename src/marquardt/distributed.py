@@ -904,8 +904,11 @@ class ShardedCheckpoint:
         from .checkpoint import CheckpointError, latest_checkpoint
 
         folder = self.inner.folder
-        found = latest_checkpoint(folder) if self.inner.resume else None
-        name = b"" if found is None else found.stem.encode("utf-8", "replace")[:_NAME_BYTES]
+        try:
+            found = latest_checkpoint(folder) if self.inner.resume else None
+            name = b"" if found is None else found.stem.encode("utf-8", "replace")[:_NAME_BYTES]
+        except (OSError, ValueError):  # a garbled pointer: the restore names it, once the ranks agree
+            name = b"(unreadable latest.txt)"
         row = torch.zeros(1, _NAME_BYTES, dtype=torch.uint8)
         if name:
             row[0, : len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
