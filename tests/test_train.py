@@ -142,6 +142,20 @@ def test_best_training_weights_kept_without_validation():
     assert history.best_epoch == int(np.argmin(history["perf"]))
 
 
+@pytest.mark.parametrize("method", ["gd", "momentum"])
+def test_a_run_that_is_never_finite_ends_on_its_initial_weights(method):
+    # MATLAB's best.net starts as the initial network; the history already said best_epoch 0
+    # while the module ended on the NaN weights of the last first-order step.
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(3e38)
+        model.bias.zero_()
+    X = torch.linspace(1, 2, 10)[:, None]
+    history = fit(model, X, 2 * X, method=method, epochs=5)
+    assert not any(math.isfinite(p) for p in history["perf"]) and history.best_epoch == 0
+    assert model.weight.item() == pytest.approx(3e38, rel=1e-7) and model.bias.item() == 0.0
+
+
 def test_user_stop_from_callback():
     class StopAtThree(Callback):
         def on_epoch_end(self, history, model):

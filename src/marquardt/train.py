@@ -542,13 +542,21 @@ class _Best:
     def offer(self, value: float, epoch: int, model: nn.Module, keep_weights: bool = True,
               snapshot: Callable[[], Tensor] | None = None) -> bool:
         if value < self.perf:
-            self.perf, self.epoch = value, epoch
-            if keep_weights and snapshot is not None:
-                self.point, self.weights = snapshot(), None
-            elif keep_weights:
-                self.weights, self.point = {k: v.detach().clone() for k, v in model.state_dict().items()}, None
+            self.perf = value
+            if keep_weights:
+                self.keep(epoch, model, snapshot)
+            else:
+                self.epoch = epoch
             return True
         return False
+
+    def keep(self, epoch: int, model: nn.Module, snapshot: Callable[[], Tensor] | None = None) -> None:
+        """Hold the current weights as those of ``epoch`` (the performance is left as it is)."""
+        self.epoch = epoch
+        if snapshot is not None:
+            self.point, self.weights = snapshot(), None
+        else:
+            self.weights, self.point = {k: v.detach().clone() for k, v in model.state_dict().items()}, None
 
 
 def _stop_reason(record: dict, *, goal: float, epochs: int, time_limit: float | None, min_grad: float,
@@ -938,9 +946,13 @@ class _Loop:
 
     def _update_best(self, best: _Best, record: dict, val_fail: int) -> int:
         watched = record["vperf"] if self.val is not None else record["perf"]
-        if not math.isfinite(watched):
-            return val_fail + 1 if self.val is not None else val_fail
         snapshot = self.trainer.snapshot if getattr(self.trainer, "holds_weights", False) else None
+        if not math.isfinite(watched):
+            # Nothing finite yet: the weights the run started from are the best (MATLAB's best.net
+            # starts as the initial network), not the non-finite ones a first-order step reaches.
+            if best.weights is None and best.point is None and not self.keep_last:
+                best.keep(record["epoch"], self.model, snapshot)
+            return val_fail + 1 if self.val is not None else val_fail
         if best.offer(watched, record["epoch"], self.model, keep_weights=not self.keep_last, snapshot=snapshot):
             return 0
         return val_fail + 1 if (self.val is not None and watched > best.perf) else val_fail
