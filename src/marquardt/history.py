@@ -27,9 +27,9 @@ import math
 import numbers
 import operator
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -356,17 +356,3 @@ def _finite_or_none(value: Scalar) -> Scalar:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
-    """:func:`marquardt.io._atomic_write` for a writer that takes an open binary file.
-
-    Kept for ``plot.py``, which saves figures through a handle; new code calls
-    ``io._atomic_write`` with a writer of a path.
-    """
-
-    def to_handle(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            write(handle)
-
-    return _atomic_write(path, to_handle)

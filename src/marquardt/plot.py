@@ -36,7 +36,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from marquardt.history import History, _write_atomically
+from marquardt.history import History
+from marquardt.io import _atomic_write
 from marquardt.network import evaluation_mode
 
 if TYPE_CHECKING:
@@ -461,7 +462,7 @@ def _finish(fig: Figure, path: PathLike | None) -> Figure:
     """Save ``fig`` atomically when a path is given; the format follows the suffix (PNG default)."""
     if path is not None:
         fmt = _image_format(path)
-        _write_atomically(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
+        _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100))
     return fig
 
 
