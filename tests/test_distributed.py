@@ -239,6 +239,7 @@ def _agreement_body(folder: str, reducer: Any) -> dict[str, Any]:
     out.update({f"fit_{k}": v for k, v in fit_runs(functools.partial(_shard, reducer), True, folder).items()})
     out["cli_status"] = cli_fit(Path(folder).parent / "data.csv", Path(folder).parent / "cli-2-ranks")
     out["uneven"] = uneven_runs(lambda X: X[:40] if reducer.rank == 0 else X[40:], True)
+    out["resume"] = _resume_body(str(Path(folder).parent / "resume"), reducer)
     return out
 
 
@@ -526,8 +527,17 @@ def test_initialize_outside_torchrun_says_how_to_start(monkeypatch):
 def agreement(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("distributed")
     write_csv(root / "data.csv")
+    write_resume_folders(root / "resume")
     folder = root / "checkpoint"
     return {"ranks": launch(functools.partial(_agreement_body, str(folder))), "folder": folder, "root": root}
+
+
+def write_resume_folders(folder: Path) -> None:
+    """A checkpoint written by one process after 4 epochs, and beside it a garbled one."""
+    _checkpoint_fit(str(folder), lambda *tensors: list(tensors), epochs=4)
+    garbled = folder.parent / "resume-garbled"
+    garbled.mkdir()
+    (garbled / "latest.txt").write_bytes(b"\xff\xfe not a name")
 
 
 def _reference() -> dict[str, Any]:
@@ -666,17 +676,12 @@ def test_checkpoint_written_by_two_ranks_resumes_in_one_process(agreement, refer
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory) -> dict[str, Any]:
-    """A checkpoint written by one process after 4 epochs, resumed on two ranks to epoch 7."""
-    folder = tmp_path_factory.mktemp("resume") / "checkpoint"
-    whole = lambda *tensors: list(tensors)  # noqa: E731
-    _checkpoint_fit(str(folder), whole, epochs=4)
-    straight, _ = _checkpoint_fit(None, whole, epochs=7)
-    garbled = folder.parent / "checkpoint-garbled"
-    garbled.mkdir()
-    (garbled / "latest.txt").write_bytes(b"\xff\xfe not a name")
-    return {"ranks": launch(functools.partial(_resume_body, str(folder))), "folder": folder,
-            "straight": flatten_parameters(straight)}
+def resumed(agreement) -> dict[str, Any]:
+    """The one-process checkpoint of write_resume_folders, resumed on two ranks to epoch 7."""
+    straight, _ = _checkpoint_fit(None, lambda *tensors: list(tensors), epochs=7)
+    return {"ranks": {rank: (outcome, out["resume"] if outcome == "ok" else out)
+                      for rank, (outcome, out) in agreement["ranks"].items()},
+            "folder": agreement["root"] / "resume", "straight": flatten_parameters(straight)}
 
 
 def test_checkpoint_written_by_one_process_resumes_on_two_ranks(resumed):
@@ -700,14 +705,14 @@ def test_ranks_that_see_different_checkpoints_are_refused_before_training(resume
         assert error == "CheckpointError", message
         assert "is not the same folder on every rank (rank 0: checkpoint-00000006; rank 1: no checkpoint)" in message
     assert (folder / "latest.txt").read_text().strip() == "checkpoint-00000006"
-    assert not (folder.parent / "checkpoint-rank-1").exists()  # rank 1 writes nothing
+    assert not (folder.parent / "resume-rank-1").exists()  # rank 1 writes nothing
 
 
 def test_a_garbled_checkpoint_pointer_is_named_on_every_rank(resumed):
     for outcome, out in resumed["ranks"].values():
         assert outcome == "ok", out
         error, message = out["garbled"]
-        assert error == "CheckpointError" and "checkpoint-garbled cannot be read" in message, out["garbled"]
+        assert error == "CheckpointError" and "resume-garbled cannot be read" in message, out["garbled"]
 
 
 def test_cli_under_two_ranks_writes_once_and_matches_one_process(agreement):
