@@ -113,3 +113,12 @@ def test_memory_table_sample_space_row():
         history = marquardt.fit(model, X, torch.sin(3 * X), epochs=1, max_jacobian_bytes=budget)
         forms[budget] = history["solver"][-1]
     assert forms == {jacobian_bytes: "sample-space", jacobian_bytes - 8: "chunked-cholesky"}
+
+
+def test_optimizers_doc_examples_run():
+    """docs/optimizers.md's Python blocks run in order, in one namespace, as a reader pastes them."""
+    blocks = python_blocks(ROOT / "docs" / "optimizers.md")
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/optimizers.md", "exec"), namespace)
