@@ -371,3 +371,25 @@ def test_checkpoint_folder_under_a_file_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=f"checkpoint='{file}/ckpt' cannot be written: {file} is not a folder"):
         fit(model, X, y, epochs=4, checkpoint=file / "ckpt", checkpoint_every=2, progress=False)
     assert same_weights(dict(model.named_parameters()), before)
+
+
+def test_momentum_checkpoint_naming_its_constant_beta_still_resumes(tmp_path):
+    # Checkpoints written before Momentum held its constant under torch.optim's "momentum" key
+    # (c13b116) record it as "beta"; a resume refused them as a run with other options.
+    from marquardt.io import save_state
+
+    X, y = problem()
+    common = dict(method="momentum", epochs=12, min_grad=0.0, seed=3, progress=False)
+    plain = network()
+    expected = fit(plain, X, y, **common)
+    with pytest.raises(Interrupted):
+        fit(network(), X, y, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(8)], **common)
+    path = latest_checkpoint(tmp_path)
+    tensors, meta = load_state(path)
+    options = meta["run"]["options"]
+    options["beta"] = options.pop("momentum")
+    save_state(path, tensors, meta)
+    resumed_model = network()
+    resumed = fit(resumed_model, X, y, checkpoint=tmp_path, checkpoint_every=2, **common)
+    assert same_weights(resumed_model.state_dict(), plain.state_dict())
+    assert without_time(resumed) == without_time(expected)

@@ -163,7 +163,7 @@ class Checkpointer:
 
     def _check_compatible(self, path: Path, loop: Any, meta: Mapping[str, Any]) -> None:
         expected = self._fingerprint(loop)
-        found = meta.get("run")
+        found = _current_names(meta.get("run"))
         if meta.get("format") != _FORMAT:
             raise CheckpointError(
                 path, f"has checkpoint format {meta.get('format')!r}, and this marquardt resumes format {_FORMAT}",
@@ -311,6 +311,21 @@ def _trainer_options(trainer: Any) -> dict[str, Any]:
         return {key: value for key, value in group.items() if key != "params"}
     options = getattr(trainer, "options", {})
     return {key: options[key] for key in _LM_OPTIONS if key in options}
+
+
+#: Method options renamed since checkpoints were first written, per method: old name -> new.
+#: Momentum's constant is held under torch.optim's "momentum" (schedulers cycle it), not "beta".
+_RENAMED_OPTIONS: dict[str, dict[str, str]] = {"momentum": {"beta": "momentum"}}
+
+
+def _current_names(run: Any) -> Any:
+    """A checkpointed run record with its method options under today's names, so that a
+    checkpoint written before a rename resumes."""
+    renames = _RENAMED_OPTIONS.get(run.get("method")) if isinstance(run, Mapping) else None
+    options = run.get("options") if renames else None
+    if not isinstance(options, Mapping) or not any(old in options for old in renames):
+        return run
+    return {**run, "options": {renames.get(key, key): value for key, value in options.items()}}
 
 
 def _differences(found: Any, expected: Mapping[str, Any]) -> list[str]:
