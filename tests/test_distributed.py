@@ -458,10 +458,22 @@ def test_make_reducer_without_process_group():
     (1, 0, 2, "Cannot shard 1 samples over 2 ranks"),
     (10, 2, 2, "Invalid rank 2 for world_size 2"),
     (10, -1, 2, "Invalid rank -1 for world_size 2"),
+    # Float bounds came back ((0.0, 5.0)), which fail only when they slice X.
+    (10.0, 0, 2, "Invalid n_samples value: 10.0; expected an integer >= 0"),
+    (10, 0, 2.0, "Invalid world_size value: 2.0; expected an integer >= 1"),
+    (10, 0.0, 2, r"Invalid rank value: 0.0; expected an integer in \[0, world_size\)"),
+    (10, True, 2, r"Invalid rank value: True; expected an integer in \[0, world_size\)"),
+    (-1, 0, 1, "Invalid n_samples value: -1; expected an integer >= 0"),
+    (10, 0, 0, "Invalid world_size value: 0; expected an integer >= 1"),  # said "Invalid rank 0 for world_size 0"
 ])
 def test_shard_bounds_bad_input(n, rank, world, message):
     with pytest.raises(ValueError, match=message):
         shard_bounds(n, rank, world)
+
+
+def test_shard_bounds_are_python_ints_for_numpy_integers():
+    bounds = shard_bounds(np.int64(41), np.int32(1), np.int64(2))
+    assert bounds == (20, 41) and all(type(b) is int for b in bounds)
 
 
 def test_shards_cover_the_samples_in_order():

@@ -739,6 +739,13 @@ def shard_bounds(n_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     >>> [shard_bounds(10, r, 3) for r in range(3)]
     [(0, 3), (3, 6), (6, 10)]
     """
+    # A float count gave float bounds (X[0.0:5.0] then failed far from here); a bool is a mistake.
+    for name, value, least in (("n_samples", n_samples, 0), ("world_size", world_size, 1)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"Invalid {name} value: {value!r}; expected an integer >= {least}.")
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)):
+        raise ValueError(f"Invalid rank value: {rank!r}; expected an integer in [0, world_size).")
+    n_samples, rank, world_size = int(n_samples), int(rank), int(world_size)
     if not (0 <= rank < world_size):
         raise ValueError(f"Invalid rank {rank!r} for world_size {world_size!r}; expected 0 <= rank < world_size.")
     if n_samples < world_size:
