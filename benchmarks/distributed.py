@@ -331,7 +331,7 @@ def report(one: dict, two: dict, cases: tuple[Case, ...], steps: int, load: tupl
         "rank the shared cores descheduled), weighted by 1/t so small messages count.",
         "",
         "Per LM step each rank makes one reduction for the linearization and one per trial step "
-        "(the cost, 8 bytes: scalars go as float64), each preceded by a flag reduction of 4 bytes per rank "
+        "(the cost, 8 bytes: scalars go as float64), each preceded by a flag reduction of 8 bytes per rank "
         "(`marquardt.distributed.fail_together`); so `2 (1 + trials)` collectives.",
         "",
     ]

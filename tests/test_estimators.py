@@ -289,3 +289,23 @@ def test_first_order_estimators_stop_at_matlabs_min_grad(method):
     gradient = reg.history_["gradient"]
     assert reg.history_.stop_reason == "Minimum gradient reached."
     assert gradient[-1] <= 1e-5 < gradient[-2]
+
+
+@pytest.mark.parametrize("estimator", [LMRegressor(hidden_layer_sizes=(3,), epochs=2, random_state=0),
+                                       LMClassifier(hidden_layer_sizes=(3,), epochs=2, random_state=0)])
+def test_estimators_train_in_their_own_process_under_a_process_group(monkeypatch, estimator):
+    # Under an initialized process group fit reduces over the ranks by default: an estimator on
+    # rank 1 took rank 0's weights and trained on both ranks' data, and batch_size failed.
+    import marquardt.estimators as module
+
+    received = {}
+    real_fit = module.fit
+
+    def spy(*args, **kwargs):
+        received.update(kwargs)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(module, "fit", spy)
+    X, y = make_classification(n_samples=30, n_features=3, n_informative=2, n_redundant=0, random_state=0)
+    estimator.fit(X, y.astype(float) if isinstance(estimator, LMRegressor) else y)
+    assert received["distributed"] is False

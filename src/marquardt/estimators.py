@@ -117,7 +117,10 @@ class _LMEstimator(BaseEstimator):
         return dict(method=method, loss=loss, epochs=self.epochs, goal=self.goal, min_grad=self.min_grad,
                     max_fail=self.max_fail, division="random" if held_out > 0 else None,
                     split=(1.0 - held_out, held_out, 0.0), batch_size=self.batch_size, time_limit=self.time_limit,
-                    seed=seed, progress=bool(self.verbose), **(self.method_options or {}))
+                    seed=seed, progress=bool(self.verbose),
+                    # An estimator trains on the data it is given, in this process: under a process
+                    # group (a torchrun job) fit would sum over the ranks and take rank 0's weights.
+                    distributed=False, **(self.method_options or {}))
 
     def _torch_dtype(self) -> torch.dtype:
         if not isinstance(self.dtype, str) or self.dtype not in _DTYPES:
