@@ -143,7 +143,10 @@ class ClosureProblem:
             self.used_mode = "reverse" if jac is None else "forward"
             # A small problem's columns are small kernels (n x graph), best on one thread; its rows
             # are m x graph each and were measured faster on two (T1: 103 vs 142 ms at load 3).
-            with single_thread(plan.serial and jac is not None), _freed_graph_hint():
+            # A non-finite J (sqrt at 0) is refused right after with a ValueError (_iterate); numpy's
+            # "invalid value encountered in matmul" from the J^T J blocks would only precede it.
+            with single_thread(plan.serial and jac is not None), _freed_graph_hint(), \
+                    np.errstate(invalid="ignore", over="ignore"):
                 lin = self._assemble(r, jac, plan, saved.nbytes, x)
             if not bool(lin.grad.any()):
                 _check_reaches_parameters(r, self.params)
