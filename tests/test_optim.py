@@ -1002,3 +1002,15 @@ def test_kept_problem_follows_new_targets_and_is_rebuilt_for_a_new_input():
         X2.mul_(0.5)  # modified in place: rebuilt, and the step is that of the new data
     opt.step(lambda: net(X2) - shifted)
     assert opt._kept.problem is not kept and torch.equal(opt._kept.problem.X, X2)
+
+
+def test_lm_non_finite_jacobian_of_a_plain_closure_gives_the_error_alone():
+    # sqrt at 0 through the autograd path: numpy's "invalid value encountered in matmul" from
+    # the J^T J blocks used to precede the ValueError.
+    w = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+    opt = LevenbergMarquardt([w])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"gradient J\^T r is not finite"):
+            opt.step(lambda: torch.stack([torch.sqrt(w[0]) - 1, w[1] - 2]))
+    assert w.detach().tolist() == [0.0, 1.0]
