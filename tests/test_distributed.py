@@ -97,10 +97,15 @@ def fit_runs(shard: Callable, distributed: bool, checkpoint: str | None = None) 
     rank = int(os.environ.get("RANK", "0"))
     runs = {"lm": (tiny_net, dict(method="lm", validation_data=(Xv, yv))), "br": (tiny_net, dict(method="br")),
             "momentum": (tiny_net, dict(method="momentum", lr=0.2)),
-            "matrix_free": (cg_net, dict(method="lm", solver="matrix-free"))}
+            "matrix_free": (cg_net, dict(method="lm", solver="matrix-free")),
+            # LBFGS reads the closure's loss (line search, tolerance_change). Over 20 steps it
+            # amplifies rounding (the samples merely permuted in one process move its weights
+            # by 1e-8 after 3 epochs of 20 iterations): 4 epochs of 5 iterations keep it to 1e-12.
+            "lbfgs": (tiny_net, dict(method=torch.optim.LBFGS, max_iter=5, line_search_fn="strong_wolfe",
+                                     epochs=4))}
     for name, (net, options) in runs.items():
         model = tiny_net(seed=rank) if net is tiny_net else net()  # fit sends rank 0's weights
-        history = fit(model, X, y, epochs=8, distributed=distributed, **options)
+        history = fit(model, X, y, **{"epochs": 8, "distributed": distributed, **options})
         out[name] = flatten_parameters(model)
         out[name + "_solver"] = history["solver"][1:]
         out[name + "_history"] = {k: history[k] for k in ("perf", "vperf", "gradient", "damping", "gamma")
@@ -235,6 +240,7 @@ def _agreement_body(folder: str, reducer: Any) -> dict[str, Any]:
     out["gd"] = gd_run(model, X_k, y_k, steps=10, reducer=reducer, weight=weight)
     out["range"] = global_range(X_k, reducer)
     out["gathered"] = _gathered_run(reducer)
+    out["closure"] = _closure_run(reducer, X_k, y_k)
     out["matrix_free"] = _matrix_free_run(reducer, X_k, y_k) if _has_matrix_free() else None
     out.update({f"fit_{k}": v for k, v in fit_runs(functools.partial(_shard, reducer), True, folder).items()})
     out["cli_status"] = cli_fit(Path(folder).parent / "data.csv", Path(folder).parent / "cli-2-ranks")
@@ -266,6 +272,18 @@ def _gathered_run(reducer: Any) -> dict[str, Any]:
     lin = problem.linearize(x0)
     sent = {"form": lin.system.name, "bytes": reducer.bytes - before[0], "calls": reducer.calls - before[1]}
     return {"x": lm_run(problem, x0, steps=8), **sent}
+
+
+def _closure_run(reducer: Any, X: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """One call of a first-order trainer's closure: the loss it returns and what it sent."""
+    from marquardt.train import FirstOrderTrainer, Split
+
+    model = tiny_net()
+    trainer = FirstOrderTrainer(model, Split(X, y), torch.optim.SGD(model.parameters(), lr=0.1), reducer=reducer)
+    before = reducer.bytes, reducer.calls
+    loss = trainer._loss_and_gradient(X, y)
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return {"loss": float(loss), "grad": grad, "bytes": reducer.bytes - before[0], "calls": reducer.calls - before[1]}
 
 
 def _has_matrix_free() -> bool:
@@ -561,6 +579,11 @@ def _reference() -> dict[str, Any]:
     ref = {"x0": x0, "grad": lin.grad, "gram": lin.system.gram, "cost": lin.cost, "form": problem.plan.form}
     ref["lm"] = lm_run(problem, x0, steps=8)
     ref["gd"] = gd_run(model, X, y, steps=10, reducer=LocalReducer(), weight=1.0)
+    closure = tiny_net()
+    loss = nn.functional.mse_loss(closure(X), y)
+    loss.backward()
+    ref["closure_loss"] = float(loss.detach())
+    ref["closure_grad"] = torch.cat([p.grad.reshape(-1) for p in closure.parameters()])
     ref["range"] = torch.stack([X.amin(0), X.amax(0)])
     few = ModuleProblem(tiny_net(), *tiny_data(20))
     ref["gathered"] = lm_run(few, x0, steps=8) if few.plan.form == "sample-space" else None
@@ -624,6 +647,18 @@ def test_two_ranks_first_order_weights_equal_one_process_on_all_data(ranks, refe
         assert relative_difference(out["gd"], ref["gd"]) <= 1e-6
 
 
+def test_first_order_closure_returns_the_loss_of_all_samples_in_the_gradient_reduction(ranks, reference):
+    # LBFGS reads the closure's value: this rank's own loss sent the ranks down different
+    # line searches (DistributedError). The loss rides in the gradient's message.
+    n = 25
+    for _, out in ranks.values():
+        closure = out["closure"]
+        assert closure["loss"] == pytest.approx(reference["closure_loss"], rel=1e-12)
+        assert relative_difference(closure["grad"], reference["closure_grad"]) <= 1e-12
+        assert closure["calls"] == 2  # failure flags, then the gradient and the loss
+        assert closure["bytes"] == 8 * (n + 1) + 8 * WORLD
+
+
 def test_linearize_sends_the_upper_gram_gradient_and_cost_in_one_reduction(ranks, reference):
     n = 25
     out = ranks[0][1]
@@ -632,7 +667,7 @@ def test_linearize_sends_the_upper_gram_gradient_and_cost_in_one_reduction(ranks
     assert payload_bytes(n, 8) < 8 * (n * n + n + 1)
 
 
-@pytest.mark.parametrize("method", ["lm", "br", "momentum", "matrix_free"])
+@pytest.mark.parametrize("method", ["lm", "br", "momentum", "matrix_free", "lbfgs"])
 def test_fit_on_two_ranks_equals_fit_on_all_data_in_one_process(ranks, reference, method):
     if method == "matrix_free":
         assert set(reference["fit_matrix_free_solver"]) == {"cg"}

@@ -806,22 +806,36 @@ def global_scale(local_scale: float, reducer: Reducer) -> float:
     return 1.0 / reducer.sum_scalar(1.0 / local_scale)
 
 
-def average_gradients(parameters: Iterable[Tensor], reducer: Reducer, weight: float) -> None:
+def average_gradients(parameters: Iterable[Tensor], reducer: Reducer, weight: float,
+                      loss: Tensor | None = None) -> Tensor | None:
     """Replace each ``.grad`` by ``sum_k weight_k * grad_k`` over the ranks, in one reduction.
 
     With ``weight`` this rank's share of the samples (``count_k / count``), the gradients of
-    per-rank mean losses become the gradient of the mean loss over all samples.
+    per-rank mean losses become the gradient of the mean loss over all samples. With ``loss``
+    (this rank's mean loss), ``sum_k weight_k * loss_k``, the mean loss over all samples, is
+    reduced in the same message (one number more, no collective more) and returned; else None.
+
+    Examples
+    --------
+    >>> w = torch.ones(2, requires_grad=True); (w ** 2).sum().backward()
+    >>> float(average_gradients([w], LocalReducer(), 1.0, loss=torch.tensor(3.0))), w.grad.tolist()
+    (3.0, [2.0, 2.0])
     """
     if reducer.world_size == 1:
-        return
+        return loss
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    total = reducer.sum(torch.cat([g.reshape(-1) for g in grads]) * weight)
+    parts = [g.reshape(-1) for g in grads]
+    if loss is not None:
+        # In the gradients' dtype, so that the message stays one tensor (torch.cat would promote).
+        parts.append(loss.detach().reshape(1).to(grads[0].dtype if grads else torch.float64))
+    if not parts:
+        return None
+    total = reducer.sum(torch.cat(parts) * weight)
     offset = 0
     for g in grads:
         g.copy_(total[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+    return None if loss is None else total[-1].to(loss.dtype)
 
 
 def slowest(seconds: float, reducer: Reducer) -> float:

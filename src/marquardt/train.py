@@ -408,11 +408,18 @@ class FirstOrderTrainer:
             self.optimizer.step(functools.partial(self._loss_and_gradient, X_b, y_b))
 
     def _loss_and_gradient(self, X_b: Tensor, y_b: Tensor) -> Tensor:
+        """The closure: the loss and gradient of all ranks' samples (of this batch).
+
+        LBFGS reads the loss (tolerance_change, the strong-Wolfe line search); this rank's own
+        loss sent the ranks through different inner iterations. The loss rides in the gradient
+        reduction, so optimizers that ignore it pay one number, not a collective.
+        """
         self.optimizer.zero_grad()
         loss = self.loss.criterion(self.model(X_b), y_b)
         loss.backward()
-        average_gradients(self.model.parameters(), self.reducer, self.share)
-        return loss
+        if self.reducer.world_size == 1:
+            return loss
+        return average_gradients(self.model.parameters(), self.reducer, self.share, loss=loss)
 
     def sync_from_model(self) -> None:
         pass
@@ -718,8 +725,8 @@ def fit(
         Data-parallel training over :mod:`torch.distributed` (:mod:`marquardt.distributed`);
         by default whenever a process group is initialized. Each rank passes *its own shard*
         of the samples as ``X, y`` (and of ``validation_data``; ``division`` divides each
-        shard). ``J^T J``, ``J^T e``, costs and performances (gradients for first-order
-        methods) are summed over the ranks, so every rank takes the same steps as one process
+        shard). ``J^T J``, ``J^T e``, costs and performances (gradients and the closure's
+        loss for first-order methods) are summed over the ranks, so every rank takes the same steps as one process
         training on all the samples. Rank 0's initial weights are sent to all ranks. Not with
         ``batch_size``. Rank 0 alone writes checkpoints (to a folder every rank can read; a run
         resumes on any number of ranks) and shows progress; callbacks run on every rank and
