@@ -419,6 +419,10 @@ MISMATCHES = {
     "bad option on rank 0": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2,
                                                     batch_size=8 if rank == 0 else None),
     "bad mu on rank 1": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2, mu=-1.0 if rank else 1e-3),
+    # Checked before fail_together: rank 0 said only "collective failed (connection reset)".
+    "callbacks not iterable on rank 1": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2,
+                                                                callbacks=5 if rank else ()),
+    "no module on rank 0": lambda rank, X, y: dict(model="net" if rank == 0 else tiny_net(), X=X, y=y, epochs=2),
     # Ranks whose code takes different paths reached collectives of other sizes: gloo aborted
     # rank 0 ("terminate called ... Received data size doesn't match expected size").
     "momentum on rank 1": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2,
@@ -872,9 +876,13 @@ def test_fit_refuses_a_reducer_that_lacks_members_before_training():
 @pytest.mark.parametrize("case, bad, message", [
     ("bad option on rank 0", 0, "ValueError: Invalid batch_size for distributed training: 8"),
     ("bad mu on rank 1", 1, "ValueError: Invalid mu value: -1.0"),
+    ("callbacks not iterable on rank 1", 1, "TypeError: callbacks must be a sequence of marquardt.Callback "
+                                            "instances; received int"),
+    ("no module on rank 0", 0, "TypeError: model must be a torch.nn.Module; received str"),
 ])
 def test_a_bad_option_on_one_rank_stops_the_others(mismatches, case, bad, message):
     outcomes = {rank: value[case] for rank, (_, value) in mismatches.items()}
-    assert outcomes[bad][0] == "ValueError" and message.split(": ", 1)[1] in outcomes[bad][1]
+    error, text = message.split(": ", 1)
+    assert outcomes[bad][0] == error and text in outcomes[bad][1]
     assert outcomes[1 - bad][0] == "DistributedError", outcomes
     assert f"rank {bad}: {message}" in outcomes[1 - bad][1], outcomes

@@ -815,13 +815,14 @@ def fit(
     >>> history.stop_reason
     'Performance goal met.'
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}.")
-    callbacks = _callback_list(callbacks)
     reducer = make_reducer(distributed)
-    # Options are checked inside fail_together: a rank with a bad option stops its peers with a
-    # DistributedError instead of leaving them waiting in their first collective.
+    # Arguments are checked inside fail_together: a rank with a bad one stops its peers with a
+    # DistributedError naming its error, instead of leaving them waiting in their first
+    # collective until its exit resets the connection.
     with fail_together(reducer):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; received {type(model).__name__}.")
+        callbacks = _callback_list(callbacks)
         _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks, seed,
                           progress)
         # numpy integers pass the checks; torch's seeding and tensor splitting take Python ints only.
