@@ -122,3 +122,87 @@ def test_optimizers_doc_examples_run():
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "docs/optimizers.md", "exec"), namespace)
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _section(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def _duration(seconds: float) -> str:
+    """A time as the benchmark tables print it: three significant digits in us, ms or s."""
+    for scale, unit in ((1e6, "us"), (1e3, "ms")):
+        if seconds * scale < 1000:
+            return f"{seconds * scale:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def _nist_rows() -> list[list[str]]:
+    lines = (RESULTS / "nist.md").read_text().splitlines()
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines
+            if re.match(r"\| \w+ \| (Lower|Average|Higher) \|", line)]
+
+
+def test_readme_nist_table_matches_results():
+    # The README's accuracy table is nist.md's summary, row for row.
+    summary = re.findall(r"LRE >= 4 in (\d+)/54, LRE >= 6 in (\d+)/54, mean LRE ([\d.]+)",
+                         (RESULTS / "nist.md").read_text())
+    section = _section(README.read_text(), "### Accuracy: NIST StRD", "The 11 runs")
+    table = [[cell.replace("*", "").replace(" ", "") for cell in line.split("|")[1:-1]]
+             for line in section.splitlines() if line.startswith("| ") and "/ 54" in line]
+    assert [(row[1], row[2], row[3]) for row in table] == [(f"{a}/54", f"{b}/54", mean) for a, b, mean in summary]
+
+
+def test_readme_nist_runs_below_six_and_times_match_results():
+    rows = _nist_rows()
+    assert len(rows) == 54
+    below = [(row[0], row[2]) for row in rows if float(row[3]) < 6]
+    readme = README.read_text()
+    assert f"The {len(below)} runs under LRE 6 (" in readme
+    named = re.search(r"runs under LRE 6 \(([^)]*)\)", readme).group(1)
+    assert {problem for problem, _ in below} == {name.split()[0] for name in named.split(", ")}
+    ours, scipy = (np.median([float(row[column]) for row in rows]) for column in (5, 8))
+    ratio = np.median([float(row[5]) / float(row[8]) for row in rows])
+    assert f"{ours:.0f} ms for marquardt against {scipy:.0f} ms for scipy's" in readme
+    assert f"a median ratio of {ratio:.1f}x" in readme
+
+
+@pytest.mark.parametrize("case, contenders", [
+    ("T1", ["ours (fit)", "ours (optimizer)", "peer (cholesky)", "peer (default: qr)"]),
+    ("T2", ["ours (fit)", "ours (optimizer)", "peer (cholesky)"]),
+    ("T3", ["ours (fit)"]),
+    ("T5", ["ours (fit)", "ours (optimizer)", "peer (cholesky)"]),
+])
+def test_readme_step_times_match_results(case, contenders):
+    # The README quotes the per-step medians that benchmarks/results/<case>.json records.
+    import json
+
+    measured = json.loads((RESULTS / f"{case}.json").read_text())["per_step"]["contenders"]
+    section = _section(README.read_text(), "### Speed and memory", "### Accuracy")
+    for name in contenders:
+        assert _duration(measured[name]["median"]) in section, (case, name)
+
+
+def test_readme_target_ratios_match_results():
+    # Each ratio of performance.md's targets table, to the README's precision (two decimals, or
+    # one for T5's).
+    targets = _section((RESULTS / "performance.md").read_text(), "## Targets", "## T1")
+    section = _section(README.read_text(), "### Speed and memory", "### Accuracy")
+    for line in targets.splitlines():
+        for ratio in re.findall(r"(\d+\.\d+)x", line):
+            shown = f"{float(ratio):.1f}x" if line.startswith("| T5") else f"{ratio}x"
+            assert shown in section, line
+
+
+def test_t2_two_factorizations_ratio_matches_results():
+    # 'syrk + 2 factorizations is already ...x the bound', from the bound's own kernel times.
+    import json
+
+    bound = json.loads((RESULTS / "T2.json").read_text())["per_step"]["bound"]
+    syrk, chol = bound["syrk_s"], bound["chol_s"]
+    ratio = f"{(syrk + 2 * chol) / (syrk + chol):.2f}x"
+    assert f"`syrk` + 2 factorizations is already {ratio} the bound" in README.read_text()
+    performance = " ".join((ROOT / "docs" / "performance.md").read_text().split())
+    assert f"`syrk` {syrk:.2f} s plus two `spotrf` of {chol:.2f} s is already {ratio}" in performance
