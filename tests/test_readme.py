@@ -206,3 +206,25 @@ def test_t2_two_factorizations_ratio_matches_results():
     assert f"`syrk` + 2 factorizations is already {ratio} the bound" in README.read_text()
     performance = " ".join((ROOT / "docs" / "performance.md").read_text().split())
     assert f"`syrk` {syrk:.2f} s plus two `spotrf` of {chol:.2f} s is already {ratio}" in performance
+
+
+def test_cli_doc_reads_back_a_run(tmp_path, monkeypatch, capsys):
+    """docs/cli.md's Python block reads the model, metadata and History that `marquardt fit` wrote."""
+    from marquardt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rows = "\n".join(f"{x / 10},{(x / 10) ** 2}" for x in range(12))
+    Path("data.csv").write_text(f"x,y\n{rows}\n")
+    assert main(["fit", "data.csv", "--target", "y", "--epochs", "3", "--division", "none", "--seed", "0",
+                 "--out", "run"]) == 0
+    (block,) = python_blocks(ROOT / "docs" / "cli.md")
+    namespace: dict = {}
+    exec(compile(block, "docs/cli.md", "exec"), namespace)
+    cli = namespace["metadata"]["cli"]
+    assert (cli["targets"], cli["features"], cli["loss"]) == (["y"], ["x"], "mse")
+    assert cli["options"]["seed"] == 0 and cli["metrics"][0]["samples"] == 12
+    history = namespace["history"]
+    assert (history.stop_reason, len(history)) == ("Maximum epoch reached.", 4)
+    assert f"stop reason: {history.stop_reason} epochs: 3" in capsys.readouterr().out
+    assert torch.equal(namespace["model"](torch.zeros(1, 1, dtype=torch.float64)),
+                       marquardt.load(tmp_path / "run" / "model")(torch.zeros(1, 1, dtype=torch.float64)))
