@@ -228,3 +228,22 @@ def test_cli_doc_reads_back_a_run(tmp_path, monkeypatch, capsys):
     assert f"stop reason: {history.stop_reason} epochs: 3" in capsys.readouterr().out
     assert torch.equal(namespace["model"](torch.zeros(1, 1, dtype=torch.float64)),
                        marquardt.load(tmp_path / "run" / "model")(torch.zeros(1, 1, dtype=torch.float64)))
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", [README, *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    # Every link to another file of the project names a file that exists, and an anchor a heading there.
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name} links {target}"
+        if anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{page.name} links {target}"
