@@ -530,3 +530,26 @@ def test_a_closed_pipe_is_not_a_traceback(regression_csv, tmp_path):
     reader.stdout.close()  # as `| head -0` would
     _, err = reader.communicate()
     assert b"Traceback" not in err and reader.returncode == 1
+
+
+def test_a_checkpoint_folder_the_file_system_refuses_is_a_usage_error_before_training(regression_csv, tmp_path,
+                                                                                      capsys, monkeypatch):
+    # As root, os.access says yes where the file system refuses (--checkpoint /proc/x): training
+    # ran, then the first checkpoint write ended in a traceback. The pre-check now makes a file.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    trained = []
+    monkeypatch.setattr(cli, "train_model", lambda *args, **kwargs: trained.append(1))
+    code = run_fit(regression_csv, tmp_path / "out", "--target", "y", "--features", "x1,x2", "--checkpoint",
+                   str(tmp_path / "ckpt"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot create files in" in err and trained == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_checkpoint_under_proc_is_refused_as_a_usage_error(regression_csv, tmp_path, capsys):
+    assert run_fit(regression_csv, tmp_path / "out", "--target", "y", "--features", "x1,x2",
+                   "--checkpoint", "/proc/marquardt-ckpt") == 2
+    assert "--checkpoint /proc/marquardt-ckpt: cannot create files in /proc" in capsys.readouterr().err
