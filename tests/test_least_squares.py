@@ -62,6 +62,10 @@ X0 = [1.0, 1.0, 0.0]
         (decay, torch.tensor(X0, dtype=torch.float16), {}, TypeError,
          r"x0 has dtype torch.float16; expected torch.float32 or torch.float64"),
         (decay, X0, dict(ftol=True), ValueError, "Invalid ftol value: True"),
+        # every convergence test off: the end would be reported as an ftol stop (scipy refuses too)
+        (decay, X0, dict(ftol=None, xtol=None, gtol=None), ValueError,
+         r"Invalid tolerances: ftol=None, xtol=None, gtol=None; at least one must be a number above machine epsilon"),
+        (decay, X0, dict(ftol=0.0, xtol=1e-17, gtol=None), ValueError, r"Invalid tolerances: ftol=0.0, xtol=1e-17"),
         (decay, X0, dict(max_nfev=True), ValueError, "Invalid max_nfev value: True"),
         (lambda b, c: decay(b) * c, X0, dict(args=2.0), TypeError,
          r"args must be a tuple of extra arguments for fun; received float 2.0 \(write args=\(2.0,\)"),

@@ -480,7 +480,9 @@ def least_squares(
         trial with ``2 |a| / |v| > 0.75`` (norms in the damping metric) is rejected and the
         damping raised, as in Transtrum & Sethna's geodesicLM.
     ftol, xtol, gtol : float or None
-        ``None`` or ``0`` disables the test, as in :func:`scipy.optimize.least_squares`. ``ftol``: stop when an accepted step reduced the cost, and the model predicted it would,
+        ``None`` or ``0`` disables the test, as in :func:`scipy.optimize.least_squares`; at
+        least one must stay above machine epsilon (a ValueError otherwise, as in scipy).
+        ``ftol``: stop when an accepted step reduced the cost, and the model predicted it would,
         by at most ``ftol * cost`` (scipy's test), and the undamped Gauss-Newton model at the new
         point can remove at most ``ftol * cost / max(1, m - n)`` more. ``xtol``: stop when a step
         is shorter than ``xtol * (xtol + ||x||)``. ``gtol``: stop when
@@ -820,6 +822,12 @@ def _validate_options(*, ftol: float | None, xtol: float | None, gtol: float | N
         if value is not None and (not is_real_number(value) or not math.isfinite(value) or value < 0):
             raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number >= 0, or None to disable "
                              "the test.")
+    eps = float(np.finfo(np.float64).eps)
+    if all(value is None or value < eps for value in (ftol, xtol, gtol)):
+        # With every test off, the run could only end at max_nfev or when the damping gives up,
+        # which would be reported as an ftol stop (status 2); scipy refuses this too.
+        raise ValueError(f"Invalid tolerances: ftol={ftol!r}, xtol={xtol!r}, gtol={gtol!r}; at least one must be "
+                         f"a number above machine epsilon ({eps:.2e}), or the run has no convergence test.")
     if max_nfev is not None and (not isinstance(max_nfev, (int, np.integer)) or isinstance(max_nfev, bool)
                                  or max_nfev < 1):
         raise ValueError(f"Invalid max_nfev value: {max_nfev!r}; expected a positive integer or None.")
