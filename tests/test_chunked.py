@@ -224,6 +224,52 @@ def test_indefinite_matrix_goes_to_the_eigen_fallback():
     assert torch.equal(system.lower.tril(), lower)  # the fallback mirrored it, and nothing else
 
 
+def _non_finite_systems():
+    J = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=DT)
+    J[1, 1] = float("nan")  # a NaN derivative in one row
+    r = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
+    kernel = KernelSampleSpaceEquations((J @ J.T).tril(), lambda v: J @ v, lambda u: J.T @ u,
+                                        lambda: (J * J).sum(0), r)
+    return {
+        "normal": (AccumulatedNormalEquations((J.T @ J).tril(), chunks=2), "chunked-eigh"),
+        "sample-space, rows held": (HeldSampleSpaceEquations(J, r), "sample-space-eigh"),
+        "sample-space, closed form": (kernel, "sample-space-eigh"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_non_finite_systems()))
+def test_a_non_finite_jacobian_gives_a_nan_step_not_a_lapack_error(name):
+    # Before: the eigen fallback ran on the NaN matrix and torch.linalg.eigh raised _LinAlgError.
+    system, path = _non_finite_systems()[name]
+    grad = torch.tensor([1.0, float("nan"), 2.0, 3.0], dtype=DT)
+    step = system.solve(grad, 1e-3, torch.ones(4, dtype=DT))
+    assert step.shape == (4,) and bool(torch.isnan(step).all()) and system.path == path
+
+
+class _Sqrt(nn.Module):
+    def forward(self, x):
+        return x.abs().sqrt()  # derivative NaN (0 / 0) at 0
+
+
+@pytest.mark.parametrize("options, path", [
+    (dict(), "eigh"),
+    (dict(max_jacobian_bytes=5 * 17 * 8), "chunked-eigh"),
+    (dict(solver="sample-space"), "sample-space-eigh"),
+])
+def test_fit_with_a_non_finite_jacobian_rejects_the_step_and_keeps_the_weights(options, path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 4), _Sqrt(), nn.Linear(4, 1)).to(DT)
+    with torch.no_grad():
+        model[0].weight[0], model[0].bias[0] = 1.0, 0.0  # hidden unit 0 sits at sqrt(|0|) for X = 0
+    X = torch.linspace(-1, 1, 21, dtype=DT)[:, None]
+    X[10] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    history = fit(model, X, torch.sin(3 * X), epochs=5, **options)
+    assert history.stop_reason == "Maximum MU reached."
+    assert history["solver"][1:] == [path] and history["perf"][1] == history["perf"][0]
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_cholesky_factor_rejects_a_non_finite_diagonal():
     lower = torch.eye(3, dtype=DT)
     assert cholesky_factor(lower, torch.tensor([0.0, float("nan"), 0.0], dtype=DT)) is None
