@@ -202,3 +202,35 @@ def test_matrix_free_network_step_with_targets_not_shaped_samples_by_outputs(mak
     torch.testing.assert_close(lin.grad, J.T @ r, rtol=1e-10, atol=1e-12)
     expected = torch.linalg.solve(J.T @ J + 1e-2 * torch.eye(x0.numel(), dtype=DT), -J.T @ r)
     torch.testing.assert_close(step, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_a_non_finite_gradient_gives_a_nan_step_not_a_zero_one():
+    # Before: CG broke down at once and returned h = 0, which lm_step takes for a tiny step.
+    J, r = jacobian()
+    J[3, 2] = float("nan")
+    system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, (J * J).sum(0), precondition=False)
+    step = system.solve(J.T @ r, 1e-3, torch.ones(8, dtype=DT))
+    assert bool(torch.isnan(step).all()) and system.reason == "breakdown" and system.iterations == 0
+
+
+def test_fit_matrix_free_with_a_non_finite_jacobian_stops_at_maximum_mu_in_one_epoch():
+    # Before: one epoch per damping increase (13 epochs of zero steps from mu = 1e-3 to 1e10).
+    from torch import nn
+
+    from marquardt import fit
+
+    class Sqrt(nn.Module):
+        def forward(self, x):
+            return x.abs().sqrt()  # derivative NaN (0 / 0) at 0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 4), Sqrt(), nn.Linear(4, 1)).to(DT)
+    with torch.no_grad():
+        model[0].weight[0], model[0].bias[0] = 1.0, 0.0
+    X = torch.linspace(-1, 1, 21, dtype=DT)[:, None]
+    X[10] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    history = fit(model, X, torch.sin(3 * X), epochs=5, solver="matrix-free")
+    assert history.stop_reason == "Maximum MU reached." and history["epoch"] == [0, 1]
+    assert history["damping"][-1] > 1e10 and history["solver"][1:] == ["cg"]
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -417,6 +417,12 @@ class MatrixFreeEquations:
         A retry with another damping value reuses every product made so far: it first solves on
         the existing basis, and expands it only while the forcing test fails.
         """
+        if not bool(torch.isfinite(grad).all()):
+            # An inf or NaN gradient (a derivative that overflowed) spans no Krylov space: CG would
+            # stop at once with a zero step, which the LM loop takes for a tiny step and spends
+            # one epoch per damping increase on. A NaN step is a failed trial, as in the exact forms.
+            self.iterations, self.reason, self._last = 0, "breakdown", None
+            return torch.full_like(grad, math.nan)
         reused = self._space is not None and torch.equal(self._space.rhs, -grad)
         space = self._space if reused else self._new_space(grad)
         target = self.rtol * float(torch.linalg.vector_norm(grad))
