@@ -780,9 +780,11 @@ def fit(
 
     Without validation stops, ``method="br"`` ends with the *last* weights, and
     ``best_epoch`` is the last epoch. This differs on purpose from MATLAB releases whose
-    ``trainbr`` returns the weights of the epoch with the lowest training error ``E_D``
-    (the 2008 ``trainbr.m`` of Neural Network Toolbox 6 keeps ``best_net`` when
-    ``ssE < best_perf``; the 2010 rewrite keeps the last, as here). Bayesian
+    ``trainbr`` returns the weights of the epoch with the lowest training error ``E_D``:
+    the 2008 ``trainbr.m`` of Neural Network Toolbox 6 keeps ``best_net`` when
+    ``ssE < best_perf``; the 2010 rewrite keeps the last, as here; the 2014 one (on
+    ``nnet.train.trackBestNetwork``) returns the lowest-``E_D`` weights again, and with
+    validation data the lowest-validation-error ones, although it never stops on them. Bayesian
     regularization minimises ``F``, not ``E_D``: the lowest ``E_D`` is usually an early,
     barely regularized epoch, before ``alpha`` and ``gamma`` have settled. On the problem
     of MATLAB's ``trainbr`` example (noisy sine on ``-1:0.05:1``), with a 1-20-1 network
