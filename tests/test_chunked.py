@@ -638,6 +638,20 @@ def test_fit_refuses_a_form_a_cross_entropy_loss_does_not_have(options, match):
     assert set(exact["solver"][1:]) == {"cholesky"}
 
 
+def test_fit_refuses_a_forced_normal_form_past_max_matrix_bytes():
+    # Before: solver="normal" ignored max_matrix_bytes and built the 31 x 31 J^T J anyway.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 10), nn.Tanh(), nn.Linear(10, 1)).to(DT)
+    X = torch.linspace(-1, 1, 40, dtype=DT)[:, None]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"solver='normal' needs the 31 x 31 matrix J\^T J \(7,688 bytes.*"
+                                         r"more than max_matrix_bytes=7687; pass a larger max_matrix_bytes"):
+        fit(model, X, torch.sin(3 * X), epochs=3, solver="normal", max_matrix_bytes=31 * 31 * 8 - 1)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    history = fit(model, X, torch.sin(3 * X), epochs=3, solver="normal", max_matrix_bytes=31 * 31 * 8)
+    assert set(history["solver"][1:]) == {"cholesky"}
+
+
 def test_fit_rejects_an_unknown_solver():
     model = nn.Linear(1, 1).double()
     X = torch.zeros(3, 1, dtype=DT)

@@ -154,7 +154,13 @@ def plan_assembly(m: int, n: int, itemsize: int, max_bytes: int = DEFAULT_JACOBI
     form : {"auto", "sample-space", "normal", "matrix-free"}
         ``"auto"``: sample-space when ``m < n`` and the whole ``m x n`` Jacobian fits in
         ``max_bytes``; else normal when ``n * n * itemsize <= max_matrix_bytes``; else
-        matrix-free. Any other value forces that form (sample-space then ignores ``max_bytes``).
+        matrix-free. Any other value forces that form (sample-space then ignores ``max_bytes``;
+        normal still needs ``J^T J`` within ``max_matrix_bytes``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``form``, or ``form="normal"`` with ``n * n * itemsize > max_matrix_bytes``.
 
     Examples
     --------
@@ -169,6 +175,11 @@ def plan_assembly(m: int, n: int, itemsize: int, max_bytes: int = DEFAULT_JACOBI
         raise ValueError(f"Invalid solver form: {form!r}; expected 'auto' or one of {FORMS}.")
     row_bytes = max(1, n * itemsize)
     rows = max(1, min(m, min(max_bytes, CHUNK_BYTES) // row_bytes))
+    if form == "normal" and n * row_bytes > max_matrix_bytes:
+        raise ValueError(
+            f"solver='normal' needs the {n} x {n} matrix J^T J ({n * row_bytes:,} bytes, and a factor of the "
+            f"same size), more than max_matrix_bytes={max_matrix_bytes}; pass a larger max_matrix_bytes if the "
+            "memory is there, or solver='auto' or 'matrix-free'.")
     if form == "auto":
         if m < n and m * row_bytes <= max_bytes:
             form = "sample-space"
