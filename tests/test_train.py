@@ -545,3 +545,11 @@ def test_lbfgs_class_trains_through_a_closure():
     history = fit(model, X, 2 * X + 1, method=torch.optim.LBFGS, epochs=3)
     assert history["perf"][0] > 1e-2 and history["perf"][-1] < 1e-9
     assert float(model.weight.detach()) == pytest.approx(2.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lm", "gd", "br"])
+def test_a_model_with_every_parameter_frozen_is_refused_naming_it(method):
+    # torch.cat(): expected a non-empty list of Tensors (lm), or autograd's "does not require grad" (gd).
+    model = tanh_net().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"model has no parameters to train: every parameter has requires_grad=False"):
+        fit(model, X_OK, Y_OK, method=method, epochs=2)

@@ -133,6 +133,9 @@ def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Los
     reference = next(model.parameters(), None)
     if reference is None:
         raise ValueError("model has no parameters to train.")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no parameters to train: every parameter has requires_grad=False "
+                         "(frozen); unfreeze those to train with model.requires_grad_(True) or p.requires_grad_().")
     X_t = _as_tensor(names[0], X, reference.dtype, reference.device)
     y_t = _as_tensor(names[1], y, reference.dtype, reference.device)
     if X_t.shape[0] != y_t.shape[0]:
