@@ -652,6 +652,25 @@ def test_fit_refuses_a_forced_normal_form_past_max_matrix_bytes():
     assert set(history["solver"][1:]) == {"cholesky"}
 
 
+@pytest.mark.parametrize("layer, match", [
+    (lambda: nn.Dropout(0.2), r"submodule\(s\) '2' \(Dropout\) in training mode"),
+    (lambda: nn.BatchNorm1d(6), r"submodule\(s\) '2' \(BatchNorm1d\) in training mode"),
+])
+@pytest.mark.parametrize("options", [dict(), dict(solver="matrix-free"), dict(max_jacobian_bytes=200)])
+def test_fit_refuses_dropout_or_batch_norm_in_training_mode_before_any_work(layer, match, options):
+    # Before: a RuntimeError from inside torch.func (vmap of a random mask, or of the in-place
+    # running-statistics update) at the first linearization; matrix-free trained on random costs.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), layer(), nn.Linear(6, 1)).to(DT)
+    X = torch.linspace(-1, 1, 30, dtype=DT)[:, None]
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match + r".*call model.eval\(\) first"):
+        fit(model, X, torch.sin(3 * X), epochs=3, **options)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    history = fit(model.eval(), X, torch.sin(3 * X), epochs=3, **options)
+    assert history["perf"][-1] < history["perf"][0]
+
+
 def test_fit_rejects_an_unknown_solver():
     model = nn.Linear(1, 1).double()
     X = torch.zeros(3, 1, dtype=DT)

@@ -78,6 +78,26 @@ def _finite(value: float) -> float:
     return value if value == value and value != float("inf") else float("inf")
 
 
+def _check_deterministic(model: nn.Module) -> None:
+    """A ValueError, before any work, for submodules in training mode whose forward pass is random
+    (dropout) or updates state and mixes the samples (batch norm).
+
+    LM keeps a step only if the cost at the trial weights is lower: a cost that changes from one
+    call to the next at the same weights makes that test meaningless, and the per-sample rows of
+    :mod:`torch.func` cannot be formed at all (``vmap`` refuses the random mask and the in-place
+    update of the running statistics, with a RuntimeError from inside torch).
+    """
+    stateful = [f"'{name or 'model'}' ({type(module).__name__})" for name, module in model.named_modules()
+                if module.training and ((isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
+                                        or isinstance(module, nn.modules.batchnorm._BatchNorm))]
+    if stateful:
+        raise ValueError(
+            f"Invalid model: submodule(s) {', '.join(stateful)} in training mode make model(X) random or change "
+            "it at every call, and Levenberg-Marquardt compares the cost of each trial step at fixed weights; call "
+            "model.eval() first (dropout off, batch norm on its running statistics), or train with a "
+            "first-order method (method='momentum' or a torch.optim class).")
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The named parameters that require gradients, in registration order."""
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -183,6 +203,7 @@ class ModuleProblem:
     shapes: list[torch.Size] = field(init=False)
 
     def __post_init__(self) -> None:
+        _check_deterministic(self.model)
         named = trainable_parameters(self.model)
         self.names = [name for name, _ in named]
         self.shapes = [p.shape for _, p in named]
