@@ -756,7 +756,10 @@ def fit(
         For an unknown ``method`` or ``loss``, targets that do not fit the loss (shape, class
         index out of range, non 0/1 values), bad option values, ``method="br"`` with a
         classification loss, with ``batch_size``, with ``solver="matrix-free"`` or with a
-        ``J^T J`` larger than ``max_matrix_bytes``.
+        ``J^T J`` larger than ``max_matrix_bytes``; ``solver="normal"`` (or a cross-entropy
+        loss) whose ``J^T J`` is larger than ``max_matrix_bytes``; a model whose every parameter
+        is frozen; LM with dropout or batch norm in training mode (call ``model.eval()``, or
+        train with a first-order method), whose costs change between calls at the same weights.
 
     Notes
     -----
