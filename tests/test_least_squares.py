@@ -472,3 +472,26 @@ def test_float32_mgh10_from_start_1_does_not_raise():
     result = least_squares(problem.residual_function(torch.float32), x0, jac="2-point")
     assert result.status in (1, 2, 3, 4) and math.isfinite(result.cost)
     assert bool(torch.isfinite(result.x).all())
+
+
+@pytest.mark.parametrize("jac", [None, "2-point"], ids=["exact", "2-point"])
+@pytest.mark.parametrize("container", [list, tuple])
+def test_fun_returning_a_list_of_scalar_tensors_is_a_residual_vector_as_in_scipy(container, jac):
+    # scipy reads fun's output with np.atleast_1d; a list of 0-d tensors went through numpy,
+    # and with the exact Jacobian raised "fun could not be differentiated by torch autograd".
+    def fun(b):
+        return container([b[0] - 1.0, b[1] - 2.0, b[0] * b[1]])
+
+    ours = least_squares(fun, [0.5, 0.5], jac=jac)
+    theirs = scipy.optimize.least_squares(lambda b: [b[0] - 1.0, b[1] - 2.0, b[0] * b[1]], [0.5, 0.5], method="lm",
+                                          ftol=1e-12, xtol=1e-12, gtol=1e-12)
+    assert ours.success and ours.fun.shape == (3,) and ours.jac.shape == (3, 2)
+    assert ours.x == pytest.approx(theirs.x, rel=1e-5)
+
+
+@pytest.mark.parametrize("jac", [None, "2-point"], ids=["exact", "2-point"])
+def test_fun_returning_a_0d_value_is_one_residual_as_in_scipy(jac):
+    # scipy's np.atleast_1d makes a scalar output one residual; ours raised "received shape ()".
+    res = least_squares(lambda b: b[0] ** 2 - 2.0, [1.0], jac=jac)
+    assert res.success and res.fun.shape == (1,) and res.jac.shape == (1, 1)
+    assert res.x[0] == pytest.approx(math.sqrt(2.0), rel=1e-7)

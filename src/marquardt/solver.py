@@ -343,7 +343,7 @@ class FunctionProblem:
     _last: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def residuals(self, x: Tensor) -> Tensor:
-        r = _as_tensor_like(self.fun(x), x)
+        r = _as_residual_vector(self.fun(x), x)
         if r.shape != (self.n_residuals,):
             # Dropping residuals (say the non-finite ones) makes a smaller cost that is no
             # improvement: the step would be accepted for it.
@@ -413,6 +413,19 @@ def _as_tensor_like(value: Any, like: Tensor) -> Tensor:
     return torch.as_tensor(np.asarray(value), dtype=like.dtype, device=like.device)
 
 
+def _as_residual_vector(value: Any, like: Tensor) -> Tensor:
+    """``fun``'s output as a tensor of ``like``'s dtype, read as scipy reads it (``np.atleast_1d``).
+
+    A list or tuple of 0-d tensors (``[b[0] - 1, b[1] - 2]``) is stacked, not passed through
+    numpy, which would cut the autograd graph (and refuses a tensor that requires grad); a 0-d
+    output is one residual.
+    """
+    if isinstance(value, (list, tuple)) and any(isinstance(item, Tensor) for item in value):
+        value = torch.stack([_as_tensor_like(item, like) for item in value])
+    r = _as_tensor_like(value, like)
+    return r.reshape(1) if r.ndim == 0 else r
+
+
 @dataclass
 class _Geodesic:
     """Geodesic acceleration (Transtrum & Sethna, 2012) with the ``2|a|/|v| <= alpha`` test."""
@@ -458,8 +471,9 @@ def least_squares(
     ----------
     fun : callable
         ``fun(x, *args, **kwargs)`` maps a 1-D tensor of shape ``(n,)`` to the residuals, a 1-D
-        tensor of shape ``(m,)``. It is always called with a tensor (so that autograd can
-        differentiate it), on the device and dtype of the working point.
+        tensor of shape ``(m,)`` (a list or tuple of 0-d tensors is stacked, and a 0-d output is
+        one residual, as scipy's ``np.atleast_1d`` reads them). It is always called with a tensor
+        (so that autograd can differentiate it), on the device and dtype of the working point.
     x0 : Tensor or array_like
         Starting point. A tensor keeps its dtype and device (CPU or CUDA); numpy arrays and Python
         numbers become float64, and the result is then returned as numpy.
@@ -865,8 +879,8 @@ def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor
         value = fun(x)
     _check_real("fun(x0)", value, "torch.cat([r.real, r.imag])")
     try:
-        r = _as_tensor_like(value, x)
-    except (TypeError, ValueError) as error:
+        r = _as_residual_vector(value, x)
+    except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"fun(x0) must return a 1-D tensor of residuals; received {type(value).__name__}.") from error
     if r.ndim != 1:
         raise ValueError(f"fun(x0) must return a 1-D tensor of residuals; received shape {tuple(r.shape)}.")
