@@ -280,14 +280,17 @@ def test_a_flat_start_with_a_zero_jacobian_is_not_mistaken_for_a_cut_graph():
     assert res.status == 1 and res.x.tolist() == [0.0, 0.0]
 
 
-def test_verbose_report_gives_the_initial_and_final_cost(capsys):
-    # The report used to print "initial cost -".
+def test_verbose_report_gives_the_initial_and_final_cost_in_scipys_two_lines(capsys):
+    # The report used to print "initial cost -", then the message and the counts on one line.
     res = least_squares(decay, X0, verbose=1)
     initial = 0.5 * float((decay(torch.tensor(X0, dtype=torch.float64)) ** 2).sum())
     assert capsys.readouterr().out == (
-        f"{res.message} Function evaluations {res.nfev}, initial cost {initial:.4e}, final cost {res.cost:.4e}, "
+        f"{res.message}\nFunction evaluations {res.nfev}, initial cost {initial:.4e}, final cost {res.cost:.4e}, "
         f"first-order optimality {res.optimality:.2e}.\n"
     )
+    theirs = scipy.optimize.least_squares(lambda b: decay(torch.as_tensor(b)).numpy(), X0, method="lm", verbose=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0] == theirs.message and lines[1].startswith("Function evaluations ")
 
 
 @pytest.mark.parametrize(("jac", "calls_per_jacobian"), [(decay_jac, 0), ("2-point", 3)], ids=["callable", "2-point"])
@@ -386,10 +389,10 @@ def test_verbose_two_prints_a_header_and_one_line_per_iteration(capsys):
     res = least_squares(decay, X0, verbose=2)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["iteration", "nfev", "cost", "optimality", "damping", "step", "norm", "accepted"]
-    rows = [line.split() for line in lines[1:-1]]
+    rows = [line.split() for line in lines[1:-2]]
     assert [int(row[0]) for row in rows] == list(range(1, res.n_iter + 1))
     assert all(len(row) == 7 and row[-1] in ("yes", "no") for row in rows)
-    assert lines[-1].startswith(res.message)
+    assert lines[-2] == res.message and lines[-1].startswith("Function evaluations ")
 
 
 @pytest.mark.parametrize("jac", [None, decay_jac, "2-point"], ids=["exact", "callable", "2-point"])

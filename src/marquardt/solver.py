@@ -508,7 +508,9 @@ def least_squares(
         Damping scale: ``"jac"`` (default) scales the damping by ``diag(J^T J)``, kept
         non-decreasing (Moré's scaling); a number or array gives the constant ``1 / x_scale**2``.
     verbose : {0, 1, 2}
-        1 prints the termination report, 2 also one line per iteration.
+        1 prints the termination report in scipy's format (the message, then a line with the
+        evaluations, initial and final cost and first-order optimality); 2 also one line per
+        iteration, under a header.
     callback : callable, optional
         ``callback(info: IterationInfo)`` after each iteration; returning ``True`` or raising
         ``StopIteration`` stops the run with status -2.
@@ -739,7 +741,9 @@ def _make_result(x: Tensor, lin: Linearization, status: int, run: _Run, as_numpy
     covariance = _covariance(lin.jac, lin.cost)
     message = termination_message(status)
     if run.verbose >= 1:
-        print(f"{message} Function evaluations {run.nfev}, initial cost {run.initial_cost:.4e}, final cost {lin.cost:.4e}, "
+        # scipy's two lines, so that logs read (and are parsed) the same.
+        print(message)
+        print(f"Function evaluations {run.nfev}, initial cost {run.initial_cost:.4e}, final cost {lin.cost:.4e}, "
               f"first-order optimality {float(lin.grad.abs().max()):.2e}.")
     convert = (lambda t: t.detach().cpu().numpy()) if as_numpy else (lambda t: t.detach())
     return LeastSquaresResult(
