@@ -251,6 +251,29 @@ def test_normalization_maps_training_range_to_exactly_minus_one_one(dtype):
         assert mapped.min() >= -1 and mapped.max() <= 1
 
 
+def test_float16_range_wider_than_half_the_dtype_maps_its_maximum_to_one():
+    # 2 * (40000 - 0) overflows float16 (max 65504): the maximum mapped to inf before.
+    model = mlp(1, (3,), 1, dtype=torch.float16, generator=torch.Generator().manual_seed(0))
+    X = torch.tensor([[0.0], [10000.0], [20000.0], [40000.0]], dtype=torch.float16)
+    model.set_normalization(X, X)
+    expected = torch.tensor([-1.0, -0.5, 0.0, 1.0], dtype=torch.float16)
+    assert torch.equal(model.normalize_inputs(X).reshape(-1), expected)
+    assert torch.equal(model.normalize_targets(X).reshape(-1), expected)
+    assert torch.equal(model.denormalize_outputs(expected.reshape(-1, 1)), X)
+
+
+@pytest.mark.parametrize("name", ["X", "y"])
+def test_set_normalization_refuses_a_range_that_overflows_the_dtype(name):
+    model = mlp(2, (3,), 1, dtype=torch.float64)
+    X = torch.tensor([[-1e308, 0.0], [1e308, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    X, y = (X, y) if name == "X" else (X[:, [1, 1]], X[:, 0])
+    match = rf"Invalid {name} value: column 0 spans \[-1e\+308, 1e\+308\].*overflows torch.float64"
+    with pytest.raises(ValueError, match=match):
+        model.set_normalization(X, y)
+    assert not model.normalization_set
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_targets_round_trip(dtype):
     model = mlp(3, (4,), 2, dtype=dtype)

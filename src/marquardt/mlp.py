@@ -250,14 +250,17 @@ def _default_(linear: nn.Linear, generator: torch.Generator | None) -> None:
 def _to_unit_range(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """``mapminmax`` to [-1, 1]; rows with ``low == high`` map to 0 (``removeconstantrows``).
 
-    ``2 * (v - low) / span - 1`` rather than a stored gain makes ``low -> -1`` and
+    ``(v - low) / span * 2 - 1`` rather than a stored gain makes ``low -> -1`` and
     ``high -> 1`` exact in floating point.
     """
     span = high - low
     constant = span == 0
     # A 1 in place of a zero span keeps NaNs out of the discarded branch (and its gradient).
     safe_span = torch.where(constant, torch.ones_like(span), span)
-    mapped = 2 * (values - low) / safe_span - 1
+    # Dividing before doubling: 2 * (v - low) overflows for spans past half the dtype's range
+    # (float16 inputs over 32,752 wide mapped their maximum to inf). Doubling is exact, so the
+    # result is bit for bit that of 2 * (v - low) / span wherever that one is finite.
+    mapped = (values - low) / safe_span * 2 - 1
     return torch.where(constant, torch.zeros_like(mapped), mapped)
 
 
@@ -266,6 +269,19 @@ def _from_unit_range(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
     span = high - low
     raw = (values + 1) * (span / 2) + low
     return torch.where(span == 0, low.expand_as(raw), raw)
+
+
+def _check_span(name: str, data: Tensor) -> None:
+    """Refuse a column whose range ``max - min`` overflows the dtype: it would map to NaN."""
+    span = data.amax(dim=0) - data.amin(dim=0)
+    wide = torch.nonzero(~torch.isfinite(span))
+    if wide.numel():
+        column = int(wide[0, 0])
+        low, high = float(data[:, column].min()), float(data[:, column].max())
+        raise ValueError(
+            f"Invalid {name} value: column {column} spans [{low:g}, {high:g}], a range that overflows "
+            f"{data.dtype}; rescale that column or build the model with a wider dtype"
+        )
 
 
 # ------------------------------------------------------------------------------- model
@@ -481,6 +497,13 @@ class MLP(nn.Module):
         -------
         MLP
             ``self``, for chaining.
+
+        Raises
+        ------
+        ValueError
+            If the model was built with ``normalize=False``, a shape is wrong, a value is NaN
+            or infinite, or a column's range ``max - min`` overflows the dtype (nothing is
+            stored then).
         """
         if not self.normalize:
             raise ValueError(
@@ -497,6 +520,9 @@ class MLP(nn.Module):
             raise ValueError(
                 f"X and y must have the same number of rows, received {X.shape[0]} and {Y.shape[0]}"
             )
+        _check_span("X", X)
+        if y is not None:
+            _check_span("y", Y)
         self.x_min.copy_(X.amin(dim=0))
         self.x_max.copy_(X.amax(dim=0))
         self.y_min.copy_(Y.amin(dim=0))
