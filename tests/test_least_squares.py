@@ -49,6 +49,12 @@ X0 = [1.0, 1.0, 0.0]
         (decay, X0, dict(gtol=math.inf), ValueError, "Invalid gtol value: inf"),
         (decay, X0, dict(max_nfev=0), ValueError, "Invalid max_nfev value: 0"),
         (decay, X0, dict(x_scale=-1.0), ValueError, "Invalid x_scale"),
+        # numpy's own conversion errors ("could not convert string to float: 'a'", "float()
+        # argument must be ... not 'complex'") named no argument; a bool was taken as scale 1
+        (decay, X0, dict(x_scale=["a", "b", "c"]), ValueError, r"Invalid x_scale: .* received \['a', 'b', 'c'\]"),
+        (decay, X0, dict(x_scale=[1.0, 2j, 1.0]), ValueError, r"Invalid x_scale: .* received \[1.0, 2j, 1.0\]"),
+        (decay, X0, dict(x_scale=True), ValueError, r"Invalid x_scale: .* received True"),
+        (decay, X0, dict(x_scale=[[1.0], [1.0, 2.0]]), ValueError, r"Invalid x_scale: .* 3 positive numbers"),
         (decay, X0, dict(jac="3-point"), ValueError, "Invalid jac: '3-point'"),
         (decay, np.array([1, 1, 0]), {}, TypeError, "x0 has integer dtype int64"),
         (decay, torch.tensor([1, 1, 0]), {}, TypeError, "x0 has dtype torch.int64"),
@@ -498,3 +504,12 @@ def test_fun_returning_a_0d_value_is_one_residual_as_in_scipy(jac):
     res = least_squares(lambda b: b[0] ** 2 - 2.0, [1.0], jac=jac)
     assert res.success and res.fun.shape == (1,) and res.jac.shape == (1, 1)
     assert res.x[0] == pytest.approx(math.sqrt(2.0), rel=1e-7)
+
+
+def test_x_scale_may_be_a_tensor_that_requires_grad():
+    # np.asarray raised "Can't call numpy() on Tensor that requires grad" (and would refuse a
+    # CUDA tensor): the scale is now read from the tensor itself.
+    scale = torch.tensor([1.0, 2.0, 0.5], requires_grad=True)
+    res = least_squares(decay, X0, x_scale=scale)
+    reference = least_squares(decay, X0, x_scale=[1.0, 2.0, 0.5])
+    assert res.success and res.nfev == reference.nfev and res.x.tolist() == reference.x.tolist()

@@ -126,7 +126,7 @@ def make_scaling(x_scale: Any, n: int, *, dtype: torch.dtype, device: torch.devi
             # from start 1 takes a step of 8.8e3 in b4 once its column has shrunk.
             return JacobiScaling(accumulate=True)
         raise ValueError(f"Invalid x_scale: {x_scale!r}; expected 'jac', a positive number or an array of {n}.")
-    values = torch.as_tensor(np.asarray(x_scale, dtype=np.float64), dtype=dtype, device=device)
+    values = _scale_values(x_scale, n).to(dtype=dtype, device=device)
     if values.ndim == 0:
         values = values.expand(n)
     if values.shape != (n,) or not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
@@ -135,6 +135,25 @@ def make_scaling(x_scale: Any, n: int, *, dtype: torch.dtype, device: torch.devi
             f"received {x_scale!r}."
         )
     return FixedScaling(1.0 / values**2)
+
+
+def _scale_values(x_scale: Any, n: int) -> Tensor:
+    """``x_scale`` as a float64 tensor, or a ValueError naming it (numpy's own conversion errors
+    name no argument, and a tensor on a GPU or one that requires grad has no numpy view)."""
+    if isinstance(x_scale, Tensor):
+        kind = "b" if x_scale.dtype == torch.bool else "c" if x_scale.is_complex() else "f"
+        values = x_scale.detach()
+    else:
+        try:
+            values = np.asarray(x_scale)
+        except ValueError:  # a ragged list
+            values = np.asarray(None)
+        kind = values.dtype.kind
+    if kind not in "iuf":
+        # Strings, booleans, complex numbers, None or other objects: never a scale anyone meant.
+        raise ValueError(f"Invalid x_scale: expected 'jac', a positive number or {n} positive numbers; "
+                         f"received {x_scale!r}.")
+    return torch.as_tensor(values).to(torch.float64)
 
 
 @dataclass(frozen=True)
