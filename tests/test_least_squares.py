@@ -513,3 +513,17 @@ def test_x_scale_may_be_a_tensor_that_requires_grad():
     res = least_squares(decay, X0, x_scale=scale)
     reference = least_squares(decay, X0, x_scale=[1.0, 2.0, 0.5])
     assert res.success and res.nfev == reference.nfev and res.x.tolist() == reference.x.tolist()
+
+
+def test_a_jacobian_whose_shape_changes_after_x0_raises_a_value_error_naming_jac():
+    # The shape was checked at x0 only: a wrong one later failed inside the Cholesky solve with
+    # "Incompatible matrix sizes for cholesky_solve".
+    calls = []
+
+    def jac(b):
+        calls.append(b)
+        return decay_jac(b) if len(calls) < 3 else decay_jac(b)[:, :2]
+
+    with pytest.raises(ValueError, match=r"jac returned shape \(25, 2\); expected \(m, n\) = \(25, 3\) \(at x = \["):
+        least_squares(decay, X0, jac=jac)
+    assert len(calls) == 3

@@ -402,7 +402,13 @@ class FunctionProblem:
                 return r, finite_difference_jacobian(self.residuals, x, r, self.fd_eps)
             value = _dense(self.jac(x))
             _check_real("jac", value, "torch.cat([J.real, J.imag]) for residuals torch.cat([r.real, r.imag])")
-            return r, _as_tensor_like(value, x)
+            jac = _as_tensor_like(value, x)
+            if jac.shape != (self.n_residuals, x.shape[0]):
+                # Checked at every point, as the residuals are: a wrong shape past x0 failed
+                # inside the Cholesky solve with "Incompatible matrix sizes for cholesky_solve".
+                raise ValueError(f"jac returned shape {tuple(jac.shape)}; expected (m, n) = "
+                                 f"({self.n_residuals}, {x.shape[0]}) (at x = {_describe_point(x)}).")
+            return r, jac
 
     def linearize(self, x: Tensor) -> Linearization:
         return _linearization(*self.residuals_and_jacobian(x))
