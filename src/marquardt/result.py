@@ -50,7 +50,9 @@ class LeastSquaresResult:
         Zeros of shape ``(n,)``, integer: no bound is active (Levenberg-Marquardt takes no
         bounds), as :func:`scipy.optimize.least_squares` reports for ``method="lm"``.
     nfev, njev, n_iter : int
-        Residual evaluations, Jacobian evaluations and accepted-or-rejected iterations.
+        Evaluations of ``fun`` for a cost, Jacobian evaluations and accepted-or-rejected
+        iterations. ``nfev`` leaves out the calls of a ``"2-point"`` Jacobian, as scipy's does
+        since 1.16.
     status : int
         Termination code; see :data:`TERMINATION_MESSAGES`.
     message : str

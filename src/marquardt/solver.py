@@ -528,7 +528,9 @@ def least_squares(
         ``max_j |J_j^T r| / (||J_j|| ||r||) <= gtol`` (MINPACK's scale-free test) and the cosine
         between ``r`` and the whole range of ``J`` is at most ``gtol`` too.
     max_nfev : int, optional
-        Most residual evaluations; default ``max(1000, 100 * n)``.
+        Most evaluations of ``fun`` for a cost (``nfev``); default ``max(1000, 100 * n)`` (scipy:
+        ``100 * n``). As in scipy since 1.16, the calls a ``"2-point"`` Jacobian (``n`` per
+        Jacobian) or a finite-difference geodesic acceleration makes are not counted.
     x_scale : "jac", float or array_like
         Damping scale: ``"jac"`` (default) scales the damping by ``diag(J^T J)``, kept
         non-decreasing (Moré's scaling); a number or array gives the constant ``1 / x_scale**2``.
