@@ -78,7 +78,9 @@ _STATE_PANELS = (
 )
 _MATPLOTLIB_HINT = "marquardt.plot needs matplotlib: pip install matplotlib (or pip install 'marquardt[plot]')"
 _MSE_LABEL = "Mean Squared Error (mse)"
-_CE_LABEL = "Cross-Entropy (crossentropy)"
+# Not MATLAB's "(crossentropy)": fit's softmax cross-entropy is a mean per sample, K times
+# MATLAB's mean per element for K classes (the binary one agrees); the label claims neither.
+_CE_LABEL = "Cross-Entropy"
 
 
 # --------------------------------------------------------------------------- public plots
