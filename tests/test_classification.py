@@ -245,3 +245,12 @@ def test_bad_classification_input_is_rejected_before_training(outputs, y, kwargs
 def test_make_loss_passes_instances_through():
     loss = CrossEntropy()
     assert make_loss(loss) is loss and make_loss("mse") == SquaredError()
+
+
+@pytest.mark.parametrize("labels", [torch.arange(10) + 250, (np.arange(10) + 250).tolist()])
+def test_class_indices_a_bfloat16_model_cannot_hold_are_refused_before_the_cast(labels):
+    # bfloat16 holds integers exactly only up to 256: class 257 became 256, another class.
+    net = nn.Sequential(nn.Linear(2, 300)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"Invalid y: class index 259 cannot be held exactly by the model's dtype "
+                                         r"bfloat16 \(exact up to 256\)"):
+        fit(net, torch.randn(10, 2), labels, loss="cross_entropy", epochs=1)

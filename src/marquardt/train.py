@@ -129,6 +129,24 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
     return tensor
 
 
+def _check_class_indices_fit(name: str, y: Any, dtype: torch.dtype) -> None:
+    """Refuse integer class indices that ``dtype`` cannot hold exactly, before ``y`` is cast to it
+    (a bfloat16 model has 8 bits of mantissa: class 257 would become 256, another class)."""
+    if isinstance(y, Tensor):
+        integral, empty = not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool), y.numel() == 0
+    else:
+        y = np.asarray(y)
+        integral, empty = np.issubdtype(y.dtype, np.integer), y.size == 0
+    if not integral or empty:
+        return
+    exact = 2.0 / torch.finfo(dtype).eps  # every integer up to this is exact in dtype
+    largest = float(y.max())
+    if largest > exact:
+        raise ValueError(f"Invalid {name}: class index {int(largest)} cannot be held exactly by the model's dtype "
+                         f"{str(dtype).removeprefix('torch.')} (exact up to {int(exact)}); train the model in "
+                         "float32 or float64.")
+
+
 def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Loss) -> Split:
     reference = next(model.parameters(), None)
     if reference is None:
@@ -137,6 +155,8 @@ def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Los
         raise ValueError("model has no parameters to train: every parameter has requires_grad=False "
                          "(frozen); unfreeze those to train with model.requires_grad_(True) or p.requires_grad_().")
     X_t = _as_tensor(names[0], X, reference.dtype, reference.device)
+    if loss.classification:
+        _check_class_indices_fit(names[1], y, reference.dtype)
     y_t = _as_tensor(names[1], y, reference.dtype, reference.device)
     if X_t.shape[0] != y_t.shape[0]:
         raise ValueError(f"{names[0]} and {names[1]} have different numbers of samples: "
