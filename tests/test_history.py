@@ -279,3 +279,100 @@ def test_equality_and_unhashable():
     assert make_history() != "history"
     with pytest.raises(TypeError):
         hash(History())
+
+
+# --------------------------------------------------------------------------- MATLAB's tr
+
+
+def make_br_history() -> History:
+    h = History("br")
+    h.append(epoch=0, perf=0.5, vperf=0.6, tperf=0.7, damping=0.005, gradient=1.0, val_fail=0,
+             gamma=31.0, ssw=12.5)
+    h.append(epoch=1, perf=0.25, vperf=0.4, tperf=0.45, damping=0.0005, gradient=0.5, val_fail=0,
+             gamma=20.0, ssw=8.0)
+    h.append(epoch=2, perf=0.2, vperf=0.41, tperf=0.5, damping=0.00005, gradient=0.25, val_fail=1,
+             gamma=15.5, ssw=7.25)
+    h.stop_reason, h.best_epoch = "Maximum epoch reached.", 1
+    return h
+
+
+def test_gamk_and_ssx_are_aliases_of_gamma_and_ssw():
+    # trainbr's tr.gamk and tr.ssX: a KeyError before they were aliases.
+    h = make_br_history()
+    assert h["gamk"] == h["gamma"] == [31.0, 20.0, 15.5]
+    assert h["ssX"] == h["ssw"] == [12.5, 8.0, 7.25]
+    assert "gamk" in h and "ssX" in h and "gamk" not in make_history()
+    h.append(epoch=3, gamk=14.0, ssX=7.0)
+    assert h.records[-1] == {"epoch": 3, "gamma": 14.0, "ssw": 7.0}
+
+
+def test_matlab_scalar_fields_are_attributes_at_best_epoch():
+    h = make_br_history()
+    assert (h.best_perf, h.best_vperf, h.best_tperf) == (0.25, 0.4, 0.45)
+    assert (h.num_epochs, h.stop) == (2, "Maximum epoch reached.")
+    h.best_epoch = 0
+    assert (h.best_perf, h.best_vperf, h.best_tperf) == (0.5, 0.6, 0.7)
+    assert math.isnan(make_history().best_tperf)  # no test set: NaN, as MATLAB's tr.best_tperf
+
+
+def test_matlab_scalar_fields_before_training_ends():
+    h = History()
+    assert (h.best_perf, h.num_epochs, h.stop) == (None, None, None)
+    h.append(epoch=0, perf=1.0)
+    assert (h.best_perf, h.num_epochs) == (None, 0)
+
+
+def test_best_perf_with_a_best_epoch_of_no_record_raises():
+    h = make_br_history()
+    h.best_epoch = 7
+    with pytest.raises(ValueError, match=r"Invalid best_epoch value: 7; expected the epoch of a record, "
+                                         r"found epochs \[0, 1, 2\]"):
+        h.best_perf
+
+
+@pytest.mark.parametrize(
+    ("key", "match"),
+    [
+        ("best_perf", r"'best_perf' is not a per-epoch column; MATLAB's tr.best_perf is the attribute history.best_perf"),
+        ("best_epoch", r"tr.best_epoch is the attribute history.best_epoch"),
+        ("stop", r"tr.stop is the attribute history.stop"),
+        ("num_epochs", r"tr.num_epochs is the attribute history.num_epochs"),
+        ("trainFcn", r"tr.trainFcn is the attribute history.method"),
+        ("trainInd", r"A History does not hold MATLAB's tr.trainInd"),
+        ("states", r"does not hold MATLAB's tr.states"),
+        ("trainParam", r"does not hold MATLAB's tr.trainParam"),
+    ],
+)
+def test_matlab_fields_not_columns_raise_keyerror_saying_where_they_are(key, match):
+    with pytest.raises(KeyError, match=match):
+        make_br_history()[key]
+
+
+def _problem(classification: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    X = torch.linspace(-1, 1, 30, dtype=torch.float64)[:, None]
+    y = (X[:, 0] > 0).long() if classification else torch.sin(3 * X)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2 if classification else 1)).double()
+    return model, X, y
+
+
+@pytest.mark.parametrize(
+    ("method", "loss"),
+    [("lm", "mse"), ("br", "mse"), ("gd", "mse"), ("momentum", "mse"), (torch.optim.Adam, "mse"),
+     ("lm", "cross_entropy")],
+)
+def test_training_runs_give_matlab_fields_consistent_with_best_epoch(method, loss):
+    import marquardt
+
+    model, X, y = _problem(loss == "cross_entropy")
+    h = marquardt.fit(model, X, y, method=method, loss=loss, epochs=6, division="interleaved", seed=0,
+                      progress=False)
+    best = h[[r["epoch"] for r in h].index(h.best_epoch)]
+    assert (h.best_perf, h.best_vperf, h.best_tperf) == (best["perf"], best["vperf"], best["tperf"])
+    assert h.num_epochs == h.last["epoch"] == len(h) - 1 and h.stop == h.stop_reason
+    assert h["mu"] == h["damping"]
+    if method == "br":
+        assert h["gamk"] == h["gamma"] and h["ssX"] == h["ssw"] and all(g > 0 for g in h["gamk"])
+    back = History.from_dict(json.loads(json.dumps(h.to_dict(), allow_nan=False)))
+    assert back == h and back.best_perf == h.best_perf and back.num_epochs == h.num_epochs

@@ -11,13 +11,28 @@ Standard keys of a record
 ``vperf``       validation performance (NaN or None when there is no validation set)
 ``tperf``       test performance (NaN or None when there is no test set)
 ``damping``     damping parameter; MATLAB calls it ``mu``, and ``history["mu"]`` is an alias
+                (NaN for first-order methods, which have none)
 ``gradient``    norm of the gradient of the performance
 ``val_fail``    consecutive epochs without validation improvement
 
 Optional keys some methods add: ``gamma`` (effective number of parameters, Bayesian
-regularization), ``ssw`` (sum of squared weights), ``accuracy``, ``vaccuracy``, ``taccuracy``,
-``solver`` (the linear-solver path taken, e.g. ``"cholesky"``, ``"sample-space"``, ``"cg"``)
-and ``lr`` (learning rate).
+regularization; MATLAB's ``gamk``, an alias), ``ssw`` (sum of squared weights; MATLAB's
+``ssX``, an alias), ``accuracy``, ``vaccuracy``, ``taccuracy``, ``solver`` (the linear-solver
+path taken, e.g. ``"cholesky"``, ``"sample-space"``, ``"cg"``, or ``"backprop"`` for
+first-order methods) and ``lr`` (learning rate).
+
+MATLAB's training record
+------------------------
+Per-epoch fields of MATLAB's ``tr`` are columns: ``tr.perf`` is ``history["perf"]``, and so
+for ``epoch``, ``time``, ``vperf``, ``tperf``, ``gradient``, ``val_fail``, ``mu``, ``gamk``
+and ``ssX`` (the last three aliases of ``damping``, ``gamma`` and ``ssw``). Its scalar
+fields are attributes: ``tr.best_epoch`` is ``history.best_epoch``, ``tr.stop`` is
+``history.stop`` (alias of ``stop_reason``), ``tr.num_epochs`` is ``history.num_epochs``, and
+``tr.best_perf``, ``tr.best_vperf``, ``tr.best_tperf`` are ``history.best_perf``,
+``history.best_vperf``, ``history.best_tperf`` (the record of ``best_epoch``). ``tr.trainFcn``
+is named differently: ``history.method`` (``"lm"``, not ``"trainlm"``). A History does not
+hold MATLAB's training parameters, data division (``trainInd``, ``valInd``, ``testInd``,
+masks) or ``states``; asking for them raises a ``KeyError`` that says so.
 """
 
 from __future__ import annotations
@@ -45,7 +60,16 @@ OPTIONAL_KEYS: tuple[str, ...] = (
     "gamma", "ssw", "accuracy", "vaccuracy", "taccuracy", "solver", "lr",
 )
 # MATLAB-compatible names accepted when reading a history.
-_ALIASES: dict[str, str] = {"mu": "damping"}
+_ALIASES: dict[str, str] = {"mu": "damping", "gamk": "gamma", "ssX": "ssw"}
+# MATLAB's scalar fields of tr, which a History holds as attributes rather than columns.
+_MATLAB_ATTRIBUTES: dict[str, str] = {
+    name: name for name in ("best_epoch", "best_perf", "best_vperf", "best_tperf", "num_epochs", "stop")
+} | {"trainFcn": "method"}
+# MATLAB fields of tr that a History does not hold.
+_MATLAB_NOT_HELD = frozenset({
+    "trainParam", "performFcn", "performParam", "derivFcn", "divideFcn", "divideMode", "divideParam",
+    "trainInd", "valInd", "testInd", "trainMask", "valMask", "testMask", "states", "goal",
+})
 _DICT_FIELDS = frozenset({"method", "stop_reason", "best_epoch", "records"})
 
 Scalar = bool | int | float | str | None
@@ -70,6 +94,12 @@ class History:
         performance when there is no validation set).
     records : list of dict
         One record per epoch; record 0 is the initial state.
+    best_perf, best_vperf, best_tperf : float or None
+        MATLAB's ``tr.best_perf`` etc.: the record of ``best_epoch`` (read-only).
+    num_epochs : int or None
+        MATLAB's ``tr.num_epochs``: the epoch of the last record (read-only).
+    stop : str or None
+        MATLAB's ``tr.stop``: an alias of ``stop_reason`` (read-only).
 
     Notes
     -----
@@ -178,6 +208,7 @@ class History:
     def _column(self, key: str) -> list[Scalar]:
         name = _ALIASES.get(key, key)
         if name not in STANDARD_KEYS + OPTIONAL_KEYS and name not in self.keys():
+            _refuse_matlab_field(key)
             raise KeyError(
                 f"No record has the key {key!r}; keys present: {self.keys()}, "
                 f"standard keys: {list(STANDARD_KEYS + OPTIONAL_KEYS)}"
@@ -203,6 +234,53 @@ class History:
         if not self.records:
             raise IndexError("History is empty: no record has been appended yet")
         return dict(self.records[-1])
+
+    @property
+    def stop(self) -> str | None:
+        """MATLAB's ``tr.stop``: an alias of :attr:`stop_reason`."""
+        return self.stop_reason
+
+    @property
+    def num_epochs(self) -> int | None:
+        """MATLAB's ``tr.num_epochs``: the epoch of the last record (None if empty).
+
+        Epoch 0 is the initial state, so a run stopped after 5 updates has ``num_epochs == 5``
+        and 6 records.
+        """
+        return self.records[-1].get("epoch", len(self) - 1) if self.records else None
+
+    @property
+    def best_perf(self) -> Scalar:
+        """MATLAB's ``tr.best_perf``: the training performance at :attr:`best_epoch`."""
+        return self._best("perf")
+
+    @property
+    def best_vperf(self) -> Scalar:
+        """MATLAB's ``tr.best_vperf``: the validation performance at :attr:`best_epoch`."""
+        return self._best("vperf")
+
+    @property
+    def best_tperf(self) -> Scalar:
+        """MATLAB's ``tr.best_tperf``: the test performance at :attr:`best_epoch`."""
+        return self._best("tperf")
+
+    def _best(self, key: str) -> Scalar:
+        """``key`` in the record whose epoch is :attr:`best_epoch`; None while it is unset.
+
+        Raises
+        ------
+        ValueError
+            If ``best_epoch`` is set but no record has that epoch (an edited history).
+        """
+        if self.best_epoch is None:
+            return None
+        for record in self.records:
+            if record.get("epoch") == self.best_epoch:
+                return record.get(key)
+        raise ValueError(
+            f"Invalid best_epoch value: {self.best_epoch!r}; expected the epoch of a record, "
+            f"found epochs {[r.get('epoch') for r in self.records]}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form: strict-JSON serialisable, non-finite floats become ``None``.
@@ -295,6 +373,20 @@ def _checked_field(data: Mapping[str, Any], name: str, kind: type, expected: str
     if value is None or (isinstance(value, kind) and not isinstance(value, bool) and not (kind is int and value < 0)):
         return value
     raise ValueError(f"Invalid {name} in History dict: {value!r}; expected {expected}")
+
+
+def _refuse_matlab_field(key: str) -> None:
+    """Raise a KeyError that says where a MATLAB ``tr`` field is, or that it is not held."""
+    if key in _MATLAB_ATTRIBUTES:
+        raise KeyError(
+            f"{key!r} is not a per-epoch column; MATLAB's tr.{key} is the attribute "
+            f"history.{_MATLAB_ATTRIBUTES[key]}"
+        )
+    if key in _MATLAB_NOT_HELD:
+        raise KeyError(
+            f"A History does not hold MATLAB's tr.{key}: it records only the per-epoch values, "
+            "method, stop_reason and best_epoch"
+        )
 
 
 def _check_key(key: object) -> str:
