@@ -224,6 +224,11 @@ def test_from_dict_round_trip():
         ({"records": [], "best_epoch": -1}, r"Invalid best_epoch in History dict: -1"),
         ({"records": [], "best_epoch": True}, r"Invalid best_epoch in History dict: True"),
         ({"records": [], "stop_reason": 5}, r"Invalid stop_reason in History dict: 5; expected None or a string"),
+        # A null record became an empty one, a list record a TypeError about append().
+        ({"records": [{"epoch": 0}, None]}, r"Invalid records\[1\] in History dict: None; expected a dict"),
+        ({"records": [[0, 1.0]]}, r"Invalid records\[0\] in History dict: \[0, 1.0\]; expected a dict"),
+        ({"records": [{"epoch": 0, "perf": [1.0]}]},
+         r"Invalid records\[0\] in History dict: History value for 'perf' must be a real number"),
     ],
 )
 def test_from_dict_rejects_bad_input(data, match):

@@ -305,7 +305,8 @@ class History:
         ------
         ValueError
             If ``data`` has no ``"records"`` list, has unexpected fields, or a ``stop_reason``
-            that is not a string or a ``best_epoch`` that is not an integer >= 0 (None for either).
+            that is not a string or a ``best_epoch`` that is not an integer >= 0 (None for either),
+            or a record that is not a dict of real numbers, strings, booleans and None.
         """
         if not isinstance(data, Mapping) or not isinstance(data.get("records"), list):
             raise ValueError(
@@ -321,8 +322,8 @@ class History:
         history = cls(data.get("method", "lm"))
         history.stop_reason = _checked_field(data, "stop_reason", str, "None or a string")
         history.best_epoch = _checked_field(data, "best_epoch", int, "None or an integer epoch >= 0")
-        for record in data["records"]:
-            history.append(record)
+        for index, record in enumerate(data["records"]):
+            _append_saved(history, index, record)
         return history
 
     def to_json(self, path: str | os.PathLike[str], *, indent: int | None = 2) -> Path:
@@ -365,6 +366,23 @@ class History:
             f"History(method={self.method!r}, epochs={epochs}, stop_reason={self.stop_reason!r}, "
             f"best_epoch={self.best_epoch}, final_perf={perf_text})"
         )
+
+
+def _append_saved(history: History, index: int, record: Any) -> None:
+    """Append ``records[index]`` of a saved dict, or raise a ValueError naming it.
+
+    ``append(None)`` means "no dict" and would add an empty record: a ``null`` in an edited
+    file is refused here instead.
+    """
+    if not isinstance(record, Mapping):
+        raise ValueError(
+            f"Invalid records[{index}] in History dict: {record!r}; expected a dict such as "
+            "{'epoch': 0, 'perf': 1.0}"
+        )
+    try:
+        history.append(record)
+    except TypeError as error:
+        raise ValueError(f"Invalid records[{index}] in History dict: {error}") from None
 
 
 def _checked_field(data: Mapping[str, Any], name: str, kind: type, expected: str) -> Any:
