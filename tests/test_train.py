@@ -167,6 +167,36 @@ def test_user_stop_from_callback():
     assert history.stop_reason == "User stop." and len(history) == 3
 
 
+class LoadWeightsAt(Callback):
+    """Writes ``weights`` into the model in ``on_epoch_end`` of ``epoch``."""
+
+    def __init__(self, epoch, weights):
+        self.epoch, self.weights = epoch, weights
+
+    def on_epoch_end(self, history, model):
+        if history.last["epoch"] == self.epoch:
+            model.load_state_dict(self.weights)
+
+
+@pytest.mark.parametrize("method", ["lm", "br"])
+def test_weights_a_callback_writes_are_where_the_next_lm_step_starts(method):
+    # LM stepped from its own copy of the weights and wrote the result over the module, so a
+    # callback's change was silently undone (gradient descent honoured it).
+    X, y = smooth_data()
+    other = tanh_net(seed=1).state_dict()
+    history = fit(tanh_net(), X, y, method=method, epochs=3, callbacks=[LoadWeightsAt(2, other)])
+    fresh = tanh_net(seed=1)
+    reference = fit(fresh, X, y, method="lm", epochs=1, mu=history[2]["damping"])
+    untouched = fit(tanh_net(), X, y, method=method, epochs=3)
+    assert history["perf"][:3] == untouched["perf"][:3]
+    if method == "lm":  # one LM step from the written weights with the damping reached by epoch 2
+        assert history["perf"][3] == pytest.approx(reference["perf"][1], rel=1e-12)
+        assert history["perf"][3] == pytest.approx(0.0509725, rel=1e-5)
+    # Before, epoch 3 continued the untouched run: 0.000955 (lm), 0.2384 (br).
+    assert history["perf"][3] == pytest.approx({"lm": 0.0509725, "br": 0.368622}[method], rel=1e-5)
+    assert untouched["perf"][3] == pytest.approx({"lm": 0.000955102, "br": 0.238389}[method], rel=1e-5)
+
+
 @pytest.mark.parametrize("division", ["random", "block", "interleaved"])
 def test_division_records_validation_and_test_performance(division):
     X, y = smooth_data(100)

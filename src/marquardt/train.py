@@ -83,7 +83,10 @@ class Callback:
         """Called once before epoch 0 is recorded."""
 
     def on_epoch_end(self, history: History, model: nn.Module) -> None:
-        """Called after each epoch's record is appended."""
+        """Called after each epoch's record is appended, ``model`` holding that epoch's weights.
+
+        Weights written to ``model`` here are where the next epoch starts, for every method.
+        """
 
     def on_train_end(self, history: History, model: nn.Module) -> None:
         """Called once after the best weights are restored."""
@@ -394,6 +397,25 @@ class LMTrainer:
     def sync_from_model(self) -> None:
         self.x = flatten_parameters(self.model)
         self._parameters = [p for _, p in trainable_parameters(self.model)]
+
+    def adopt_module_weights(self) -> None:
+        """Continue from weights a callback wrote to the module, if it wrote any.
+
+        The next step starts from ``self.x`` and the linearization made before the callbacks
+        ran, and writes its result over the module: without this, a callback's change was
+        silently undone (a first-order optimizer reads the module itself and needs nothing).
+        ``alpha`` and ``beta`` of ``trainbr`` are kept: they are re-estimated after accepted steps.
+        """
+        x = flatten_parameters(self.model)
+        # The trainer may step in a wider dtype than the module's (float64 for a float32 model):
+        # the module then holds self.x rounded, which is no change.
+        if torch.equal(x, self.x.to(x.dtype)):
+            return
+        self.x = x.to(self.x.dtype)
+        self._parameters = [p for _, p in trainable_parameters(self.model)]
+        if self.batches is None:  # mini-batches linearize each batch at self.x when they step
+            self.accepted = False
+            self.evaluate()
 
 
 @dataclass
@@ -1001,6 +1023,10 @@ class _Loop:
             except StopIteration:
                 stop = True
                 break
+        if self.callbacks and not stop:
+            adopt = getattr(self.trainer, "adopt_module_weights", None)
+            if adopt is not None:
+                adopt()
         if self.reducer.world_size > 1:
             # A callback that stops one rank (it may read rank-local state) stops every rank at
             # this epoch: one small reduction per epoch, on every rank whatever its callbacks.
