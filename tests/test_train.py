@@ -197,6 +197,34 @@ def test_weights_a_callback_writes_are_where_the_next_lm_step_starts(method):
     assert untouched["perf"][3] == pytest.approx({"lm": 0.000955102, "br": 0.238389}[method], rel=1e-5)
 
 
+@pytest.fixture
+def terminal_without_tqdm(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+
+
+def test_default_progress_on_a_terminal_without_tqdm_trains_without_a_bar(terminal_without_tqdm):
+    # tqdm is an optional extra; the default progress=None raised "progress=True needs tqdm".
+    from marquardt import mlp
+
+    X, y = smooth_data()
+    history = fit(mlp(1, 5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), X, y, epochs=3)
+    assert history["epoch"] == [0, 1, 2, 3] and history.stop_reason == "Maximum epoch reached."
+
+
+def test_progress_true_without_tqdm_fails_before_the_model_is_changed(terminal_without_tqdm):
+    from marquardt import mlp
+
+    X, y = smooth_data()
+    model = mlp(1, 5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ImportError, match=r"progress=True needs tqdm: pip install tqdm"):
+        fit(model, X, y, epochs=3, progress=True)
+    assert not model.normalization_set  # it used to be configured from X, y first
+
+
 @pytest.mark.parametrize("division", ["random", "block", "interleaved"])
 def test_division_records_validation_and_test_performance(division):
     X, y = smooth_data(100)

@@ -12,6 +12,27 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def resolve_progress(progress: bool | None) -> bool:
+    """Whether ``fit`` shows progress, decided before any work starts.
+
+    ``None`` (the default) shows it when standard output is a terminal and tqdm (an optional
+    extra) is installed; ``True`` without tqdm is an ImportError that says how to install it.
+    """
+    import sys
+
+    if progress is False:
+        return False
+    if progress is None and not sys.stdout.isatty():
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError as error:
+        if progress is None:
+            return False
+        raise ImportError("progress=True needs tqdm: pip install tqdm (or marquardt[progress]).") from error
+    return True
+
+
 class ProgressDisplay:
     """A tqdm bar over epochs whose postfix shows performance, validation, damping and gradient.
 

@@ -41,6 +41,7 @@ from .losses import Loss, SquaredError, make_loss
 from .mlp import MLP
 from .network import ModuleProblem, evaluation_mode, flatten_parameters, trainable_parameters, write_parameters
 from .optim import GradientDescent, Momentum
+from .progress import resolve_progress
 from .solver import lm_step
 
 __all__ = ["Callback", "fit", "STOP_REASONS"]
@@ -758,7 +759,8 @@ def fit(
     seed : int, optional
         Seeds the division and batch order (and ``torch.manual_seed``) for determinism.
     progress : bool, optional
-        Live progress display (tqdm); default only when standard output is a terminal.
+        Live progress display (tqdm). By default shown only when standard output is a terminal
+        and tqdm is installed; ``True`` without tqdm raises ImportError before training.
     callbacks : sequence of Callback
         Hooks called at the start, after each epoch and at the end.
     checkpoint : path, optional
@@ -875,6 +877,8 @@ def fit(
         callbacks = _callback_list(callbacks)
         _validate_options(epochs, goal, min_grad, max_fail, time_limit, batch_size, division, callbacks, seed,
                           progress)
+        # Before any work: progress=True without tqdm fails here, the default quietly shows none.
+        progress = resolve_progress(progress) if reducer.rank == 0 else False
         # numpy integers pass the checks; torch's seeding and tensor splitting take Python ints only.
         epochs, batch_size, seed = (None if value is None else int(value) for value in (epochs, batch_size, seed))
         kind, spec = _split_options(method, method_options)
@@ -915,7 +919,7 @@ def fit(
                      dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad,
                           max_fail=stop_after),
                      keep_last=kind == "br" and stop_after == math.inf, checkpoint=checkpointer, reducer=reducer)
-        display = _progress_display(progress if reducer.rank == 0 else False, epochs)
+        display = _progress_display(progress, epochs)
         n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         try:
             # Tiny problems: a second intra-op thread costs more than it saves (see single_thread).
@@ -1047,11 +1051,8 @@ class _Loop:
             callback.on_train_end(self.history, self.model)
 
 
-def _progress_display(progress: bool | None, epochs: int) -> Callable[[dict], None] | None:
-    import sys
-
-    if progress is None:
-        progress = sys.stdout.isatty()
+def _progress_display(progress: bool, epochs: int) -> Callable[[dict], None] | None:
+    """A tqdm bar when ``progress`` (as :func:`~marquardt.progress.resolve_progress` decided)."""
     if not progress:
         return None
     from .progress import ProgressDisplay
