@@ -553,3 +553,14 @@ def test_checkpoint_under_proc_is_refused_as_a_usage_error(regression_csv, tmp_p
     assert run_fit(regression_csv, tmp_path / "out", "--target", "y", "--features", "x1,x2",
                    "--checkpoint", "/proc/marquardt-ckpt") == 2
     assert "--checkpoint /proc/marquardt-ckpt: cannot create files in /proc" in capsys.readouterr().err
+
+
+def test_fit_on_a_terminal_without_tqdm_trains_without_a_bar(regression_csv, tmp_path, monkeypatch, capsys):
+    # The command passed progress=isatty(), True on a terminal: without the optional tqdm it raised
+    # fit's "progress=True needs tqdm". It now passes fit's default, which falls back silently.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert run_fit(regression_csv, tmp_path / "out", "--target", "y", "--features", "x1,x2") == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -694,7 +694,7 @@ def train_model(args: argparse.Namespace, task: Regression | Classification, X: 
     try:
         history = fit(model, torch.from_numpy(X), targets, method=method, epochs=args.epochs, goal=args.goal,
                       max_fail=args.max_fail, division=None if args.division == "none" else args.division,
-                      split=args.split, loss=task.loss, seed=seed, progress=sys.stdout.isatty(),
+                      split=args.split, loss=task.loss, seed=seed, progress=None,
                       checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                       distributed=reducer if reducer is not None else False)
     except CheckpointError as error:
