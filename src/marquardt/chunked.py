@@ -25,7 +25,6 @@ See ``docs/performance.md`` for the memory each form needs.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -476,8 +475,6 @@ class AccumulatedNormalEquations:
         factor = self._factor(damped)
         if factor is not None:
             step, path = factor.solve(grad, negate=True), "cholesky"
-        elif not _finite_system(self.gram, grad):
-            step, path = _no_step(grad), "eigh"
         else:
             # Not positive definite even with the floor: the pseudo-inverse of the damped matrix.
             fallback = NormalEquations(self.gram)
@@ -833,8 +830,6 @@ class HeldSampleSpaceEquations:
         else:
             full = gram.tril() + gram.tril(-1).T
             self.path = "sample-space-eigh"
-            if not _finite_system(full, residuals):
-                return _no_step(grad)
             coefficients = -damped_eigh_solve(full, residuals, 1.0, damped)
         return -(self.jac.T @ coefficients) / scale
 
@@ -913,22 +908,8 @@ class KernelSampleSpaceEquations:
             coefficients = factor.solve(wide)
         else:
             self.path = "sample-space-eigh"
-            if not _finite_system(gram, wide):
-                return _no_step(grad)
             coefficients = -damped_eigh_solve(gram, wide, 1.0, damped)
         return -self._vjp(coefficients.to(residuals.dtype)) / c
-
-
-def _finite_system(matrix: Tensor, rhs: Tensor) -> bool:
-    """Whether a system whose Cholesky factorization failed has only finite entries: an inf or
-    NaN in the Jacobian (a derivative that overflowed, ``sqrt`` at 0) makes LAPACK's ``?syevd``
-    raise instead of solving, and the eigen fallback must not be tried on it."""
-    return bool(torch.isfinite(matrix).all()) and bool(torch.isfinite(rhs).all())
-
-
-def _no_step(grad: Tensor) -> Tensor:
-    """A NaN step: what the LM loop treats as a failed trial (the weights stay, damping rises)."""
-    return torch.full_like(grad, math.nan)
 
 
 def _outer_gram(rows: Tensor) -> Tensor:

@@ -659,13 +659,13 @@ def _check_writable(out: Path, option: str = "--out") -> None:
     existing = out.absolute()
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) or not _takes_a_file(existing):
+    if not existing.is_dir() or not _takes_a_file(existing):
         raise UsageError(f"{option} {out}: cannot create files in {existing}; pass a folder you can write to")
 
 
 def _takes_a_file(folder: Path) -> bool:
-    """Whether a file can be created in ``folder`` (tried: ``os.access`` says yes to root where
-    the file system refuses, as /proc does)."""
+    """Whether a file can be created in ``folder``, by trying (``os.access`` says yes to root
+    where the file system refuses, as /proc does)."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             return True

@@ -78,15 +78,33 @@ def damped_lstsq(jac: Tensor, residuals: Tensor, damping: float, scale: Tensor) 
     rhs = torch.cat([-residuals, residuals.new_zeros(n)]).unsqueeze(1)
     scaled = augmented * columns
     if not bool(torch.isfinite(scaled).all()):
-        # An overflowed damping scale (inf * 0): no step. LAPACK's gelsd refuses a NaN with an
-        # internal assertion; a NaN step is what the LM loop rejects (damping rises).
-        return torch.full((n,), float("nan"), dtype=jac.dtype, device=jac.device)
+        # An overflowed damping scale (inf * 0): LAPACK's gelsd refuses a NaN with an internal
+        # assertion.
+        return no_step(n, jac)
     driver = "gelsd" if augmented.device.type == "cpu" else "gels"
     return columns * torch.linalg.lstsq(scaled, rhs, driver=driver).solution.squeeze(1)
 
 
+def no_step(n: int, like: Tensor) -> Tensor:
+    """A NaN step of ``n`` entries: what the LM loop takes for a failed trial (the point is kept
+    and the damping rises), returned where a system has no solution to give.
+
+    Examples
+    --------
+    >>> no_step(2, torch.zeros(3, dtype=torch.float64))
+    tensor([nan, nan], dtype=torch.float64)
+    """
+    return torch.full((n,), float("nan"), dtype=like.dtype, device=like.device)
+
+
 def damped_eigh_solve(gram: Tensor, grad: Tensor, damping: float, scale: Tensor) -> Tensor:
-    """Pseudo-inverse solve of the damped normal equations, for when no ``J`` is held."""
+    """Pseudo-inverse solve of the damped normal equations, for when no ``J`` is held.
+
+    A non-finite system (an inf or NaN in ``J``: a derivative that overflowed, ``sqrt`` at 0)
+    gives :func:`no_step`: LAPACK's ``?syevd`` raises on it instead of solving.
+    """
+    if not (bool(torch.isfinite(gram).all()) and bool(torch.isfinite(grad).all())):
+        return no_step(grad.shape[0], grad)
     matrix = gram + torch.diag(damping * scale)
     values, vectors = torch.linalg.eigh(matrix)
     cutoff = values.abs().max() * matrix.shape[0] * torch.finfo(matrix.dtype).eps

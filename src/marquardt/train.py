@@ -155,7 +155,7 @@ def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Los
     reference = next(model.parameters(), None)
     if reference is None:
         raise ValueError("model has no parameters to train.")
-    if not any(p.requires_grad for p in model.parameters()):
+    if not trainable_parameters(model):
         raise ValueError("model has no parameters to train: every parameter has requires_grad=False "
                          "(frozen); unfreeze those to train with model.requires_grad_(True) or p.requires_grad_().")
     X_t = _as_tensor(names[0], X, reference.dtype, reference.device)
