@@ -748,3 +748,39 @@ def test_problem_vjp_reads_the_held_jacobian_only_at_its_point():
     problem.cost(moved)  # a trial's forward pass: the held J is still the one at x
     expected = problem.backend.linearize(problem.params(moved), problem.X).vjp(u)
     assert torch.equal(problem.vjp(moved, u), expected)  # another point: forward and backward passes
+
+
+def _spd(n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=dtype)
+    return a @ a.T / n + 0.1 * torch.eye(n, dtype=dtype)
+
+
+@pytest.mark.parametrize("negate", [False, True])
+def test_large_lapack_factors_solve_by_triangular_solves_like_potrs(monkeypatch, negate):
+    n = chunked.TRIANGULAR_MIN_ORDER + 50
+    matrix = _spd(n)
+    lower = matrix.tril() + torch.triu(torch.full_like(matrix, 9.0), 1)  # the upper half is never read
+    damped = torch.full((n,), 1e-3, dtype=torch.float64)
+    rhs = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    factor = chunked.cholesky_factor(lower, damped)
+    assert factor.lapack
+    fast = factor.solve(rhs, negate=negate)
+    monkeypatch.setattr(chunked, "TRIANGULAR_MIN_ORDER", 10 * n)  # ?potrs on the same factor
+    slow = factor.solve(rhs, negate=negate)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    exact = torch.linalg.solve(matrix + torch.diag(damped), rhs)
+    torch.testing.assert_close(fast, -exact if negate else exact, rtol=1e-8, atol=1e-10)
+
+
+def test_large_factorization_copies_only_the_lower_triangle_into_a_used_workspace():
+    n = chunked.TRIANGULAR_MIN_ORDER + 30
+    matrix = _spd(n, seed=2)
+    damped = torch.full((n,), 1e-2, dtype=torch.float64)
+    work = torch.full((n, n), float("nan"), dtype=torch.float64)  # a used workspace: NaN everywhere
+    factor = chunked.cholesky_factor(matrix.tril(), damped, work)
+    assert factor is not None and factor.tensor is work
+    assert bool(torch.isnan(work[:512, 512:]).all())  # above the diagonal blocks: not copied, not read
+    rhs = torch.ones(n, dtype=torch.float64)
+    torch.testing.assert_close(factor.solve(rhs), torch.linalg.solve(matrix + torch.diag(damped), rhs),
+                               rtol=1e-8, atol=1e-10)

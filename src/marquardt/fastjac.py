@@ -326,6 +326,7 @@ class LinearizedNetwork:
         self.outputs = _scale_outputs(self.network, a)
         self._offsets: dict[str, tuple[int, int]] | None = None
         self._slopes: list[Tensor | None] | None = None
+        self._deltas: list[Tensor] | None = None
 
     @property
     def offsets(self) -> dict[str, tuple[int, int]]:
@@ -351,7 +352,13 @@ class LinearizedNetwork:
         return sum(numel for _, numel in self.layout)
 
     def deltas(self) -> list[Tensor]:
-        """``d out_k / d z_l`` for every layer, shape ``(N, K, width_l)`` (backpropagation)."""
+        """``d out_k / d z_l`` for every layer, shape ``(N, K, width_l)`` (backpropagation; formed
+        once, then shared by :meth:`jacobian` and the other readers of one linearization)."""
+        if self._deltas is None:
+            self._deltas = self._form_deltas()
+        return self._deltas
+
+    def _form_deltas(self) -> list[Tensor]:
         n, k = self.outputs.shape
         head = torch.eye(k, dtype=self.outputs.dtype, device=self.outputs.device)
         if self.network.output_scale is not None:
@@ -755,8 +762,9 @@ class LayeredJacobian:
         return forward(self.network, params, X)
 
     def chunks(self, params: dict[str, Tensor], X: Tensor, samples: int,
-               out: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(J_rows, outputs)`` for consecutive chunks of ``samples`` samples.
+               out: Tensor | None = None, linearizations: bool = False) -> Iterator[tuple]:
+        """``(J_rows, outputs)`` for consecutive chunks of ``samples`` samples (with
+        ``linearizations``, the chunk's :class:`LinearizedNetwork` third).
 
         With ``out`` (at least ``samples * K`` rows of ``P`` columns, the outputs' dtype) every
         chunk's rows are written into its leading rows: each chunk is overwritten by the next,
@@ -765,7 +773,8 @@ class LayeredJacobian:
         for start in range(0, X.shape[0], samples):
             lin = LinearizedNetwork(self.network, params, X[start : start + samples], self.layout)
             rows = lin.outputs.numel()
-            yield lin.jacobian(None if out is None else out[:rows]), lin.outputs
+            jac = lin.jacobian(None if out is None else out[:rows])
+            yield (jac, lin.outputs, lin) if linearizations else (jac, lin.outputs)
 
     def linearize(self, params: dict[str, Tensor], X: Tensor) -> LinearizedNetwork:
         """Products ``J v``, ``J^T u`` and ``diag(J^T J)`` on the whole batch, without ``J``."""

@@ -40,6 +40,7 @@ from .chunked import (
     single_thread,
 )
 from .fastjac import BufferedNetwork, LayeredJacobian, jacobian_backend
+from .kronecker import LayerGram
 from .losses import Loss, SquaredError, accumulate_gauss_newton
 from .matfree import MatrixFreeEquations, curvature_sample_size, eisenstat_walker, scaled_products
 from .solver import Linearization
@@ -230,6 +231,7 @@ class ModuleProblem:
         self._buffered = self._buffered_network()
         self._spare: dict[str, Tensor] = {}  # buffers of a released system, for the next linearization
         self._rows: Tensor | None = None  # the Jacobian chunk buffer of jacobian_chunks(reuse=True)
+        self._layer_gram = self._structured_gram()
 
     def _normal_form_only(self, named: list[tuple[str, Tensor]]) -> str:
         """``"normal"`` for a cross-entropy loss, whose ``J^T H J`` has no other form here; a
@@ -247,6 +249,16 @@ class ModuleProblem:
                 f"max_matrix_bytes={self.max_matrix_bytes}; pass a larger max_matrix_bytes if the memory is "
                 "there, or train with a first-order method (method='momentum' or a torch.optim class).")
         return "normal"
+
+    def _structured_gram(self) -> LayerGram | None:
+        """The Kronecker-structured ``J^T J`` (:class:`~marquardt.kronecker.LayerGram`) where the
+        normal equations of a closed-form squared-error network have a layer large enough for
+        it, else None (``?syrk``)."""
+        if not (self.plan.form == "normal" and self.is_least_squares and isinstance(self.backend, LayeredJacobian)
+                and self._buffered is None):
+            return None
+        wide = accumulation_dtype(self.dtype, self.n_params)
+        return LayerGram.plan(self.backend.network, self.backend.layout, wide, self.X.device)
 
     def _buffered_network(self) -> BufferedNetwork | None:
         """The reused-buffer forward pass and ``J`` (:class:`~marquardt.fastjac.BufferedNetwork`)
@@ -385,7 +397,7 @@ class ModuleProblem:
             with torch.no_grad():
                 return self._buffered_linearization(x)
         if not self.is_least_squares:
-            terms = (self.loss.gauss_newton(jac, out, y) for jac, out, y in self._jacobian_outputs(x))
+            terms = (self.loss.gauss_newton(jac, out, y) for jac, out, y, _ in self._jacobian_outputs(x))
             system, grad, cost = accumulate_gauss_newton(terms, self.n_params, dtype=self.dtype, device=x.device)
             return Linearization(cost, grad, system)
         if self.plan.form == "matrix-free":
@@ -394,12 +406,13 @@ class ModuleProblem:
             return self._kernel_sample_space(x)
         wide = accumulation_dtype(self.dtype, self.n_params)
         # Folded one chunk at a time into J^T J: the chunks may share one buffer.
-        chunks = self.jacobian_chunks(x, reuse=self.plan.form == "normal")
+        structure = self._layer_gram if self.plan.form == "normal" else None
+        chunks = self.jacobian_chunks(x, reuse=self.plan.form == "normal", linearizations=structure is not None)
         if self.plan.form == "sample-space":
             system, grad, cost = assemble_sample_space(chunks, (self.n_residuals, self.n_params), dtype=wide)
         else:
             system, grad, cost = accumulate_normal(chunks, self.n_params, dtype=wide, device=x.device,
-                                                   buffers=self._spare)
+                                                   buffers=self._spare, structure=structure)
             self._spare = {}
         if wide != self.dtype:
             system, grad = PromotedEquations(system, self.dtype), grad.to(self.dtype)
@@ -483,23 +496,27 @@ class ModuleProblem:
                                      precondition=False)
         return Linearization(0.5 * float(residuals @ residuals), grad, system)
 
-    def jacobian_chunks(self, x: Tensor, *, reuse: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    def jacobian_chunks(self, x: Tensor, *, reuse: bool = False, linearizations: bool = False) -> Iterator[tuple]:
         """Yield ``(J_rows, residual_rows)`` for consecutive chunks of samples.
 
         With ``reuse`` the closed-form rows of every chunk are written into one buffer kept by
         the problem (each chunk overwrites the last, so the consumer must be done with a chunk
         before asking for the next): a fresh 43 MB chunk cost ~15-20 ms of page faults on the
-        4,353-parameter benchmark network.
+        4,353-parameter benchmark network. With ``linearizations`` (closed form only) each
+        chunk's :class:`~marquardt.fastjac.LinearizedNetwork` comes third, for
+        :class:`~marquardt.kronecker.LayerGram`.
         """
-        for jac, outputs, targets in self._jacobian_outputs(x, reuse=reuse):
-            yield jac, (outputs - targets).reshape(-1)
+        for jac, outputs, targets, lin in self._jacobian_outputs(x, reuse=reuse, linearizations=linearizations):
+            residuals = (outputs - targets).reshape(-1)
+            yield (jac, residuals, lin) if linearizations else (jac, residuals)
 
-    def _jacobian_outputs(self, x: Tensor, *, reuse: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Yield ``(J_rows, outputs, targets)`` for consecutive chunks of samples (``reuse``: see
-        :meth:`jacobian_chunks`)."""
+    def _jacobian_outputs(self, x: Tensor, *, reuse: bool = False, linearizations: bool = False
+                          ) -> Iterator[tuple[Tensor, Tensor, Tensor, Any]]:
+        """Yield ``(J_rows, outputs, targets, linearization)`` for consecutive chunks of samples
+        (``reuse``: see :meth:`jacobian_chunks`; the linearization, closed form only, when asked)."""
         if self._keeps_trials:
             lin = self._full_linearization(x)
-            yield lin.jacobian(), lin.outputs, self.y
+            yield lin.jacobian(), lin.outputs, self.y, lin
             return
         samples = max(1, self.plan.chunk_rows // self.outputs_per_sample)
         start = 0
@@ -509,7 +526,10 @@ class ModuleProblem:
             if self._rows is None or self._rows.shape != (rows, self.n_params):
                 self._rows = torch.empty(rows, self.n_params, dtype=self.dtype, device=self.X.device)
             options["out"] = self._rows
-        for jac, outputs in self.backend.chunks(self.params(x), self.X, samples, **options):
+        if linearizations and isinstance(self.backend, LayeredJacobian):
+            options["linearizations"] = True
+        for chunk in self.backend.chunks(self.params(x), self.X, samples, **options):
+            jac, outputs = chunk[0], chunk[1]
             stop = start + outputs.shape[0]
-            yield jac, outputs, self.y[start:stop]
+            yield jac, outputs, self.y[start:stop], chunk[2] if len(chunk) > 2 else None
             start = stop

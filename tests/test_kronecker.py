@@ -1,0 +1,196 @@
+"""The Kronecker-structured J^T J of layered networks (marquardt.kronecker) against J^T J itself."""
+
+import pytest
+import torch
+from torch import nn
+
+from marquardt import MLP, fit, kronecker
+from marquardt.chunked import accumulate_normal
+from marquardt.fastjac import LinearizedNetwork, describe
+from marquardt.kronecker import LayerGram
+from marquardt.network import ModuleProblem, flatten_parameters
+
+DT = torch.float64
+
+
+def _network(widths, seed=0, dtype=DT):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).to(dtype)
+
+
+def _linearized(model, X):
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    spec = describe(model, [n for n, _ in layout])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return spec, layout, LinearizedNetwork(spec, params, X, layout)
+
+
+def _residuals(lin):
+    return torch.cos(torch.arange(lin.outputs.numel(), dtype=lin.outputs.dtype))
+
+
+def _folded(gram_plan, lin, n, parts=1, out=None):
+    """``(J^T J, J^T r)`` by ``gram_plan`` with the rows folded in ``parts`` chunks into ``out``
+    (cleared first) or a new matrix."""
+    if out is None:
+        out = torch.zeros(n, n, dtype=DT)
+    else:
+        gram_plan.clear(out)
+    grad = torch.zeros(n, dtype=DT)
+    r = _residuals(lin)
+    samples, per_sample = lin.X.shape[0], lin.outputs.shape[1]
+    bounds = [round(i * samples / parts) for i in range(parts + 1)]
+    for start, stop in zip(bounds, bounds[1:]):
+        part = LinearizedNetwork(lin.network, lin.params, lin.X[start:stop], lin.layout)
+        gram_plan.fold(out, grad, part.jacobian(), r[start * per_sample:stop * per_sample], part)
+    gram_plan.finish(out)
+    return out, grad
+
+
+CASES = {  # widths, which layers are large enough (min_columns=32, min_width=4)
+    "middle layer": ((1, 12, 12, 1), [False, True, False]),
+    "first layer": ((9, 10, 1), [True, False]),
+    "two large layers in a row": ((2, 8, 8, 8, 4), [False, True, True, True]),
+    "several outputs": ((2, 6, 6, 5), [False, True, True]),
+}
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_lower_triangle_equals_the_product_of_the_rows(name, parts):
+    widths, kron = CASES[name]
+    model = _network(widths)
+    X = torch.randn(40, widths[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    spec, layout, lin = _linearized(model, X)
+    plan = LayerGram.plan(spec, layout, DT, "cpu", min_width=4, min_columns=32)
+    assert [block.kron for block in plan.blocks] == kron
+    J = lin.jacobian()
+    expected = (J.T @ J).tril()
+    gram, grad = _folded(plan, lin, J.shape[1], parts)
+    torch.testing.assert_close(gram.tril(), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, J.T @ _residuals(lin), rtol=1e-12, atol=1e-12)
+    # A reused matrix full of old values: clear and finish leave no trace of them, and the
+    # Kronecker sums were reset by the last finish.
+    used = torch.full_like(gram, 7.0)
+    torch.testing.assert_close(_folded(plan, lin, J.shape[1], out=used)[0].tril(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_factors_formed_a_slice_of_rows_at_a_time_give_the_same_sums(monkeypatch):
+    model = _network((1, 12, 12, 1))
+    X = torch.linspace(-2, 2, 50, dtype=DT)[:, None]
+    spec, layout, lin = _linearized(model, X)
+    plan = LayerGram.plan(spec, layout, DT, "cpu", min_width=4, min_columns=32)
+    whole = _folded(plan, lin, lin.n_params)[0]
+    monkeypatch.setattr(kronecker, "FACTOR_BYTES", 7 * 8 * (78 + 91))  # 7 rows of U and V at a time
+    sliced = _folded(plan, lin, lin.n_params)[0]
+    torch.testing.assert_close(sliced.tril(), whole.tril(), rtol=1e-13, atol=1e-13)
+
+
+def test_float32_gram_is_as_accurate_as_the_float32_product():
+    model = _network((1, 16, 16, 1), dtype=torch.float32)
+    X = torch.linspace(-3, 3, 500)[:, None]
+    spec, layout, lin = _linearized(model, X)
+    J = lin.jacobian()
+    exact = (J.double().T @ J.double()).tril()
+    plan = LayerGram.plan(spec, layout, torch.float32, "cpu", min_width=4, min_columns=32)
+    out = torch.zeros(J.shape[1], J.shape[1])
+    plan.fold(out, torch.zeros(J.shape[1]), J, torch.zeros(J.shape[0]), lin)
+    plan.finish(out)
+    scale = float(exact.abs().max())
+    ours = float((out.tril().double() - exact).abs().max()) / scale
+    product = float(((J.T @ J).tril().double() - exact).abs().max()) / scale
+    assert ours < 1e-6 and ours < 10 * product
+
+
+@pytest.mark.parametrize("case", ["tiny layers", "no bias", "shuffled layout", "cuda", "float16"])
+def test_plan_is_none_where_it_does_not_apply(case):
+    widths = (1, 3, 3, 1) if case == "tiny layers" else (1, 12, 12, 1)
+    model = _network(widths)
+    if case == "no bias":
+        model[2] = nn.Linear(12, 12, bias=False).to(DT)
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    spec = describe(model, [n for n, _ in layout])
+    if case == "shuffled layout":
+        layout = layout[2:] + layout[:2]
+    device = "cuda" if case == "cuda" else "cpu"
+    dtype = torch.float16 if case == "float16" else DT
+    assert LayerGram.plan(spec, layout, dtype, device, min_width=4, min_columns=32) is None
+
+
+def test_default_thresholds_take_the_benchmark_layer_and_leave_small_ones():
+    spec_of = lambda widths: describe(_network(widths), [n for n, _ in _network(widths).named_parameters()])
+    layout_of = lambda widths: [(n, p.numel()) for n, p in _network(widths).named_parameters()]
+    plan = LayerGram.plan(spec_of((1, 64, 64, 1)), layout_of((1, 64, 64, 1)), torch.float32, "cpu")
+    assert [block.kron for block in plan.blocks] == [False, True, False]
+    assert LayerGram.plan(spec_of((1, 20, 1)), layout_of((1, 20, 1)), torch.float64, "cpu") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# in the problem and in fit
+
+
+def _wide_problem(**options):
+    model = _network((2, 20, 20, 2))  # the 20 x 21 middle block: 420 columns, past the thresholds
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 2, generator=g, dtype=DT)
+    y = torch.stack([torch.sin(X[:, 0]) * X[:, 1], torch.cos(X.sum(1))], 1)
+    return model, X, y, ModuleProblem(model, X, y, **options)
+
+
+@pytest.mark.parametrize("options", [{}, {"max_jacobian_bytes": 120 * 522 * 8}])  # 60 samples a chunk
+def test_problem_system_equals_the_syrk_system(options):
+    model, X, y, problem = _wide_problem(**options)
+    assert problem._layer_gram is not None
+    x = flatten_parameters(model)
+    structured = problem.linearize(x)
+    plain = ModuleProblem(model, X, y, **options)
+    plain._layer_gram = None
+    reference = plain.linearize(x)
+    assert structured.system.name == reference.system.name
+    assert structured.system.name == ("chunked-cholesky" if options else "cholesky")
+    torch.testing.assert_close(structured.system.gram, reference.system.gram, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(structured.grad, reference.grad, rtol=1e-12, atol=1e-13)
+    ones = torch.ones_like(x)
+    torch.testing.assert_close(structured.system.solve(structured.grad, 1e-3, ones),
+                               reference.system.solve(reference.grad, 1e-3, ones), rtol=1e-6, atol=1e-9)
+
+
+def test_jacobian_chunks_pass_each_chunks_linearization_only_when_asked():
+    model, X, y, problem = _wide_problem(max_jacobian_bytes=120 * 522 * 8)
+    x = flatten_parameters(model)
+    plain = list(problem.jacobian_chunks(x))
+    assert all(len(chunk) == 2 for chunk in plain) and len(plain) == 5
+    with_lin = list(problem.jacobian_chunks(x, linearizations=True))
+    assert [lin.X.shape[0] for _, _, lin in with_lin] == [60] * 5
+
+
+def test_fit_with_the_structured_gram_follows_the_syrk_run(monkeypatch):
+    model, X, y, problem = _wide_problem()
+    assert problem._layer_gram is not None
+    structured = fit(model, X, y, epochs=10, progress=False)
+    model, X, y, _ = _wide_problem()
+    monkeypatch.setattr(LayerGram, "plan", classmethod(lambda cls, *args, **kwargs: None))
+    plain = fit(model, X, y, epochs=10, progress=False)
+    assert structured["damping"] == plain["damping"]
+    # The same steps to rounding (J^T J agrees to ~1e-15 relative; LM amplifies it to ~1e-8 here).
+    assert structured["perf"] == pytest.approx(plain["perf"], rel=1e-6)
+    assert structured["perf"][-1] < 0.2 * structured["perf"][0]
+
+
+def test_mlp_with_normalization_maps_takes_the_structured_gram():
+    torch.manual_seed(0)
+    model = MLP(2, [20, 20], 1).double()
+    X = torch.randn(600, 2, dtype=DT) * 5 + 3  # more samples than the 501 parameters: normal form
+    y = X[:, :1] * X[:, 1:]
+    history = fit(model, X, y, epochs=3, progress=False)  # sets the input and output maps
+    assert history["perf"][-1] < history["perf"][0]
+    structured = ModuleProblem(model, X, y)
+    plain = ModuleProblem(model, X, y)
+    plain._layer_gram = None
+    assert structured._layer_gram is not None
+    x = flatten_parameters(model)
+    torch.testing.assert_close(structured.linearize(x).system.gram, plain.linearize(x).system.gram,
+                               rtol=1e-12, atol=1e-12)
