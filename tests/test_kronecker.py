@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from marquardt import MLP, fit, kronecker
-from marquardt.chunked import accumulate_normal
+from marquardt.chunked import accumulation_dtype
 from marquardt.fastjac import LinearizedNetwork, describe
 from marquardt.kronecker import LayerGram
 from marquardt.network import ModuleProblem, flatten_parameters
@@ -126,14 +126,24 @@ def test_default_thresholds_take_the_benchmark_layer_and_leave_small_ones():
     plan = LayerGram.plan(spec_of((1, 64, 64, 1)), layout_of((1, 64, 64, 1)), torch.float32, "cpu")
     assert [block.kron for block in plan.blocks] == [False, True, False]
     assert LayerGram.plan(spec_of((1, 20, 1)), layout_of((1, 20, 1)), torch.float64, "cpu") is None
+    assert LayerGram.plan(spec_of((1, 24, 24, 1)), layout_of((1, 24, 24, 1)), torch.float32, "cpu") is None
+    model, X, y, problem = _wide_problem()  # 20-wide layers: below the default thresholds
+    assert problem._layer_gram is None
 
 
 # ---------------------------------------------------------------------------------------------
 # in the problem and in fit
 
 
+@pytest.fixture
+def low_thresholds(monkeypatch):
+    """Structured J^T J from 8-wide layers of 256 columns on: small problems take it too."""
+    monkeypatch.setattr(kronecker, "KRON_MIN_WIDTH", 8)
+    monkeypatch.setattr(kronecker, "KRON_MIN_COLUMNS", 256)
+
+
 def _wide_problem(**options):
-    model = _network((2, 20, 20, 2))  # the 20 x 21 middle block: 420 columns, past the thresholds
+    model = _network((2, 20, 20, 2))  # the 20 x 21 middle block: 420 columns
     g = torch.Generator().manual_seed(3)
     X = torch.randn(300, 2, generator=g, dtype=DT)
     y = torch.stack([torch.sin(X[:, 0]) * X[:, 1], torch.cos(X.sum(1))], 1)
@@ -141,6 +151,7 @@ def _wide_problem(**options):
 
 
 @pytest.mark.parametrize("options", [{}, {"max_jacobian_bytes": 120 * 522 * 8}])  # 60 samples a chunk
+@pytest.mark.usefixtures("low_thresholds")
 def test_problem_system_equals_the_syrk_system(options):
     model, X, y, problem = _wide_problem(**options)
     assert problem._layer_gram is not None
@@ -158,6 +169,7 @@ def test_problem_system_equals_the_syrk_system(options):
                                reference.system.solve(reference.grad, 1e-3, ones), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.usefixtures("low_thresholds")
 def test_jacobian_chunks_pass_each_chunks_linearization_only_when_asked():
     model, X, y, problem = _wide_problem(max_jacobian_bytes=120 * 522 * 8)
     x = flatten_parameters(model)
@@ -167,6 +179,7 @@ def test_jacobian_chunks_pass_each_chunks_linearization_only_when_asked():
     assert [lin.X.shape[0] for _, _, lin in with_lin] == [60] * 5
 
 
+@pytest.mark.usefixtures("low_thresholds")
 def test_fit_with_the_structured_gram_follows_the_syrk_run(monkeypatch):
     model, X, y, problem = _wide_problem()
     assert problem._layer_gram is not None
@@ -180,6 +193,7 @@ def test_fit_with_the_structured_gram_follows_the_syrk_run(monkeypatch):
     assert structured["perf"][-1] < 0.2 * structured["perf"][0]
 
 
+@pytest.mark.usefixtures("low_thresholds")
 def test_mlp_with_normalization_maps_takes_the_structured_gram():
     torch.manual_seed(0)
     model = MLP(2, [20, 20], 1).double()
@@ -194,3 +208,18 @@ def test_mlp_with_normalization_maps_takes_the_structured_gram():
     x = flatten_parameters(model)
     torch.testing.assert_close(structured.linearize(x).system.gram, plain.linearize(x).system.gram,
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("low_thresholds")
+def test_float32_problem_takes_the_structured_gram_in_its_accumulation_dtype():
+    model, X, y, _ = _wide_problem()
+    model, X, y = model.float(), X.float(), y.float()
+    structured = ModuleProblem(model, X, y)
+    plain = ModuleProblem(model, X, y)
+    plain._layer_gram = None
+    assert structured._layer_gram is not None and structured._layer_gram.dtype == accumulation_dtype(torch.float32, structured.n_params)
+    x = flatten_parameters(model)
+    a, b = structured.linearize(x), plain.linearize(x)
+    assert a.grad.dtype == b.grad.dtype == torch.float32
+    torch.testing.assert_close(a.system.gram, b.system.gram, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
