@@ -104,7 +104,7 @@ class LayerGram:
     >>> params = {n: p.detach() for n, p in net.named_parameters()}
     >>> lin = LinearizedNetwork(spec, params, torch.randn(50, 3, dtype=torch.float64), layout)
     >>> J = lin.jacobian()
-    >>> gram = LayerGram.plan(spec, layout, torch.float64, "cpu", min_columns=64)
+    >>> gram = LayerGram.plan(spec, layout, torch.float64, "cpu", min_width=8, min_columns=64)
     >>> [block.kron for block in gram.blocks]
     [False, True, False]
     >>> out, grad = torch.zeros(J.shape[1], J.shape[1], dtype=torch.float64), torch.zeros(J.shape[1], dtype=torch.float64)
