@@ -223,3 +223,21 @@ def test_float32_problem_takes_the_structured_gram_in_its_accumulation_dtype():
     assert a.grad.dtype == b.grad.dtype == torch.float32
     torch.testing.assert_close(a.system.gram, b.system.gram, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("low_thresholds")
+@pytest.mark.parametrize("damping", [1e-2, 1.0])
+def test_structured_step_equals_the_dense_cholesky_step_of_torch_func_rows(damping):
+    from marquardt.fastjac import FunctionalJacobian
+    from marquardt.linalg import NormalEquations
+
+    model, X, y, problem = _wide_problem(max_jacobian_bytes=120 * 522 * 8)
+    x = flatten_parameters(model)
+    lin = problem.linearize(x)
+    assert problem._layer_gram is not None and lin.system.name == "chunked-cholesky"
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    (J, out), = FunctionalJacobian(model, layout).chunks(params, X, X.shape[0])
+    r = (out - y).reshape(-1)
+    dense = NormalEquations(J.T @ J, J, r).solve(J.T @ r, damping, torch.ones(J.shape[1], dtype=DT))
+    torch.testing.assert_close(lin.system.solve(lin.grad, damping, torch.ones_like(x)), dense, rtol=1e-7, atol=1e-10)
