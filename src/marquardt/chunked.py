@@ -971,13 +971,11 @@ def accumulate_normal(chunks: Iterable[tuple[Tensor, Tensor]], n: int, *, dtype:
     """
     buffers = {name: buffer for name, buffer in (buffers or {}).items()
                if buffer.shape == (n, n) and buffer.dtype == dtype and buffer.device == torch.device(device)}
-    if "gram" not in buffers:
-        gram = torch.zeros(n, n, dtype=dtype, device=device)
-    elif structure is not None:
-        gram = buffers["gram"]
-        structure.clear(gram)  # what it adds to; the rest it overwrites
+    if structure is not None:
+        gram = buffers["gram"] if "gram" in buffers else torch.empty(n, n, dtype=dtype, device=device)
+        structure.clear(gram)  # what it adds to, and its own sums; the rest it overwrites
     else:
-        gram = buffers["gram"].zero_()
+        gram = buffers["gram"].zero_() if "gram" in buffers else torch.zeros(n, n, dtype=dtype, device=device)
     grad = torch.zeros(n, dtype=dtype, device=device)
     sum_sq = torch.zeros((), dtype=dtype, device=device)
     count = 0
