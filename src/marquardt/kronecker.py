@@ -1,4 +1,5 @@
-"""``J^T J`` of a layered network in about half the work of ``?syrk``: pure tensor code.
+"""``J^T J`` of a layered network in about half the work of ``?syrk``: pure numerical code
+(numpy and SciPy's BLAS, on the CPU).
 
 A Jacobian row of an affine layer ``z = a W^T + b`` (one residual ``r``, that is one sample and
 one output) is an outer product: ``d r / d W[i, j] = delta[i] h[j]`` with ``h = [a, 1]`` (the 1
@@ -88,9 +89,9 @@ class LayerGram:
     """Folds chunks of a layered network's Jacobian rows into the lower triangle of ``J^T J``,
     the large layers' diagonal blocks from their Kronecker factors (see the module docstring).
 
-    Use :meth:`plan` (``None`` where it does not apply), then :meth:`fold` per chunk into a
-    zeroed ``gram`` and :meth:`finish` once. Only the lower triangle of ``gram`` is meaningful
-    after, as after :func:`marquardt.chunked.symmetric_rank_update`.
+    Use :meth:`plan` (``None`` where it does not apply), then per system :meth:`clear` (or a
+    zeroed ``gram``), :meth:`fold` per chunk and :meth:`finish` once. Only the lower triangle of
+    ``gram`` is meaningful after, as after :func:`marquardt.chunked.symmetric_rank_update`.
 
     Examples
     --------
@@ -122,7 +123,7 @@ class LayerGram:
         self._gemm = _GEMM[dtype]
         small = [np.arange(b.start, b.stop) for b in blocks if not b.kron]
         self._small = np.concatenate(small) if small else np.zeros(0, dtype=np.int64)
-        self._pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._pairs: dict[int, np.ndarray] = {}  # width -> pair positions (_pair_index)
         self._sums: dict[int, np.ndarray] = {}  # per Kronecker block: M, accumulated over chunks
         # Reused memory (a fresh 16 MB array costs its page faults at every fold).
         self._buffers: dict[str, np.ndarray] = {}
