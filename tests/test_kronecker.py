@@ -302,3 +302,47 @@ def test_no_chunk_folded_leaves_zeros_in_a_reused_matrix():
     plan.clear(used)
     plan.finish(used)
     assert bool((used.tril() == 0).all())
+
+
+def _classifier(loss, seed=4):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(),
+                          nn.Linear(20, 3 if loss == "cross_entropy" else 2)).to(DT)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(400, 3, generator=g, dtype=DT)
+    if loss == "cross_entropy":
+        y = (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()  # three classes
+    else:
+        y = torch.stack([X[:, 0] > 0, X[:, 1] * X[:, 2] > 0], 1).to(DT)
+    return model, X, y
+
+
+@pytest.mark.usefixtures("low_thresholds")
+@pytest.mark.parametrize("loss", ["cross_entropy", "binary_cross_entropy"])
+@pytest.mark.parametrize("options", [{}, {"max_jacobian_bytes": 90 * 505 * 8}])
+def test_classification_gauss_newton_matrix_equals_the_block_products(loss, options):
+    from marquardt.losses import make_loss
+
+    model, X, y = _classifier(loss)
+    targets = make_loss(loss).targets(y, tuple(model(X[:2]).shape), "y")
+    structured = ModuleProblem(model, X, targets, loss=make_loss(loss), **options)
+    plain = ModuleProblem(model, X, targets, loss=make_loss(loss), **options)
+    plain._layer_gram = None
+    assert structured._layer_gram is not None and [b.kron for b in structured._layer_gram.blocks] == [False, True, False]
+    x = flatten_parameters(model)
+    a, b = structured.linearize(x), plain.linearize(x)
+    torch.testing.assert_close(a.system.gram, b.system.gram, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-13)
+    assert a.cost == pytest.approx(b.cost, rel=1e-13)
+
+
+@pytest.mark.usefixtures("low_thresholds")
+def test_fit_with_cross_entropy_follows_the_block_product_run(monkeypatch):
+    model, X, y = _classifier("cross_entropy")
+    structured = fit(model, X, y, loss="cross_entropy", epochs=8, progress=False)
+    model, X, y = _classifier("cross_entropy")
+    monkeypatch.setattr(LayerGram, "plan", classmethod(lambda cls, *args, **kwargs: None))
+    plain = fit(model, X, y, loss="cross_entropy", epochs=8, progress=False)
+    assert structured["damping"] == plain["damping"]
+    assert structured["perf"] == pytest.approx(plain["perf"], rel=1e-8)
+    assert structured["perf"][-1] < 0.5 * structured["perf"][0]

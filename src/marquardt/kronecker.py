@@ -170,10 +170,12 @@ class LayerGram:
             total.fill(0.0)
         self._folded = False
 
-    def fold(self, gram: Tensor, grad: Tensor, jac: Tensor, residuals: Tensor, lin: LinearizedNetwork) -> None:
-        """Add the chunk's rows ``jac`` (``(rows, n)``, linearized as ``lin``) into ``gram``'s
-        lower triangle, and ``J^T r`` for its ``residuals`` into ``grad``; the Kronecker blocks
-        are summed aside until :meth:`finish`.
+    def fold(self, gram: Tensor, grad: Tensor | None, jac: Tensor, residuals: Tensor | None,
+             lin: LinearizedNetwork) -> None:
+        """Add the chunk's rows ``jac`` (``(rows, n)``, linearized as ``lin``: ``lin.deltas()`` and
+        ``lin.inputs`` are the rows' outer-product factors) into ``gram``'s lower triangle, and
+        ``J^T r`` for its ``residuals`` into ``grad`` (neither when ``residuals`` is None); the
+        Kronecker blocks are summed aside until :meth:`finish`.
 
         Every lower-triangle entry ``(r, c)`` is written once: by the column's block when that is
         small (one product of all of ``J`` with the small columns and ``r``), else by the row's
@@ -183,7 +185,10 @@ class LayerGram:
         out = gram.numpy()
         rows = jac.detach().to(self.dtype).contiguous().numpy()
         deltas = lin.deltas()
-        grad.add_(torch.from_numpy(self._fold_small(out, rows, residuals.detach().to(self.dtype).numpy())))
+        r = None if residuals is None else residuals.detach().to(self.dtype).numpy()
+        gradient = self._fold_small(out, rows, r)
+        if r is not None:
+            grad.add_(torch.from_numpy(gradient))
         kron = [block for block in self.blocks if block.kron]
         for index, block in enumerate(kron):
             for earlier in kron[:index]:  # two large layers: their columns' product
@@ -233,14 +238,14 @@ class LayerGram:
             self._pairs[width] = _pair_index(width)
         return self._pairs[width]
 
-    def _fold_small(self, out: np.ndarray, rows: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    def _fold_small(self, out: np.ndarray, rows: np.ndarray, residuals: np.ndarray | None) -> np.ndarray:
         """The entries in a small block's columns (rows at or below the block) and in its rows
         against the large blocks before it, from ``P = J^T [J_small, r]``; returns ``J^T r``,
-        its last column (one pass over ``J`` for both)."""
+        its last column (one pass over ``J`` for both; zeros without ``residuals``)."""
         count, width = rows.shape[0], self._small.size + 1
         small = self._buffer("small", (count, width))
         np.take(rows, self._small, axis=1, out=small[:, :-1])
-        small[:, -1] = residuals
+        small[:, -1] = 0.0 if residuals is None else residuals
         # Fortran order: J^T (n x rows) is the C-ordered J, and J_small^T likewise.
         product = self._buffer("product", (width, self.n)).T  # (n, small + 1), Fortran-ordered
         result = self._gemm(1.0, rows.T, small.T, beta=0.0, c=product, trans_b=1, overwrite_c=1)

@@ -59,6 +59,10 @@ class Loss(Protocol):
     def gauss_newton(self, jac: Tensor, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(L J, J^T dl/dz, cost)`` for a chunk of samples; ``jac`` has one row per output element."""
 
+    def curvature_rows(self, outputs: Tensor, values: Tensor) -> Tensor:
+        """``L_n values_n`` per sample: ``values`` ``(N, K, ...)`` holds, per sample, one row per
+        output (the rows of ``J``, or a layer's deltas, of which they are outer products)."""
+
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The differentiable performance, for first-order methods."""
 
@@ -110,6 +114,9 @@ class SquaredError:
     def gauss_newton(self, jac: Tensor, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         r = (outputs - targets).reshape(-1)
         return jac, jac.T @ r, 0.5 * (r @ r)
+
+    def curvature_rows(self, outputs: Tensor, values: Tensor) -> Tensor:
+        return values  # H = I
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.mse_loss(outputs, targets)
@@ -197,10 +204,14 @@ class CrossEntropy:
     def gauss_newton(self, jac: Tensor, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         samples, n_classes = outputs.shape
         p = torch.softmax(outputs, dim=1)
+        rows = self.curvature_rows(outputs, jac.reshape(samples, n_classes, -1)).reshape(jac.shape)
+        return rows, jac.T @ (p - targets).reshape(-1), self.cost(outputs, targets)
+
+    def curvature_rows(self, outputs: Tensor, values: Tensor) -> Tensor:
+        p = torch.softmax(outputs, dim=1)
         root = p.sqrt()
         factor = torch.diag_embed(root) - root[:, :, None] * p[:, None, :]
-        rows = torch.bmm(factor, jac.reshape(samples, n_classes, -1)).reshape(jac.shape)
-        return rows, jac.T @ (p - targets).reshape(-1), self.cost(outputs, targets)
+        return torch.bmm(factor, values.reshape(values.shape[0], values.shape[1], -1)).reshape(values.shape)
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs, targets)
@@ -253,10 +264,13 @@ class BinaryCrossEntropy:
 
     def gauss_newton(self, jac: Tensor, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         z = outputs.reshape(-1)
-        # sigmoid(z) sigmoid(-z) = p (1 - p) without cancellation when p -> 1.
-        root = (torch.sigmoid(z) * torch.sigmoid(-z)).sqrt()
-        rows = root[:, None] * jac
+        rows = self.curvature_rows(outputs, jac.reshape(*outputs.shape, -1)).reshape(jac.shape)
         return rows, jac.T @ (torch.sigmoid(z) - targets.reshape(-1)), self.cost(outputs, targets)
+
+    def curvature_rows(self, outputs: Tensor, values: Tensor) -> Tensor:
+        # sigmoid(z) sigmoid(-z) = p (1 - p) without cancellation when p -> 1.
+        root = (torch.sigmoid(outputs) * torch.sigmoid(-outputs)).sqrt()
+        return root.reshape(*root.shape, *([1] * (values.ndim - 2))) * values
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(outputs, targets)
@@ -287,12 +301,17 @@ def make_loss(loss: str | Loss) -> Loss:
 
 
 def accumulate_gauss_newton(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], n: int, *, dtype: torch.dtype,
-                            device: torch.device | str) -> tuple[NormalEquations, Tensor, float]:
+                            device: torch.device | str, structure=None) -> tuple[NormalEquations, Tensor, float]:
     """Fold ``(L J, J^T dl/dz, cost)`` chunks into ``J^T H J``, the gradient and the cost.
 
     The curvature rows play the part of Jacobian rows in
     :func:`marquardt.chunked.accumulate_normal`; the gradient comes separately because it is
     not ``(L J)^T`` of any finite residual vector when ``H`` is singular (softmax).
+
+    ``structure``: a :class:`~marquardt.kronecker.LayerGram` for the network, which then forms
+    ``J^T H J`` (CPU); the chunks are then ``(L J, J^T dl/dz, cost, extra)``, ``extra`` what its
+    ``fold`` reads besides the rows (a linearization whose deltas are the curvature rows' own,
+    ``L delta``: the rows ``L J`` keep the outer-product form of ``J``'s).
 
     Examples
     --------
@@ -302,9 +321,18 @@ def accumulate_gauss_newton(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], n: 
     >>> system.gram.tolist(), g.tolist(), cost
     ([[2.0, 0.0], [0.0, 2.0]], [2.0, 2.0], 1.0)
     """
-    gram = torch.zeros(n, n, dtype=dtype, device=device)
     grad = torch.zeros(n, dtype=dtype, device=device)
     total = torch.zeros((), dtype=dtype, device=device)
+    if structure is not None:
+        gram = torch.empty(n, n, dtype=dtype, device=device)
+        structure.clear(gram)
+        for rows, grad_part, cost_part, extra in chunks:
+            structure.fold(gram, None, rows.to(dtype), None, extra)
+            grad += grad_part
+            total += cost_part
+        structure.finish(gram)
+        return NormalEquations(gram.tril() + gram.tril(-1).T), grad, float(total)
+    gram = torch.zeros(n, n, dtype=dtype, device=device)
     for rows, grad_part, cost_part in chunks:
         _add_upper_gram(gram, rows)
         grad += grad_part

@@ -79,6 +79,25 @@ def _finite(value: float) -> float:
     return value if value == value and value != float("inf") else float("inf")
 
 
+@dataclass
+class CurvatureFactors:
+    """A chunk's :class:`~marquardt.fastjac.LinearizedNetwork` seen through the loss's Hessian
+    factor ``L``: the curvature rows ``L J`` are outer products of the layer inputs with the
+    deltas ``L delta``, which :meth:`deltas` gives (what :class:`~marquardt.kronecker.LayerGram`
+    reads to form ``J^T H J``)."""
+
+    lin: Any
+    loss: Loss
+    outputs: Tensor
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        return self.lin.inputs
+
+    def deltas(self) -> list[Tensor]:
+        return [self.loss.curvature_rows(self.outputs, delta) for delta in self.lin.deltas()]
+
+
 def _check_deterministic(model: nn.Module) -> None:
     """A ValueError, before any work, for submodules in training mode whose forward pass is random
     (dropout) or updates state and mixes the samples (batch norm).
@@ -251,14 +270,13 @@ class ModuleProblem:
         return "normal"
 
     def _structured_gram(self) -> LayerGram | None:
-        """The Kronecker-structured ``J^T J`` (:class:`~marquardt.kronecker.LayerGram`) where the
-        normal equations of a closed-form squared-error network have a layer large enough for
-        it, else None (``?syrk``)."""
-        if not (self.plan.form == "normal" and self.is_least_squares and isinstance(self.backend, LayeredJacobian)
-                and self._buffered is None):
+        """The Kronecker-structured ``J^T J`` (or ``J^T H J``; :class:`~marquardt.kronecker.LayerGram`)
+        where the normal equations of a closed-form network have a layer large enough for it,
+        else None (``?syrk``, or block products for ``J^T H J``)."""
+        if not (self.plan.form == "normal" and isinstance(self.backend, LayeredJacobian) and self._buffered is None):
             return None
-        wide = accumulation_dtype(self.dtype, self.n_params)
-        return LayerGram.plan(self.backend.network, self.backend.layout, wide, self.X.device)
+        dtype = accumulation_dtype(self.dtype, self.n_params) if self.is_least_squares else self.dtype
+        return LayerGram.plan(self.backend.network, self.backend.layout, dtype, self.X.device)
 
     def _buffered_network(self) -> BufferedNetwork | None:
         """The reused-buffer forward pass and ``J`` (:class:`~marquardt.fastjac.BufferedNetwork`)
@@ -397,8 +415,11 @@ class ModuleProblem:
             with torch.no_grad():
                 return self._buffered_linearization(x)
         if not self.is_least_squares:
-            terms = (self.loss.gauss_newton(jac, out, y) for jac, out, y, _ in self._jacobian_outputs(x))
-            system, grad, cost = accumulate_gauss_newton(terms, self.n_params, dtype=self.dtype, device=x.device)
+            structure = self._layer_gram
+            terms = (self._curvature_terms(*chunk, structured=structure is not None)
+                     for chunk in self._jacobian_outputs(x, linearizations=structure is not None))
+            system, grad, cost = accumulate_gauss_newton(terms, self.n_params, dtype=self.dtype, device=x.device,
+                                                         structure=structure)
             return Linearization(cost, grad, system)
         if self.plan.form == "matrix-free":
             return self._matrix_free(x)
@@ -419,6 +440,12 @@ class ModuleProblem:
         if self.plan.form == "sample-space":
             return Linearization(cost, grad, system, system.residuals, system.jac)
         return Linearization(cost, grad, system)
+
+    def _curvature_terms(self, jac: Tensor, outputs: Tensor, targets: Tensor, lin: Any, *, structured: bool) -> tuple:
+        """The loss's ``(L J, J^T dl/dz, cost)`` for a chunk, and for a structured ``J^T H J`` the
+        chunk's linearization seen through ``L`` (:class:`CurvatureFactors`)."""
+        terms = self.loss.gauss_newton(jac, outputs, targets)
+        return (*terms, CurvatureFactors(lin, self.loss, outputs)) if structured else terms
 
     def _kernel_sample_space(self, x: Tensor) -> Linearization:
         """The sample-space system from the closed-form ``J J^T`` and Jacobian products (no rows held)."""
