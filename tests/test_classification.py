@@ -254,3 +254,28 @@ def test_class_indices_a_bfloat16_model_cannot_hold_are_refused_before_the_cast(
     with pytest.raises(ValueError, match=r"Invalid y: class index 259 cannot be held exactly by the model's dtype "
                                          r"bfloat16 \(exact up to 256\)"):
         fit(net, torch.randn(10, 2), labels, loss="cross_entropy", epochs=1)
+
+
+@pytest.mark.parametrize("output_shape", [(33,), (33, 1), (33, 4, 2)])
+def test_sigmoid_curvature_rows_weight_each_output_row_for_any_output_shape(output_shape):
+    # Before: the weights were broadcast for (N, K) outputs only: a (N,) output raised a shape
+    # error, or with N equal to the parameter count (33 here) scaled J's columns instead of its rows.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(*output_shape, generator=g, dtype=torch.float64)
+    jac = torch.randn(z.numel(), 33, generator=g, dtype=torch.float64)
+    y = (torch.rand(*output_shape, generator=g, dtype=torch.float64) > 0.5).double()
+    rows, grad, _ = BinaryCrossEntropy().gauss_newton(jac, z, y)
+    p = torch.sigmoid(z.reshape(-1))
+    torch.testing.assert_close(rows.T @ rows, jac.T @ torch.diag(p * (1 - p)) @ jac, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, jac.T @ (p - y.reshape(-1)), rtol=1e-12, atol=1e-12)
+
+
+def test_binary_cross_entropy_trains_a_model_with_one_dimensional_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1), nn.Flatten(0)).double()
+    X = torch.randn(50, 2, dtype=torch.float64)
+    y = (X[:, 0] * X[:, 1] > 0).double()
+    from marquardt import fit
+
+    history = fit(model, X, y, loss="binary_cross_entropy", epochs=5, progress=False)
+    assert history["perf"][-1] < 0.5 * history["perf"][0]

@@ -270,7 +270,8 @@ class BinaryCrossEntropy:
     def curvature_rows(self, outputs: Tensor, values: Tensor) -> Tensor:
         # sigmoid(z) sigmoid(-z) = p (1 - p) without cancellation when p -> 1.
         root = (torch.sigmoid(outputs) * torch.sigmoid(-outputs)).sqrt()
-        return root.reshape(*root.shape, *([1] * (values.ndim - 2))) * values
+        # values: (*outputs.shape, ...): one weight per output, broadcast over the trailing axes.
+        return root.reshape(*root.shape, *([1] * (values.ndim - root.ndim))) * values
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(outputs, targets)
