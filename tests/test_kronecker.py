@@ -259,10 +259,10 @@ def test_plan_is_none_where_the_small_layers_hold_most_columns():
     layout = [(n, p.numel()) for n, p in model.named_parameters()]
     spec = describe(model, [n for n, _ in layout])
     assert LayerGram.plan(spec, layout, torch.float32, "cpu") is None
-    assert not kronecker._pays([kronecker._Block(0, 4020, 0, 20, 200, True, False),
-                                kronecker._Block(4020, 4692, 1, 32, 20, True, False),
-                                kronecker._Block(4692, 5748, 2, 32, 32, True, True),
-                                kronecker._Block(5748, 5781, 3, 1, 32, True, False)], 5781)
+    assert not kronecker._pays([kronecker._Block(0, 4020, 0, 20, 200, False),
+                                kronecker._Block(4020, 4692, 1, 32, 20, False),
+                                kronecker._Block(4692, 5748, 2, 32, 32, True),
+                                kronecker._Block(5748, 5781, 3, 1, 32, False)], 5781)
 
 
 @pytest.mark.usefixtures("low_thresholds")

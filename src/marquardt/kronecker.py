@@ -69,20 +69,19 @@ def _pair_index(width: int) -> np.ndarray:
 @dataclass
 class _Block:
     """One layer's columns ``[start, stop)`` of ``J``: weight ``(outputs, fan_in)`` row-major,
-    then the bias (``outputs`` columns) if any."""
+    then the bias (``outputs`` columns; :meth:`LayerGram.plan` takes only layers with one)."""
 
     start: int
     stop: int
     layer: int
     outputs: int
     fan_in: int
-    bias: bool
     kron: bool
 
     @property
     def inputs(self) -> int:
         """``q``: fan-in plus one for the bias."""
-        return self.fan_in + int(self.bias)
+        return self.fan_in + 1
 
 
 class LayerGram:
@@ -151,7 +150,7 @@ class LayerGram:
         for index, (outputs, fan_in) in enumerate(widths):
             stop = start + outputs * (fan_in + 1)
             kron = min(outputs, fan_in + 1) >= min_width and outputs * (fan_in + 1) >= min_columns
-            blocks.append(_Block(start, stop, index, outputs, fan_in, True, kron))
+            blocks.append(_Block(start, stop, index, outputs, fan_in, kron))
             start = stop
         if not any(block.kron for block in blocks) or not _pays(blocks, start):
             return None
