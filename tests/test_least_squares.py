@@ -82,6 +82,10 @@ X0 = [1.0, 1.0, 0.0]
                      marks=pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")),
         (lambda b: torch.from_numpy(decay(b).detach().numpy()), X0, {}, TypeError,
          r"fun\(x0\) does not depend on x through torch autograd"),
+        # numpy or Python floats out: the zero Jacobian used to pass the gtol test at x0, success=True
+        (lambda b: decay(b).detach().numpy(), X0, {}, TypeError, r"fun\(x0\) does not depend on x through torch autograd"),
+        (lambda b: [float(b[0]) - 1.0, float(b[1]) - 2.0, float(b[2])], X0, {}, TypeError,
+         r"fun\(x0\) does not depend on x through torch autograd"),
     ],
 )
 def test_bad_input_raises_before_iterating(fun, x0, kwargs, error, match):
@@ -527,3 +531,43 @@ def test_a_jacobian_whose_shape_changes_after_x0_raises_a_value_error_naming_jac
     with pytest.raises(ValueError, match=r"jac returned shape \(25, 2\); expected \(m, n\) = \(25, 3\) \(at x = \["):
         least_squares(decay, X0, jac=jac)
     assert len(calls) == 3
+
+
+def _scaled_decay(b, k):
+    """``k`` times the residuals of ``2 exp(-1.5 t)``: curvature ``~k^2`` at a fixed ``x_scale``."""
+    t = torch.linspace(0.0, 3.0, 20, dtype=b.dtype)
+    return k * (b[0] * torch.exp(-b[1] * t) - 2.0 * torch.exp(-1.5 * t))
+
+
+@pytest.mark.parametrize(("k", "damping"), [(1e9, "nielsen"), (1e6, "marquardt"), (1.0, "nielsen")])
+def test_the_damping_ceiling_is_relative_to_the_curvature_at_a_fixed_x_scale(k, damping):
+    # The ceilings were absolute (1e16, 1e10): with curvature ~1e16-1e19 the first rejected
+    # trial passed them and the run stopped at x0 = [1, 5] with status 2 and success=True.
+    res = least_squares(_scaled_decay, [1.0, 5.0], args=(k,), x_scale=1.0, damping=damping)
+    assert res.success
+    np.testing.assert_allclose(res.x, [2.0, 1.5], rtol=1e-7)
+
+
+def test_exhausted_damping_reports_a_test_that_is_enabled():
+    # A wrong (sign-flipped) Jacobian: no step lowers the cost, the damping runs out at x0.
+    def wrong_jac(b):
+        return -decay_jac(b)
+
+    assert least_squares(decay, X0, jac=wrong_jac).status == 3  # the trial steps shrink below xtol first
+    assert least_squares(decay, X0, jac=wrong_jac, xtol=None).status == 2  # the damping runs out
+    res = least_squares(decay, X0, jac=wrong_jac, ftol=None, xtol=None)
+    # It used to claim "`ftol` termination condition is satisfied" with ftol disabled, success=True.
+    assert (res.status, res.success) == (0, False)
+    assert res.message.startswith("No step lowered the cost with the damping at its maximum")
+    np.testing.assert_array_equal(res.x, X0)
+
+
+@pytest.mark.parametrize("name", ["Misra1a", "Misra1c", "Roszman1", "Nelson"])
+def test_a_short_step_held_back_by_a_falling_damping_is_not_an_xtol_stop(name):
+    # x_scale=1.0 on parameters 1e5 apart: Nielsen's damping starts ~1e8 and falls by a third a
+    # step; the xtol test used to stop these runs from start 2 after 3-5 evaluations, success=True
+    # with LRE 0-1.3 (Misra1c: b1 still 500, certified 636). scipy's MINPACK reaches them.
+    problem = load_problem(name)
+    res = least_squares(problem.residual_function(), problem.starts[1], x_scale=1.0)
+    assert res.success
+    assert lre(res.x, problem.certified) >= 6.0

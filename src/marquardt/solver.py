@@ -511,8 +511,12 @@ def least_squares(
     args, kwargs
         Extra arguments passed to ``fun`` and ``jac``.
     damping : {"nielsen", "marquardt"} or damping rule
-        ``"nielsen"`` (default): gain-ratio update with ``nu`` doubling. ``"marquardt"``: MATLAB
-        ``trainlm``'s ``x0.1`` / ``x10`` rule from ``1e-3``, stopping at ``1e10``.
+        ``"nielsen"`` (default): gain-ratio update with ``nu`` doubling, stopping at ``1e16``.
+        ``"marquardt"``: MATLAB ``trainlm``'s ``x0.1`` / ``x10`` rule from ``1e-3``, stopping at
+        ``1e10``. Both ceilings are in units of the largest diagonal entry of ``J^T J / D`` at
+        ``x0`` (1 with ``x_scale="jac"``), so that they mean the same for any scale of the
+        residuals. When no trial lowers the cost before the damping passes its ceiling, the run
+        stops with status 2 (3 when ``ftol`` is disabled; 0 when ``xtol`` is too).
     geodesic : bool
         Add geodesic acceleration (Transtrum & Sethna, 2012): the second directional derivative
         of the residuals by a forward-mode JVP of a JVP, solved with the same factorisation; a
@@ -524,7 +528,9 @@ def least_squares(
         ``ftol``: stop when an accepted step reduced the cost, and the model predicted it would,
         by at most ``ftol * cost`` (scipy's test), and the undamped Gauss-Newton model at the new
         point can remove at most ``ftol * cost / max(1, m - n)`` more. ``xtol``: stop when a step
-        is shorter than ``xtol * (xtol + ||x||)``. ``gtol``: stop when
+        is shorter than ``xtol * (xtol + ||x||)``; until a first trial is refused, not for an
+        accepted step that the damping held back (``damping * D_j > (J^T J)_jj`` for some
+        parameter, the damping still falling from its start). ``gtol``: stop when
         ``max_j |J_j^T r| / (||J_j|| ||r||) <= gtol`` (MINPACK's scale-free test) and the cosine
         between ``r`` and the whole range of ``J`` is at most ``gtol`` too.
     max_nfev : int, optional
@@ -592,6 +598,43 @@ def least_squares(
         return _make_result(x, lin, status, run, as_numpy)
 
 
+def _relative_ceiling(rule: DampingRule, reference: float) -> DampingRule:
+    """``rule`` with its damping ceiling in units of ``reference``, the largest diagonal entry of
+    the scaled ``J^T J`` at ``x0``.
+
+    The damping is added to that curvature, so an absolute ceiling means a different thing for
+    every scale of the residuals: with a fixed ``x_scale`` and residuals of order ``1e9`` (a
+    curvature of ``2e16``) the first rejected trial passed Nielsen's ``1e16`` and the run
+    stopped at ``x0`` as converged. With ``x_scale="jac"`` the reference is 1: no change. A
+    rule of the caller's own kind, without a ``maximum`` field, is used as given.
+    """
+    if not (math.isfinite(reference) and reference > 0.0 and hasattr(rule, "maximum")):
+        return rule
+    try:
+        return replace(rule, maximum=rule.maximum * reference)
+    except TypeError:  # not a dataclass
+        return rule
+
+
+def _damping_bound(out: StepResult, lin: Linearization, scale: Tensor) -> bool:
+    """Whether an accepted step may have been short only because the damping held it back: its
+    damping outweighed the curvature of some parameter (``damping * D_j > (J^T J)_jj > 0``) and
+    the model was trusted (gain ratio at least MINPACK's 0.25).
+
+    :class:`_Run` then skips the ``xtol`` test while no trial has been refused yet: the damping
+    is still falling from its start, not held up by steps that failed. MINPACK tests ``xtol`` on
+    its trust radius, which shrinks only after poor steps. On NIST Misra1c with ``x_scale=1.0``,
+    Nielsen's damping fell from 1.6e8 by a third per step, and the third step, 2e-7 long, ended
+    the run as converged with ``b1`` not yet moved from 500 (certified 636).
+    """
+    if not out.gain_ratio >= _POOR_GAIN or out.trial_state is None:
+        return False
+    curvature = lin.system.diagonal()
+    held = (out.trial_state.damping * scale > curvature) & (curvature > 0)
+    return bool(held.any())
+
+
+_POOR_GAIN = 0.25  # MINPACK shrinks its trust radius below this gain ratio
 _RADIUS_FACTOR = 2.0  # first trust radius, in units of ||sqrt(D) x0|| (see _Run._first_state)
 _RADIUS_GROWTH = 2.0  # the radius grows to twice the longest accepted step (1.5 and 4: same NIST counts)
 
@@ -615,6 +658,10 @@ class _Run:
     n_iter: int = 0
     radius: float = math.inf
     initial_cost: float = math.nan
+    #: A message in place of the status code's own (:meth:`_exhausted_status`), or "".
+    note: str = ""
+    #: Whether any trial has been refused yet (:func:`_damping_bound`).
+    refused: bool = False
 
     def solve(self, x: Tensor, lin: Linearization) -> tuple[Tensor, Linearization, int]:
         self.initial_cost = lin.cost
@@ -632,21 +679,24 @@ class _Run:
                           xtol=self.xtol, geodesic=geodesic, max_step=self.radius)
             self.nfev += out.n_trials
             self.n_iter += 1
+            # Any trial refused (the damping raised for it) since the start: see _damping_bound.
+            self.refused = self.refused or not out.accepted or out.trial_state.damping > state.damping
             state = out.state
             status = None
             accepted = out.accepted
             if accepted:
                 new_lin = self._relinearize(out.x)
                 if new_lin is None:
+                    self.refused = True
                     state, accepted = self._reject_point(out.trial_state), False
-                    status = 2 if self.rule.exhausted(state) else None
+                    status = self._exhausted_status() if self.rule.exhausted(state) else None
                 else:
                     self.radius = max(self.radius, _RADIUS_GROWTH * _scaled_norm(out.step, scale))
                     x, lin, scale, status = self._accept(lin, scale, out, new_lin)
             elif out.small_step:
                 status = 3
             elif out.exhausted:
-                status = 2
+                status = self._exhausted_status()
             if self._report(x, lin, state, out, accepted) and status is None:
                 status = -2
             if status is not None:
@@ -670,6 +720,7 @@ class _Run:
         """
         reference = float((lin.system.diagonal() / scale).max())
         state = self.rule.init(reference)
+        self.rule = _relative_ceiling(self.rule, reference)
         size = _scaled_norm(x, scale)
         if not (math.isfinite(size) and size > 0.0):
             return state, math.inf
@@ -708,9 +759,27 @@ class _Run:
     def _accept(self, lin: Linearization, scale: Tensor, out: StepResult, new_lin: Linearization):
         f_ok = out.actual_reduction <= self.ftol * lin.cost and out.predicted_reduction <= self.ftol * lin.cost
         f_ok = f_ok and self._model_converged(new_lin)
-        x_ok = out.step_norm <= self.xtol * (self.xtol + float(torch.linalg.vector_norm(out.x)))
+        held = not self.refused and _damping_bound(out, lin, scale)
+        x_ok = not held and out.step_norm <= self.xtol * (self.xtol + float(torch.linalg.vector_norm(out.x)))
         status = 4 if (f_ok and x_ok) else 2 if f_ok else 3 if x_ok else None
         return out.x, new_lin, self.scaling.update(scale, new_lin.system.diagonal()), status
+
+    def _exhausted_status(self) -> int:
+        """The status when no trial lowered the cost before the damping passed its ceiling.
+
+        The last steps were about ``1e-16`` of the problem's scale (the ceiling is relative, see
+        :func:`_relative_ceiling`) and none lowered the cost: MINPACK's "no further reduction is
+        possible", reported as the ``ftol`` test (2), or the ``xtol`` test (3) where ``ftol``
+        is disabled. With both disabled, nothing the caller asked for holds: status 0, with its
+        own message (:attr:`note`).
+        """
+        if self.ftol > 0.0:
+            return 2
+        if self.xtol > 0.0:
+            return 3
+        self.note = ("No step lowered the cost with the damping at its maximum; the `ftol` and `xtol` tests are "
+                     "disabled and the `gtol` test is not met.")
+        return 0
 
     def _model_converged(self, lin: Linearization) -> bool:
         """The ``ftol`` certificate: the undamped model at the new point can hardly lower the cost.
@@ -766,7 +835,7 @@ class _Run:
 
 def _make_result(x: Tensor, lin: Linearization, status: int, run: _Run, as_numpy: bool) -> LeastSquaresResult:
     covariance = _covariance(lin.jac, lin.cost)
-    message = termination_message(status)
+    message = run.note or termination_message(status)
     if run.verbose >= 1:
         # scipy's two lines, so that logs read (and are parsed) the same.
         print(message)
@@ -958,12 +1027,24 @@ def _check_connected(fun: Callable[[Tensor], Any], x: Tensor) -> None:
             value = fun(point)
     except Exception:  # noqa: BLE001 - the exact Jacobian was computed; this is only a diagnosis
         return
-    if isinstance(value, Tensor) and not value.requires_grad:
+    if not _traced(value):
         raise TypeError(
             "fun(x0) does not depend on x through torch autograd (torch.tensor(...), .numpy(), float() or "
             ".item() inside fun cut the graph), so its exact Jacobian reads as zero; write fun with torch "
             "operations (torch.stack instead of torch.tensor), or pass jac='2-point' or a jac callable."
         )
+
+
+def _traced(value: Any) -> bool:
+    """Whether autograd traces ``value`` (a tensor, or a list or tuple holding one) to its inputs.
+
+    A numpy array or Python floats (``b.detach().numpy()``, ``[float(b[0]) - 1, ...]``) never are.
+    """
+    if isinstance(value, Tensor):
+        return value.requires_grad
+    if isinstance(value, (list, tuple)):
+        return any(_traced(item) for item in value)
+    return False
 
 
 def _dense(value: Any) -> Any:
