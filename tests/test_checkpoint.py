@@ -13,7 +13,7 @@ import torch
 
 from marquardt import Callback, fit, mlp
 from marquardt.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, latest_checkpoint
-from marquardt.io import load_state
+from marquardt.io import load_state, save_state
 
 
 @pytest.fixture(autouse=True)
@@ -136,6 +136,46 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, method, options)
     assert resumed.stop_reason == expected.stop_reason and resumed.best_epoch == expected.best_epoch
     times = resumed["time"]
     assert all(b >= a for a, b in zip(times, times[1:]))
+
+
+# (samples, why): up to 2000 samples the curvature products use them all, and the state to carry
+# is the CG warm start and forcing term; past 2000 a random subset of 2000 is drawn at each
+# linearization (matfree.curvature_sample_size), and its generator's state must be carried too.
+MATRIX_FREE_RUNS = [(60, "warm start and forcing"), (2400, "and the curvature subsets")]
+
+
+@pytest.mark.parametrize("samples", [case[0] for case in MATRIX_FREE_RUNS], ids=[case[1] for case in MATRIX_FREE_RUNS])
+def test_matrix_free_run_interrupted_and_resumed_equals_uninterrupted(tmp_path, samples):
+    # The resumed run's first solve started cold, at the first forcing term and a fresh subset
+    # generator: 0.10 apart in the weights after 12 epochs (1-16-16-1 network, 1000 samples).
+    X = torch.linspace(-1, 1, samples, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * X) + 0.05 * torch.cos(17 * X)
+    common = dict(solver="matrix-free", epochs=10, min_grad=0.0, max_fail=1000, seed=3, progress=False)
+    plain = network()
+    expected = fit(plain, X, y, **common)
+    assert set(expected["solver"][1:]) == {"cg"}
+
+    with pytest.raises(Interrupted):
+        fit(network(), X, y, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(7)], **common)
+    assert load_state(latest_checkpoint(tmp_path))[1]["epoch"] == 6
+    resumed_model = network()
+    resumed = fit(resumed_model, X, y, checkpoint=tmp_path, checkpoint_every=2, **common)
+    assert same_weights(resumed_model.state_dict(), plain.state_dict())
+    assert without_time(resumed) == without_time(expected)
+
+
+def test_matrix_free_checkpoint_without_the_problem_state_still_resumes(tmp_path):
+    # Checkpoints written before the problem's state was kept: the resume starts its solves cold.
+    X, y = problem()
+    common = dict(solver="matrix-free", epochs=8, min_grad=0.0, seed=3, progress=False)
+    with pytest.raises(Interrupted):
+        fit(network(), X, y, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(5)], **common)
+    path = latest_checkpoint(tmp_path)
+    tensors, meta = load_state(path)
+    del meta["trainer"]["problem"]
+    save_state(path, {name: value for name, value in tensors.items() if "/problem/" not in name}, meta)
+    history = fit(network(), X, y, checkpoint=tmp_path, checkpoint_every=2, **common)
+    assert history["epoch"] == list(range(9)) and set(history["solver"][5:]) == {"cg"}
 
 
 def test_bfloat16_model_is_checkpointed_and_resumed(tmp_path):
@@ -376,8 +416,6 @@ def test_checkpoint_folder_under_a_file_is_refused_before_training(tmp_path):
 def test_momentum_checkpoint_naming_its_constant_beta_still_resumes(tmp_path):
     # Checkpoints written before Momentum held its constant under torch.optim's "momentum" key
     # (c13b116) record it as "beta"; a resume refused them as a run with other options.
-    from marquardt.io import save_state
-
     X, y = problem()
     common = dict(method="momentum", epochs=12, min_grad=0.0, seed=3, progress=False)
     plain = network()

@@ -395,6 +395,39 @@ class ModuleProblem:
         if isinstance(lin.system, AccumulatedNormalEquations) and lin.system.lower is not None:
             self._spare = lin.system.release()
 
+    def resume_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What this problem carries from one linearization to the next, as tensors and JSON, for a
+        checkpoint (:mod:`marquardt.checkpoint`): for the matrix-free form the last linearization's
+        point, gradient norm and forcing term (the next solve's warm start and tolerance) and the
+        state of the generator that draws the curvature subsets; nothing for the other forms.
+
+        Examples
+        --------
+        >>> model = nn.Linear(1, 1).double()
+        >>> X = torch.linspace(0, 1, 5, dtype=torch.float64)[:, None]
+        >>> problem = ModuleProblem(model, X, 2 * X + 1, solver="matrix-free")
+        >>> _ = problem.linearize(flatten_parameters(model))
+        >>> tensors, meta = problem.resume_state()
+        >>> sorted(tensors), meta["previous"][1]
+        (['generator', 'previous_x'], 0.5)
+        """
+        if self.plan.form != "matrix-free":
+            return {}, {}
+        tensors, meta = {"generator": self._generator.get_state()}, {"previous": None}
+        if self._previous is not None:
+            x, norm, forcing = self._previous
+            tensors["previous_x"] = x
+            meta["previous"] = [norm, forcing]
+        return tensors, meta
+
+    def load_resume_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Continue from a :meth:`resume_state`; empty ones (a checkpoint written before it was
+        kept) leave the problem as new: a cold first solve and the generator at its seed."""
+        if "generator" in tensors:
+            self._generator.set_state(tensors["generator"])
+        previous = meta.get("previous")
+        self._previous = None if previous is None else (tensors["previous_x"].to(self.X.device), *previous)
+
     def linearize(self, x: Tensor) -> Linearization:
         """``J^T J`` (or the rows, in residual space), ``J^T r`` and the cost at ``x``.
 
