@@ -547,6 +547,8 @@ def test_module_hooks_are_removed_after_a_step_even_when_the_closure_raises():
     [
         (dict(damping=-1.0), ValueError, "Invalid damping value: -1.0"),
         (dict(damping_dec=1.5), ValueError, "Invalid damping_dec value: 1.5"),
+        # A factor of 1 would never lower the damping; fit refuses mu_dec=1 too.
+        (dict(damping_dec=1.0), ValueError, r"Invalid damping_dec value: 1.0; expected .* > 0.0 and < 1.0"),
         (dict(damping_inc=0.5), ValueError, "Invalid damping_inc value: 0.5"),
         (dict(damping_max=0), ValueError, "Invalid damping_max value: 0"),
         (dict(strategy="trust"), ValueError, "Invalid strategy: 'trust'"),
@@ -561,6 +563,52 @@ def test_module_hooks_are_removed_after_a_step_even_when_the_closure_raises():
 def test_lm_rejects_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         LevenbergMarquardt(torch.nn.Linear(1, 1).parameters(), **kwargs)
+
+
+def _edit_group(opt, how, key, value):
+    """Give the optimizer's group ``key = value`` as a user can after construction."""
+    if how == "set":
+        opt.param_groups[0][key] = value
+    else:  # a state dict saved elsewhere, or edited
+        saved = opt.state_dict()
+        saved["param_groups"][0][key] = value
+        opt.load_state_dict(saved)
+
+
+# (how the group got the value, the key, the value, the error step() must raise before the closure runs)
+BAD_GROUPS = [
+    ("set", "damping_inc", 0.5, r"Invalid damping_inc value: 0.5; expected a finite number > 1.0\."),
+    ("set", "damping_inc", 1.0, r"Invalid damping_inc value: 1.0; expected a finite number > 1.0\."),
+    ("set", "damping_dec", 1.0, r"Invalid damping_dec value: 1.0; expected a finite number > 0.0 and < 1.0\."),
+    ("set", "damping_dec", 0.0, r"Invalid damping_dec value: 0.0; expected a finite number > 0.0 and < 1.0\."),
+    ("set", "damping", -1e-3, r"Invalid damping value: -0.001; expected a finite number > 0.0\."),
+    ("set", "damping_max", math.nan, r"Invalid damping_max value: nan; expected a finite number > 0.0\."),
+    ("set", "strategy", "trust", r"Invalid strategy: 'trust'; expected 'marquardt' or 'nielsen'\."),
+    ("set", "max_jacobian_bytes", 0, r"Invalid max_jacobian_bytes value: 0; expected an integer >= 1 \(bytes\)\."),
+    ("loaded", "damping_inc", -5, r"Invalid damping_inc value: -5; expected a finite number > 1.0\."),
+    ("loaded", "damping_dec", 2.0, r"Invalid damping_dec value: 2.0; expected a finite number > 0.0 and < 1.0\."),
+]
+
+
+@pytest.mark.parametrize("how, key, value, message", BAD_GROUPS,
+                         ids=[f"{how} {key}={value}" for how, key, value, _ in BAD_GROUPS])
+def test_lm_step_refuses_a_bad_group_before_the_closure_runs(how, key, value, message):
+    # Was a ValueError from the damping rule after the closure had run and J had been formed, or,
+    # for strategy='trust' and max_jacobian_bytes=0, no error at all (a Marquardt step was taken).
+    net, X, y = _tanh_problem()
+    opt = LevenbergMarquardt(net.parameters())
+    opt.step(lambda: net(X) - y)
+    _edit_group(opt, how, key, value)
+    before = [p.detach().clone() for p in net.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return net(X) - y
+
+    with pytest.raises(ValueError, match=message + r" It was read from param_groups\[0\]"):
+        opt.step(closure)
+    assert calls == [] and all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
 
 
 def test_lm_takes_a_numpy_integer_budget_as_fit_does():

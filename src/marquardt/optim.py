@@ -16,6 +16,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,15 +33,31 @@ from .solver import Linearization, StepResult, lm_step
 __all__ = ["GradientDescent", "LevenbergMarquardt", "Momentum"]
 
 
-def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = True, high: float = math.inf) -> float:
+def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = True, high: float = math.inf,
+                  strict_high: bool = False) -> float:
     """``value`` as a Python float, or a ValueError naming ``name``: a real number (numpy scalars
-    included, bools not) within the bounds."""
+    included, bools not) within the bounds (``strict``: above ``low``; ``strict_high``: below ``high``)."""
     ok = is_real_number(value) and math.isfinite(value) and (value > low if strict else value >= low)
-    if not ok or value > high:
+    if not ok or (value >= high if strict_high else value > high):
         bound = f"> {low}" if strict else f">= {low}"
-        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number {bound}"
-                         + (f" and <= {high}." if math.isfinite(high) else "."))
+        upper = f" and {'<' if strict_high else '<='} {high}." if math.isfinite(high) else "."
+        raise ValueError(f"Invalid {name} value: {value!r}; expected a finite number {bound}{upper}")
     return float(value)
+
+
+def _lm_options(damping: Any, damping_dec: Any, damping_inc: Any, damping_max: Any, strategy: Any,
+                max_jacobian_bytes: Any) -> dict[str, Any]:
+    """:class:`LevenbergMarquardt`'s hyperparameters as its group holds them, or a ValueError naming
+    the first bad one, the value and what is expected (the damping rule's own bounds:
+    ``0 < damping_dec < 1 < damping_inc``; a factor of 1 would leave the damping where it is)."""
+    options = dict(damping=_check_number("damping", damping),
+                   damping_dec=_check_number("damping_dec", damping_dec, high=1.0, strict_high=True),
+                   damping_inc=_check_number("damping_inc", damping_inc, low=1.0),
+                   damping_max=_check_number("damping_max", damping_max))
+    if strategy not in ("marquardt", "nielsen"):
+        raise ValueError(f"Invalid strategy: {strategy!r}; expected 'marquardt' or 'nielsen'.")
+    return {**options, "strategy": strategy, "max_jacobian_bytes": _check_bytes("max_jacobian_bytes",
+                                                                                max_jacobian_bytes)}
 
 
 def _check_bytes(name: str, value: int) -> int:
@@ -567,8 +584,10 @@ class LevenbergMarquardt(Optimizer):
         Initial damping (MATLAB's ``mu``). With ``strategy="nielsen"`` it is relative to the
         largest diagonal entry of ``J^T J``.
     damping_dec, damping_inc, damping_max : float
-        MATLAB's ``mu_dec``, ``mu_inc``, ``mu_max`` (``strategy="marquardt"``); Nielsen's rule
-        uses only ``damping_max``.
+        MATLAB's ``mu_dec``, ``mu_inc``, ``mu_max`` (``strategy="marquardt"``), with
+        ``0 < damping_dec < 1 < damping_inc``; Nielsen's rule uses only ``damping_max``. Checked
+        here and again at each :meth:`step`, before the closure runs, so that a value set in
+        ``param_groups`` or by ``load_state_dict`` is refused before any work.
     strategy : {"marquardt", "nielsen"}
         Damping rule (see :mod:`marquardt.damping`).
     max_jacobian_bytes : int
@@ -664,15 +683,7 @@ class LevenbergMarquardt(Optimizer):
     def __init__(self, params, *, damping: float = 1e-3, damping_dec: float = 0.1, damping_inc: float = 10.0,
                  damping_max: float = 1e10, strategy: str = "marquardt",
                  max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES) -> None:
-        damping = _check_number("damping", damping)
-        damping_dec = _check_number("damping_dec", damping_dec, high=1.0)
-        damping_inc = _check_number("damping_inc", damping_inc, low=1.0)
-        damping_max = _check_number("damping_max", damping_max)
-        if strategy not in ("marquardt", "nielsen"):
-            raise ValueError(f"Invalid strategy: {strategy!r}; expected 'marquardt' or 'nielsen'.")
-        max_jacobian_bytes = _check_bytes("max_jacobian_bytes", max_jacobian_bytes)
-        defaults = dict(damping=damping, damping_dec=damping_dec, damping_inc=damping_inc,
-                        damping_max=damping_max, strategy=strategy, max_jacobian_bytes=max_jacobian_bytes)
+        defaults = _lm_options(damping, damping_dec, damping_inc, damping_max, strategy, max_jacobian_bytes)
         params = list(params) if not isinstance(params, Tensor) else params
         if isinstance(params, list) and len(params) > 1 and all(isinstance(g, dict) for g in params):
             raise ValueError(f"LevenbergMarquardt supports one parameter group; received {len(params)}.")
@@ -708,6 +719,19 @@ class LevenbergMarquardt(Optimizer):
         # unfreezing parameters between steps keeps the damping.
         return self.state[self.param_groups[0]["params"][0]]
 
+    def _check_group(self) -> None:
+        """A ValueError for a bad hyperparameter in the group, before a step does any work: the
+        group is checked at construction, but may be set since (``param_groups[0][...] = ...``, a
+        scheduler, ``load_state_dict``), and the damping rule would only refuse it after the
+        closure had run and ``J`` had been formed."""
+        group = self.param_groups[0]
+        try:
+            _lm_options(*(group[key] for key in ("damping", "damping_dec", "damping_inc", "damping_max", "strategy",
+                                                 "max_jacobian_bytes")))
+        except ValueError as error:
+            raise ValueError(f"{error} It was read from param_groups[0] (set there since construction, or by "
+                             "load_state_dict); set a valid value before calling step().") from None
+
     def _rule(self) -> MarquardtDamping | NielsenDamping:
         group = self.param_groups[0]
         if group["strategy"] == "nielsen":
@@ -741,6 +765,7 @@ class LevenbergMarquardt(Optimizer):
         if closure is None:
             raise ValueError("LevenbergMarquardt.step needs a closure that returns the residual tensor, "
                              "e.g. opt.step(lambda: model(X) - y).")
+        self._check_group()
         group, params = self.param_groups[0], self._params
         if not params:
             raise ValueError("None of the optimizer's parameters requires grad; LevenbergMarquardt has nothing "
