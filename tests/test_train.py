@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import marquardt
 from marquardt import STOP_REASONS, Callback, fit
 from marquardt.division import divide_block, divide_interleaved, divide_random
 
@@ -396,10 +397,17 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(callbacks=Callback()), TypeError,
          r"callbacks must be a sequence of marquardt.Callback instances; received Callback \(wrap a single"),
         (X_OK, Y_OK, dict(callbacks=3), TypeError, r"callbacks must be a sequence .*; received int"),
+        # It passed as a torch.optim class and failed after epoch 0, blaming a closure never written.
+        (X_OK, Y_OK, dict(method=marquardt.LevenbergMarquardt), ValueError,
+         r"Invalid method: marquardt.LevenbergMarquardt, .* pass method='lm'"),
+        # Finite in float64, infinite once cast for a float32 model: it said "contains NaN or inf".
+        (torch.tensor([[0.0], [1e300], [2.0], [3.0]], dtype=torch.float64), Y_OK, dict(model_dtype=torch.float32),
+         ValueError, r"X has values too large for the model's dtype float32: 1e\+300 at index \(1, 0\); scale X"),
     ],
 )
 def test_bad_input_is_rejected_before_training(X, y, kwargs, error, match):
-    model = tanh_net()
+    kwargs = dict(kwargs)
+    model = tanh_net(dtype=kwargs.pop("model_dtype", torch.float64))
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(error, match=match):
         fit(model, X, y, **kwargs)
@@ -611,3 +619,89 @@ def test_a_model_with_every_parameter_frozen_is_refused_naming_it(method):
     model = tanh_net().requires_grad_(False)
     with pytest.raises(ValueError, match=r"model has no parameters to train: every parameter has requires_grad=False"):
         fit(model, X_OK, Y_OK, method=method, epochs=2)
+
+
+class _Outputs(nn.Module):
+    """A linear model whose forward wraps its outputs as ``kind`` says."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.linear, self.kind = nn.Linear(1, 1).double(), kind
+
+    def forward(self, X):
+        out = self.linear(X)
+        return {"tuple": lambda: (out, out), "dict": lambda: {"y": out}, "complex": lambda: out * (1 + 0j)}[self.kind]()
+
+
+@pytest.mark.parametrize("method", ["lm", "gd"])
+@pytest.mark.parametrize(("kind", "match"), [
+    ("tuple", r"model\(X\) must return one tensor of outputs; received tuple"),
+    ("dict", r"model\(X\) must return one tensor of outputs; received dict"),
+    ("complex", r"model\(X\) must return real floating-point outputs; received dtype torch.complex128"),
+])
+def test_outputs_that_are_not_one_real_tensor_are_refused_before_training(kind, match, method):
+    # They used to reach training: AttributeError ('tuple' object has no attribute 'shape') or
+    # torch's own errors from inside the first epoch.
+    with pytest.raises(TypeError, match=match):
+        fit(_Outputs(kind), X_OK, Y_OK, method=method, epochs=2)
+
+
+class _NaNBeyond(nn.Module):
+    """``w * x`` whose outputs are NaN while ``|w| > 1``."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w], dtype=torch.float64))
+
+    def forward(self, X):
+        out = self.w * X
+        return torch.where(self.w.abs() > 1, torch.full_like(out, math.nan), out)
+
+
+@pytest.mark.parametrize("method", ["lm", "br"])
+def test_a_non_finite_start_is_a_value_error_before_any_step(method):
+    # It used to record perf=nan, refuse every trial and stop on "Maximum MU reached" at epoch 1.
+    model = _NaNBeyond(2.0)
+    with pytest.raises(ValueError, match=r"The training cost at the initial weights is not finite \(nan\): model"):
+        fit(model, X_OK, Y_OK, method=method)
+    assert float(model.w.detach()) == 2.0
+
+
+def test_a_float32_cost_that_overflows_at_the_start_is_a_value_error_naming_the_dtype():
+    # Residuals of 1e18 are finite in float32, their sum of squares is not (1,153 parameters: J^T J
+    # and the cost accumulate in float32). Every trial was refused until "Maximum MU reached".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    X = torch.linspace(-1, 1, 2000)[:, None]
+    with pytest.raises(ValueError, match=r"not finite \(inf\): .* overflows float32\. .* or train in float64"):
+        fit(model, X, torch.full_like(X, 1e18))
+
+
+def test_the_record_evaluates_the_validation_set_in_eval_mode():
+    # The record ran the validation and test sets through the model in training mode: BatchNorm's
+    # running mean absorbed validation inputs shifted by +50, and a dropout mask made vperf
+    # noisy (a spurious validation stop with weights that did not move).
+    X, y = smooth_data(60)
+
+    def batchnorm_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Linear(3, 1)).double()
+
+    class RunningMeans(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_epoch_end(self, history, model):
+            self.seen.append(model[1].running_mean.clone())
+
+    with_val, alone = RunningMeans(), RunningMeans()
+    fit(batchnorm_net(), X, y, method="gd", lr=0.01, epochs=3, validation_data=(X + 50.0, y), callbacks=[with_val])
+    fit(batchnorm_net(), X, y, method="gd", lr=0.01, epochs=3, callbacks=[alone])
+    assert len(with_val.seen) == len(alone.seen) == 3
+    assert not torch.equal(with_val.seen[-1], with_val.seen[0])  # the training steps move them
+    assert all(torch.equal(a, b) for a, b in zip(with_val.seen, alone.seen))
+    torch.manual_seed(0)
+    dropout = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Dropout(0.5), nn.Linear(20, 1)).double()
+    history = fit(dropout, X, y, method="gd", lr=1e-300, epochs=5, validation_data=(X, y), max_fail=None)
+    assert dropout.training
+    assert len(set(history["vperf"])) == 1  # the weights do not move: one vperf

@@ -40,7 +40,7 @@ from .history import History
 from .losses import Loss, SquaredError, make_loss
 from .mlp import MLP
 from .network import ModuleProblem, evaluation_mode, flatten_parameters, trainable_parameters, write_parameters
-from .optim import GradientDescent, Momentum
+from .optim import GradientDescent, LevenbergMarquardt, Momentum
 from .progress import resolve_progress
 from .solver import lm_step
 
@@ -125,11 +125,17 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
         raise ValueError(f"{name} must have a samples dimension; received a scalar.")
     if tensor.shape[0] == 0:
         raise ValueError(f"{name} is empty; expected at least one sample.")
+    source = tensor
     tensor = tensor.to(device=device, dtype=dtype)
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         index = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(f"{name} contains NaN or inf; first bad value at index {index if len(index) > 1 else index[0]}.")
+        where = index if len(index) > 1 else index[0]
+        value = source[index]
+        if value.is_floating_point() and bool(torch.isfinite(value)) or not value.is_floating_point():
+            raise ValueError(f"{name} has values too large for the model's dtype {str(dtype).removeprefix('torch.')}: "
+                             f"{float(value):g} at index {where}; scale {name}, or train the model in float64.")
+        raise ValueError(f"{name} contains NaN or inf; first bad value at index {where}.")
     return tensor
 
 
@@ -167,11 +173,23 @@ def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Los
                          f"{X_t.shape[0]} and {y_t.shape[0]}.")
     try:
         with torch.no_grad(), evaluation_mode(model):
-            probe_shape = tuple(model(X_t[:2]).shape)
+            probe = model(X_t[:2])
     except (RuntimeError, ValueError) as error:  # a layer that does not fit X's shape
         raise ValueError(f"The model cannot take {names[0]} of shape {tuple(X_t.shape)} (samples first): "
                          f"{error}") from error
-    return Split(X_t, loss.targets(y_t, probe_shape, names[1]))
+    _check_model_output(probe)
+    return Split(X_t, loss.targets(y_t, tuple(probe.shape), names[1]))
+
+
+def _check_model_output(outputs: Any) -> None:
+    """Refuse outputs other than one real floating tensor (a tuple, a dict, complex values), which
+    training would otherwise meet as an AttributeError or a torch error deep in the first epoch."""
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"model(X) must return one tensor of outputs; received {type(outputs).__name__}. Wrap the "
+                        "model so that forward returns the tensor to fit (e.g. the first element of a tuple).")
+    if not outputs.is_floating_point():
+        raise TypeError(f"model(X) must return real floating-point outputs; received dtype {outputs.dtype} (split "
+                        "complex outputs into real and imaginary parts, torch.view_as_real).")
 
 
 def _divide_data(data: Split, validation_data: Any, division: str | None, split: tuple, generator: torch.Generator,
@@ -205,7 +223,9 @@ def evaluate(model: nn.Module, data: Split | None, loss: Loss, chunk: int = 6553
     if data is None:
         return math.nan, math.nan
     cost, correct = 0.0, 0.0
-    with torch.no_grad():
+    # Eval mode: the record reads the model, and must not feed the validation and test sets to
+    # BatchNorm's running statistics or score a random dropout mask.
+    with torch.no_grad(), evaluation_mode(model):
         for start in range(0, len(data), chunk):
             outputs, targets = model(data.X[start : start + chunk]), data.y[start : start + chunk]
             cost += float(loss.cost(outputs, targets))
@@ -272,6 +292,7 @@ class LMTrainer:
     state: DampingState = field(init=False)
     solver: str = field(default="", init=False)
     holds_weights: bool = field(default=False, init=False)
+    started: bool = field(default=False, init=False)  # the start was checked (_check_finite_start)
 
     def __post_init__(self) -> None:
         o = self.options
@@ -314,6 +335,9 @@ class LMTrainer:
             self.problem.recycle(self.lin)  # its n x n buffers serve the next one
             self.lin = None
         self.lin = self.problem.linearize(self.x)
+        if not self.started:
+            _check_finite_start(self.lin, self.x.dtype)
+            self.started = True
         if self.bayesian:
             self._estimate_regularization()
         return self.perf_scale * float(torch.linalg.vector_norm(self.lin.grad))
@@ -471,10 +495,23 @@ class FirstOrderTrainer:
         pass
 
 
+def _check_finite_start(lin: Any, dtype: torch.dtype) -> None:
+    """A ValueError before the first step when the cost or gradient at the starting weights is
+    not finite: every trial would be refused and the run would end on "Maximum MU reached" at
+    the start, after raising the damping to its maximum one trial at a time."""
+    if math.isfinite(lin.cost) and bool(torch.isfinite(lin.grad).all()):
+        return
+    raise ValueError(
+        f"The training cost at the initial weights is not finite ({lin.cost}): model(X) gives NaN or inf, or "
+        f"the sum of squared errors overflows {str(dtype).removeprefix('torch.')}. Levenberg-Marquardt needs "
+        "a finite start: check the initial weights, and scale X and y (an MLP's mapminmax does) or train in "
+        "float64.")
+
+
 def _gradient_norm(model: nn.Module, data: Split, loss: Loss, reducer: Reducer | None = None,
                    share: float = 1.0) -> float:
     model.zero_grad()
-    with torch.enable_grad():
+    with torch.enable_grad(), evaluation_mode(model):  # as evaluate() reads the performance
         loss.criterion(model(data.X), data.y).backward()
     if reducer is not None:
         average_gradients(model.parameters(), reducer, share)
@@ -498,6 +535,9 @@ def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
         cls, defaults = _FIRST_ORDER[method]
         _check_known_options(method, options, defaults)
         return method, (cls, {**defaults, **options})
+    if inspect.isclass(method) and issubclass(method, LevenbergMarquardt):
+        raise ValueError("Invalid method: marquardt.LevenbergMarquardt, an optimizer driven by a closure of "
+                         "residuals; fit runs Levenberg-Marquardt itself: pass method='lm' (or 'br').")
     if inspect.isclass(method) and issubclass(method, torch.optim.Optimizer):
         return method.__name__.lower(), (method, dict(options))
     matlab = _MATLAB_METHODS.get(method) if isinstance(method, str) else None
