@@ -843,7 +843,15 @@ def fit(
         ``J^T J`` larger than ``max_matrix_bytes``; ``solver="normal"`` (or a cross-entropy
         loss) whose ``J^T J`` is larger than ``max_matrix_bytes``; a model whose every parameter
         is frozen; LM with dropout or batch norm in training mode (call ``model.eval()``, or
-        train with a first-order method), whose costs change between calls at the same weights.
+        train with a first-order method), whose costs change between calls at the same weights;
+        LM with a training cost that is not finite at the initial weights (NaN outputs, or a
+        sum of squares that overflows the model's dtype), before the first step.
+    TypeError
+        For non-numeric or complex data, and a model whose output is not one real tensor.
+
+    The performance, validation and test records are evaluated in eval mode (dropout off,
+    batch norm on its running statistics); the steps of first-order methods run in the
+    model's own mode.
 
     Notes
     -----
