@@ -886,3 +886,28 @@ def test_a_bad_option_on_one_rank_stops_the_others(mismatches, case, bad, messag
     assert outcomes[bad][0] == error and text in outcomes[bad][1]
     assert outcomes[1 - bad][0] == "DistributedError", outcomes
     assert f"rank {bad}: {message}" in outcomes[1 - bad][1], outcomes
+
+
+def test_a_reduced_matrix_free_problem_carries_its_forcing_and_local_state_through_a_checkpoint():
+    # ReducedProblem keeps the summed gradient's forcing term itself; a resumed distributed
+    # matrix-free run started its first CG solve cold and at another tolerance.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    X = torch.linspace(-1, 1, 30, dtype=torch.float64)[:, None]
+
+    def reduced():
+        return ReducedProblem(ModuleProblem(model, X, torch.sin(3 * X), solver="matrix-free"), LocalReducer())
+
+    source = reduced()
+    source.problem.linearize(flatten_parameters(model))
+    source._forcing = (0.25, 0.125)  # as a two-rank linearization leaves it
+    tensors, meta = source.resume_state()
+    assert meta["reduced_forcing"] == [0.25, 0.125] and sorted(tensors) == ["generator", "previous_x"]
+    target = reduced()
+    target.load_resume_state(tensors, meta)
+    assert target._forcing == (0.25, 0.125)
+    assert torch.equal(target.problem._previous[0], source.problem._previous[0])
+    assert target.problem._previous[1:] == source.problem._previous[1:]
+    empty = reduced()
+    empty.load_resume_state({}, {})  # a checkpoint written before the state was kept
+    assert empty._forcing is None and empty.problem._previous is None

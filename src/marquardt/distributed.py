@@ -581,6 +581,21 @@ class ReducedProblem:
         if self.forcing not in ("eisenstat-walker", "local"):
             raise ValueError(f"Invalid forcing: {self.forcing!r}; expected 'eisenstat-walker' or 'local'.")
 
+    def resume_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The local problem's :meth:`~marquardt.network.ModuleProblem.resume_state` and the summed
+        gradient's norm and forcing term of the last matrix-free linearization, for a checkpoint."""
+        tensors, meta = self.problem.resume_state() if hasattr(self.problem, "resume_state") else ({}, {})
+        if self._forcing is not None:
+            meta = {**meta, "reduced_forcing": list(self._forcing)}
+        return tensors, meta
+
+    def load_resume_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Continue from a :meth:`resume_state` (an empty one leaves the problem as new)."""
+        if hasattr(self.problem, "load_resume_state"):
+            self.problem.load_resume_state(tensors, meta)
+        forcing = meta.get("reduced_forcing")
+        self._forcing = None if forcing is None else (float(forcing[0]), float(forcing[1]))
+
     def cost(self, x: Tensor) -> float:
         """The total cost over the ranks (``inf`` when it is not finite on any rank)."""
         value = self.reducer.sum_scalar(self.problem.cost(x))
