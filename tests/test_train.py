@@ -438,6 +438,20 @@ def test_a_failed_call_leaves_the_mlp_normalization_unset(kwargs, error, match):
     assert model.normalization_set and model.x_max.tolist() == [60.0]
 
 
+def test_a_checkpoint_of_another_run_leaves_the_mlp_normalization_unset(tmp_path):
+    # The mismatch is found when the loop restores the checkpoint, after fit had set the ranges.
+    from marquardt import mlp
+    from marquardt.checkpoint import CheckpointMismatch
+
+    X = np.linspace(0.0, 30.0, 40)[:, None]
+    fit(mlp(1, hidden=(5,), dtype=torch.float64), X, X / 10, epochs=2, checkpoint=tmp_path, checkpoint_every=1)
+    model = mlp(1, hidden=(6,), dtype=torch.float64)
+    with pytest.raises(CheckpointMismatch):
+        fit(model, X, X / 10, epochs=4, checkpoint=tmp_path)
+    assert not model.normalization_set
+    assert model.x_min.tolist() == [-1.0] and model.x_max.tolist() == [1.0]
+
+
 def test_callbacks_none_means_no_callbacks():
     X, y = smooth_data()
     assert fit(tanh_net(), X, y, epochs=2, callbacks=None)["epoch"] == [0, 1, 2]

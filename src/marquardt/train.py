@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_state, update_state
-from .checkpoint import NO_CHECKPOINT, Checkpointer
+from .checkpoint import NO_CHECKPOINT, CheckpointError, Checkpointer
 from .chunked import DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, is_small, single_thread
 from .damping import DampingState, MarquardtDamping, is_real_number
 from .distributed import (LocalReducer, ReducedProblem, Reducer, ShardedCheckpoint, average_gradients, fail_together,
@@ -240,6 +240,22 @@ def evaluate(model: nn.Module, data: Split | None, loss: Loss, chunk: int = 6553
 
 # ---------------------------------------------------------------------------------------------
 # training units
+
+
+def _normalization_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of an MLP's ``mapminmax`` buffers while its ranges are unset (what
+    :func:`_set_normalization` is about to change), else nothing."""
+    if not (isinstance(model, MLP) and model.normalize and not model.normalization_set):
+        return {}
+    return {name: buffer.clone() for name, buffer in model.named_buffers()
+            if name.endswith(("_min", "_max")) or name == "stats_set"}
+
+
+def _restore_buffers(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in saved.items():
+            buffers[name].copy_(value)
 
 
 def _set_normalization(model: nn.Module, data: Split, loss: Loss, reducer: Reducer) -> None:
@@ -953,6 +969,7 @@ def fit(
         _check_optimizer_options(kind, spec, model)
         _check_bayesian_form(kind, spec, model)
         synchronize_module(model, reducer)
+        unset = _normalization_buffers(model)
         _set_normalization(model, data, loss_fn, reducer)
         require_same({"validation data": val is not None, "test data": test is not None}, reducer)
         if reducer.world_size > 1 and checkpoint is not None:
@@ -974,6 +991,10 @@ def fit(
             # Over all ranks' samples, so that every rank runs the (repeated) solve on the same kernels.
             with single_thread(is_small(int(sum_values([fitting.y.numel()], reducer)[0]), n_params)):
                 loop.run(display)
+        except CheckpointError:
+            # Refused before any epoch (another run's checkpoint): the ranges set above go too.
+            _restore_buffers(model, unset)
+            raise
         finally:
             if display is not None:
                 display.close()
