@@ -333,11 +333,55 @@ def test_checkpoint_of_another_run_is_refused_before_the_model_changes(tmp_path,
     assert history["epoch"] == [0, 1, 2, 3, 4]
 
 
-def test_resume_with_another_division_is_refused(tmp_path):
+# (case, the division, the checkpointed run's seed, the resuming run's, the difference named)
+OTHER_SEEDS = [
+    # Without a random division the data digest is the same: the other seed was resumed silently.
+    ("no division", None, 3, 4, "seed 3 there, 4 here"),
+    ("random division", "random", 0, 1, "seed 0 there, 1 here"),
+    ("negative seed", None, -5, 5, f"seed {2**64 - 5} there, 5 here"),  # torch keeps a seed as a uint64
+    ("no seed, random division", "random", 0, None,
+     "other data, or another seed or division of it (the checkpointed run had seed 0, this one none)"),
+]
+
+
+@pytest.mark.parametrize("division, seed, other_seed, message", [case[1:] for case in OTHER_SEEDS],
+                         ids=[case[0] for case in OTHER_SEEDS])
+def test_resume_with_another_seed_is_refused(tmp_path, division, seed, other_seed, message):
     X, y = problem()
-    fit(network(), X, y, epochs=2, division="random", seed=0, checkpoint=tmp_path, checkpoint_every=1, progress=False)
-    with pytest.raises(CheckpointMismatch, match="belongs to a different run .*other data, or another seed"):
-        fit(network(), X, y, epochs=2, division="random", seed=1, checkpoint=tmp_path, progress=False)
+    common = dict(division=division, checkpoint=tmp_path, progress=False)
+    fit(network(), X, y, epochs=2, seed=seed, checkpoint_every=1, **common)
+    model = network()
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    with pytest.raises(CheckpointMismatch) as refused:
+        fit(model, X, y, epochs=4, seed=other_seed, **common)
+    assert f"belongs to a different run ({message}). Resume with the same" in str(refused.value)
+    assert same_weights(dict(model.named_parameters()), before)
+
+
+def test_resume_without_a_seed_continues_the_checkpointed_seed(tmp_path):
+    X, y = problem()
+    common = dict(epochs=4, min_grad=0.0, checkpoint_every=2, progress=False)
+    fit(network(), X, y, epochs=2, seed=3, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    resumed = network()
+    history = fit(resumed, X, y, checkpoint=tmp_path, **common)
+    plain = network()
+    fit(plain, X, y, seed=3, **common)
+    assert history["epoch"] == [0, 1, 2, 3, 4] and same_weights(resumed.state_dict(), plain.state_dict())
+    assert load_state(latest_checkpoint(tmp_path))[1]["run"]["seed"] == 3  # recorded as seed 3's run still
+    with pytest.raises(CheckpointMismatch, match=r"\(seed 3 there, 4 here\)"):
+        fit(network(), X, y, seed=4, checkpoint=tmp_path, **common)
+
+
+def test_checkpoint_without_a_recorded_seed_resumes_with_any_seed(tmp_path):
+    # Checkpoints written before the seed was recorded: it cannot be checked, so it is not.
+    X, y = problem()
+    fit(network(), X, y, epochs=2, seed=3, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    path = latest_checkpoint(tmp_path)
+    tensors, meta = load_state(path)
+    del meta["run"]["seed"]
+    save_state(path, tensors, meta)
+    history = fit(network(), X, y, epochs=4, seed=4, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    assert history["epoch"] == [0, 1, 2, 3, 4] and load_state(latest_checkpoint(tmp_path))[1]["run"]["seed"] == 4
 
 
 def truncate_tensors(folder: Path) -> None:

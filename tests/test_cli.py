@@ -346,6 +346,22 @@ def test_checkpoint_resumes_the_same_command(regression_csv, tmp_path, capsys):
     assert "--checkpoint needs --seed" in capsys.readouterr().err
 
 
+def test_checkpoint_of_another_seed_is_refused_without_a_random_division(regression_csv, tmp_path, capsys):
+    # --division none divides nothing, so the data digest matched: seed 3's weights were resumed
+    # under --seed 4 and reported as seed 4's.
+    folder = tmp_path / "ckpt"
+    argv = ["fit", str(regression_csv), "--target", "y", "--features", "x1,x2", "--hidden", "4", "--epochs", "8",
+            "--division", "none", "--checkpoint", str(folder), "--checkpoint-every", "2"]
+    assert cli.main([*argv, "--seed", "3", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert cli.main([*argv, "--seed", "4", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == (
+        f"marquardt fit: error: --checkpoint {folder}: checkpoint-00000008.safetensors belongs to a different run "
+        "(seed 3 there, 4 here); run the same command (data, options and --seed) to resume it, pass another "
+        f"--checkpoint folder, or delete {folder} to start over\n")
+    assert not (tmp_path / "b").exists()
+
+
 def test_report_of_a_resumed_run_times_the_epochs_it_trained(regression_csv, tmp_path, capsys):
     argv = ["--target", "y", "--features", "x1,x2", "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-every", "2",
             "--hidden", "4", "--seed", "0"]

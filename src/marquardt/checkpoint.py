@@ -19,7 +19,8 @@ pointer names, no pointer until the new pair is complete: never a damaged one).
 
 A resume is refused before any weight is loaded: with :class:`CheckpointMismatch`, naming the
 differences, when the checkpoint was written by a run with another network (class,
-architecture, shapes, dtype), method, method options, loss, batch size or data; with
+architecture, shapes, dtype), method, method options, loss, batch size, data or seed (a run
+given no seed continues the checkpointed run's seed); with
 :class:`CheckpointError` when the newest checkpoint cannot be read (truncated, garbled
 pointer, a missing file). Stopping rules (``epochs``, ``goal``, ...) may change, so a finished
 run can be continued.
@@ -115,9 +116,17 @@ class Checkpointer:
         existing checkpoint is ignored and replaced.
     generator : torch.Generator, optional
         The generator of the data division and batch order, saved and restored with the rest.
+        Its initial seed is the run's seed, recorded in each checkpoint.
 
     Notes
     -----
+    A resume must have the seed of the run that wrote the checkpoint when it was given one: its
+    generator fixed the division and the batch order, and a seed that is not the checkpoint's
+    is refused with :class:`CheckpointMismatch` even where the division is not random. A run
+    given no seed (``fit(seed=None)`` draws one) continues the checkpointed run's seed and
+    records it in its own checkpoints. Whether the seed was given is read from torch's global
+    generator, which ``fit`` seeds with the same seed exactly when the caller gave one.
+
     The epoch loop calls :meth:`restore` once before its first evaluation and
     :meth:`epoch_done` after each training step. ``loop`` is the loop object of
     :mod:`marquardt.train` (``model``, ``trainer``, ``history``, ``train``); ``best`` its
@@ -129,6 +138,8 @@ class Checkpointer:
     resume: bool = True
     generator: torch.Generator | None = None
     _run: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
+    _seed: int | None = dataclasses.field(default=None, init=False, repr=False)
+    _seeded: bool = dataclasses.field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.folder, (str, os.PathLike)):
@@ -141,6 +152,7 @@ class Checkpointer:
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint={str(self.folder)!r} is a file; pass a folder for the checkpoints.")
         _check_creatable(self.folder)
+        self._seed, self._seeded = _run_seed(self.generator)
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -167,19 +179,23 @@ class Checkpointer:
 
     def _check_compatible(self, path: Path, loop: Any, meta: Mapping[str, Any]) -> None:
         expected = self._fingerprint(loop)
-        found = _current_names(meta.get("run"))
+        found, there = _without_seed(_current_names(meta.get("run")))
         if meta.get("format") != _FORMAT:
             raise CheckpointError(
                 path, f"has checkpoint format {meta.get('format')!r}, and this marquardt resumes format {_FORMAT}",
                 "Pass another checkpoint folder, or resume=False to start over and replace it."
             )
-        if found != expected:
-            differences = "; ".join(_differences(found, expected)) or "another run record"
+        other_seed = self._seeded and there is not None and there != self._seed
+        if found != expected or other_seed:
+            seeds = (there, self._seed if self._seeded else None)
+            differences = "; ".join(_differences(found, expected, seeds)) or "another run record"
             raise CheckpointMismatch(
                 path, f"belongs to a different run ({differences})",
                 "Resume with the same model, method, options, data and seed (the seed fixes the division), pass "
                 "another checkpoint folder, or resume=False to start over and replace it."
             )
+        if not self._seeded:  # continue the checkpointed run's seed, and record it as that run's
+            self._seed = there
 
     # -- write ----------------------------------------------------------------------------------
 
@@ -197,7 +213,8 @@ class Checkpointer:
         random_tensors, random_meta = _random_state(self.generator)
         tensors.update(random_tensors)
         meta = {
-            "format": _FORMAT, "run": self._fingerprint(loop), "epoch": epoch, "val_fail": val_fail, "elapsed": elapsed,
+            "format": _FORMAT, "run": {**self._fingerprint(loop), "seed": self._seed}, "epoch": epoch,
+            "val_fail": val_fail, "elapsed": elapsed,
             "best": {"perf": best.perf, "epoch": best.epoch}, "trainer": trainer_meta, "random": random_meta,
             "history": {"method": loop.history.method, "records": loop.history.records},
         }
@@ -246,6 +263,19 @@ class NoCheckpoint:
 NO_CHECKPOINT = NoCheckpoint()
 
 
+def _run_seed(generator: torch.Generator | None) -> tuple[int | None, bool]:
+    """The run's seed (the division generator's initial seed, or None) and whether it was given.
+
+    ``fit`` seeds torch's global generator with the seed it was given and a fresh division
+    generator with the same seed; without one, the division generator's seed is a draw that
+    torch's global seed equals only by a 1 in 2**31 chance.
+    """
+    if generator is None:
+        return None, False
+    seed = generator.initial_seed()
+    return seed, seed == torch.initial_seed()
+
+
 def _check_creatable(folder: Path) -> None:
     # Checked before training: the first write comes only after `every` epochs.
     existing = folder.absolute()
@@ -279,8 +309,9 @@ def _fingerprint(loop: Any) -> dict[str, Any]:
     Everything that fixes the iterates apart from the stopping rules (which a resume may change,
     say to train longer): the network (class, architecture, parameter shapes and dtype), the
     method and its options, the loss, the batch size and the data. The data digest covers the
-    divided sets, so a resume with another seed (hence another random division) or other data
-    is refused rather than silently trained on.
+    divided sets, so a resume with other data is refused rather than silently trained on. The
+    seed is recorded beside this record and compared on its own (:class:`Checkpointer`): a run
+    given no seed resumes any.
     """
     model_class, architecture = _describe(loop.model)
     state = loop.model.state_dict()
@@ -332,14 +363,25 @@ def _current_names(run: Any) -> Any:
     return {**run, "options": {renames.get(key, key): value for key, value in options.items()}}
 
 
-def _differences(found: Any, expected: Mapping[str, Any]) -> list[str]:
+def _without_seed(run: Any) -> tuple[Any, int | None]:
+    """A checkpointed run record less its seed, and the seed (None in checkpoints written before
+    the seed was recorded: theirs cannot be checked)."""
+    if not isinstance(run, Mapping):
+        return run, None
+    return {key: value for key, value in run.items() if key != "seed"}, run.get("seed")
+
+
+def _differences(found: Any, expected: Mapping[str, Any], seeds: tuple[int | None, int | None]) -> list[str]:
     """Each way the checkpointed run (``found``) differs from this one, in words.
 
-    What follows from an earlier difference is left out: another method has other options,
-    another architecture other parameter shapes, another dtype other data.
+    ``seeds`` are the checkpointed run's seed and this run's (None where not recorded or not
+    given). What follows from an earlier difference is left out: another method has other
+    options, another architecture other parameter shapes, another dtype or seed other data.
     """
     if not isinstance(found, Mapping):
         return []
+    there, here = seeds
+    other_seed = there is not None and here is not None and there != here
     fields = dict(_RUN_FIELDS)
     if found.get("method") != expected["method"]:
         del fields["trainer"], fields["options"]
@@ -348,10 +390,20 @@ def _differences(found: Any, expected: Mapping[str, Any]) -> list[str]:
     same_architecture = expected["architecture"] is None or found.get("architecture") == expected["architecture"]
     if same_architecture and found.get("parameters") != expected["parameters"]:
         differences.append(_parameter_differences(found.get("parameters"), expected["parameters"]))
-    # The data are digested in the model's dtype, so another dtype has other data too.
-    if found.get("data") != expected["data"] and found.get("dtype") == expected["dtype"]:
-        differences.append("other data, or another seed or division of it")
+    # The data are digested in the model's dtype, so another dtype has other data too; another
+    # seed draws another random division.
+    if other_seed:
+        differences.append(f"seed {there} there, {here} here")
+    elif found.get("data") != expected["data"] and found.get("dtype") == expected["dtype"]:
+        differences.append(_data_difference(there, here))
     return differences
+
+
+def _data_difference(there: int | None, here: int | None) -> str:
+    # A run given no seed drew a division of its own: name the seed that draws the checkpoint's.
+    if there is not None and here is None:
+        return f"other data, or another seed or division of it (the checkpointed run had seed {there}, this one none)"
+    return "other data, or another seed or division of it"
 
 
 def _difference(label: str, there: Any, here: Any) -> str:
