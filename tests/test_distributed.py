@@ -7,10 +7,13 @@ waits for them with a bounded join. Networks are tiny and runs short.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import math
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -551,6 +554,72 @@ def test_initialize_outside_torchrun_says_how_to_start(monkeypatch):
         initialize()
     with pytest.raises(ValueError, match="Invalid timeout value: 0"):
         initialize(timeout=0)
+
+
+def one_rank_environment(monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+
+
+@pytest.fixture
+def exit_handlers(monkeypatch) -> list[tuple[Callable, tuple]]:
+    """The atexit handlers registered during the test (not run at this process's exit); the
+    default process group is destroyed afterwards whoever created it."""
+    import atexit
+
+    registered: list[tuple[Callable, tuple]] = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: registered.append((fn, args)))
+    one_rank_environment(monkeypatch)
+    yield registered
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run_handlers(handlers: list[tuple[Callable, tuple]]) -> None:
+    for fn, args in handlers:
+        fn(*args)
+
+
+def test_initialize_destroys_the_group_it_created_at_exit(exit_handlers):
+    # Without a teardown, gloo's threads outlived the interpreter and rank 0 of a 2-rank torchrun
+    # often aborted after training ("terminate called without an active exception").
+    initialize(backend="gloo", timeout=5)
+    initialize(backend="gloo", timeout=5)  # the group is kept: no second handler
+    assert len(exit_handlers) == 1
+    run_handlers(exit_handlers)
+    assert not torch.distributed.is_initialized()
+    run_handlers(exit_handlers)  # already gone: nothing to do
+
+
+def test_initialize_leaves_a_group_it_did_not_create_alone_at_exit(exit_handlers):
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=5))
+    initialize(backend="gloo", timeout=5)
+    assert exit_handlers == []
+    assert torch.distributed.is_initialized()
+
+
+def test_exit_handler_leaves_a_group_that_replaced_its_own_alone(exit_handlers, monkeypatch):
+    initialize(backend="gloo", timeout=5)
+    torch.distributed.destroy_process_group()
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=5))  # the caller's own
+    run_handlers(exit_handlers)
+    assert torch.distributed.is_initialized()
+
+
+def test_a_script_that_initializes_exits_with_the_group_destroyed(tmp_path, monkeypatch):
+    # atexit runs its handlers last registered first: the probe, registered before initialize,
+    # sees the process group after marquardt's handler has run.
+    one_rank_environment(monkeypatch)
+    script = tmp_path / "script.py"
+    script.write_text("import atexit, torch.distributed as dist\n"
+                      "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+                      "from marquardt.distributed import initialize\n"
+                      "print('world size', initialize(backend='gloo', timeout=5).world_size)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "world size 1\ninitialized at exit: False\n"), done.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ or after the process-group timeout (``initialize(timeout=...)``), and that failu
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
@@ -358,7 +359,15 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
     Notes
     -----
     Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. An already initialised
-    process group is kept as it is, whatever its backend (so calling this twice is harmless).
+    process group is kept as it is, whatever its backend (so calling this twice is harmless),
+    and left to whoever created it to destroy.
+
+    A process group this function creates is destroyed at interpreter exit (an :mod:`atexit`
+    handler calls ``torch.distributed.destroy_process_group()`` if that group is still the
+    default one), so a script needs no teardown of its own. Left to the interpreter's
+    shutdown, gloo's threads outlived it and rank 0 often died after training had finished,
+    with "terminate called without an active exception" (SIGABRT, exit status 1 from
+    ``torchrun``). Destroying it earlier yourself is fine: the handler then does nothing.
     """
     import torch.distributed as dist
 
@@ -375,7 +384,19 @@ def initialize(*, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
+        atexit.register(_destroy_at_exit, dist.group.WORLD)
     return TorchDistributedReducer()
+
+
+def _destroy_at_exit(group: Any) -> None:
+    """Destroy ``group``, the process group :func:`initialize` created, if it is still the default one.
+
+    One destroyed since, or replaced by a group of the caller's, is not this handler's to end.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.group.WORLD is group:
+        dist.destroy_process_group()
 
 
 def _check_backend(backend: Any) -> str | None:
