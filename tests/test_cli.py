@@ -527,6 +527,56 @@ def test_ctrl_c_during_fit_is_one_line_with_exit_status_130(regression_csv, tmp_
     assert not (tmp_path / "run").exists()
 
 
+CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 168000000000 bytes. Error code 12 (Cannot allocate memory)")
+# (case, the error training raises, what the message says the allocator tried)
+OUT_OF_MEMORY = [
+    ("CPU allocator", RuntimeError(CPU_ALLOCATOR), " (it tried to allocate 168 GB)"),
+    ("CUDA", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                    "79.10 GiB of which 1.2 GiB is free."), " (it tried to allocate 2.00 GiB)"),
+    ("MemoryError", MemoryError(), ""),
+    ("small allocation", RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5000 bytes"),
+     " (it tried to allocate 5 kB)"),
+]
+
+
+@pytest.mark.parametrize("error, tried", [case[1:] for case in OUT_OF_MEMORY], ids=[case[0] for case in OUT_OF_MEMORY])
+def test_out_of_memory_during_fit_is_one_line_with_exit_status_2(regression_csv, tmp_path, monkeypatch, capsys, error,
+                                                                  tried):
+    # `--hidden 100000000` ended in a traceback of the allocator's RuntimeError, exit status 1.
+    import marquardt.train
+
+    def too_large(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(marquardt.train, "fit", too_large)
+    assert run_fit(regression_csv, tmp_path / "run", "--target", "y", "--features", "x1", "--hidden", "100000,3") == 2
+    assert capsys.readouterr().err == (
+        f"marquardt fit: error: not enough memory for a network with --hidden 100000,3 on {regression_csv}{tried}: "
+        "reduce --hidden or the data (fewer rows or feature columns)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_in_predict_is_one_line_with_exit_status_2(trained, regression_csv, tmp_path, monkeypatch,
+                                                                  capsys):
+    def too_large(*args, **kwargs):
+        raise RuntimeError(CPU_ALLOCATOR)
+    monkeypatch.setattr(cli, "_outputs", too_large)
+    assert cli.main(["predict", str(trained), str(regression_csv), "-o", str(tmp_path / "p.csv")]) == 2
+    assert capsys.readouterr().err == (
+        f"marquardt predict: error: not enough memory to run the model in {trained} on {regression_csv} (it tried "
+        "to allocate 168 GB): pass fewer rows at a time\n")
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(regression_csv, tmp_path, monkeypatch):
+    import marquardt.train
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (5x2 and 3x4)")
+    monkeypatch.setattr(marquardt.train, "fit", bug)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes"):  # a bug keeps its traceback
+        run_fit(regression_csv, tmp_path / "run", "--target", "y", "--features", "x1")
+
+
 @pytest.mark.parametrize("y, outputs, r2", [
     ([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [3.0, 1.0]], [[0.1, 1.1], [1.1, 1.1], [2.1, 1.1], [3.1, 1.1]], 0.992),
     ([[0.0], [1.0], [2.0], [3.0]], [[0.1], [1.1], [2.1], [3.1]], 0.992),

@@ -26,6 +26,7 @@ import io
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -51,6 +52,11 @@ _SPLIT_NAMES = ("Training", "Validation", "Test")
 _LOSS_KEYS = {"Training": "perf", "Validation": "vperf", "Test": "tperf"}  # History keys per split
 _MODEL_STEM = "model"
 _PLOTS = ("performance.png", "training_state.png", "regression.png", "error_histogram.png")
+# How torch's allocators say they failed: the CPU allocator raises a RuntimeError ("can't
+# allocate memory: you tried to allocate N bytes"), CUDA an OutOfMemoryError ("Tried to allocate
+# 2.00 GiB"), some backends a RuntimeError "... out of memory".
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_ALLOCATION = re.compile(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ ?[KMGT]i?B)", re.IGNORECASE)
 
 
 class UsageError(Exception):
@@ -543,6 +549,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"marquardt {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        print(f"marquardt {args.command}: error: {_memory_problem(args, error)}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # e.g. `marquardt fit ... | head`: the reader has gone, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -551,6 +562,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                   if getattr(args, "checkpoint", None) is not None else "")
         print(f"marquardt {args.command}: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed allocation: Python's MemoryError, torch's OutOfMemoryError
+    (CUDA), or a RuntimeError from an allocator; any other RuntimeError is a bug to show in full."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and _OUT_OF_MEMORY.search(str(error)) is not None
+
+
+def _memory_problem(args: argparse.Namespace, error: BaseException) -> str:
+    """The one-line message for a failed allocation: what was too large, and what to reduce."""
+    tried = _allocation(error)
+    if args.command == "fit":
+        hidden = ",".join(map(str, args.hidden))
+        return (f"not enough memory for a network with --hidden {hidden} on {args.data}{tried}: reduce --hidden "
+                "or the data (fewer rows or feature columns)")
+    if args.command in ("predict", "evaluate"):
+        return (f"not enough memory to run the model in {args.model_dir} on {args.data}{tried}: pass fewer rows "
+                "at a time")
+    return f"not enough memory{tried}: free some memory and run it again"
+
+
+def _allocation(error: BaseException) -> str:
+    """`` (it tried to allocate 168 GB)``, as the allocator's message says, or "" when it says nothing."""
+    match = _ALLOCATION.search(str(error))
+    if match is None:
+        return ""
+    if match[2]:
+        return f" (it tried to allocate {match[2]})"
+    size = int(match[1])
+    value, unit = next(((size / scale, unit) for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
+                        if size >= scale), (size, "bytes"))
+    return f" (it tried to allocate {value:.3g} {unit})"
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
