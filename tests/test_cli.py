@@ -414,6 +414,63 @@ def trained(regression_csv, tmp_path) -> Path:
     return out
 
 
+def edit_model_json(model_dir: Path, edit) -> Path:
+    path = model_dir / "model.json"
+    record = json.loads(path.read_text())
+    edit(record["metadata"])
+    path.write_text(json.dumps(record))
+    return path
+
+
+# (case, the model's loss, the edit of its model.json metadata, the message after "{model.json}: ")
+EDITED_MODELS = [
+    ("task missing", "mse", lambda meta: meta["cli"].pop("task"),
+     "metadata.cli.task is missing; expected 'regression' or 'classification'"),
+    ("task unknown", "mse", lambda meta: meta["cli"].update(task="weird"),
+     "metadata.cli.task is 'weird'; expected 'regression' or 'classification'"),
+    ("loss missing", "mse", lambda meta: meta["cli"].pop("loss"), "metadata.cli.loss is missing; expected 'mse' for a "
+     "regression"),
+    ("loss of a classification", "mse", lambda meta: meta["cli"].update(loss="cross_entropy"),
+     "metadata.cli.loss is 'cross_entropy'; expected 'mse' for a regression"),
+    ("targets missing", "mse", lambda meta: meta["cli"].pop("targets"),
+     "metadata.cli.targets is missing; expected a non-empty list of target column names"),
+    ("targets a string", "mse", lambda meta: meta["cli"].update(targets="y"),
+     "metadata.cli.targets is 'y'; expected a non-empty list of target column names"),
+    ("features missing", "mse", lambda meta: meta["cli"].pop("features"),
+     "metadata.cli.features is missing; expected a non-empty list of feature column names"),
+    ("features a number", "mse", lambda meta: meta["cli"].update(features=5),
+     "metadata.cli.features is 5; expected a non-empty list of feature column names"),
+    ("cli not an object", "mse", lambda meta: meta.update(cli=[1]),
+     "metadata.cli is [1]; expected an object with the task, loss, targets and features"),
+    ("classes missing", "cross_entropy", lambda meta: meta["cli"].pop("classes"),
+     "metadata.cli.classes is missing; expected a list of at least two class labels"),
+    ("two targets of classes", "cross_entropy", lambda meta: meta["cli"].update(targets=["species", "length"]),
+     "metadata.cli.targets is ['species', 'length']; expected a list of one target column name"),
+    ("binary with three classes", "binary_cross_entropy", lambda meta: meta["cli"]["classes"].append("cow"),
+     "metadata.cli.classes is ['bird', 'cat', 'cow']; expected a list of two class labels"),
+]
+
+
+@pytest.mark.parametrize("loss, edit, message", [case[1:] for case in EDITED_MODELS],
+                         ids=[case[0] for case in EDITED_MODELS])
+def test_a_model_json_missing_what_the_cli_wrote_is_one_line_with_exit_status_2(tmp_path, capsys, loss, edit,
+                                                                                   message):
+    # A key missing was a KeyError traceback (exit status 1), features 5 a TypeError, an unknown
+    # task a TypeError from the classes None.
+    data = write_csv(tmp_path / "data.csv", ["length", "weight", "species"],
+                     [[1.0, 2.0, "bird"], [2.0, 1.0, "cat"], [0.5, 0.5, "bird"], [1.5, 2.5, "cat"]] * 3)
+    target = ["--target", "weight", "--features", "length"] if loss == "mse" else ["--target", "species"]
+    assert run_fit(data, tmp_path / "run", *target, "--loss", loss, "--division", "none") == 0
+    path = edit_model_json(tmp_path / "run", edit)
+    capsys.readouterr()
+    for command in (["predict", str(tmp_path / "run"), str(data), "-o", str(tmp_path / "p.csv")],
+                    ["evaluate", str(tmp_path / "run"), str(data)]):
+        assert cli.main(command) == 2
+        assert capsys.readouterr().err == (f"marquardt {command[0]}: error: {path}: {message}, as `marquardt fit` "
+                                           "writes it\n")
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_predict_on_data_without_a_feature(trained, tmp_path, capsys):
     data = write_csv(tmp_path / "few.csv", ["x1", "z"], [[1, 2]])
     assert cli.main(["predict", str(trained), str(data), "-o", str(tmp_path / "p.csv")]) == 2

@@ -999,9 +999,49 @@ def _load_model(model_dir: Path) -> tuple[Any, dict[str, Any]]:
         model = load(path)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if "cli" not in meta:
+    if not isinstance(meta, dict) or "cli" not in meta:
         raise UsageError(f"{path} has no feature names in its metadata; was it written by `marquardt fit`?")
-    return model, meta["cli"]
+    return model, _check_cli_metadata(path.with_suffix(".json"), meta["cli"])
+
+
+def _check_cli_metadata(file: Path, cli: Any) -> dict[str, Any]:
+    """``metadata.cli`` of a model file, with every key predict and evaluate read checked.
+
+    A key missing or of another type (a hand-edited ``model.json``) was a KeyError or TypeError
+    traceback; it is a UsageError naming the file, the key, what it holds and what it should.
+    """
+    if not isinstance(cli, dict):
+        raise UsageError(f"{file}: metadata.cli is {cli!r}; expected an object with the task, loss, targets and "
+                         "features, as `marquardt fit` writes it")
+    for key, (valid, expected) in _cli_metadata_checks(cli).items():
+        if key not in cli or not valid(cli[key]):
+            found = "is missing" if key not in cli else f"is {cli[key]!r}"
+            raise UsageError(f"{file}: metadata.cli.{key} {found}; expected {expected}, as `marquardt fit` writes it")
+    return cli
+
+
+def _cli_metadata_checks(cli: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """Each key of ``metadata.cli`` with its test and what it should hold, in the order checked:
+    the task first, and the loss before the classes, as what they may hold depends on them."""
+    checks: dict[str, tuple[Any, str]] = {"task": (lambda v: v in ("regression", "classification"),
+                                                   "'regression' or 'classification'")}
+    if cli.get("task") == "regression":
+        checks["loss"] = (lambda v: v == "mse", "'mse' for a regression")
+        checks["targets"] = (_is_names, "a non-empty list of target column names")
+    else:
+        checks["loss"] = (lambda v: v in _LOSSES[1:], "'cross_entropy' or 'binary_cross_entropy' for a classification")
+        checks["targets"] = (lambda v: _is_names(v) and len(v) == 1, "a list of one target column name")
+        if cli.get("loss") == "binary_cross_entropy":  # one logit: two classes exactly
+            checks["classes"] = (lambda v: _is_names(v) and len(v) == 2, "a list of two class labels")
+        else:
+            checks["classes"] = (lambda v: _is_names(v) and len(v) >= 2, "a list of at least two class labels")
+    checks["features"] = (_is_names, "a non-empty list of feature column names")
+    return checks
+
+
+def _is_names(value: Any) -> bool:
+    """A non-empty list of strings (column names, class labels)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(name, str) for name in value)
 
 
 def _model_inputs(model_dir: Path, data: str) -> tuple[Any, dict[str, Any], Table, np.ndarray]:
