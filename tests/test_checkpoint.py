@@ -475,3 +475,12 @@ def test_momentum_checkpoint_naming_its_constant_beta_still_resumes(tmp_path):
     resumed = fit(resumed_model, X, y, checkpoint=tmp_path, checkpoint_every=2, **common)
     assert same_weights(resumed_model.state_dict(), plain.state_dict())
     assert without_time(resumed) == without_time(expected)
+
+
+def test_fit_says_whether_the_seed_was_given_rather_than_the_checkpointer_guessing(tmp_path):
+    # Inferred from torch's global seed, a drawn division seed that happened to equal it (1 in
+    # 2**31) would have been taken for a given one, and a resume without a seed refused.
+    torch.manual_seed(7)
+    generator = torch.Generator().manual_seed(7)
+    assert Checkpointer(tmp_path / "guess", generator=generator)._seeded
+    assert not Checkpointer(tmp_path / "told", generator=generator, seeded=False)._seeded

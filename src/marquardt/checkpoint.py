@@ -117,6 +117,9 @@ class Checkpointer:
     generator : torch.Generator, optional
         The generator of the data division and batch order, saved and restored with the rest.
         Its initial seed is the run's seed, recorded in each checkpoint.
+    seeded : bool, optional
+        Whether the caller gave that seed (``fit(seed=...)``), or drew it; ``None``: inferred
+        from torch's global generator, which ``fit`` seeds with the same seed exactly when given.
 
     Notes
     -----
@@ -124,8 +127,7 @@ class Checkpointer:
     generator fixed the division and the batch order, and a seed that is not the checkpoint's
     is refused with :class:`CheckpointMismatch` even where the division is not random. A run
     given no seed (``fit(seed=None)`` draws one) continues the checkpointed run's seed and
-    records it in its own checkpoints. Whether the seed was given is read from torch's global
-    generator, which ``fit`` seeds with the same seed exactly when the caller gave one.
+    records it in its own checkpoints.
 
     The epoch loop calls :meth:`restore` once before its first evaluation and
     :meth:`epoch_done` after each training step. ``loop`` is the loop object of
@@ -137,6 +139,7 @@ class Checkpointer:
     every: int = 10
     resume: bool = True
     generator: torch.Generator | None = None
+    seeded: bool | None = None
     _run: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
     _seed: int | None = dataclasses.field(default=None, init=False, repr=False)
     _seeded: bool = dataclasses.field(default=False, init=False, repr=False)
@@ -153,6 +156,8 @@ class Checkpointer:
             raise ValueError(f"checkpoint={str(self.folder)!r} is a file; pass a folder for the checkpoints.")
         _check_creatable(self.folder)
         self._seed, self._seeded = _run_seed(self.generator)
+        if self.seeded is not None and self.generator is not None:
+            self._seeded = bool(self.seeded)
 
     # -- resume ---------------------------------------------------------------------------------
 

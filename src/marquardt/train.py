@@ -961,7 +961,7 @@ def fit(
             torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
         checkpointer = NO_CHECKPOINT if checkpoint is None else Checkpointer(checkpoint, checkpoint_every, resume,
-                                                                               generator)
+                                                                               generator, seeded=seed is not None)
         data = _prepare(model, X, y, ("X", "y"), loss_fn)
         # Every check on the input comes before the model is changed (its mapminmax ranges set
         # from X, y): a call that fails leaves the model as it was.
