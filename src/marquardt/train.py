@@ -512,10 +512,12 @@ class FirstOrderTrainer:
 
 
 def _check_finite_start(lin: Any, dtype: torch.dtype) -> None:
-    """A ValueError before the first step when the cost or gradient at the starting weights is
-    not finite: every trial would be refused and the run would end on "Maximum MU reached" at
-    the start, after raising the damping to its maximum one trial at a time."""
-    if math.isfinite(lin.cost) and bool(torch.isfinite(lin.grad).all()):
+    """A ValueError before the first step when the cost at the starting weights is not finite:
+    no trial can lower it, and the run would end on "Maximum MU reached" at the start, after
+    raising the damping to its maximum one trial at a time. A finite cost with a non-finite
+    Jacobian (``sqrt`` at 0) is numerical trouble of the kind training handles: its steps are
+    refused and the weights kept."""
+    if math.isfinite(lin.cost):
         return
     raise ValueError(
         f"The training cost at the initial weights is not finite ({lin.cost}): model(X) gives NaN or inf, or "
