@@ -192,10 +192,10 @@ def test_weights_a_callback_writes_are_where_the_next_lm_step_starts(method):
     assert history["perf"][:3] == untouched["perf"][:3]
     if method == "lm":  # one LM step from the written weights with the damping reached by epoch 2
         assert history["perf"][3] == pytest.approx(reference["perf"][1], rel=1e-12)
-        assert history["perf"][3] == pytest.approx(0.0509725, rel=1e-5)
-    # Before, epoch 3 continued the untouched run: 0.000955 (lm), 0.2384 (br).
-    assert history["perf"][3] == pytest.approx({"lm": 0.0509725, "br": 0.368622}[method], rel=1e-5)
-    assert untouched["perf"][3] == pytest.approx({"lm": 0.000955102, "br": 0.238389}[method], rel=1e-5)
+        assert history["perf"][3] == pytest.approx(0.189707, rel=1e-5)
+    # Before, epoch 3 continued the untouched run: 0.01116 (lm), 0.2384 (br).
+    assert history["perf"][3] == pytest.approx({"lm": 0.189707, "br": 0.368622}[method], rel=1e-5)
+    assert untouched["perf"][3] == pytest.approx({"lm": 0.0111609, "br": 0.238389}[method], rel=1e-5)
 
 
 @pytest.fixture
@@ -560,14 +560,15 @@ def test_held_weights_restore_the_best_epoch_and_reach_the_module_when_interrupt
     assert best.offer(0.5, 1, model) and best.point is None and best.weights is not None
 
 
-@pytest.mark.parametrize("method, mu_dec, mu_1", [("lm", 1e-8, 1e-9), ("lm", 1e-300, 1e-20), ("br", 1e-300, 1e-20)])
+@pytest.mark.parametrize("method, mu_dec, mu_1", [("lm", 1e-8, 1e-11), ("lm", 1e-300, 1e-20), ("br", 1e-300, 1e-20)])
 def test_mu_is_floored_at_1e_minus_20_after_accepted_steps(method, mu_dec, mu_1):
     # MATLAB trainlm/trainbr: ``mu = mu * mu_dec; if (mu < 1e-20), mu = 1e-20; end``. Without the
     # floor, mu_dec=1e-300 takes mu to 1e-303 after one accepted step (and towards underflow after two).
     X, y = smooth_data()
     history = fit(tanh_net(), X, y, method=method, epochs=6, mu_dec=mu_dec, min_grad=0.0)
     mu = history["mu"]
-    assert min(mu) >= 1e-20 and mu[1] == pytest.approx(mu_1, rel=1e-12)  # epoch 1 accepts at mu = 0.1
+    # lm: epoch 1 accepts its first trial, mu = 1e-3 (on J^T J / N, as trainlm); br: at mu = 0.5.
+    assert min(mu) >= 1e-20 and mu[1] == pytest.approx(mu_1, rel=1e-12)
     assert all(b <= a for a, b in zip(history["perf"], history["perf"][1:]))
 
 
@@ -719,3 +720,20 @@ def test_the_record_evaluates_the_validation_set_in_eval_mode():
     history = fit(dropout, X, y, method="gd", lr=1e-300, epochs=5, validation_data=(X, y), max_fail=None)
     assert dropout.training
     assert len(set(history["vperf"])) == 1  # the weights do not move: one vperf
+
+
+def test_lm_damps_j_transpose_j_over_the_number_of_errors_as_trainlm():
+    # trainlm (R2012b on) solves (J^T J / N + mu I) dx = -J^T e / N: nnCalcLib.perfsJEJJ divides
+    # both by the N errors of a normalized performance. fit solved (J^T J + mu I): with N = 100
+    # and mu = 10 one epoch moved the weight to 2.318 where trainlm moves it to 0.0987.
+    X = torch.linspace(-1, 1, 100, dtype=torch.float64)[:, None]
+    y = 3 * X + 0.5
+    model = nn.Linear(1, 1).double()
+    with torch.no_grad():
+        model.weight.fill_(0.0), model.bias.fill_(0.0)
+    fit(model, X, y, epochs=1, mu=10.0, min_grad=0.0)
+    J = np.hstack([X.numpy(), np.ones((100, 1))])
+    e = -y.numpy()[:, 0]
+    step = -np.linalg.solve(J.T @ J + 100 * 10.0 * np.eye(2), J.T @ e)
+    np.testing.assert_allclose([model.weight.item(), model.bias.item()], step, rtol=1e-12)
+    assert model.weight.item() == pytest.approx(0.0987, abs=5e-5)

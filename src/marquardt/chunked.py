@@ -801,7 +801,7 @@ class HeldSampleSpaceEquations:
 
     * ``J S J^T`` is formed by one symmetric rank-k update (``?syrk``, half a matrix product)
       once per scale, and only its lower triangle is used; ``J`` itself is never copied when the
-      scale is uniform (as in ``fit``, whose damping is MATLAB's ``mu I``);
+      scale is uniform (as in ``fit``, whose damping is MATLAB's ``N mu I``);
     * there is no QR fallback on the stacked ``(m + n) x n`` system (a dense ``n x n`` problem,
       out of reach when ``n`` is large): a factorization that succeeds is used, the damped
       diagonal is floored at ``eps * trace`` as in :class:`AccumulatedNormalEquations`, and an

@@ -581,7 +581,9 @@ class LevenbergMarquardt(Optimizer):
         The parameters to fit, in one group (several groups, or one added later by
         ``add_param_group``, are refused). Each step fits those that require grad at that step.
     damping : float
-        Initial damping (MATLAB's ``mu``). With ``strategy="nielsen"`` it is relative to the
+        Initial damping, on ``J^T J`` of the closure's residuals: ``(J^T J + damping I) h =
+        -J^T r``. (``fit``'s ``mu`` is MATLAB's, on ``J^T J / N`` for ``N`` errors, so the same
+        value damps ``N`` times more there.) With ``strategy="nielsen"`` it is relative to the
         largest diagonal entry of ``J^T J``.
     damping_dec, damping_inc, damping_max : float
         MATLAB's ``mu_dec``, ``mu_inc``, ``mu_max`` (``strategy="marquardt"``), with

@@ -385,11 +385,11 @@ class LMTrainer:
 
     def step(self) -> None:
         if self.batches is None:
-            self._lm_iteration(self.problem, self.lin)
+            self._lm_iteration(self.problem, self.lin, self.perf_scale)
         else:
             for X_b, y_b in self.batches:
                 problem = self._problem(X_b, y_b)
-                self._lm_iteration(problem, problem.linearize(self.x))
+                self._lm_iteration(problem, problem.linearize(self.x), self.loss.perf_scale(y_b))
                 if self.exhausted:
                     break
         if not self.holds_weights:
@@ -421,11 +421,11 @@ class LMTrainer:
         self.x = point.clone()
         write_parameters(self.model, self.x, self._parameters)
 
-    def _lm_iteration(self, problem: Any, lin: Any) -> None:
+    def _lm_iteration(self, problem: Any, lin: Any, perf_scale: float) -> None:
         if self.regularization is not None:
             problem = RegularizedProblem(problem, self.regularization.alpha, self.regularization.beta)
             lin = problem.regularize(lin, self.x)
-        scale = torch.ones_like(self.x)  # MATLAB's J^T J + mu I
+        scale = torch.full_like(self.x, _damping_units(perf_scale, self.bayesian))
         # MATLAB's rule reads no gain ratio: the trials skip the model's predicted reduction.
         out = lm_step(problem, self.x, lin, scale, self.rule, self.state, predict=False)
         self.solver = lin.system.path
@@ -509,6 +509,20 @@ class FirstOrderTrainer:
 
     def sync_from_model(self) -> None:
         pass
+
+
+def _damping_units(perf_scale: float, bayesian: bool) -> float:
+    """``D`` in ``(J^T J + mu D) h = -J^T r`` that makes ``mu`` MATLAB's: ``2 / perf_scale``, the
+    number of errors ``N`` for the mean squared error.
+
+    ``trainlm`` (R2012b on, ``nnCalcLib.perfsJEJJ`` with ``perfNorm``) divides ``J^T J`` and
+    ``J^T e`` by ``N`` for a normalized performance and solves ``(J^T J / N + mu I) dx = -J^T e / N``,
+    which is ``(J^T J + N mu I) dx = -J^T e``: the same ``mu = 1e-3`` is ``N`` times stronger
+    than on the raw ``J^T J``. In general ``J^T J / N`` is half the Gauss-Newton Hessian of the
+    performance, ``perf_scale * J^T J / 2``. ``trainbr``'s system carries its scale in ``alpha``
+    and ``beta`` (the ``1 / N`` cancels there): ``D = I``.
+    """
+    return 1.0 if bayesian else 2.0 / perf_scale
 
 
 def _check_finite_start(lin: Any, dtype: torch.dtype) -> None:
@@ -875,9 +889,12 @@ def fit(
     -----
     Performance is the mean squared error over all target elements, the mean cross-entropy
     per sample (``cross_entropy``) or per target element (``binary_cross_entropy``), always
-    in the original target units. The LM step solves ``(G + mu I) dw = -g`` and is kept only
+    in the original target units. The LM step solves ``(G + c mu I) dw = -g`` and is kept only
     if the training cost drops; ``mu`` is multiplied by ``mu_dec`` on success and by
-    ``mu_inc`` on failure. For the squared error ``G = J^T J``, ``g = J^T e``; for the
+    ``mu_inc`` on failure. ``c`` is the number of errors ``N`` for the squared error, as
+    ``trainlm`` (R2012b on) solves ``(J^T J / N + mu I) dw = -J^T e / N`` for its normalized
+    performance (``2 / perf_scale`` in general: twice the samples for ``cross_entropy``); ``1``
+    for ``br``, whose ``alpha`` and ``beta`` carry the scale. For the squared error ``G = J^T J``, ``g = J^T e``; for the
     cross-entropies ``G = J^T H J`` with ``H`` the Hessian of the loss in the outputs
     (``diag(p) - p p^T`` for softmax, ``diag(p (1 - p))`` for sigmoid) and ``g = J^T (p - y)``.
 
