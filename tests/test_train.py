@@ -423,7 +423,7 @@ def test_bad_input_is_rejected_before_training(X, y, kwargs, error, match):
         (dict(method=torch.optim.Adam, momentum=0.9), TypeError, "unexpected keyword argument 'momentum'"),
         (dict(validation_data=(np.zeros((3, 1)), np.zeros((2, 1)))), ValueError,
          "X_val and y_val have different numbers of samples: 3 and 2"),
-        (dict(division="block", split=(0.01, 0.5, 0.49)), ValueError, "leaves no training samples out of 4"),
+        (dict(division="random", split=(0.01, 0.5, 0.49)), ValueError, "leaves no training samples out of 4"),
     ],
 )
 def test_a_failed_call_leaves_the_mlp_normalization_unset(kwargs, error, match):
@@ -468,14 +468,34 @@ def test_division_functions_match_matlab_counts():
     assert sorted(torch.cat([train, val, test]).tolist()) == list(range(20))
 
 
-@pytest.mark.parametrize("divide", [lambda n, split: divide_random(n, split, torch.Generator().manual_seed(0)),
-                                    divide_block, divide_interleaved])
-@pytest.mark.parametrize("n, counts", [(30, (20, 5, 5)), (70, (48, 11, 11)), (10, (6, 2, 2)), (100, (70, 15, 15))])
-def test_division_counts_round_halves_up_as_matlab(divide, n, counts):
-    # MATLAB's round(0.15 * 30) is 5; Python's round(4.5) is 4, which gave 22/4/4.
+def _random(n, split):
+    return divide_random(n, split, torch.Generator().manual_seed(0))
+
+
+# Counts of MATLAB's divide_indices (R2010b nndivision, fcnversion 7) at 0.7/0.15/0.15:
+# dividerand rounds (round(0.15 * 30) is 5; Python's round(4.5) is 4, which gave 22/4/4),
+# divideblock floors (its doc example, 250 samples, is 176/37/37), divideint deals greedily.
+@pytest.mark.parametrize(("divide", "n", "counts"), [
+    (_random, 30, (20, 5, 5)), (_random, 70, (48, 11, 11)), (_random, 10, (6, 2, 2)), (_random, 100, (70, 15, 15)),
+    # They rounded as dividerand: 20/5/5, 48/11/11, 6/2/2, 174/38/38, 2/1/1.
+    (divide_block, 30, (22, 4, 4)), (divide_block, 70, (50, 10, 10)), (divide_block, 10, (8, 1, 1)),
+    (divide_block, 250, (176, 37, 37)), (divide_block, 4, (4, 0, 0)),
+    (divide_interleaved, 30, (20, 5, 5)), (divide_interleaved, 4, (2, 1, 1)), (divide_interleaved, 100, (70, 15, 15)),
+])
+def test_division_counts_are_matlabs(divide, n, counts):
     parts = divide(n, (0.7, 0.15, 0.15))
     assert tuple(len(p) for p in parts) == counts
     assert sorted(torch.cat(parts).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize(("n", "split", "expected"), [
+    # It dealt against rounded target counts: [0, 2, 4, 5, 7, 9], [1, 6], [3, 8].
+    (10, (0.6, 0.2, 0.2), [[0, 3, 4, 5, 8, 9], [1, 6], [2, 7]]),
+    (20, (0.7, 0.15, 0.15), [[0, 2, 4, 5, 6, 8, 10, 11, 12, 13, 15, 17, 18, 19], [1, 7, 14], [3, 9, 16]]),
+])
+def test_interleaved_division_deals_each_sample_as_divideint(n, split, expected):
+    # divideint: d = percents - totals / (i - 1); the sample goes to find(d == max(d), 1).
+    assert [t.tolist() for t in divide_interleaved(n, split)] == expected
 
 
 def test_best_weights_are_a_copy():

@@ -1,8 +1,14 @@
 """Data division into training, validation and test sets, as MATLAB's ``divide*`` functions.
 
-Each function returns three index tensors ``(train, val, test)``. Counts are
-``n_val = round(val * n)``, ``n_test = round(test * n)`` and the rest for training, with
-MATLAB's ``round`` (halves away from zero: 30 samples at 0.15 give 5, not Python's 4).
+Each function returns three index tensors ``(train, val, test)``, as MATLAB's (R2010b on,
+``divide_indices`` of ``nndivision``) from the fractions ``split / sum(split)``:
+
+* ``dividerand``: ``n_val = round(val * n)``, ``n_test = round(test * n)`` and the rest for
+  training, with MATLAB's ``round`` (halves away from zero: 30 samples at 0.15 give 5, not
+  Python's 4);
+* ``divideblock``: the same with ``floor`` (250 samples at 0.7/0.15/0.15 give 176/37/37);
+* ``divideint``: no fixed counts; each sample in turn goes to the first set furthest below its
+  fraction of the samples dealt so far.
 """
 
 from __future__ import annotations
@@ -50,10 +56,16 @@ def _round_half_up(value: float) -> int:
     return int(whole) + (1 if value - whole >= 0.5 else 0)
 
 
-def _counts(n: int, split: tuple[float, float, float]) -> tuple[int, int, int]:
-    # The products are MATLAB's (valRatio * Q in floating point), so the counts match dividerand's.
-    n_val = _round_half_up(split[1] * n)
-    n_test = _round_half_up(split[2] * n)
+def _percents(split: tuple[float, float, float]) -> tuple[float, float, float]:
+    """MATLAB's ``ratio / totalRatio``, with its ``totalRatio = train + test + val`` (that order)."""
+    total = split[0] + split[2] + split[1]
+    return split[0] / total, split[1] / total, split[2] / total
+
+
+def _counts(n: int, split: tuple[float, float, float], rounding=_round_half_up) -> tuple[int, int, int]:
+    # The products are MATLAB's (valPercent * Q in floating point), so the counts match its own.
+    _, val, test = _percents(split)
+    n_val, n_test = rounding(val * n), rounding(test * n)
     return n - n_val - n_test, n_val, n_test
 
 
@@ -72,35 +84,39 @@ def divide_random(n: int, split: tuple[float, float, float], generator: torch.Ge
 
 
 def divide_block(n: int, split: tuple[float, float, float]) -> tuple[Tensor, Tensor, Tensor]:
-    """MATLAB ``divideblock``: consecutive blocks, training first.
+    """MATLAB ``divideblock``: consecutive blocks, training first; the validation and test
+    counts rounded down (``floor``, where ``dividerand`` rounds).
 
     Examples
     --------
     >>> [t.tolist() for t in divide_block(10, (0.6, 0.2, 0.2))]
     [[0, 1, 2, 3, 4, 5], [6, 7], [8, 9]]
+    >>> [len(t) for t in divide_block(250, (0.7, 0.15, 0.15))]  # divideblock's own example
+    [176, 37, 37]
     """
-    n_train, n_val, _ = _counts(n, split)
+    n_train, n_val, _ = _counts(n, split, math.floor)
     index = torch.arange(n)
     return index[:n_train], index[n_train : n_train + n_val], index[n_train + n_val :]
 
 
 def divide_interleaved(n: int, split: tuple[float, float, float]) -> tuple[Tensor, Tensor, Tensor]:
-    """MATLAB ``divideint``: samples dealt in turn, each to the set furthest behind its share.
+    """MATLAB ``divideint``: samples dealt in turn, each to the first set whose fraction exceeds
+    its share of the samples dealt so far by the most (``percents - totals / (i - 1)``).
 
     Examples
     --------
     >>> [t.tolist() for t in divide_interleaved(10, (0.6, 0.2, 0.2))]
-    [[0, 2, 4, 5, 7, 9], [1, 6], [3, 8]]
+    [[0, 3, 4, 5, 8, 9], [1, 6], [2, 7]]
     """
-    targets = _counts(n, split)
-    taken = [0, 0, 0]
+    percents = _percents(split)
+    totals = [0, 0, 0]
     owner = []
     for i in range(n):
-        lag = [(targets[k] * (i + 1) / n - taken[k]) if taken[k] < targets[k] else -math.inf for k in range(3)]
-        k = max(range(3), key=lambda j: lag[j])
-        taken[k] += 1
+        lead = percents if i == 0 else [percents[k] - totals[k] / i for k in range(3)]
+        k = max(range(3), key=lambda j: lead[j])  # the first of equal leads, as find(d == max(d), 1)
+        totals[k] += 1
         owner.append(k)
-    owner_t = torch.tensor(owner)
+    owner_t = torch.tensor(owner, dtype=torch.long)
     return tuple(torch.nonzero(owner_t == k).reshape(-1) for k in range(3))  # type: ignore[return-value]
 
 
