@@ -573,3 +573,17 @@ def test_forward_names_a_non_tensor_input(x):
     with pytest.raises(TypeError, match=rf"MLP inputs must be a torch\.Tensor of shape \(N, 3\); received "
                                         rf"{type(x).__name__}\. Convert with torch\.as_tensor"):
         model(x)
+
+
+def test_a_column_spanning_rounding_noise_passes_unmapped_as_mapminmax():
+    # mapminmax fixes gains above 1e14 (a span under 2e-14) to 1 with offset ymin: y = x. It was
+    # stretched to [-1, 1], so rounding noise became a full-scale input.
+    X = torch.tensor([[0.3, 0.0], [0.3 + 2 ** -54, 1.0], [0.3, 2.0]], dtype=torch.float64)
+    model = mlp(2, hidden=(3,), dtype=torch.float64).set_normalization(X, X[:, 1:])
+    mapped = model.normalize_inputs(X)
+    assert torch.equal(mapped[:, 0], X[:, 0])
+    assert mapped[:, 1].tolist() == [-1.0, 0.0, 1.0]
+    noisy_targets = X[:, :1]
+    model.set_normalization(X, noisy_targets)
+    assert torch.equal(model.normalize_targets(noisy_targets), noisy_targets)
+    assert torch.equal(model.denormalize_outputs(noisy_targets), noisy_targets)

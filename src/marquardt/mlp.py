@@ -247,8 +247,16 @@ def _default_(linear: nn.Linear, generator: torch.Generator | None) -> None:
 # --------------------------------------------------------------------------- mapminmax
 
 
+def _unmapped(span: Tensor) -> Tensor:
+    """Rows ``mapminmax`` leaves as they are: a gain ``2 / span`` above ``1e14`` (a span under
+    ``2e-14``, rounding noise rather than data), where MATLAB sets the gain to 1 and the offset
+    to ``ymin``, so that ``y = x``. Exact constants (``span == 0``) are not among them."""
+    return (span > 0) & (2 / span > 1e14)
+
+
 def _to_unit_range(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    """``mapminmax`` to [-1, 1]; rows with ``low == high`` map to 0 (``removeconstantrows``).
+    """``mapminmax`` to [-1, 1]; rows with ``low == high`` map to 0 (``removeconstantrows``), rows
+    of a span under ``2e-14`` pass unchanged (:func:`_unmapped`).
 
     ``(v - low) / span * 2 - 1`` rather than a stored gain makes ``low -> -1`` and
     ``high -> 1`` exact in floating point.
@@ -261,6 +269,7 @@ def _to_unit_range(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
     # (float16 inputs over 32,752 wide mapped their maximum to inf). Doubling is exact, so the
     # result is bit for bit that of 2 * (v - low) / span wherever that one is finite.
     mapped = (values - low) / safe_span * 2 - 1
+    mapped = torch.where(_unmapped(span), values, mapped)
     return torch.where(constant, torch.zeros_like(mapped), mapped)
 
 
@@ -268,6 +277,7 @@ def _from_unit_range(values: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """Inverse of :func:`_to_unit_range`; constant rows come back as their constant."""
     span = high - low
     raw = (values + 1) * (span / 2) + low
+    raw = torch.where(_unmapped(span), values, raw)
     return torch.where(span == 0, low.expand_as(raw), raw)
 
 
