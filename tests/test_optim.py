@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import marquardt
 import marquardt.optim
+from torch import nn
 from marquardt import GradientDescent, LevenbergMarquardt, Momentum
 from marquardt.optim import ClosureProblem, prefers_forward, rows_per_backward
 
@@ -1062,3 +1064,36 @@ def test_lm_non_finite_jacobian_of_a_plain_closure_gives_the_error_alone():
         with pytest.raises(ValueError, match=r"gradient J\^T r is not finite"):
             opt.step(lambda: torch.stack([torch.sqrt(w[0]) - 1, w[1] - 2]))
     assert w.detach().tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("strategy", ["marquardt", "nielsen"])
+def test_steps_after_an_exhausted_one_start_from_the_damping_ceiling(strategy):
+    # Every exhausted step multiplied the damping on: it reached inf (step 320 with marquardt,
+    # 52 with nielsen) and the optimizer could never move again, not even on new data.
+    X = torch.linspace(0, 1, 10, dtype=torch.float64)[:, None]
+    model = nn.Linear(1, 1).double()
+    opt = marquardt.LevenbergMarquardt(model.parameters(), strategy=strategy)
+    for _ in range(400):
+        opt.step(lambda: model(X) - (3 * X - 1))
+    state = opt.state[model.weight]
+    assert opt.exhausted and math.isfinite(state["damping"]) and state["damping"] <= 1e10 * 10 ** 2
+    cost = [float(opt.step(lambda: model(X) - (2 * X + 1))) for _ in range(40)]
+    assert cost[-1] < 1e-12 * cost[0]
+    assert model.weight.item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_a_module_changed_in_place_is_described_again_and_stays_on_the_closed_form():
+    # The kept problem described the module as it was; after an in-place change it failed the
+    # check at every step and the optimizer stayed on the autograd path (13-16 ms against 3 ms).
+    X = torch.linspace(-1, 1, 40, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * X)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    opt = marquardt.LevenbergMarquardt(net.parameters())
+    modes = []
+    for k in range(4):
+        if k == 2:
+            net[1] = nn.Sigmoid()
+        opt.step(lambda: net(X) - y)
+        modes.append(opt.state[net[0].weight]["jacobian"])
+    assert modes == ["closed-form"] * 4

@@ -182,7 +182,8 @@ class ClosureProblem:
             return None
         outputs = call.outputs.detach()
         targets = outputs - r.detach().reshape(outputs.shape)
-        if self.kept is not None and self.kept.matches(call, targets, x.dtype, self.max_jacobian_bytes):
+        reused = self.kept is not None and self.kept.matches(call, targets, x.dtype, self.max_jacobian_bytes)
+        if reused:
             problem = self.kept.problem
             problem.set_targets(targets)
         else:
@@ -195,6 +196,13 @@ class ClosureProblem:
             self.kept = KeptProblem(problem, call.module, call.X, call.X._version, x.dtype, self.max_jacobian_bytes)
         lin = problem.linearize(x)  # first: a tiny network's check then reads the J it holds
         if not _is_output_minus_constant(problem, r, self.params, x):
+            if reused:
+                # The module may have changed in place since the problem was described (an
+                # activation swapped, new mapminmax ranges): describe it again, once. The kept
+                # problem failed the check at every later step, and the steps stayed on the
+                # autograd path at 4-5x the time.
+                self.kept = None
+                return self._closed_form(r, call, x)
             return None
         self.serial = problem.plan.serial
         residuals = r.detach()
@@ -757,6 +765,11 @@ class LevenbergMarquardt(Optimizer):
         _check_start_gradient(lin.grad)
         rule = self._rule()
         state = self.damping_state or rule.init(float(lin.system.diagonal().max()))
+        if rule.exhausted(state):
+            # A step after an exhausted one starts again from the ceiling: the damping kept
+            # growing by damping_inc (and Nielsen's nu doubling) at every exhausted step, reached
+            # inf, and then no step could ever be taken, on new data too.
+            state = DampingState(rule.maximum, 2.0)
         scale = torch.ones_like(x)
         with single_thread(problem.serial):
             return lin, lm_step(problem, x, lin, scale, rule, state, geodesic=None)
@@ -788,7 +801,7 @@ class LevenbergMarquardt(Optimizer):
         self._kept = problem.kept
         if problem.used_mode == "closed-form":
             self._kept.problem.recycle(lin)  # lin is not used after: its n x n buffers serve the next step
-        return torch.tensor(out.cost, dtype=x.dtype)
+        return torch.tensor(out.cost, dtype=x.dtype, device=x.device)
 
 
 class GradientDescent(Optimizer):
