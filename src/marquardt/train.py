@@ -132,7 +132,7 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
         index = tuple(int(i) for i in torch.nonzero(bad)[0])
         where = index if len(index) > 1 else index[0]
         value = source[index]
-        if value.is_floating_point() and bool(torch.isfinite(value)) or not value.is_floating_point():
+        if not value.is_floating_point() or bool(torch.isfinite(value)):  # finite before the cast
             raise ValueError(f"{name} has values too large for the model's dtype {str(dtype).removeprefix('torch.')}: "
                              f"{float(value):g} at index {where}; scale {name}, or train the model in float64.")
         raise ValueError(f"{name} contains NaN or inf; first bad value at index {where}.")
