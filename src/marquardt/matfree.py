@@ -296,6 +296,10 @@ def _small_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) == 0:
         return torch.cholesky_solve(rhs.unsqueeze(1), factor).squeeze(1)
+    if matrix.device.type != "cpu":
+        # CUDA's only lstsq driver, gels, assumes full rank, which is what just failed: the
+        # projected matrix is at most (cg_max_iter + 1) square, so it is solved on the CPU.
+        return torch.linalg.lstsq(matrix.cpu(), rhs.cpu().unsqueeze(1)).solution.squeeze(1).to(matrix.device)
     return torch.linalg.lstsq(matrix, rhs.unsqueeze(1)).solution.squeeze(1)
 
 
