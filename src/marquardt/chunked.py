@@ -343,8 +343,15 @@ def _syrk(*tensors: Tensor):
     return {torch.float32: _ssyrk, torch.float64: _dsyrk}.get(dtype)
 
 
-def _mirror_lower(gram: Tensor) -> None:
-    """Make ``gram`` symmetric from its lower triangle (in place)."""
+def mirror_lower(gram: Tensor) -> None:
+    """Make ``gram`` symmetric from its lower triangle (in place).
+
+    Examples
+    --------
+    >>> gram = torch.tensor([[1.0, 9.0], [2.0, 3.0]])
+    >>> mirror_lower(gram); gram.tolist()
+    [[1.0, 2.0], [2.0, 3.0]]
+    """
     gram.tril_()
     gram += gram.tril(-1).T
 
@@ -425,7 +432,7 @@ class AccumulatedNormalEquations:
     def gram(self) -> Tensor:
         """``J^T J``, full (mirrored from the lower triangle on first use)."""
         if not self._mirrored:
-            _mirror_lower(self.lower)
+            mirror_lower(self.lower)
             self._mirrored = True
         return self.lower
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .chunked import mirror_lower
 from .linalg import NormalEquations
 
 __all__ = [
@@ -332,7 +333,8 @@ def accumulate_gauss_newton(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], n: 
             grad += grad_part
             total += cost_part
         structure.finish(gram)
-        return NormalEquations(gram.tril() + gram.tril(-1).T), grad, float(total)
+        mirror_lower(gram)  # in place: no second and third n x n copy
+        return NormalEquations(gram), grad, float(total)
     gram = torch.zeros(n, n, dtype=dtype, device=device)
     for rows, grad_part, cost_part in chunks:
         _add_upper_gram(gram, rows)
