@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -608,12 +608,9 @@ def _relative_ceiling(rule: DampingRule, reference: float) -> DampingRule:
     stopped at ``x0`` as converged. With ``x_scale="jac"`` the reference is 1: no change. A
     rule of the caller's own kind, without a ``maximum`` field, is used as given.
     """
-    if not (math.isfinite(reference) and reference > 0.0 and hasattr(rule, "maximum")):
+    if not (math.isfinite(reference) and reference > 0.0 and is_dataclass(rule) and hasattr(rule, "maximum")):
         return rule
-    try:
-        return replace(rule, maximum=rule.maximum * reference)
-    except TypeError:  # not a dataclass
-        return rule
+    return replace(rule, maximum=rule.maximum * reference)
 
 
 def _damping_bound(out: StepResult, lin: Linearization, scale: Tensor) -> bool:
@@ -627,7 +624,7 @@ def _damping_bound(out: StepResult, lin: Linearization, scale: Tensor) -> bool:
     Nielsen's damping fell from 1.6e8 by a third per step, and the third step, 2e-7 long, ended
     the run as converged with ``b1`` not yet moved from 500 (certified 636).
     """
-    if not out.gain_ratio >= _POOR_GAIN or out.trial_state is None:
+    if not out.gain_ratio >= _POOR_GAIN:
         return False
     curvature = lin.system.diagonal()
     held = (out.trial_state.damping * scale > curvature) & (curvature > 0)
@@ -668,7 +665,9 @@ class _Run:
         if self.verbose >= 2:
             print(f"{'iteration':>9} {'nfev':>6} {'cost':>14} {'optimality':>11} {'damping':>10} {'step norm':>10} accepted")
         scale = self.scaling.update(None, lin.system.diagonal())
-        state, self.radius = self._first_state(x, lin, scale)
+        reference = float((lin.system.diagonal() / scale).max())
+        self.rule = _relative_ceiling(self.rule, reference)
+        state, self.radius = self._first_state(x, lin, scale, reference)
         while True:
             if self._gtol_met(lin):
                 return x, lin, 1
@@ -702,7 +701,8 @@ class _Run:
             if status is not None:
                 return x, lin, status
 
-    def _first_state(self, x: Tensor, lin: Linearization, scale: Tensor) -> tuple[DampingState, float]:
+    def _first_state(self, x: Tensor, lin: Linearization, scale: Tensor, reference: float
+                     ) -> tuple[DampingState, float]:
         """The trust radius ``2 ||sqrt(D) x0||`` and the damping of the first trial step.
 
         A long first step is how a parameter evaporates (BoxBOD from start 1: ``b2`` goes
@@ -716,11 +716,10 @@ class _Run:
         The factor 2 lies between scipy's ``trf`` (1) and MINPACK (100). Measured on the 54 NIST
         runs: 2 and 4 reach LRE >= 4 on all; 16 and 100 lose BoxBOD start 1; 1 ends MGH17
         start 1 in another local minimum; 3, 8 and 100 lose MGH10 start 1, whose outcome hangs
-        on its first steps. Without a size (``x0 = 0``) there is no radius.
+        on its first steps. Without a size (``x0 = 0``) there is no radius. ``reference`` is the
+        largest diagonal entry of ``J^T J / D`` at ``x0``.
         """
-        reference = float((lin.system.diagonal() / scale).max())
         state = self.rule.init(reference)
-        self.rule = _relative_ceiling(self.rule, reference)
         size = _scaled_norm(x, scale)
         if not (math.isfinite(size) and size > 0.0):
             return state, math.inf
