@@ -351,6 +351,10 @@ class LinearizedNetwork:
     def n_params(self) -> int:
         return sum(numel for _, numel in self.layout)
 
+    def delta(self, layer: int) -> Tensor:
+        """``d out_k / d z_l`` of layer ``layer`` (one of :meth:`deltas`)."""
+        return self.deltas()[layer]
+
     def deltas(self) -> list[Tensor]:
         """``d out_k / d z_l`` for every layer, shape ``(N, K, width_l)`` (backpropagation; formed
         once, then shared by :meth:`jacobian` and the other readers of one linearization)."""

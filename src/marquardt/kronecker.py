@@ -171,7 +171,7 @@ class LayerGram:
 
     def fold(self, gram: Tensor, grad: Tensor | None, jac: Tensor, residuals: Tensor | None,
              lin: LinearizedNetwork) -> None:
-        """Add the chunk's rows ``jac`` (``(rows, n)``, linearized as ``lin``: ``lin.deltas()`` and
+        """Add the chunk's rows ``jac`` (``(rows, n)``, linearized as ``lin``: ``lin.delta(layer)`` and
         ``lin.inputs`` are the rows' outer-product factors) into ``gram``'s lower triangle, and
         ``J^T r`` for its ``residuals`` into ``grad`` (neither when ``residuals`` is None); the
         Kronecker blocks are summed aside until :meth:`finish`.
@@ -183,7 +183,6 @@ class LayerGram:
         """
         out = gram.numpy()
         rows = jac.detach().to(self.dtype).contiguous().numpy()
-        deltas = lin.deltas()
         r = None if residuals is None else residuals.detach().to(self.dtype).numpy()
         gradient = self._fold_small(out, rows, r)
         if r is not None:
@@ -192,7 +191,7 @@ class LayerGram:
         for index, block in enumerate(kron):
             for earlier in kron[:index]:  # two large layers: their columns' product
                 self._fold_cross(out, rows, block, earlier)
-            self._fold_factors(block, deltas[block.layer], lin.inputs[block.layer])
+            self._fold_factors(block, lin.delta(block.layer), lin.inputs[block.layer])
         self._folded = True
 
     def _fold_cross(self, out: np.ndarray, rows: np.ndarray, block: _Block, earlier: _Block) -> None:

@@ -83,8 +83,9 @@ def _finite(value: float) -> float:
 class CurvatureFactors:
     """A chunk's :class:`~marquardt.fastjac.LinearizedNetwork` seen through the loss's Hessian
     factor ``L``: the curvature rows ``L J`` are outer products of the layer inputs with the
-    deltas ``L delta``, which :meth:`deltas` gives (what :class:`~marquardt.kronecker.LayerGram`
-    reads to form ``J^T H J``)."""
+    deltas ``L delta``, which :meth:`delta` gives per layer (what :class:`~marquardt.kronecker.LayerGram`
+    reads to form ``J^T H J``, for its large layers only: the small ones' columns come from the
+    rows ``L J`` themselves, and their deltas are never transformed)."""
 
     lin: Any
     loss: Loss
@@ -94,8 +95,9 @@ class CurvatureFactors:
     def inputs(self) -> list[Tensor]:
         return self.lin.inputs
 
-    def deltas(self) -> list[Tensor]:
-        return [self.loss.curvature_rows(self.outputs, delta) for delta in self.lin.deltas()]
+    def delta(self, layer: int) -> Tensor:
+        """``L delta`` of layer ``layer``."""
+        return self.loss.curvature_rows(self.outputs, self.lin.delta(layer))
 
 
 def _check_deterministic(model: nn.Module) -> None:
