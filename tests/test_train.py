@@ -452,6 +452,18 @@ def test_a_checkpoint_of_another_run_leaves_the_mlp_normalization_unset(tmp_path
     assert model.x_min.tolist() == [-1.0] and model.x_max.tolist() == [1.0]
 
 
+def test_a_non_finite_start_leaves_the_mlp_normalization_unset():
+    from marquardt import mlp
+
+    model = mlp(1, hidden=(3,), dtype=torch.float64)
+    with torch.no_grad():
+        model.net[0].weight.fill_(math.nan)
+    X = np.linspace(0.0, 30.0, 20)[:, None]
+    with pytest.raises(ValueError, match="The training cost at the initial weights is not finite"):
+        fit(model, X, X / 10, epochs=2)
+    assert not model.normalization_set
+
+
 def test_callbacks_none_means_no_callbacks():
     X, y = smooth_data()
     assert fit(tanh_net(), X, y, epochs=2, callbacks=None)["epoch"] == [0, 1, 2]

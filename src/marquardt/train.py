@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_state, update_state
-from .checkpoint import NO_CHECKPOINT, CheckpointError, Checkpointer
+from .checkpoint import NO_CHECKPOINT, Checkpointer
 from .chunked import DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, is_small, single_thread
 from .damping import DampingState, MarquardtDamping, is_real_number
 from .distributed import (LocalReducer, ReducedProblem, Reducer, ShardedCheckpoint, average_gradients, fail_together,
@@ -1010,9 +1010,11 @@ def fit(
             # Over all ranks' samples, so that every rank runs the (repeated) solve on the same kernels.
             with single_thread(is_small(int(sum_values([fitting.y.numel()], reducer)[0]), n_params)):
                 loop.run(display)
-        except CheckpointError:
-            # Refused before any epoch (another run's checkpoint): the ranges set above go too.
-            _restore_buffers(model, unset)
+        except BaseException:
+            # Refused before any epoch was recorded (another run's checkpoint, a non-finite
+            # start): nothing was trained, and the ranges set above go too.
+            if not history.records:
+                _restore_buffers(model, unset)
             raise
         finally:
             if display is not None:
