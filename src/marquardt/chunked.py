@@ -25,6 +25,7 @@ See ``docs/performance.md`` for the memory each form needs.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -494,36 +495,88 @@ class AccumulatedNormalEquations:
         it does not apply or the factorization fails (then :meth:`solve`'s own path runs).
 
         The same products, maxima, copy, sum, ``?potrf`` and ``?potrs`` as the general path (the
-        same step to the last bit), with the checks and conversions made once per system: at
-        n = 61 a trial's solve took 31 us against 41 us (interleaved medians, one thread).
+        same step to the last bit), with the checks and conversions made once per system
+        (:class:`_SmallCholesky`): at n = 61 a trial's solve took 31 us against 41 us
+        (interleaved medians, one thread), then ~22 us with the views kept.
         """
-        if self._small is None:
-            self._small = self._small_setup()
-        if not self._small or not (_numpy_vector(grad, self.lower.dtype) and _numpy_vector(scale, self.lower.dtype)):
+        small = self._small
+        if small is None:
+            small = self._small = self._small_setup()
+        if not small:
             return None
-        potrf, potrs, lower, work = self._small
-        damped = self._damped(damping, scale)
-        if self._last is None or not np.array_equal(self._last[0].numpy(), damped.numpy()):
-            if not _potrf_damped(potrf, work, lower, damped.numpy()):
-                self._last = None
-                return None
-            self._last = (damped, CholeskyFactor(self._work, lapack=True))
-        elif self._last[1] is None or self._last[1].tensor is not self._work:  # failed, or torch's factor
+        grad_np, scale_np = small.vector(grad), small.vector(scale)
+        if grad_np is None or scale_np is None:
             return None
-        step = potrs(work.T, grad.numpy(), lower=0)[0]
-        np.negative(step, out=step)
+        if self._floor is None:
+            self._floor = torch.finfo(self.lower.dtype).eps * float(self.lower.diagonal().sum())
+        step = small.solve(grad_np, scale_np, damping, self._floor)
+        if step is None:
+            self._last = None
+            return None
+        self._last = None  # work now holds the small path's factor, not the general path's
         self.path = "chunked-cholesky" if self.chunks > 1 else "cholesky"
         return torch.from_numpy(step)
 
-    def _small_setup(self) -> tuple | tuple[()]:
-        """``(potrf, potrs, lower, work)`` as numpy for :meth:`_small_solve`, or ``()``."""
+    def _small_setup(self) -> _SmallCholesky | None:
+        """The numpy views of :meth:`_small_solve` (a false value where it does not apply)."""
         lower = self.lower
         potrf = _potrf(lower)
         if potrf is None or lower.shape[0] >= SERIAL_ORDER:
-            return ()
+            return _NO_SMALL
         if self._work is None:
             self._work = torch.empty_like(lower)
-        return potrf, _potrs(lower), lower.numpy(), self._work.numpy()
+        return _SmallCholesky(lower.numpy(), self._work.numpy())
+
+
+class _SmallCholesky:
+    """The damped Cholesky solves of a small CPU system on numpy views held for its lifetime.
+
+    ``?potrf`` then ``?potrs`` on the C-ordered lower triangle read as the Fortran-ordered upper
+    one, as :func:`cholesky_factor` and :meth:`CholeskyFactor.solve` do (bitwise the same step);
+    a retry whose damped diagonal equals the last one's only solves again.
+    """
+
+    def __init__(self, lower: np.ndarray, work: np.ndarray) -> None:
+        self.lower, self.work = lower, work
+        self.potrf, self.potrs = (_dpotrf, _dpotrs) if lower.dtype == np.float64 else (_spotrf, _spotrs)
+        self.diagonal = work.reshape(-1)[:: work.shape[0] + 1]  # a view
+        self.damped = np.empty(work.shape[0], dtype=work.dtype)
+        self.factored = False  # work holds the factor for ``damped``
+        self._vectors: dict[int, tuple[Tensor, np.ndarray | None]] = {}
+
+    def __bool__(self) -> bool:
+        return True
+
+    def vector(self, t: Tensor) -> np.ndarray | None:
+        """``t``'s numpy view when it can be read as one of the system's dtype, else None; checked
+        once per tensor object (the gradient and the damping scale come back at every trial)."""
+        held = self._vectors.get(id(t))
+        if held is not None and held[0] is t:
+            return held[1]
+        view = t.numpy() if _numpy_vector(t, _TORCH_DTYPES[self.lower.dtype.type]) else None
+        self._vectors[id(t)] = (t, view)
+        return view
+
+    def solve(self, grad: np.ndarray, scale: np.ndarray, damping: float, floor: float) -> np.ndarray | None:
+        """``-(J^T J + diag(max(damping * scale, floor)))^{-1} grad``, or None when ``?potrf`` fails."""
+        damped = np.multiply(scale, damping)
+        np.maximum(damped, floor, out=damped)
+        if not (self.factored and np.array_equal(self.damped, damped)):
+            self.factored = False
+            np.copyto(self.work, self.lower)
+            self.diagonal += damped
+            # clean=0: the strict upper triangle (C order) is left as it was, and never read.
+            _, info = self.potrf(self.work.T, lower=0, overwrite_a=1, clean=0)
+            if info != 0 or not math.isfinite(float(self.diagonal.sum())):
+                return None
+            self.damped, self.factored = damped, True
+        step = self.potrs(self.work.T, grad, lower=0)[0]
+        return np.negative(step, out=step)
+
+
+#: :meth:`AccumulatedNormalEquations._small_setup` where the small path does not apply.
+_NO_SMALL = ()
+_TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 
 
 def _numpy_vector(t: Tensor, dtype: torch.dtype) -> bool:
@@ -1005,8 +1058,13 @@ def accumulate_normal(chunks: Iterable[tuple[Tensor, Tensor]], n: int, *, dtype:
     return AccumulatedNormalEquations(gram, chunks=count, work=buffers.get("work")), grad, 0.5 * float(sum_sq)
 
 
-def normal_equations(jac: Tensor, residuals: Tensor) -> tuple[AccumulatedNormalEquations, Tensor, float]:
+def normal_equations(jac: Tensor, residuals: Tensor, buffers: dict[str, Tensor] | None = None
+                     ) -> tuple[AccumulatedNormalEquations, Tensor, float]:
     """:func:`accumulate_normal` of one chunk, for rows held whole in the working dtype.
+
+    ``buffers``: the ``"gram"`` and ``"work"`` matrices of a released system
+    (:meth:`AccumulatedNormalEquations.release`), reused where they fit, as by
+    :func:`accumulate_normal`.
 
     The same kernels on the same memory (bitwise the same ``J^T J``, ``J^T r`` and cost; ``J^T J``
     of a small ``J`` by :func:`_first_rank_update` in both), without the per-chunk conversions,
@@ -1022,11 +1080,19 @@ def normal_equations(jac: Tensor, residuals: Tensor) -> tuple[AccumulatedNormalE
     """
     n = jac.shape[1]
     if _syrk(jac, residuals) is None or residuals.dtype != jac.dtype:
-        return accumulate_normal([(jac, residuals)], n, dtype=jac.dtype, device=jac.device)
-    gram = torch.zeros(n, n, dtype=jac.dtype)
+        return accumulate_normal([(jac, residuals)], n, dtype=jac.dtype, device=jac.device, buffers=buffers)
+    buffers = {} if buffers is None else buffers
+    gram = _spare_matrix(buffers.get("gram"), n, jac)
     _first_rank_update(gram, jac)
     grad = torch.zeros(n, dtype=jac.dtype).addmv_(jac.T, residuals)
-    return AccumulatedNormalEquations(gram), grad, 0.5 * float(residuals @ residuals)
+    return AccumulatedNormalEquations(gram, work=buffers.get("work")), grad, 0.5 * float(residuals @ residuals)
+
+
+def _spare_matrix(spare: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """A zero ``n x n`` matrix of ``like``'s dtype and device: ``spare`` zeroed where it fits."""
+    if spare is not None and spare.shape == (n, n) and spare.dtype == like.dtype and spare.device == like.device:
+        return spare.zero_()
+    return torch.zeros(n, n, dtype=like.dtype, device=like.device)
 
 
 #: :func:`normal_equations` forms the lower triangle of ``J^T J`` by :data:`BLOCKED_GRAM_COLUMNS`

@@ -653,6 +653,7 @@ class BufferedNetwork:
         self.n_params = sum(numel for _, numel in layout)
         self.point = torch.full((self.n_params,), float("nan"), dtype=torch.float64)  # the last forward's x
         self._jacobian_point: Tensor | None = None  # where jac was last formed
+        self._source: tuple[Tensor, int] | None = None  # the last forward's x and its version
         fan_ins = [X.shape[1]]
         for layer in network.layers:
             fan_ins.append(offsets[layer.weight][1] // fan_ins[-1])
@@ -661,7 +662,8 @@ class BufferedNetwork:
         a = self.X
         self._layers = []
         for layer, width in zip(network.layers, fan_ins[1:]):
-            self._layers.append(_BufferedLayer.allocate(layer, self.point, offsets, self.jac, a, self.k, width))
+            self._layers.append(_BufferedLayer.allocate(layer, self.point, offsets, self.jac, a, self.k, width,
+                                                        first=not self._layers))
             a = self._layers[-1].z
         self.outputs = a
         self._head = torch.eye(self.k, dtype=torch.float64)
@@ -684,6 +686,8 @@ class BufferedNetwork:
             np.copyto(self.point.numpy(), x.numpy())  # a float32 x is rounded up exactly, as by x.to(float64)
         else:
             self.point.copy_(x)
+        # x itself, unchanged since (same object, same version counter), is known to be held.
+        self._source = (x, x._version)
         for layer in self._layers:
             # F.linear's out variant: the kernel of its functional form (addmm on a 2-D input with a
             # bias, mm without), and as fast as addmm on a kept transposed view.
@@ -694,6 +698,9 @@ class BufferedNetwork:
 
     def holds(self, x: Tensor) -> bool:
         """Whether the buffers hold the forward pass at ``x``."""
+        source = self._source
+        if source is not None and source[0] is x and source[1] == x._version:
+            return True
         if x.dtype == torch.float64 and x.ndim == 1 and _numpy_view(x) is not None:
             return bool(np.array_equal(self.point.numpy(), x.numpy()))
         return x.shape == self.point.shape and torch.equal(self.point, x.to(torch.float64))
@@ -728,7 +735,7 @@ class _BufferedLayer:
     z: Tensor  # (N, width): the affine output, with the tanh written over it
     z_np: np.ndarray | None  # z's numpy view where the layer has a tanh
     slope: Tensor | None  # (N, width): 1 - a^2 where the layer has a tanh
-    ones: Tensor | None
+    ones: Tensor | None  # (1, 1)
     delta: Tensor  # (N, K, width): d out / d z where it is formed rather than broadcast
     inputs_row: Tensor  # inputs as (N, 1, 1, fan_in)
     weight_block: Tensor
@@ -736,17 +743,23 @@ class _BufferedLayer:
 
     @classmethod
     def allocate(cls, layer: Dense, point: Tensor, offsets: dict[str, tuple[int, int]], jac: Tensor,
-                 inputs: Tensor, k: int, width: int) -> _BufferedLayer:
-        """The views and buffers of ``layer`` on ``inputs`` (the batch, or the layer below's ``z``)."""
+                 inputs: Tensor, k: int, width: int, *, first: bool) -> _BufferedLayer:
+        """The views and buffers of ``layer`` on ``inputs`` (the batch, or the layer below's ``z``;
+        ``first``: the batch)."""
         n, fan_in = inputs.shape
         start, numel = offsets[layer.weight]
         weight = point.narrow(0, start, numel).view(width, fan_in)
         bias = None if layer.bias is None else point.narrow(0, offsets[layer.bias][0], width)
         z = inputs.new_empty(n, width)
         tanh = bool(layer.activations)
+        weight_block, bias_block = _jacobian_blocks(jac, offsets, layer, n, k, width, fan_in)
+        # The first layer's delta feeds no layer below: formed in its bias columns of J, it needs
+        # no buffer of its own nor a copy there. The ones of 1 - a^2 broadcast from one element
+        # (bitwise the same as a full tensor of ones). 320 KB less to stream through the cache
+        # at each linearization of the 1-20-1 benchmark network.
+        delta = bias_block if first and bias_block is not None else z.new_empty(n, k, width)
         return cls(weight, bias, inputs, z, z.numpy() if tanh else None, torch.empty_like(z) if tanh else None,
-                   torch.ones_like(z) if tanh else None, z.new_empty(n, k, width), inputs.view(n, 1, 1, fan_in),
-                   *_jacobian_blocks(jac, offsets, layer, n, k, width, fan_in))
+                   z.new_ones(1, 1) if tanh else None, delta, inputs.view(n, 1, 1, fan_in), weight_block, bias_block)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -369,7 +369,8 @@ class ModuleProblem:
 
     def _buffered_linearization(self, x: Tensor) -> Linearization:
         residuals = self._buffered_residuals(x, fresh=False)
-        system, grad, cost = normal_equations(self._buffered.jacobian(), residuals)
+        system, grad, cost = normal_equations(self._buffered.jacobian(), residuals, self._spare)
+        self._spare = {}
         return Linearization(cost, grad, system)
 
     def vjp(self, x: Tensor, cotangent: Tensor) -> Tensor:

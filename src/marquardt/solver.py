@@ -277,7 +277,8 @@ def lm_step(
                 return StepResult(x, lin.cost, False, state, step, -math.inf, math.nan, -1.0, trials, False, True)
             continue
         trials += 1
-        trial_cost, predicted = _evaluate_trial(problem, x, lin, step, finite, predict)
+        candidate = x + step
+        trial_cost, predicted = _evaluate_trial(problem, candidate, lin, step, finite, predict)
         actual = lin.cost - trial_cost if math.isfinite(trial_cost) else -math.inf
         if not predict:
             ratio = math.nan
@@ -286,30 +287,37 @@ def lm_step(
         accepted = math.isfinite(actual) and rule.accepts(actual, ratio)
         trial_state, state = state, rule.update(state, accepted=accepted, gain_ratio=ratio)
         if accepted:
-            return StepResult(x + step, trial_cost, True, state, step, actual, predicted, ratio, trials, False, False,
+            # The point the cost was evaluated at, the same object: a problem that kept that
+            # forward pass (a tiny network's buffers) knows it without comparing values.
+            return StepResult(candidate, trial_cost, True, state, step, actual, predicted, ratio, trials, False, False,
                               trial_state)
-        if xnorm is None:
-            xnorm = float(torch.linalg.vector_norm(x))
-        small = _is_small(step, xnorm, xtol)
+        norm = float(torch.linalg.vector_norm(step))
+        if norm == 0.0 or xtol != 0.0:  # with xtol = 0 only a zero step can be small: ||x|| unread
+            if xnorm is None:
+                xnorm = float(torch.linalg.vector_norm(x))
+            small = _is_small(norm, xnorm, xtol)
+        else:
+            small = False
         exhausted = rule.exhausted(state)
         if small or exhausted or trials >= max_trials:
             return StepResult(x, lin.cost, False, state, step, actual, predicted, ratio, trials, small, exhausted)
 
 
-def _evaluate_trial(problem: Problem, x: Tensor, lin: Linearization, step: Tensor,
+def _evaluate_trial(problem: Problem, candidate: Tensor, lin: Linearization, step: Tensor,
                     finite: bool, predict: bool = True) -> tuple[float, float]:
-    """Cost at ``x + step`` and the reduction the quadratic model predicts for ``step`` (``finite``: no NaN or inf in it)."""
+    """Cost at ``candidate = x + step`` and the reduction the quadratic model predicts for ``step``
+    (``finite``: no NaN or inf in it)."""
     if not finite:
         return math.inf, math.nan
     # Python floats (float64): two scalar reads instead of two more tensor kernels.
     if not predict:
-        return problem.cost(x + step), math.nan
+        return problem.cost(candidate), math.nan
     predicted = -(float(lin.grad @ step) + 0.5 * float(lin.system.curvature(step)))
-    return problem.cost(x + step), predicted
+    return problem.cost(candidate), predicted
 
 
-def _is_small(step: Tensor, xnorm: float, xtol: float) -> bool:
-    norm = float(torch.linalg.vector_norm(step))
+def _is_small(norm: float, xnorm: float, xtol: float) -> bool:
+    """Whether a step of length ``norm`` is negligible at a point of length ``xnorm``."""
     return math.isfinite(norm) and norm <= xtol * (xtol + xnorm)
 
 
