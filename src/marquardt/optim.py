@@ -6,7 +6,9 @@ loop as :func:`marquardt.least_squares` (:func:`marquardt.solver.lm_step`). When
 are verifiably ``model(X) - c`` for a layered network the closure called once, the system is
 the one :func:`marquardt.fit` builds (:class:`~marquardt.network.ModuleProblem`, closed-form
 Jacobian); otherwise the Jacobian comes from batched backward passes through the closure's
-graph (so the closure may itself use autograd, as physics-informed residuals do).
+graph (so the closure may itself use autograd, as physics-informed residuals do), or, when
+``J^T J`` would not fit in ``max_matrix_bytes``, is never formed: conjugate gradients on the
+products ``J v`` and ``J^T u`` of that graph (:mod:`marquardt.matfree`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .chunked import (DEFAULT_JACOBIAN_BYTES, Plan, PromotedEquations, accumulate_normal, assemble_sample_space,
-                      plan_assembly, single_thread)
+from .chunked import (DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, Plan, PromotedEquations, accumulate_normal,
+                      assemble_sample_space, plan_assembly, single_thread)
 from .damping import DampingState, MarquardtDamping, NielsenDamping, is_real_number
 from .fastjac import LayeredJacobian
+from .matfree import MatrixFreeEquations, eisenstat_walker
 from .network import ModuleProblem, trainable_parameters
 from .solver import Linearization, StepResult, lm_step
 
@@ -45,19 +48,28 @@ def _check_number(name: str, value: float, *, low: float = 0.0, strict: bool = T
     return float(value)
 
 
+#: The group's keys, in the order :func:`_lm_options` takes them.
+LM_OPTIONS = ("damping", "damping_dec", "damping_inc", "damping_max", "strategy", "max_jacobian_bytes",
+              "max_matrix_bytes", "solver")
+
+
 def _lm_options(damping: Any, damping_dec: Any, damping_inc: Any, damping_max: Any, strategy: Any,
-                max_jacobian_bytes: Any) -> dict[str, Any]:
+                max_jacobian_bytes: Any, max_matrix_bytes: Any, solver: Any) -> dict[str, Any]:
     """:class:`LevenbergMarquardt`'s hyperparameters as its group holds them, or a ValueError naming
     the first bad one, the value and what is expected (the damping rule's own bounds:
-    ``0 < damping_dec < 1 < damping_inc``; a factor of 1 would leave the damping where it is)."""
+    ``0 < damping_dec < 1 < damping_inc``; a factor of 1 would leave the damping where it is;
+    ``solver`` and the byte budgets as :func:`marquardt.fit` takes them)."""
     options = dict(damping=_check_number("damping", damping),
                    damping_dec=_check_number("damping_dec", damping_dec, high=1.0, strict_high=True),
                    damping_inc=_check_number("damping_inc", damping_inc, low=1.0),
                    damping_max=_check_number("damping_max", damping_max))
     if strategy not in ("marquardt", "nielsen"):
         raise ValueError(f"Invalid strategy: {strategy!r}; expected 'marquardt' or 'nielsen'.")
-    return {**options, "strategy": strategy, "max_jacobian_bytes": _check_bytes("max_jacobian_bytes",
-                                                                                max_jacobian_bytes)}
+    if not isinstance(solver, str) or solver not in ("auto",) + FORMS:
+        raise ValueError(f"Invalid solver: {solver!r}; expected 'auto' or one of {FORMS}.")
+    return {**options, "strategy": strategy,
+            "max_jacobian_bytes": _check_bytes("max_jacobian_bytes", max_jacobian_bytes),
+            "max_matrix_bytes": _check_bytes("max_matrix_bytes", max_matrix_bytes), "solver": solver}
 
 
 def _check_bytes(name: str, value: int) -> int:
@@ -73,19 +85,34 @@ class ClosureProblem:
     """The parameters of ``params`` as a least-squares problem whose residuals a closure returns.
 
     :meth:`linearize` takes the closed form (:meth:`_closed_form`) where it applies, else the
-    Jacobian of the closure's graph by columns or rows; :meth:`cost` always calls the closure.
+    Jacobian of the closure's graph by columns or rows, or, in the matrix-free form, only its
+    products (:meth:`_matrix_free`); :meth:`cost` always calls the closure.
     """
 
     params: list[Tensor]
     closure: Callable[[], Tensor]
     max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES
+    #: Bytes the ``n x n`` normal matrix may take; past it the "auto" form is matrix-free.
+    max_matrix_bytes: int = DEFAULT_MATRIX_BYTES
+    #: The system form: "auto" (:func:`~marquardt.chunked.plan_assembly`) or one of its forms.
+    solver: str = "auto"
     #: "auto" (:func:`prefers_forward`), "forward" (columns, rows where the graph refuses) or "reverse".
     mode: str = "auto"
     #: Try the closed-form Jacobian of the module that produced the residuals first
     #: (:meth:`_closed_form`); the autograd paths above when it does not apply.
     closed_form: bool = True
-    #: The path the last :meth:`linearize` took: "closed-form", "forward" or "reverse".
+    #: Most conjugate-gradient products per matrix-free linearization (``ModuleProblem``'s default).
+    cg_max_iter: int = 20
+    #: The last step's matrix-free solve, as the optimizer keeps it: ``(warm_start, grad_norm,
+    #: forcing)``, the accepted step (or ``None``), ``||J^T r||`` and the forcing term there.
+    previous: tuple[Tensor | None, float, float] | None = None
+    #: The path the last :meth:`linearize` took: "closed-form", "forward" or "reverse" (in the
+    #: matrix-free form: how ``J v`` is made, by the double-backward trick or from rows).
     used_mode: str = field(default="", init=False)
+    #: The forcing term of the last matrix-free linearization on the graph; ``None`` on other paths.
+    forcing: float | None = field(default=None, init=False)
+    #: The point of that linearization, written back after each trial (see :meth:`cost`).
+    _point: Tensor | None = field(default=None, init=False, repr=False)
     #: Whether the problem is small enough for one thread (:func:`~marquardt.chunked.is_small`):
     #: a guess for the first closure call, then what :meth:`linearize` found.
     serial: bool = False
@@ -126,15 +153,23 @@ class ClosureProblem:
 
     def cost(self, x: Tensor) -> float:
         self.write(x)
-        with torch.enable_grad():
-            r = self.residuals().detach()
+        try:
+            with torch.enable_grad():
+                r = self.residuals().detach()
+        finally:
+            if self._point is not None:
+                # The matrix-free system makes products after a trial: a graph that recomputes
+                # its forward pass in backward (torch.utils.checkpoint) reads the parameters
+                # then, and gave products at the trial point (0.91 relative error in a solve).
+                self.write(self._point)
         value = 0.5 * float(r @ r)
         return value if math.isfinite(value) else math.inf
 
     def linearize(self, x: Tensor) -> Linearization:
         self.write(x)
         with torch.enable_grad():
-            with _SavedBytes() as saved, single_thread(self.serial), _ModuleCalls(self.closed_form) as calls:
+            with _SavedBytes(self.params) as saved, single_thread(self.serial), \
+                    _ModuleCalls(self.closed_form) as calls:
                 r = self.residuals()
             self.size = r.numel()
             if r.numel() == 0:
@@ -150,8 +185,15 @@ class ClosureProblem:
                 return lin
             _check_autograd_dtype(self.params)
             m, n, itemsize = r.numel(), x.numel(), r.element_size()
-            plan = plan_assembly(m, n, itemsize, self.max_jacobian_bytes)
+            plan = plan_assembly(m, n, itemsize, self.max_jacobian_bytes, max_matrix_bytes=self.max_matrix_bytes,
+                                 form=self.solver)
             self.serial = plan.serial
+            if plan.form == "matrix-free":
+                with single_thread(plan.serial), _freed_graph_hint():
+                    lin = self._matrix_free(r, plan, saved.nbytes, x)
+                if not bool(lin.grad.any()):
+                    _check_reaches_parameters(r, self.params)
+                return lin
             jac = None
             auto = self.mode == "auto" and prefers_forward(m, n, itemsize, self.max_jacobian_bytes)
             if self.mode == "forward" or auto:
@@ -182,18 +224,19 @@ class ClosureProblem:
             return None
         outputs = call.outputs.detach()
         targets = outputs - r.detach().reshape(outputs.shape)
-        reused = self.kept is not None and self.kept.matches(call, targets, x.dtype, self.max_jacobian_bytes)
+        reused = self.kept is not None and self.kept.matches(call, targets, x.dtype, self._budgets)
         if reused:
             problem = self.kept.problem
             problem.set_targets(targets)
         else:
             try:
-                problem = ModuleProblem(call.module, call.X.detach(), targets, self.max_jacobian_bytes)
+                problem = ModuleProblem(call.module, call.X.detach(), targets, self.max_jacobian_bytes,
+                                        solver=self.solver, max_matrix_bytes=self.max_matrix_bytes)
             except (RuntimeError, TypeError, ValueError):  # never fail a step the graph can take
                 return None
             if not isinstance(problem.backend, LayeredJacobian):
                 return None
-            self.kept = KeptProblem(problem, call.module, call.X, call.X._version, x.dtype, self.max_jacobian_bytes)
+            self.kept = KeptProblem(problem, call.module, call.X, call.X._version, x.dtype, self._budgets)
         lin = problem.linearize(x)  # first: a tiny network's check then reads the J it holds
         if not _is_output_minus_constant(problem, r, self.params, x):
             if reused:
@@ -207,6 +250,60 @@ class ClosureProblem:
         self.serial = problem.plan.serial
         residuals = r.detach()
         return _in_dtype(lin, x.dtype, 0.5 * float(residuals @ residuals))
+
+    @property
+    def _budgets(self) -> tuple[int, int, str]:
+        """The options a closed-form problem is built with: ``max_jacobian_bytes``,
+        ``max_matrix_bytes`` and ``solver``."""
+        return self.max_jacobian_bytes, self.max_matrix_bytes, self.solver
+
+    def _matrix_free(self, r: Tensor, plan: Plan, saved_bytes: int, x: Tensor) -> Linearization:
+        """Gradient, cost and the CG system from products through the closure's graph (``J`` is
+        never formed, nor ``J^T J``).
+
+        ``J^T u`` is a backward pass of ``r`` seeded with ``u``; ``J v`` one backward pass through
+        the graph of ``g(p) = J^T p`` (:func:`_double_backward_jvp`), or ``m`` passes by rows where
+        the graph cannot be differentiated twice. Every product uses all the residuals: the
+        closure hides which rows belong to which sample, so there is no subset to sample the
+        curvature from, as ``fit``'s matrix-free form does. As there (``ModuleProblem``), the
+        solve starts from the last accepted step and stops at an Eisenstat-Walker forcing term,
+        carried from the previous step by the optimizer (:attr:`previous`), and expands its basis
+        by plain residuals (no Jacobi preconditioner), so ``diag(J^T J)``, the one quantity that
+        costs ``m`` backward passes, is computed only when asked for (:meth:`_gram_diagonal`).
+        """
+        residuals = r.detach()
+        vjp = functools.partial(_flat_vjp, r, self.params)
+        grad = vjp(residuals)
+        batch = rows_per_backward(saved_bytes, x.numel() * r.element_size(), self.max_jacobian_bytes)
+        jvp = _double_backward_jvp(r, self.params)
+        self.used_mode = "reverse" if jvp is None else "forward"
+        if jvp is None:
+            jvp = functools.partial(self._rows_times, r, plan.chunk_rows, batch)
+        diagonal = functools.partial(self._gram_diagonal, r, plan.chunk_rows, batch)
+        start, self.forcing = _warm_start(self.previous, float(torch.linalg.vector_norm(grad)), x)
+        self._point = x.clone()
+        system = MatrixFreeEquations(jvp, vjp, diagonal, initial=start, rtol=self.forcing, max_iter=self.cg_max_iter,
+                                     precondition=False)
+        return Linearization(0.5 * float(residuals @ residuals), grad, system)
+
+    def _gram_diagonal(self, r: Tensor, rows: int, batch: int) -> Tensor:
+        """``diag(J^T J)``, the column sums of the squared Jacobian rows, folded in chunk by chunk.
+
+        Costs ``m`` backward passes (batched ``batch`` at a time, within ``max_jacobian_bytes``),
+        as a linearization by rows does, and holds one chunk of ``rows x n`` at a time: no
+        ``m x n`` or ``n x n`` matrix. Only Nielsen's rule reads it (its first damping).
+        """
+        total = torch.zeros(sum(p.numel() for p in self.params), dtype=r.dtype, device=r.device)
+        with torch.enable_grad():
+            for jac, _ in self._jacobian_chunks(r, rows, batch):
+                total += jac.square().sum(0)
+        return total
+
+    def _rows_times(self, r: Tensor, rows: int, batch: int, vector: Tensor) -> Tensor:
+        """``J v`` from the Jacobian rows, a chunk at a time: ``m`` backward passes a product, for
+        graphs that cannot be differentiated twice."""
+        with torch.enable_grad():
+            return torch.cat([jac @ vector for jac, _ in self._jacobian_chunks(r, rows, batch)])
 
     def _assemble(self, r: Tensor, jac: Tensor | None, plan: Plan, saved_bytes: int, x: Tensor) -> Linearization:
         """``J^T J`` (or the held rows) from the columns ``jac``, or from rows when it is ``None``."""
@@ -336,14 +433,15 @@ class KeptProblem:
     X: Tensor
     version: int
     dtype: torch.dtype
-    max_jacobian_bytes: int
+    #: ``(max_jacobian_bytes, max_matrix_bytes, solver)`` the problem was built with.
+    budgets: tuple[int, int, str]
 
-    def matches(self, call: ModuleCall, targets: Tensor, dtype: torch.dtype, max_jacobian_bytes: int) -> bool:
+    def matches(self, call: ModuleCall, targets: Tensor, dtype: torch.dtype, budgets: tuple[int, int, str]) -> bool:
         """Whether ``call`` is this problem's module on the same, unmodified input, for the same
-        target shape, parameter dtype and budget, with the same parameters trainable (a parameter
-        frozen or unfrozen since changes the problem's unknowns)."""
+        target shape, parameter dtype, budgets and solver, with the same parameters trainable (a
+        parameter frozen or unfrozen since changes the problem's unknowns)."""
         return (call.module is self.module and call.X is self.X and call.X._version == self.version
-                and dtype == self.dtype and max_jacobian_bytes == self.max_jacobian_bytes
+                and dtype == self.dtype and budgets == self.budgets
                 and targets.shape == self.problem.y.shape
                 and [name for name, _ in trainable_parameters(self.module)] == self.problem.names)
 
@@ -491,6 +589,63 @@ def _products_agree(jac: Tensor, probe: Tensor, expected: Tensor) -> bool:
     return bool(((jac.T @ probe - expected).abs() <= bound).all())
 
 
+def _flat_vjp(r: Tensor, params: list[Tensor], u: Tensor) -> Tensor:
+    """``J^T u`` as one flat vector: a backward pass of ``r`` seeded with ``u`` (the graph kept)."""
+    return torch.cat([g.reshape(-1) for g in _vjp(r, params, u)])
+
+
+def _double_backward_jvp(r: Tensor, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
+    """``v -> J v`` through the graph of ``g(p) = J^T p``, or ``None`` where that graph is wrong.
+
+    ``g`` is built once, by a backward pass with ``create_graph=True`` seeded with a dummy
+    ``p``; it is linear in ``p``, so the backward pass of ``g`` seeded with ``v`` gives
+    ``dg/dp^T v = J v`` (the double-backward trick of :meth:`ClosureProblem._forward_jacobian`,
+    one vector at a time). Both graphs are held while the operator lives: about twice the
+    closure's. A graph that cannot be differentiated twice raises (then ``None``) or silently
+    drops that operation's share of ``J v``; the adjoint test ``p^T (J v) = g(p)^T v`` for a
+    random ``v`` (:func:`_adjoint_agrees`) catches the latter (then ``None`` too).
+    """
+    probe = _probe(r).requires_grad_()
+    try:
+        with torch.enable_grad(), _SavedBytes(params):
+            g = torch.cat([part.reshape(-1) for part in torch.autograd.grad(
+                r, params, probe, create_graph=True, allow_unused=True, materialize_grads=True)])
+
+        def jvp(vector: Tensor) -> Tensor:
+            (product,) = torch.autograd.grad(g, probe, vector, retain_graph=True)
+            return product.detach().reshape(-1)
+
+        agrees = _adjoint_agrees(jvp, probe.detach().reshape(-1), g.detach())
+    except (RuntimeError, NotImplementedError):  # never fail a step the rows can take
+        return None
+    return jvp if agrees else None
+
+
+def _adjoint_agrees(jvp: Callable[[Tensor], Tensor], probe: Tensor, expected: Tensor) -> bool:
+    """Whether ``probe^T (J v)`` equals ``expected^T v = (J^T probe)^T v`` for a fixed random ``v``,
+    up to the rounding bound ``sqrt(eps) * (|probe|^T |J v| + |expected|^T |v|)`` (the bound of
+    :func:`_products_agree`, on one number: a dropped share of ``J v`` is far above it)."""
+    generator = torch.Generator(device=expected.device).manual_seed(1)
+    vector = torch.randn(expected.shape, generator=generator, dtype=expected.dtype, device=expected.device)
+    product = jvp(vector)
+    bound = math.sqrt(torch.finfo(expected.dtype).eps) * float(probe.abs() @ product.abs()
+                                                               + expected.abs() @ vector.abs())
+    return abs(float(probe @ product) - float(expected @ vector)) <= bound
+
+
+def _warm_start(previous: tuple[Tensor | None, float, float] | None, grad_norm: float,
+                x: Tensor) -> tuple[Tensor | None, float]:
+    """The first vector and the forcing term of a matrix-free solve at ``x``, from the last step's
+    ``(warm_start, grad_norm, forcing)`` (:attr:`ClosureProblem.previous`), as ``fit``'s
+    matrix-free form carries them: the last accepted step, and Eisenstat & Walker's choice 2
+    (:func:`~marquardt.matfree.eisenstat_walker`; 0.5 at the first step)."""
+    if previous is None:
+        return None, eisenstat_walker(grad_norm, None, None)
+    start, previous_norm, previous_forcing = previous
+    start = start if start is not None and start.shape == x.shape else None  # parameters frozen since
+    return start, eisenstat_walker(grad_norm, previous_norm, previous_forcing)
+
+
 def _batched_vjp(outputs: Tensor, inputs: list[Tensor], seeds: Tensor) -> Tensor:
     """``seeds @ d(outputs)/d(inputs)``, by the fastest batched backward pass the graph allows."""
     for rows in (_vmapped_rows, _legacy_batched_rows):
@@ -545,11 +700,21 @@ def rows_per_backward(saved_bytes: int, row_bytes: int, max_bytes: int) -> int:
 
 
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the bytes of the distinct storages autograd saves for backward while active."""
+    """Counts the bytes of the distinct storages autograd saves for backward while active.
 
-    def __init__(self) -> None:
+    With ``params``, a saved tensor that shares storage with one of them (a weight, its
+    transpose) is saved as a copy: the graph then stays the linearization at the current point
+    whatever the parameters hold later (a matrix-free step makes products through it after its
+    trials wrote them). Autograd does not check the version of a tensor saved through hooks, so
+    the graph would otherwise read the new values silently (and without hooks, fail its check:
+    "modified by an inplace operation"). Gradients still reach the parameters (autograd keeps
+    the saved tensor's edge); the copies take at most a few times ``n`` numbers.
+    """
+
+    def __init__(self, params: list[Tensor] | None = None) -> None:
         self.nbytes = 0
         self._seen: set[int] = set()
+        self._params = {_storage_key(p) for p in params or ()}
         super().__init__(self._pack, _unpack)
 
     def __enter__(self) -> _SavedBytes:
@@ -565,7 +730,17 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         if key not in self._seen:
             self._seen.add(key)
             self.nbytes += size
+        if key in self._params:
+            return tensor.detach().clone()
         return tensor
+
+
+def _storage_key(tensor: Tensor) -> int | None:
+    """The address of ``tensor``'s storage, as :meth:`_SavedBytes._pack` keys it."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _unpack(tensor: Tensor) -> Tensor:
@@ -603,6 +778,15 @@ class LevenbergMarquardt(Optimizer):
     max_jacobian_bytes : int
         Bytes of Jacobian rows held at once (``J^T J`` is accumulated chunk by chunk), and the
         bound on the memory of one batched backward pass (see Notes).
+    max_matrix_bytes : int
+        Bytes the ``n x n`` matrix ``J^T J`` may take (default
+        :data:`~marquardt.chunked.DEFAULT_MATRIX_BYTES`); past it ``solver="auto"`` goes
+        matrix-free. As :func:`marquardt.fit`'s option of that name.
+    solver : {"auto", "normal", "sample-space", "matrix-free"}
+        The system form, as :func:`marquardt.fit`'s ``solver``: ``"auto"`` picks it from the
+        shape and the two budgets (:func:`~marquardt.chunked.plan_assembly`); another value
+        forces it (``"normal"`` with ``J^T J`` past ``max_matrix_bytes`` is a ValueError at the
+        step). Both are checked here and at each :meth:`step`, as the damping options are.
 
     Notes
     -----
@@ -615,8 +799,9 @@ class LevenbergMarquardt(Optimizer):
     step (a ValueError otherwise; draw a minibatch outside the closure), and may change them
     between steps.
 
-    Three ways to the system, the first that applies; ``state["jacobian"]`` records which
-    ("closed-form", "forward" or "reverse") and ``state["solver"]`` the solve it led to.
+    Three ways to ``J``, the first that applies; ``state["jacobian"]`` records which
+    ("closed-form", "forward" or "reverse") and ``state["solver"]`` the solve it led to
+    (``"cg"`` for the matrix-free form, where ``J`` is never formed; see *Matrix-free* below).
 
     *Closed form*: while the closure runs, global module forward hooks record every module
     call. The outermost call of a module whose trainable parameters are exactly the optimizer's
@@ -655,6 +840,24 @@ class LevenbergMarquardt(Optimizer):
     (at most ``max_jacobian_bytes``). A graph that cannot be differentiated twice (an error, or
     columns that disagree with ``g(u)`` for a random ``u``) falls back to rows.
 
+    *Matrix-free* (``n**2 * itemsize > max_matrix_bytes`` under ``"auto"``, or
+    ``solver="matrix-free"``): neither ``J`` nor ``J^T J`` is formed. The step is inexact LM,
+    conjugate gradients on a Galerkin basis (:class:`~marquardt.matfree.MatrixFreeEquations`, as
+    :func:`marquardt.fit`'s matrix-free form): at most 20 products ``J^T J v`` a step, stopped at
+    an Eisenstat-Walker forcing term and warm-started from the last accepted step (both kept in
+    ``state["forcing"]`` and ``state["warm_start"]``, so ``state_dict()`` resumes them). ``J^T u``
+    is a backward pass of the residuals; ``J v`` a backward pass through the graph of
+    ``g(p) = J^T p`` built once with ``create_graph=True`` (``state["jacobian"] == "forward"``),
+    so a product costs about three passes over the closure's graph. A graph that cannot be
+    differentiated twice (an error, or ``p^T J v != g(p)^T v`` for a random ``v``) takes ``J v``
+    from Jacobian rows instead, ``m`` backward passes a product (``"reverse"``). Memory grows as
+    ``O(n)`` vectors (the basis, ``2 * 21 * n`` numbers, and a few more) plus the closure's graph
+    and the graph of its backward pass (about twice the graph), never ``n x n`` or ``m x n``.
+    ``diag(J^T J)`` is computed only for Nielsen's first damping: the column sums of squared
+    Jacobian rows, a chunk of at most ``max_jacobian_bytes`` at a time, ``m`` backward passes.
+    Saved tensors that alias a parameter are kept as copies while the closure runs, so the
+    graph stays the linearization at the current point while the trials write the parameters.
+
     Measured on 2 shared cores (load 1.0-1.8), float32, ``opt.step(lambda: (model(x) -
     y).reshape(-1))``, medians per step, graph paths against the closed form interleaved: T1
     (1-20-1 tanh MLP, 61 parameters, 1,000 samples; columns before) 5.0 / 6.1 / 7.2 ms against
@@ -685,6 +888,13 @@ class LevenbergMarquardt(Optimizer):
     'closed-form'
     >>> _ = opt.step(lambda: 2 * (net(X) - y)); opt.state[net[0].weight]["jacobian"]
     'reverse'
+
+    The matrix-free form, forced here (``"auto"`` takes it when ``J^T J`` would not fit in
+    ``max_matrix_bytes``), never forms ``J``:
+
+    >>> opt = LevenbergMarquardt(net.parameters(), solver="matrix-free")
+    >>> _ = opt.step(lambda: 2 * (net(X) - y)); [opt.state[net[0].weight][k] for k in ("jacobian", "solver")]
+    ['forward', 'cg']
     """
 
     #: Whether steps try the closed-form Jacobian first (tests switch it off to reach the autograd paths).
@@ -692,8 +902,10 @@ class LevenbergMarquardt(Optimizer):
 
     def __init__(self, params, *, damping: float = 1e-3, damping_dec: float = 0.1, damping_inc: float = 10.0,
                  damping_max: float = 1e10, strategy: str = "marquardt",
-                 max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES) -> None:
-        defaults = _lm_options(damping, damping_dec, damping_inc, damping_max, strategy, max_jacobian_bytes)
+                 max_jacobian_bytes: int = DEFAULT_JACOBIAN_BYTES, max_matrix_bytes: int = DEFAULT_MATRIX_BYTES,
+                 solver: str = "auto") -> None:
+        defaults = _lm_options(damping, damping_dec, damping_inc, damping_max, strategy, max_jacobian_bytes,
+                               max_matrix_bytes, solver)
         params = list(params) if not isinstance(params, Tensor) else params
         if isinstance(params, list) and len(params) > 1 and all(isinstance(g, dict) for g in params):
             raise ValueError(f"LevenbergMarquardt supports one parameter group; received {len(params)}.")
@@ -705,6 +917,11 @@ class LevenbergMarquardt(Optimizer):
         # is a cache of the last step's module and input, rebuilt by the next step.
         super().__setstate__(state)
         self._kept = None
+        for group in self.param_groups:
+            # A state dict saved before these options existed loads with fit's defaults (SGD's
+            # __setstate__ fills keys added since in the same way).
+            group.setdefault("max_matrix_bytes", DEFAULT_MATRIX_BYTES)
+            group.setdefault("solver", "auto")
 
     def add_param_group(self, param_group: dict) -> None:
         """Adds the one parameter group (at construction); a second group is refused.
@@ -736,8 +953,7 @@ class LevenbergMarquardt(Optimizer):
         closure had run and ``J`` had been formed."""
         group = self.param_groups[0]
         try:
-            _lm_options(*(group[key] for key in ("damping", "damping_dec", "damping_inc", "damping_max", "strategy",
-                                                 "max_jacobian_bytes")))
+            _lm_options(*(group[key] for key in LM_OPTIONS))
         except ValueError as error:
             raise ValueError(f"{error} It was read from param_groups[0] (set there since construction, or by "
                              "load_state_dict); set a valid value before calling step().") from None
@@ -764,7 +980,7 @@ class LevenbergMarquardt(Optimizer):
         lin = problem.linearize(x)
         _check_start_gradient(lin.grad)
         rule = self._rule()
-        state = self.damping_state or rule.init(float(lin.system.diagonal().max()))
+        state = self.damping_state or _first_state(rule, lin.system)
         if rule.exhausted(state):
             # A step after an exhausted one starts again from the ceiling: the damping kept
             # growing by damping_inc (and Nielsen's nu doubling) at every exhausted step, reached
@@ -786,8 +1002,9 @@ class LevenbergMarquardt(Optimizer):
             raise ValueError("None of the optimizer's parameters requires grad; LevenbergMarquardt has nothing "
                              "to fit.")
         stored = self._state
-        problem = ClosureProblem(params, closure, group["max_jacobian_bytes"],
-                                 closed_form=self._closed_form, serial=stored.get("serial", False), kept=self._kept)
+        problem = ClosureProblem(params, closure, group["max_jacobian_bytes"], group["max_matrix_bytes"],
+                                 group["solver"], closed_form=self._closed_form, serial=stored.get("serial", False),
+                                 kept=self._kept, previous=_previous_solve(stored))
         x = torch.cat([p.detach().reshape(-1) for p in params])
         try:
             lin, out = self._iterate(problem, x)
@@ -798,10 +1015,42 @@ class LevenbergMarquardt(Optimizer):
         stored.update(damping=out.state.damping, nu=out.state.nu, exhausted=out.exhausted, solver=lin.system.path,
                       jacobian=problem.used_mode, serial=problem.serial,
                       grad_norm=float(torch.linalg.vector_norm(lin.grad)))
+        _keep_solve(stored, problem.forcing, out)
         self._kept = problem.kept
         if problem.used_mode == "closed-form":
             self._kept.problem.recycle(lin)  # lin is not used after: its n x n buffers serve the next step
         return torch.tensor(out.cost, dtype=x.dtype, device=x.device)
+
+
+def _first_state(rule: MarquardtDamping | NielsenDamping, system: Any) -> DampingState:
+    """The damping state of a first step. Only Nielsen's rule reads the largest diagonal entry of
+    ``J^T J`` (Marquardt's value is absolute): on the matrix-free path that diagonal costs ``m``
+    backward passes, so it is not computed for a rule that ignores it."""
+    if isinstance(rule, MarquardtDamping):
+        return rule.init(math.nan)
+    return rule.init(float(system.diagonal().max()))
+
+
+def _previous_solve(stored: dict) -> tuple[Tensor | None, float, float] | None:
+    """The last step's matrix-free solve as the optimizer's state keeps it (``warm_start``,
+    ``grad_norm``, ``forcing``; :attr:`ClosureProblem.previous`), or ``None`` after another path."""
+    if "forcing" not in stored:
+        return None
+    return stored.get("warm_start"), stored["grad_norm"], stored["forcing"]
+
+
+def _keep_solve(stored: dict, forcing: float | None, out: StepResult) -> None:
+    """Keep in the state what the next matrix-free solve starts from: its forcing term and, when
+    the step was accepted, the step (its warm start). Removed after a step by another path: a
+    forcing term belongs to a run of conjugate-gradient solves."""
+    if forcing is None:
+        stored.pop("forcing", None)
+    else:
+        stored["forcing"] = forcing
+    if forcing is not None and out.accepted:
+        stored["warm_start"] = out.step.detach().clone()
+    else:
+        stored.pop("warm_start", None)
 
 
 class GradientDescent(Optimizer):
