@@ -298,6 +298,9 @@ class ModuleProblem:
         buffered = BufferedNetwork(self.backend.network, self.backend.layout, self.X)
         self._targets = self.y.detach().contiguous().numpy()
         self._residuals = torch.empty(self.y.numel(), dtype=torch.float64)
+        # numpy views of the fixed buffers, made once: they are read at every trial.
+        self._outputs_np = buffered.outputs.numpy()
+        self._residuals_np = self._residuals.numpy().reshape(self._targets.shape)
         return buffered
 
     def _working_dtype(self) -> torch.dtype:
@@ -344,7 +347,8 @@ class ModuleProblem:
     def cost(self, x: Tensor) -> float:
         """The loss's cost, ``0.5 * sum((model(X) - y)**2)`` for least squares; ``inf`` when not finite."""
         if self._buffered is not None:
-            with torch.no_grad(), self._threads():
+            # The buffers carry no autograd graph: no_grad matters only for an x that does.
+            with self._threads(), (torch.no_grad() if x.requires_grad else nullcontext()):
                 residuals = self._buffered_residuals(x, fresh=True)
                 return _finite(0.5 * float(residuals @ residuals))
         with torch.no_grad(), self._threads():
@@ -364,7 +368,7 @@ class ModuleProblem:
         buffered = self._buffered
         if fresh or not buffered.holds(x):
             buffered.forward(x)
-        np.subtract(buffered.outputs.numpy(), self._targets, out=self._residuals.numpy().reshape(self._targets.shape))
+        np.subtract(self._outputs_np, self._targets, out=self._residuals_np)
         return self._residuals
 
     def _buffered_linearization(self, x: Tensor) -> Linearization:
