@@ -325,6 +325,7 @@ class LMTrainer:
         self.lin = None
         self.regularization: BayesianState | None = None
         self.accepted = False
+        self._scale: tuple[float, Tensor] | None = None  # (units, D) of _damping_scale
 
     def _problem(self, X: Tensor, y: Tensor) -> ModuleProblem | ReducedProblem:
         problem = ModuleProblem(self.model, X, y, self.options["max_jacobian_bytes"], self.loss,
@@ -425,7 +426,7 @@ class LMTrainer:
         if self.regularization is not None:
             problem = RegularizedProblem(problem, self.regularization.alpha, self.regularization.beta)
             lin = problem.regularize(lin, self.x)
-        scale = torch.full_like(self.x, _damping_units(perf_scale, self.bayesian))
+        scale = self._damping_scale(_damping_units(perf_scale, self.bayesian))
         # MATLAB's rule reads no gain ratio: the trials skip the model's predicted reduction.
         out = lm_step(problem, self.x, lin, scale, self.rule, self.state, predict=False)
         self.solver = lin.system.path
@@ -434,6 +435,16 @@ class LMTrainer:
             self.state = DampingState(_MU_FLOOR, out.state.nu)
         self.x = out.x
         self.accepted = out.accepted
+
+    def _damping_scale(self, units: float) -> Tensor:
+        """The damping scale ``D = units * I`` as a vector like ``self.x``: the last one again while
+        it still fits (the solver reads it at every trial and never writes it; a small system
+        checks a scale tensor once, :class:`~marquardt.chunked.AccumulatedNormalEquations`)."""
+        held = self._scale
+        if held is None or held[0] != units or held[1].shape != self.x.shape or held[1].dtype != self.x.dtype \
+                or held[1].device != self.x.device:
+            held = self._scale = (units, torch.full_like(self.x, units))
+        return held[1]
 
     def sync_from_model(self) -> None:
         self.x = flatten_parameters(self.model)
