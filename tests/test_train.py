@@ -133,6 +133,29 @@ def test_max_fail_inf_never_stops_on_validation_but_keeps_the_best_weights():
         assert float(((model(X) + y) ** 2).mean()) == pytest.approx(history["vperf"][best], rel=1e-12)
 
 
+class _NanAbove(nn.Module):
+    """``net(x)``, NaN for inputs above 10: a finite training set, a NaN validation performance."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        out = self.net(x)
+        return torch.where(x > 10, torch.full_like(out, math.nan), out)
+
+
+def test_a_nan_validation_performance_leaves_val_fail_as_matlab_does():
+    # trainlm counts a failure for vperf > best.vperf only; NaN compares false both ways.
+    X, y = smooth_data()
+    model = _NanAbove(tanh_net())
+    start = [p.detach().clone() for p in model.parameters()]
+    history = fit(model, X, y, validation_data=(X + 20, y), epochs=8, max_fail=2)
+    assert all(math.isnan(v) for v in history["vperf"])
+    assert history.stop_reason == STOP_REASONS["epochs"] and history["val_fail"] == [0] * 9
+    assert history.best_epoch == 0 and all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+
+
 def test_best_training_weights_kept_without_validation():
     X, y = smooth_data()
     model = tanh_net()

@@ -1115,7 +1115,9 @@ class _Loop:
             # starts as the initial network), not the non-finite ones a first-order step reaches.
             if best.weights is None and best.point is None and not self.keep_last:
                 best.keep(record["epoch"], self.model, snapshot)
-            return val_fail + 1 if self.val is not None else val_fail
+            # MATLAB counts a failure only for vperf > best.vperf: a NaN, which compares false,
+            # leaves val_fail as it is; inf counts against a finite best.
+            return val_fail + 1 if (self.val is not None and watched > best.perf) else val_fail
         if best.offer(watched, record["epoch"], self.model, keep_weights=not self.keep_last, snapshot=snapshot):
             return 0
         return val_fail + 1 if (self.val is not None and watched > best.perf) else val_fail
