@@ -306,6 +306,33 @@ def test_normal_equations_equal_accumulate_normal_bitwise(dtype):
     assert torch.equal(normal_equations(strided, r)[0].lower, expected.lower)
 
 
+def test_normal_equations_reuse_released_buffers():
+    g = torch.Generator().manual_seed(5)
+    J, r = torch.randn(40, 20, generator=g, dtype=DT), torch.randn(40, generator=g, dtype=DT)  # 2 block rows
+    first, _, _ = normal_equations(J, r)
+    first.solve(torch.ones(20, dtype=DT), 1e-3, torch.ones(20, dtype=DT))  # makes its work matrix
+    buffers = first.release()
+    buffers["gram"].fill_(7.0)  # stale values must not leak into the next J^T J
+    second, grad, cost = normal_equations(2 * J, r, buffers)
+    expected, expected_grad, expected_cost = normal_equations(2 * J, r)
+    assert second.lower.data_ptr() == buffers["gram"].data_ptr() and second._work is buffers["work"]
+    assert torch.equal(second.lower, expected.lower) and torch.equal(grad, expected_grad) and cost == expected_cost
+    wrong = {"gram": torch.zeros(5, 5, dtype=DT), "work": torch.zeros(20, 20)}  # shape, dtype: not taken
+    third, _, _ = normal_equations(J, r, wrong)
+    assert third.lower.data_ptr() != wrong["gram"].data_ptr() and third._work is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_gradient_agrees_with_addmv_on_every_layout(dtype):
+    g = torch.Generator().manual_seed(6)
+    J, r = torch.randn(30, 4, generator=g, dtype=dtype), torch.randn(30, generator=g, dtype=dtype)
+    expected = torch.ones(4, dtype=dtype).addmv_(J.T, r)
+    for jac in (J, J.T.contiguous().T):  # numpy's product; a transposed layout: addmv
+        grad = torch.ones(4, dtype=dtype)
+        assert chunked.add_gradient(grad, jac, r) is grad
+        torch.testing.assert_close(grad, expected)
+
+
 def test_accumulate_normal_promotes_float32_rows():
     J = torch.randn(20, 3, generator=torch.Generator().manual_seed(2))
     system, grad, _ = accumulate_normal([(J, torch.ones(20))], 3, dtype=DT, device="cpu")

@@ -285,6 +285,19 @@ def test_buffered_network_equals_the_linearized_network_bitwise(name):
     assert not torch.equal(buffered.outputs, reference.outputs) and not buffered.holds(x)
 
 
+def test_buffered_network_knows_its_last_point_by_object_until_written_in_place():
+    model = BUFFERED["tanh 1-20-1"]()
+    params, X, fast, _ = _setup_one_input(model)
+    buffered = BufferedNetwork(fast.network, fast.layout, X)
+    x = torch.cat([params[n].reshape(-1) for n, _ in fast.layout])
+    buffered.forward(x)
+    assert buffered.holds(x) and buffered.holds(x.clone())  # the object, or equal values
+    x.add_(1e-3)  # the same object, written in place: its version moved, the buffers did not
+    assert not buffered.holds(x)
+    x.sub_(1e-3)  # back to values equal to the buffers' (up to rounding, so compare them)
+    assert buffered.holds(x) is torch.equal(buffered.point, x)
+
+
 def _pieces(x, like):
     pieces, start = {}, 0
     for name, value in like.items():
