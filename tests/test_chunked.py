@@ -207,6 +207,16 @@ def test_small_solve_gives_bitwise_the_steps_of_the_general_path(dtype):
     assert small._small and small._work is not None
 
 
+def test_small_solve_does_not_reuse_a_workspace_the_general_path_wrote():
+    system, grad, _ = _normal_system(30, DT)
+    reference = AccumulatedNormalEquations(system.lower.clone())
+    scale = torch.ones(30, dtype=DT)
+    first = system.solve(grad, 1e-3, scale)  # small path: its factor in the workspace
+    system.solve(grad.float(), 1e-1, scale)  # a float32 gradient: the general path, another factor there
+    assert torch.equal(system.solve(grad, 1e-3, scale), first)
+    assert torch.equal(first, reference.solve(grad, 1e-3, scale))
+
+
 def test_small_solve_reuses_the_factor_for_the_same_damped_diagonal():
     system, grad, _ = _normal_system(30, torch.float32)
     floor = torch.finfo(torch.float32).eps * float(system.lower.diagonal().sum())

@@ -480,6 +480,8 @@ class AccumulatedNormalEquations:
         step = self._small_solve(grad, damping, scale)
         if step is not None:
             return step
+        if self._small:
+            self._small.factored = False  # the workspace is about to hold another factor
         damped = self._damped(damping, scale)
         factor = self._factor(damped)
         if factor is not None:
@@ -518,8 +520,8 @@ class AccumulatedNormalEquations:
         self.path = "chunked-cholesky" if self.chunks > 1 else "cholesky"
         return torch.from_numpy(step)
 
-    def _small_setup(self) -> _SmallCholesky | None:
-        """The numpy views of :meth:`_small_solve` (a false value where it does not apply)."""
+    def _small_setup(self) -> _SmallCholesky | tuple[()]:
+        """The numpy views of :meth:`_small_solve`, or ``()`` where it does not apply."""
         lower = self.lower
         potrf = _potrf(lower)
         if potrf is None or lower.shape[0] >= SERIAL_ORDER:
@@ -544,9 +546,6 @@ class _SmallCholesky:
         self.damped = np.empty(work.shape[0], dtype=work.dtype)
         self.factored = False  # work holds the factor for ``damped``
         self._vectors: dict[int, tuple[Tensor, np.ndarray | None]] = {}
-
-    def __bool__(self) -> bool:
-        return True
 
     def vector(self, t: Tensor) -> np.ndarray | None:
         """``t``'s numpy view when it can be read as one of the system's dtype, else None; checked
