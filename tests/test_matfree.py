@@ -122,6 +122,18 @@ def test_warm_start_is_the_first_basis_vector():
     torch.testing.assert_close(step, exact)
 
 
+def test_a_float32_warm_start_of_a_float64_system_is_cast_to_the_gradients_dtype():
+    # A tiny float32 network is worked in float64 while its warm start x - previous_x is made
+    # in float32: the basis raised "addmv input tensors must have the same dtype".
+    J, r = jacobian(40, 12)
+    exact = torch.linalg.solve(J.T @ J + 1e-2 * torch.eye(12, dtype=DT), -J.T @ r)
+    system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, (J * J).sum(0), initial=(3 * exact).float(),
+                                 rtol=1e-6)
+    step = system.solve(J.T @ r, 1e-2, torch.ones(12, dtype=DT))
+    assert step.dtype == DT and system.reason == "tolerance"
+    torch.testing.assert_close(step, exact, rtol=1e-6, atol=1e-6)
+
+
 def test_matrix_free_diagonal_is_computed_once_on_demand():
     J, _ = jacobian()
     count = []

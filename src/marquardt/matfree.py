@@ -464,7 +464,9 @@ class MatrixFreeEquations:
 
     def _new_space(self, grad: Tensor) -> GalerkinSpace:
         self._space = GalerkinSpace(self.gram_product, -grad, self.max_iter + 1)
-        start = self.initial
+        # The basis is in the gradient's dtype: a warm start made in the parameters' float32
+        # (x - previous_x) for a tiny network worked in float64 failed in addmv at the next step.
+        start = None if self.initial is None else self.initial.to(grad)
         if start is not None and bool(torch.isfinite(start).all()) and float(torch.linalg.vector_norm(start)) > 0:
             self._space.expand(start)
         return self._space

@@ -642,7 +642,10 @@ def _warm_start(previous: tuple[Tensor | None, float, float] | None, grad_norm: 
     if previous is None:
         return None, eisenstat_walker(grad_norm, None, None)
     start, previous_norm, previous_forcing = previous
-    start = start if start is not None and start.shape == x.shape else None  # parameters frozen since
+    if start is not None and (start.shape, start.dtype, start.device) != (x.shape, x.dtype, x.device):
+        # Parameters frozen since (another shape), or the model converted in place (net.double(),
+        # .to(device)): the last step no longer lives where this solve does.
+        start = None
     return start, eisenstat_walker(grad_norm, previous_norm, previous_forcing)
 
 
