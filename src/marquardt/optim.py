@@ -119,6 +119,10 @@ class ClosureProblem:
     #: The closed-form problem of an earlier step (kept by the optimizer), reused when the module
     #: call is the same; :meth:`_closed_form` replaces it when it builds a new one.
     kept: KeptProblem | None = None
+    #: A closed-form matrix-free problem's :meth:`~marquardt.network.ModuleProblem.resume_state`
+    #: as the optimizer's state keeps it (:func:`_resume_state`), loaded into a problem built
+    #: anew: after ``load_state_dict`` or a copy (which drop :attr:`kept`) or for a new input.
+    resume: tuple[dict[str, Tensor], dict[str, Any]] | None = None
     #: Residuals the closure returned at the current parameters (set by :meth:`linearize`); every
     #: trial must return as many, or its cost would be that of another problem.
     size: int = field(default=0, init=False)
@@ -236,6 +240,8 @@ class ClosureProblem:
                 return None
             if not isinstance(problem.backend, LayeredJacobian):
                 return None
+            if self.resume is not None:
+                problem.load_resume_state(*self.resume)
             self.kept = KeptProblem(problem, call.module, call.X, call.X._version, x.dtype, self._budgets)
         lin = problem.linearize(x)  # first: a tiny network's check then reads the J it holds
         if not _is_output_minus_constant(problem, r, self.params, x):
@@ -822,7 +828,12 @@ class LevenbergMarquardt(Optimizer):
     the sample-space kernel or matrix-free conjugate gradients by shape and budget
     (:func:`~marquardt.chunked.plan_assembly`), a tiny float32 network in float64, seen in the
     parameters' dtype (:class:`~marquardt.chunked.PromotedEquations`). The cost of the current
-    point and of every trial is still the closure's.
+    point and of every trial is still the closure's. In the matrix-free form the problem's warm
+    start, forcing term and curvature-subset generator
+    (:meth:`~marquardt.network.ModuleProblem.resume_state`) are copied into the state after each
+    step (``state["closed_form_point"]``, ``["closed_form_previous"]``,
+    ``["closed_form_generator"]``), so ``state_dict()`` resumes them, and a problem built for a
+    new input (a new minibatch) starts from them too, as the graph path's solves do.
 
     Otherwise ``J`` comes from backward passes through the closure's graph, by rows or, when
     ``m > 2 n`` (:func:`prefers_forward`) and the whole ``m x n`` Jacobian fits in
@@ -1007,7 +1018,7 @@ class LevenbergMarquardt(Optimizer):
         stored = self._state
         problem = ClosureProblem(params, closure, group["max_jacobian_bytes"], group["max_matrix_bytes"],
                                  group["solver"], closed_form=self._closed_form, serial=stored.get("serial", False),
-                                 kept=self._kept, previous=_previous_solve(stored))
+                                 kept=self._kept, previous=_previous_solve(stored), resume=_resume_state(stored))
         x = torch.cat([p.detach().reshape(-1) for p in params])
         try:
             lin, out = self._iterate(problem, x)
@@ -1019,6 +1030,7 @@ class LevenbergMarquardt(Optimizer):
                       jacobian=problem.used_mode, serial=problem.serial,
                       grad_norm=float(torch.linalg.vector_norm(lin.grad)))
         _keep_solve(stored, problem.forcing, out)
+        _keep_resume_state(stored, problem)
         self._kept = problem.kept
         if problem.used_mode == "closed-form":
             self._kept.problem.recycle(lin)  # lin is not used after: its n x n buffers serve the next step
@@ -1054,6 +1066,40 @@ def _keep_solve(stored: dict, forcing: float | None, out: StepResult) -> None:
         stored["warm_start"] = out.step.detach().clone()
     else:
         stored.pop("warm_start", None)
+
+
+#: The state keys of a closed-form matrix-free problem's resume state: flat tensors and JSON
+#: values (no ``None``), as :mod:`marquardt.checkpoint` stores an optimizer's state.
+RESUME_KEYS = {"generator": "closed_form_generator", "previous_x": "closed_form_point",
+               "previous": "closed_form_previous"}
+
+
+def _keep_resume_state(stored: dict, problem: ClosureProblem) -> None:
+    """Keep in the state what the kept closed-form problem carries to its next matrix-free solve
+    (:meth:`~marquardt.network.ModuleProblem.resume_state`: warm start, forcing term, subset
+    generator), so that ``state_dict()`` resumes it as it resumes the graph path's; removed
+    after a step by another path or form."""
+    for key in RESUME_KEYS.values():
+        stored.pop(key, None)
+    if problem.used_mode != "closed-form" or problem.kept is None:
+        return
+    tensors, meta = problem.kept.problem.resume_state()
+    stored.update({RESUME_KEYS[name]: value for name, value in tensors.items()})
+    if meta.get("previous") is not None:
+        stored[RESUME_KEYS["previous"]] = list(meta["previous"])
+
+
+def _resume_state(stored: dict) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The resume state :func:`_keep_resume_state` kept, as ``load_resume_state`` takes it, or
+    ``None`` when the last step was not a closed-form matrix-free one."""
+    if RESUME_KEYS["generator"] not in stored:
+        return None
+    # load_state_dict casts every state tensor to the parameters' dtype and device; the
+    # generator's bytes (0..255) survive any float dtype exactly and go back to a CPU ByteTensor.
+    tensors = {"generator": stored[RESUME_KEYS["generator"]].to(dtype=torch.uint8, device="cpu")}
+    if RESUME_KEYS["previous_x"] in stored:
+        tensors["previous_x"] = stored[RESUME_KEYS["previous_x"]]
+    return tensors, {"previous": stored.get(RESUME_KEYS["previous"])}
 
 
 class GradientDescent(Optimizer):
