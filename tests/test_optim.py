@@ -383,6 +383,69 @@ def test_saved_bytes_counts_each_saved_storage_once():
     assert m * hidden * 8 < saved.nbytes < 2 * m * hidden * 8
 
 
+def _expanded_weight_problem(B=500, d=32):
+    """Per-sample ``bmm`` by one shared weight expanded over the ``B`` samples (stride 0), float64."""
+    torch.manual_seed(0)
+    A, W = (nn.Parameter(torch.randn(d, d, dtype=torch.float64) / d**0.5) for _ in range(2))
+    v = nn.Parameter(torch.randn(d, 1, dtype=torch.float64) / d**0.5)
+    X = torch.randn(B, 1, d, dtype=torch.float64)
+    y = torch.randn(B, 1, dtype=torch.float64)
+    return [A, W, v], lambda: (torch.tanh(torch.bmm(torch.tanh(X @ A), W.expand(B, d, d))).reshape(B, d) @ v) - y
+
+
+def test_saved_views_of_parameters_are_copied_once_per_storage_not_per_view(monkeypatch):
+    # W.expand(500, 32, 32) was cloned at its expanded size, 4 MB for an 8 KB weight (125 MB for
+    # the audit's 64 KB weight over 2,000 samples).
+    params, closure = _expanded_weight_problem()
+    packed = []
+    pack = marquardt.optim._SavedBytes._pack
+
+    def record(self, tensor):
+        out = pack(self, tensor)
+        if out is not tensor:
+            packed.append(out)
+        return out
+
+    monkeypatch.setattr(marquardt.optim._SavedBytes, "_pack", record)
+    with torch.enable_grad(), marquardt.optim._SavedBytes(params):
+        closure()
+    copies = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in packed}
+    assert any(t.stride()[0] == 0 and t.shape == (500, 32, 32) for t in packed)  # the view itself is kept
+    # Measured: 8,448 bytes, W and v (A is not saved), against 4,096,256 before.
+    assert sum(copies.values()) <= sum(p.numel() * p.element_size() for p in params)
+
+
+def test_matrix_free_step_through_expanded_parameter_views_is_unchanged_by_the_copies():
+    params, closure = _expanded_weight_problem()
+    opt = LevenbergMarquardt(params, solver="matrix-free")
+    costs = [float(opt.step(closure)) for _ in range(3)]
+    assert opt.state[params[0]]["jacobian"] == "forward"
+    # Measured with a clone of every saved view (the copies before) and now: the same bits.
+    assert costs == [251.6349774378416, 198.721492568984, 136.42179305340306]
+
+
+# (solver, max_matrix_bytes relative to J^T J's n * n * 8 bytes, whether saved weights are copied)
+COPIES_BY_FORM = [("matrix-free", 1, True), ("auto", -1, True), ("auto", 0, False), ("normal", 0, False),
+                  ("sample-space", -1, False)]
+
+
+@pytest.mark.parametrize("solver, margin, copied", COPIES_BY_FORM)
+def test_saved_weights_are_copied_only_when_the_step_can_be_matrix_free(solver, margin, copied, monkeypatch):
+    # The dense forms form J before any trial writes the parameters: copies would only cost memory.
+    given = []
+
+    class Spy(marquardt.optim._SavedBytes):
+        def __init__(self, params=None):
+            given.append(params)
+            super().__init__(params)
+
+    monkeypatch.setattr(marquardt.optim, "_SavedBytes", Spy)
+    net, closure = _squashed_problem(60, 8)
+    n = _n_params(net)
+    LevenbergMarquardt(net.parameters(), solver=solver, max_matrix_bytes=n * n * 8 + margin).step(closure)
+    assert bool(given[0]) == copied
+
+
 def test_rows_per_backward_is_at_least_one():
     assert rows_per_backward(10**12, 8, 100) == 1
     assert rows_per_backward(0, 8, 100) == 12

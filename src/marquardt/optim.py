@@ -171,8 +171,10 @@ class ClosureProblem:
 
     def linearize(self, x: Tensor) -> Linearization:
         self.write(x)
+        # Only a matrix-free step makes products after its trials; the dense forms take J first.
+        copied = self.params if self._may_be_matrix_free(x) else None
         with torch.enable_grad():
-            with _SavedBytes(self.params) as saved, single_thread(self.serial), \
+            with _SavedBytes(copied) as saved, single_thread(self.serial), \
                     _ModuleCalls(self.closed_form) as calls:
                 r = self.residuals()
             self.size = r.numel()
@@ -256,6 +258,14 @@ class ClosureProblem:
         self.serial = problem.plan.serial
         residuals = r.detach()
         return _in_dtype(lin, x.dtype, 0.5 * float(residuals @ residuals))
+
+    def _may_be_matrix_free(self, x: Tensor) -> bool:
+        """Whether the graph step at ``x`` can take the matrix-free form, before the closure has
+        told the number of residuals (:func:`~marquardt.chunked.plan_assembly` with ``m``
+        unknown: "auto" goes matrix-free only when ``J^T J`` is past ``max_matrix_bytes``)."""
+        n = x.numel()
+        return self.solver == "matrix-free" or (self.solver == "auto"
+                                                 and n * n * x.element_size() > self.max_matrix_bytes)
 
     @property
     def _budgets(self) -> tuple[int, int, str]:
@@ -717,13 +727,15 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     trials wrote them). Autograd does not check the version of a tensor saved through hooks, so
     the graph would otherwise read the new values silently (and without hooks, fail its check:
     "modified by an inplace operation"). Gradients still reach the parameters (autograd keeps
-    the saved tensor's edge); the copies take at most a few times ``n`` numbers.
+    the saved tensor's edge); each parameter's storage is copied at most once, so the copies take
+    at most the parameters' own bytes, however many (expanded, transposed) views were saved.
     """
 
     def __init__(self, params: list[Tensor] | None = None) -> None:
         self.nbytes = 0
         self._seen: set[int] = set()
         self._params = {_storage_key(p) for p in params or ()}
+        self._copies: dict[int, torch.UntypedStorage] = {}
         super().__init__(self._pack, _unpack)
 
     def __enter__(self) -> _SavedBytes:
@@ -740,8 +752,18 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
             self._seen.add(key)
             self.nbytes += size
         if key in self._params:
-            return tensor.detach().clone()
+            return self._snapshot(tensor, key)
         return tensor
+
+    def _snapshot(self, tensor: Tensor, key: int) -> Tensor:
+        """``tensor`` as the same view (offset, shape, strides) of a copy of its parameter's
+        storage, the storage copied once per pass. ``tensor.clone()`` materialized an expanded
+        view at its full size: a 64 KB weight expanded over 2,000 samples took 125 MB."""
+        storage = self._copies.get(key)
+        if storage is None:
+            storage = self._copies[key] = tensor.untyped_storage().clone()
+        return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+            storage, tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
 def _storage_key(tensor: Tensor) -> int | None:
