@@ -1258,6 +1258,20 @@ def test_matrix_free_products_do_not_read_the_parameters_after_the_linearization
     assert float(torch.linalg.vector_norm(step - expected)) <= 1e-6 * float(torch.linalg.vector_norm(expected))
 
 
+def test_out_of_memory_in_the_double_backward_product_is_raised_not_taken_for_a_refusing_graph(monkeypatch):
+    # torch.OutOfMemoryError is a RuntimeError: it was caught, and the step fell back to J v by
+    # rows, m backward passes a product.
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    net, closure = _squashed_problem(60, 8)
+    with torch.enable_grad():
+        r = closure().reshape(-1)
+    monkeypatch.setattr(torch.autograd, "grad", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 2.00 GiB"):
+        marquardt.optim._double_backward_jvp(r, list(net.parameters()))
+
+
 def _params_of(params):
     return torch.cat([p.detach().reshape(-1) for p in params])
 

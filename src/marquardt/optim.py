@@ -633,6 +633,10 @@ def _double_backward_jvp(r: Tensor, params: list[Tensor]) -> Callable[[Tensor], 
             return product.detach().reshape(-1)
 
         agrees = _adjoint_agrees(jvp, probe.detach().reshape(-1), g.detach())
+    except torch.OutOfMemoryError:
+        # A RuntimeError too, but no sign of a graph that refuses double backward: the rows
+        # would take m backward passes a product and hit the same wall.
+        raise
     except (RuntimeError, NotImplementedError):  # never fail a step the rows can take
         return None
     return jvp if agrees else None
