@@ -612,6 +612,44 @@ def test_chunked_normal_path_holds_at_most_the_budget():
     torch.testing.assert_close(lin.grad, ModuleProblem(model, X, y).linearize(flatten_parameters(model)).grad)
 
 
+@pytest.mark.parametrize("model_kind, samples", [("closed form", 160), ("torch.func", 37)])
+def test_chunked_trial_cost_takes_a_bounded_chunk_of_samples(model_kind, samples):
+    model, X, y = _problem_data(hidden=10, outputs=2, samples=400)
+    if model_kind == "torch.func":
+        model = _Wrapped(model)  # not a closed-form stack: torch.func computes its outputs
+    n = sum(p.numel() for p in model.parameters())
+    budget = 37 * 2 * n * 8  # 37 samples of 2 outputs a chunk of Jacobian rows
+    problem = ModuleProblem(model, X, y, max_jacobian_bytes=budget)
+    x = flatten_parameters(model)
+    lin = problem.linearize(x)
+    batches = []
+    outputs = problem.backend.outputs
+    problem.backend.outputs = lambda params, X_: batches.append(X_.shape[0]) or outputs(params, X_)
+    assert problem.plan.form == "normal" and problem.plan.chunk_rows == 74
+    assert problem.cost(x) == pytest.approx(lin.cost, rel=1e-13)
+    # The closed form: budget // (2 numbers x (10 + 2) widths x 8 bytes) samples; else the Jacobian chunk.
+    assert max(batches) == samples and sum(batches) == 400 and samples * 2 * 12 * 8 <= budget
+    moved = x + 1e-2
+    with torch.no_grad():
+        expected = 0.5 * float(((model_at(model, moved)(X) - y) ** 2).sum())
+    assert problem.cost(moved) == pytest.approx(expected, rel=1e-12)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) * 1.0
+
+
+def model_at(model, x):
+    copy_ = copy.deepcopy(model)
+    write_parameters(copy_, x)
+    return copy_
+
+
 def test_matrix_free_path_never_forms_jacobian_rows():
     model, X, y = _problem_data(hidden=10, outputs=1, samples=400)
     problem = ModuleProblem(model, X, y, max_matrix_bytes=8)  # J^T J does not fit: matrix-free

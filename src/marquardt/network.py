@@ -352,6 +352,8 @@ class ModuleProblem:
                 residuals = self._buffered_residuals(x, fresh=True)
                 return _finite(0.5 * float(residuals @ residuals))
         with torch.no_grad(), self._threads():
+            if not self._keeps_trials:
+                return _finite(self._chunked_cost(x))
             outputs = self._trial_outputs(x)
             if self.is_least_squares:
                 # As the linearization computes it (r @ r): trial and current costs, whose difference
@@ -361,6 +363,42 @@ class ModuleProblem:
             else:
                 value = float(self.loss.cost(outputs, self.y))
         return _finite(value)
+
+    def _chunked_cost(self, x: Tensor) -> float:
+        """The cost at ``x`` by forward passes over chunks of samples (:meth:`_forward_samples`).
+
+        On the chunked normal form the Jacobian rows are bounded by ``max_jacobian_bytes``; a
+        trial's forward pass over every sample at once was not (its activations grow with
+        ``m``). Where one chunk holds every sample, as on the benchmark networks, this is the
+        one forward pass it was.
+        """
+        params = self.params(x)
+        samples = self._forward_samples()
+        total = torch.zeros((), dtype=self.dtype, device=self.X.device)
+        for start in range(0, self.X.shape[0], samples):
+            outputs = self.backend.outputs(params, self.X[start : start + samples])
+            targets = self.y[start : start + samples]
+            if self.is_least_squares:
+                residuals = (outputs - targets).reshape(-1)
+                total += residuals @ residuals
+            else:
+                total += self.loss.cost(outputs, targets)
+        return 0.5 * float(total) if self.is_least_squares else float(total)
+
+    def _forward_samples(self) -> int:
+        """Samples a trial's forward pass takes at once: as many as fit ``max_jacobian_bytes``
+        at two numbers an activation (a layer's affine output and its activation; ``W`` per
+        sample, the sum of the layer widths) for a closed-form network, else the Jacobian's
+        chunk of samples (a Jacobian row holds more numbers than a sample's activations)."""
+        jacobian_samples = max(1, self.plan.chunk_rows // self.outputs_per_sample)
+        if not isinstance(self.backend, LayeredJacobian):
+            return jacobian_samples
+        numel, width, total = dict(self.backend.layout), self.X.shape[1], 0
+        for layer in self.backend.network.layers:
+            width = numel[layer.weight] // max(1, width)
+            total += width
+        per_sample = 2 * total * self.X.element_size()
+        return max(jacobian_samples, self.max_jacobian_bytes // max(1, per_sample))
 
     def _buffered_residuals(self, x: Tensor, *, fresh: bool) -> Tensor:
         """``model(X) - y`` at ``x`` from :attr:`_buffered` (a buffer the next call overwrites);
