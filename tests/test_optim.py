@@ -1173,6 +1173,113 @@ def test_a_module_changed_in_place_is_described_again_and_stays_on_the_closed_fo
     assert modes == ["closed-form"] * 4
 
 
+@pytest.fixture
+def closed_form_attempts(monkeypatch):
+    """Counts of ModuleProblems built and of their linearizations (the closed form's attempts)."""
+    counts = {"built": 0, "linearized": 0}
+    post_init, linearize = marquardt.network.ModuleProblem.__post_init__, marquardt.network.ModuleProblem.linearize
+
+    def counted_post_init(self):
+        counts["built"] += 1
+        post_init(self)
+
+    def counted_linearize(self, x):
+        counts["linearized"] += 1
+        return linearize(self, x)
+
+    monkeypatch.setattr(marquardt.network.ModuleProblem, "__post_init__", counted_post_init)
+    monkeypatch.setattr(marquardt.network.ModuleProblem, "linearize", counted_linearize)
+    return counts
+
+
+_REFUSED = {
+    "squashed outputs": (lambda net, X, y: torch.sin(net(X)) - y, None),
+    "scaled residuals": (lambda net, X, y: 2 * (net(X) - y), None),
+    "no closed-form module": (lambda net, X, y: net(X) - y, _Wrapped),
+}
+
+
+@pytest.mark.parametrize("solver", ["auto", "matrix-free"])
+@pytest.mark.parametrize("case", list(_REFUSED))
+def test_a_refused_call_is_tried_in_closed_form_once_with_the_same_steps(case, solver, closed_form_attempts,
+                                                                         monkeypatch):
+    # Each step built a ModuleProblem, linearized it and threw it away (and the kept one once
+    # more): 6 problems and 11 linearizations in 6 steps of sin(net(X)) - y, 48% of the time.
+    residuals, model = _REFUSED[case]
+
+    def run(closed_form):
+        monkeypatch.setattr(LevenbergMarquardt, "_closed_form", closed_form)
+        net, X, y = _tanh_problem(200, 20)
+        net = net if model is None else model(net)
+        opt = LevenbergMarquardt(net.parameters(), solver=solver)
+        costs = [float(opt.step(lambda: residuals(net, X, y))) for _ in range(5)]
+        return costs, _params(net), _state(opt)
+
+    costs, x, state = run(True)
+    assert closed_form_attempts == {"built": 1, "linearized": 0}
+    reference_costs, reference_x, reference_state = run(False)
+    assert state["jacobian"] == reference_state["jacobian"] != "closed-form"
+    assert costs == reference_costs and torch.equal(x, reference_x)
+    assert costs[-1] < costs[0]
+
+
+def _freeze_first_bias(net, X):
+    net[0].bias.requires_grad_(False)
+    return X
+
+
+def _swap_activation(net, X):
+    net[1] = nn.Sigmoid()
+    return X
+
+
+def _modify_in_place(net, X):
+    with torch.no_grad():
+        X.mul_(0.5)
+    return X
+
+
+def _evaluate(net, X):
+    net.eval()
+    return X
+
+
+_CHANGES = {
+    "new input tensor": lambda net, X: X.clone(),
+    "input modified in place": _modify_in_place,
+    "parameter frozen": _freeze_first_bias,
+    "activation swapped": _swap_activation,
+    "eval mode": _evaluate,
+}
+
+
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_a_refused_call_is_tried_again_once_after_it_changes(change, closed_form_attempts):
+    net, X, y = _tanh_problem(200, 20)
+    opt = LevenbergMarquardt(net.parameters())
+    for _ in range(2):
+        opt.step(lambda: torch.sin(net(X)) - y)
+    X = _CHANGES[change](net, X)
+    for _ in range(2):
+        opt.step(lambda: torch.sin(net(X)) - y)
+    assert closed_form_attempts == {"built": 2, "linearized": 0}
+    assert _state(opt)["jacobian"] in ("forward", "reverse")
+
+
+def test_a_closed_form_closure_on_a_refused_call_takes_the_closed_form(closed_form_attempts):
+    # The refusal is of the closure's residuals, not of the call: net(X) - y on the same call
+    # takes the closed form at once, and sin(net(X)) - y after it is not tried again.
+    net, X, y = _tanh_problem(200, 20)
+    opt = LevenbergMarquardt(net.parameters())
+    squashed, plain, modes = (lambda: torch.sin(net(X)) - y), (lambda: net(X) - y), []
+    for closure in [squashed] * 2 + [plain] * 3 + [squashed] * 2:
+        opt.step(closure)
+        modes.append(_state(opt)["jacobian"])
+    assert modes[:2] == modes[5:] and modes[0] in ("forward", "reverse")
+    assert modes[2:5] == ["closed-form"] * 3
+    assert closed_form_attempts == {"built": 2, "linearized": 3}
+
+
 # ---------------------------------------------------------------------------------------------
 # the matrix-free graph path: J^T J past max_matrix_bytes, products through the closure's graph
 
