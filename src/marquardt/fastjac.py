@@ -652,6 +652,7 @@ class BufferedNetwork:
         offsets = _offsets(layout)
         self.n_params = sum(numel for _, numel in layout)
         self.point = torch.full((self.n_params,), float("nan"), dtype=torch.float64)  # the last forward's x
+        self._point_np = self.point.numpy()
         self._jacobian_point: Tensor | None = None  # where jac was last formed
         self._source: tuple[Tensor, int] | None = None  # the last forward's x and its version
         fan_ins = [X.shape[1]]
@@ -682,8 +683,9 @@ class BufferedNetwork:
 
     def forward(self, x: Tensor) -> Tensor:
         """The outputs ``(N, K)`` at the flat parameters ``x`` (a view of a buffer the next call overwrites)."""
-        if _numpy_view(x) is not None and x.ndim == 1:
-            np.copyto(self.point.numpy(), x.numpy())  # a float32 x is rounded up exactly, as by x.to(float64)
+        view = _numpy_view(x) if x.ndim == 1 else None
+        if view is not None:
+            np.copyto(self._point_np, view)  # a float32 x is rounded up exactly, as by x.to(float64)
         else:
             self.point.copy_(x)
         # x itself, unchanged since (same object, same version counter), is known to be held.

@@ -74,6 +74,10 @@ def evaluation_mode(model: Any) -> Iterator[None]:
 
 
 
+#: A context that does nothing, made once (``nullcontext`` holds no state and can be reused).
+_NO_CONTEXT = nullcontext()
+
+
 def _finite(value: float) -> float:
     """``value``, or ``inf`` when it is not finite."""
     return value if value == value and value != float("inf") else float("inf")
@@ -348,7 +352,7 @@ class ModuleProblem:
         """The loss's cost, ``0.5 * sum((model(X) - y)**2)`` for least squares; ``inf`` when not finite."""
         if self._buffered is not None:
             # The buffers carry no autograd graph: no_grad matters only for an x that does.
-            with self._threads(), (torch.no_grad() if x.requires_grad else nullcontext()):
+            with self._threads(), (torch.no_grad() if x.requires_grad else _NO_CONTEXT):
                 residuals = self._buffered_residuals(x, fresh=True)
                 return _finite(0.5 * float(residuals @ residuals))
         with torch.no_grad(), self._threads():
@@ -486,7 +490,7 @@ class ModuleProblem:
         (as inside ``fit``): then nothing, which saves a few microseconds at every trial."""
         if self.plan.serial and torch.get_num_threads() != 1:
             return single_thread()
-        return nullcontext()
+        return _NO_CONTEXT
 
     def _linearize(self, x: Tensor) -> Linearization:
         if self._buffered is not None:

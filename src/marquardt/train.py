@@ -1033,6 +1033,10 @@ def fit(
     return history
 
 
+#: :func:`evaluate` of an absent split: no performance, no accuracy.
+_NO_SPLIT = (math.nan, math.nan)
+
+
 @dataclass
 class _Loop:
     model: nn.Module
@@ -1091,7 +1095,8 @@ class _Loop:
 
     def _record(self, epoch: int, elapsed: float, gradient: float, val_fail: int) -> dict[str, Any]:
         (perf, accuracy), (vperf, vaccuracy), (tperf, taccuracy) = (
-            self._training_perf() if data is self.train else evaluate(self.model, data, self.loss, reducer=self.reducer)
+            self._training_perf() if data is self.train else
+            _NO_SPLIT if data is None else evaluate(self.model, data, self.loss, reducer=self.reducer)
             for data in (self.train, self.val, self.test))
         record = dict(epoch=epoch, time=elapsed, perf=perf, vperf=vperf, tperf=tperf, damping=self.trainer.damping,
                       gradient=gradient, val_fail=val_fail, solver=self.trainer.solver or None)
