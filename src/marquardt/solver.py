@@ -507,6 +507,8 @@ def least_squares(
         tensor of shape ``(m,)`` (a list or tuple of 0-d tensors is stacked, and a 0-d output is
         one residual, as scipy's ``np.atleast_1d`` reads them). It is always called with a tensor
         (so that autograd can differentiate it), on the device and dtype of the working point.
+        It must not modify ``x`` in place: an accepted trial point is the tensor ``fun`` was
+        called with, so a change made there would be kept.
     x0 : Tensor or array_like
         Starting point. A tensor keeps its dtype and device (CPU or CUDA); numpy arrays and Python
         numbers become float64, and the result is then returned as numpy.
