@@ -25,7 +25,6 @@ See ``docs/performance.md`` for the memory each form needs.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -542,7 +541,6 @@ class _SmallCholesky:
     def __init__(self, lower: np.ndarray, work: np.ndarray) -> None:
         self.lower, self.work = lower, work
         self.potrf, self.potrs = (_dpotrf, _dpotrs) if lower.dtype == np.float64 else (_spotrf, _spotrs)
-        self.diagonal = work.reshape(-1)[:: work.shape[0] + 1]  # a view
         self.damped = np.empty(work.shape[0], dtype=work.dtype)
         self.factored = False  # work holds the factor for ``damped``
         self._vectors: dict[int, tuple[Tensor, np.ndarray | None]] = {}
@@ -562,14 +560,10 @@ class _SmallCholesky:
         damped = np.multiply(scale, damping)
         np.maximum(damped, floor, out=damped)
         if not (self.factored and np.array_equal(self.damped, damped)):
-            self.factored = False
-            np.copyto(self.work, self.lower)
-            self.diagonal += damped
-            # clean=0: the strict upper triangle (C order) is left as it was, and never read.
-            _, info = self.potrf(self.work.T, lower=0, overwrite_a=1, clean=0)
-            if info != 0 or not math.isfinite(float(self.diagonal.sum())):
+            self.factored = _potrf_damped(self.potrf, self.work, self.lower, damped)
+            if not self.factored:
                 return None
-            self.damped, self.factored = damped, True
+            self.damped = damped
         step = self.potrs(self.work.T, grad, lower=0)[0]
         return np.negative(step, out=step)
 
@@ -1029,8 +1023,7 @@ def accumulate_normal(chunks: Iterable[tuple[Tensor, Tensor]], n: int, *, dtype:
     >>> torch.equal(system.gram, J.T @ J), grad.tolist(), cost, system.name
     (True, [6.0, 9.0], 1.5, 'chunked-cholesky')
     """
-    buffers = {name: buffer for name, buffer in (buffers or {}).items()
-               if buffer.shape == (n, n) and buffer.dtype == dtype and buffer.device == torch.device(device)}
+    buffers = _fitting_buffers(buffers, n, dtype, device)
     if structure is not None:
         gram = buffers["gram"] if "gram" in buffers else torch.empty(n, n, dtype=dtype, device=device)
         structure.clear(gram)  # what it adds to, and its own sums; the rest it overwrites
@@ -1081,8 +1074,8 @@ def normal_equations(jac: Tensor, residuals: Tensor, buffers: dict[str, Tensor] 
     n = jac.shape[1]
     if _syrk(jac, residuals) is None or residuals.dtype != jac.dtype:
         return accumulate_normal([(jac, residuals)], n, dtype=jac.dtype, device=jac.device, buffers=buffers)
-    buffers = {} if buffers is None else buffers
-    gram = _spare_matrix(buffers.get("gram"), n, jac)
+    buffers = _fitting_buffers(buffers, n, jac.dtype, jac.device)
+    gram = buffers["gram"].zero_() if "gram" in buffers else torch.zeros(n, n, dtype=jac.dtype)
     _first_rank_update(gram, jac)
     grad = add_gradient(torch.zeros(n, dtype=jac.dtype), jac, residuals)
     return AccumulatedNormalEquations(gram, work=buffers.get("work")), grad, 0.5 * float(residuals @ residuals)
@@ -1111,11 +1104,12 @@ def add_gradient(grad: Tensor, jac: Tensor, residuals: Tensor) -> Tensor:
     return grad.addmv_(jac.T, residuals)
 
 
-def _spare_matrix(spare: Tensor | None, n: int, like: Tensor) -> Tensor:
-    """A zero ``n x n`` matrix of ``like``'s dtype and device: ``spare`` zeroed where it fits."""
-    if spare is not None and spare.shape == (n, n) and spare.dtype == like.dtype and spare.device == like.device:
-        return spare.zero_()
-    return torch.zeros(n, n, dtype=like.dtype, device=like.device)
+def _fitting_buffers(buffers: dict[str, Tensor] | None, n: int, dtype: torch.dtype,
+                     device: torch.device | str) -> dict[str, Tensor]:
+    """The released ``n x n`` buffers (:meth:`AccumulatedNormalEquations.release`) of ``dtype`` on
+    ``device``: those a new system can reuse."""
+    return {name: buffer for name, buffer in (buffers or {}).items()
+            if buffer.shape == (n, n) and buffer.dtype == dtype and buffer.device == torch.device(device)}
 
 
 #: :func:`normal_equations` forms the lower triangle of ``J^T J`` by :data:`BLOCKED_GRAM_COLUMNS`
