@@ -358,15 +358,16 @@ class ModuleProblem:
         with torch.no_grad(), self._threads():
             if not self._keeps_trials:
                 return _finite(self._chunked_cost(x))
-            outputs = self._trial_outputs(x)
-            if self.is_least_squares:
-                # As the linearization computes it (r @ r): trial and current costs, whose difference
-                # decides whether a step is kept, agree to the last bit at the same point.
-                residuals = (outputs - self.y).reshape(-1)
-                value = 0.5 * float(residuals @ residuals)
-            else:
-                value = float(self.loss.cost(outputs, self.y))
-        return _finite(value)
+            return _finite(float(self._outputs_cost(self._trial_outputs(x), self.y)))
+
+    def _outputs_cost(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The loss's cost of ``outputs`` (a 0-d tensor); for least squares ``0.5 * r @ r``, as the
+        linearization computes it: trial and current costs, whose difference decides whether a
+        step is kept, agree to the last bit at the same point."""
+        if self.is_least_squares:
+            residuals = (outputs - targets).reshape(-1)
+            return 0.5 * (residuals @ residuals)
+        return self.loss.cost(outputs, targets)
 
     def _chunked_cost(self, x: Tensor) -> float:
         """The cost at ``x`` by forward passes over chunks of samples (:meth:`_forward_samples`).
@@ -381,13 +382,8 @@ class ModuleProblem:
         total = torch.zeros((), dtype=self.dtype, device=self.X.device)
         for start in range(0, self.X.shape[0], samples):
             outputs = self.backend.outputs(params, self.X[start : start + samples])
-            targets = self.y[start : start + samples]
-            if self.is_least_squares:
-                residuals = (outputs - targets).reshape(-1)
-                total += residuals @ residuals
-            else:
-                total += self.loss.cost(outputs, targets)
-        return 0.5 * float(total) if self.is_least_squares else float(total)
+            total += self._outputs_cost(outputs, self.y[start : start + samples])
+        return float(total)
 
     def _forward_samples(self) -> int:
         """Samples a trial's forward pass takes at once: as many as fit ``max_jacobian_bytes``
