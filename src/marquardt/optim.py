@@ -375,12 +375,9 @@ class ClosureProblem:
         operation's share of the columns; comparing ``J^T u`` from the columns with ``g(u)``
         itself, for a random ``u``, catches the latter (then ``None`` too).
         """
-        probe = _probe(r).requires_grad_()
         try:
             with _SavedBytes() as saved:
-                g = torch.autograd.grad(r, self.params, probe, create_graph=True, allow_unused=True,
-                                        materialize_grads=True)
-            g = torch.cat([part.reshape(-1) for part in g])
+                probe, g = _adjoint_graph(r, self.params)
             n, column_bytes = g.numel(), r.numel() * r.element_size()
             batch = rows_per_backward(saved_bytes + saved.nbytes, column_bytes, self.max_jacobian_bytes)
             columns = torch.cat([_batched_vjp(g, [probe], _unit_seeds(n, low, min(low + batch, n), g))
@@ -712,6 +709,15 @@ def _flat_vjp(r: Tensor, params: list[Tensor], u: Tensor) -> Tensor:
     return torch.cat([g.reshape(-1) for g in _vjp(r, params, u)])
 
 
+def _adjoint_graph(r: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(p, g)``: a fixed random ``p`` shaped like ``r`` (requiring grad) and ``g = J^T p`` as one
+    flat vector with its graph (``create_graph=True``). ``g`` is linear in ``p``, so a backward
+    pass of ``g`` seeded with ``v`` gives ``J v``: the double-backward trick."""
+    probe = _probe(r).requires_grad_()
+    g = torch.autograd.grad(r, params, probe, create_graph=True, allow_unused=True, materialize_grads=True)
+    return probe, torch.cat([part.reshape(-1) for part in g])
+
+
 def _double_backward_jvp(r: Tensor, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
     """``v -> J v`` through the graph of ``g(p) = J^T p``, or ``None`` where that graph is wrong.
 
@@ -723,11 +729,9 @@ def _double_backward_jvp(r: Tensor, params: list[Tensor]) -> Callable[[Tensor], 
     drops that operation's share of ``J v``; the adjoint test ``p^T (J v) = g(p)^T v`` for a
     random ``v`` (:func:`_adjoint_agrees`) catches the latter (then ``None`` too).
     """
-    probe = _probe(r).requires_grad_()
     try:
         with torch.enable_grad(), _SavedBytes(params):
-            g = torch.cat([part.reshape(-1) for part in torch.autograd.grad(
-                r, params, probe, create_graph=True, allow_unused=True, materialize_grads=True)])
+            probe, g = _adjoint_graph(r, params)
 
         def jvp(vector: Tensor) -> Tensor:
             (product,) = torch.autograd.grad(g, probe, vector, retain_graph=True)
