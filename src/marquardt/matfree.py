@@ -33,6 +33,7 @@ __all__ = [
     "curvature_sample_size",
     "eisenstat_walker",
     "scaled_products",
+    "warm_start",
 ]
 
 Operator = Callable[[Tensor], Tensor]
@@ -197,6 +198,37 @@ def eisenstat_walker(grad_norm: float, previous_norm: float | None, previous_for
     if floor > 0.1:
         eta = max(eta, floor)
     return float(min(high, max(low, eta)))
+
+
+def warm_start(previous: tuple[Tensor | None, float, float] | None, grad_norm: float,
+               x: Tensor) -> tuple[Tensor | None, float]:
+    """The first vector and the forcing term of a matrix-free solve at ``x``, from what the last
+    solve left: ``(step, grad_norm, forcing)``, ``step`` the last accepted step (or None).
+
+    The rule of every matrix-free front end (``fit``'s :class:`~marquardt.network.ModuleProblem`
+    and the :class:`~marquardt.optim.LevenbergMarquardt` optimizer's graph path): start from the
+    last accepted step where it still lives in ``x``'s space (same shape, dtype and device), and
+    stop at Eisenstat & Walker's choice 2 (:func:`eisenstat_walker`; 0.5 at the first solve).
+
+    Examples
+    --------
+    >>> x = torch.zeros(3)
+    >>> warm_start(None, 1.0, x)
+    (None, 0.5)
+    >>> start, forcing = warm_start((torch.ones(3), 1.0, 0.3), 0.1, x)
+    >>> start.tolist(), round(forcing, 6)
+    ([1.0, 1.0, 1.0], 0.009)
+    >>> warm_start((torch.ones(2), 1.0, 0.3), 0.1, x)[0] is None  # parameters frozen since
+    True
+    """
+    if previous is None:
+        return None, eisenstat_walker(grad_norm, None, None)
+    start, previous_norm, previous_forcing = previous
+    if start is not None and (start.shape, start.dtype, start.device) != (x.shape, x.dtype, x.device):
+        # Parameters frozen since (another shape), or the model converted in place (net.double(),
+        # .to(device)): the last step no longer lives where this solve does.
+        start = None
+    return start, eisenstat_walker(grad_norm, previous_norm, previous_forcing)
 
 
 class GalerkinSpace:

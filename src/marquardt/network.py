@@ -42,7 +42,7 @@ from .chunked import (
 from .fastjac import BufferedNetwork, LayeredJacobian, jacobian_backend
 from .kronecker import LayerGram
 from .losses import Loss, SquaredError, accumulate_gauss_newton
-from .matfree import MatrixFreeEquations, curvature_sample_size, eisenstat_walker, scaled_products
+from .matfree import MatrixFreeEquations, curvature_sample_size, scaled_products, warm_start
 from .solver import Linearization
 
 
@@ -589,11 +589,12 @@ class ModuleProblem:
         grad = lin.vjp(residuals)
         curvature, factor = self._curvature_products(x, lin)
         norm = float(torch.linalg.vector_norm(grad))
-        start, forcing = None, eisenstat_walker(norm, None, None)
-        if self._previous is not None:
-            previous_x, previous_norm, previous_forcing = self._previous
-            start = x - previous_x if previous_x.shape == x.shape else None
-            forcing = eisenstat_walker(norm, previous_norm, previous_forcing)
+        previous = self._previous
+        if previous is not None:  # the step from the last linearization's point, an accepted one
+            previous_x, previous_norm, previous_forcing = previous
+            step = x - previous_x if (previous_x.shape, previous_x.device) == (x.shape, x.device) else None
+            previous = (step, previous_norm, previous_forcing)
+        start, forcing = warm_start(previous, norm, x)
         self._previous = (x.clone(), norm, forcing)
         jvp, vjp, diagonal = scaled_products(curvature.jvp, curvature.vjp, curvature.gram_diagonal, factor)
         # Unpreconditioned: on networks the Jacobi-preconditioned steps were rejected far more often.

@@ -30,7 +30,7 @@ from .chunked import (DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, Plan,
                       assemble_sample_space, plan_assembly, single_thread)
 from .damping import DampingState, MarquardtDamping, NielsenDamping, is_real_number
 from .fastjac import LayeredJacobian
-from .matfree import MatrixFreeEquations, eisenstat_walker
+from .matfree import MatrixFreeEquations, warm_start
 from .network import ModuleProblem, trainable_parameters
 from .solver import Linearization, StepResult, lm_step
 
@@ -316,7 +316,7 @@ class ClosureProblem:
         if jvp is None:
             jvp = functools.partial(self._rows_times, r, plan.chunk_rows, batch)
         diagonal = functools.partial(self._gram_diagonal, r, plan.chunk_rows, batch)
-        start, self.forcing = _warm_start(self.previous, float(torch.linalg.vector_norm(grad)), x)
+        start, self.forcing = warm_start(self.previous, float(torch.linalg.vector_norm(grad)), x)
         self._point = x.clone()
         system = MatrixFreeEquations(jvp, vjp, diagonal, initial=start, rtol=self.forcing, max_iter=self.cg_max_iter,
                                      precondition=False)
@@ -757,22 +757,6 @@ def _adjoint_agrees(jvp: Callable[[Tensor], Tensor], probe: Tensor, expected: Te
     bound = math.sqrt(torch.finfo(expected.dtype).eps) * float(probe.abs() @ product.abs()
                                                                + expected.abs() @ vector.abs())
     return abs(float(probe @ product) - float(expected @ vector)) <= bound
-
-
-def _warm_start(previous: tuple[Tensor | None, float, float] | None, grad_norm: float,
-                x: Tensor) -> tuple[Tensor | None, float]:
-    """The first vector and the forcing term of a matrix-free solve at ``x``, from the last step's
-    ``(warm_start, grad_norm, forcing)`` (:attr:`ClosureProblem.previous`), as ``fit``'s
-    matrix-free form carries them: the last accepted step, and Eisenstat & Walker's choice 2
-    (:func:`~marquardt.matfree.eisenstat_walker`; 0.5 at the first step)."""
-    if previous is None:
-        return None, eisenstat_walker(grad_norm, None, None)
-    start, previous_norm, previous_forcing = previous
-    if start is not None and (start.shape, start.dtype, start.device) != (x.shape, x.dtype, x.device):
-        # Parameters frozen since (another shape), or the model converted in place (net.double(),
-        # .to(device)): the last step no longer lives where this solve does.
-        start = None
-    return start, eisenstat_walker(grad_norm, previous_norm, previous_forcing)
 
 
 def _batched_vjp(outputs: Tensor, inputs: list[Tensor], seeds: Tensor) -> Tensor:
