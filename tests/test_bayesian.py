@@ -57,7 +57,8 @@ def random_gram(n=6, m=4, seed=0):
 
 def test_initial_state_follows_trainbr():
     state = initial_state(n_params=61, n_errors=100, sse=3.0, ssw=20.0)
-    assert state == BayesianState(alpha=61 / 40, beta=39 / 6, gamma=61, sse=3.0, ssw=20.0)
+    assert state == BayesianState(alpha=61 / 40, beta=39 / 6, gamma=61.0, sse=3.0, ssw=20.0)
+    assert type(state.gamma) is float  # as every later estimate: the record's gamk is one type
     assert state.objective == pytest.approx(39 / 6 * 3.0 + 61 / 40 * 20.0)
 
 

@@ -131,6 +131,18 @@ def test_plot_training_state_br_adds_gamma_and_ssw(tmp_path):
     assert_png(path)
     assert [ax.get_ylabel() for ax in fig.axes] == ["gradient", "damping", "gamma", "ssw", "val_fail"]
     assert fig.axes[2].get_title() == "Num Parameters = 7.5, at epoch 7"
+    # trainbr's state_info: ssX on a log scale (it falls by orders of magnitude), gamk linear
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear", "log", "linear"]
+
+
+def test_plot_training_state_no_validation_failures_keeps_integer_axis():
+    h = History()
+    for e in range(4):
+        h.append(epoch=e, perf=1.0 / (e + 1), gradient=1.0, damping=1e-3, val_fail=0)
+    ax = plot_training_state(h).axes[-1]
+    assert ax.get_ylabel() == "val_fail"
+    assert ax.get_ylim() == (0.0, 1.0)
+    assert all(float(t).is_integer() for t in ax.get_yticks())
 
 
 def test_plot_training_state_without_state_keys():

@@ -74,10 +74,10 @@ def initial_state(n_params: int, n_errors: int, sse: float, ssw: float) -> Bayes
     Examples
     --------
     >>> initial_state(n_params=61, n_errors=100, sse=3.0, ssw=20.0)
-    BayesianState(alpha=1.525, beta=6.5, gamma=61, sse=3.0, ssw=20.0)
+    BayesianState(alpha=1.525, beta=6.5, gamma=61.0, sse=3.0, ssw=20.0)
     """
     alpha, beta = _hyperparameters(n_params, n_errors, sse, ssw)
-    return BayesianState(alpha, beta, n_params, sse, ssw)
+    return BayesianState(alpha, beta, float(n_params), sse, ssw)
 
 
 def effective_parameters(gram: Tensor, alpha: float, beta: float) -> float:

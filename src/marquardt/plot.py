@@ -73,7 +73,7 @@ _STATE_PANELS = (
     ("damping", "Mu", True),
     ("lr", "Learning Rate", True),
     ("gamma", "Num Parameters", False),
-    ("ssw", "Sum Squared Param", False),
+    ("ssw", "Sum Squared Param", True),
     ("val_fail", "Validation Checks", False),
 )
 _MATPLOTLIB_HINT = "marquardt.plot needs matplotlib: pip install matplotlib (or pip install 'marquardt[plot]')"
@@ -602,6 +602,8 @@ def _state_panel(ax: Axes, epochs: np.ndarray, values: np.ndarray, *,
         from matplotlib.ticker import MaxNLocator
 
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if values[finite].max() == 0:  # no failures: MaxNLocator alone puts ticks at +-0.04
+            ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
 
 
