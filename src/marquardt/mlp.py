@@ -344,7 +344,10 @@ class MLP(nn.Module):
 
     and a feature with :math:`x_{max} = x_{min}` maps to 0, so the network ignores it
     (MATLAB's ``removeconstantrows``). Outputs are mapped back with the inverse on the
-    target ranges; a constant target comes back as its constant.
+    target ranges; a constant target comes back as its constant. Unlike ``removeconstantrows``
+    the network keeps an output unit for it: ``fit`` trains that unit towards 0 (its errors
+    count in the recorded gradient and in ``trainbr``'s number of errors ``N``), and the
+    reported performance, in original units, is that of the constant, 0.
 
     Examples
     --------
