@@ -77,6 +77,10 @@ X0 = [1.0, 1.0, 0.0]
          r"args must be a tuple of extra arguments for fun; received float 2.0 \(write args=\(2.0,\)"),
         (decay, X0, dict(kwargs=[1]), TypeError, "kwargs must be a dict of keyword arguments for fun; received list"),
         (decay, X0, dict(callback="print"), TypeError, "callback must be callable or None; received str"),
+        # numpy's own conversion errors, naming no argument
+        (decay, [[1.0], [1.0, 2.0]], {}, TypeError, r"x0 must be a 1-D array-like of numbers or a tensor; received list"),
+        (decay, [torch.tensor(1.0, requires_grad=True), 1.0, 0.0], {}, TypeError,
+         r"x0 must be a 1-D array-like of numbers or a tensor; received list"),
         pytest.param(lambda b: torch.tensor([b[0] - 1.0, b[1] - 2.0]), X0, {}, TypeError,
                      r"fun\(x0\) does not depend on x through torch autograd",
                      marks=pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")),
@@ -270,8 +274,9 @@ def test_callback_stop_gives_status_minus_two():
     assert res.message == TERMINATION_MESSAGES[-2]
 
 
-@pytest.mark.parametrize(("returned", "stops"), [(True, True), (np.True_, True), (1, False), ([1], False),
-                                                 (np.False_, False), (None, False)])
+@pytest.mark.parametrize(("returned", "stops"), [(True, True), (np.True_, True), (torch.tensor(True), True),
+                                                 (1, False), ([1], False), (np.False_, False), (None, False),
+                                                 (torch.tensor(False), False), (torch.tensor(1), False)])
 def test_callback_stops_on_true_only(returned, stops):
     seen = []
 
@@ -571,3 +576,51 @@ def test_a_short_step_held_back_by_a_falling_damping_is_not_an_xtol_stop(name):
     res = least_squares(problem.residual_function(), problem.starts[1], x_scale=1.0)
     assert res.success
     assert lre(res.x, problem.certified) >= 6.0
+
+
+def test_a_fun_writing_into_one_buffer_gives_the_result_of_a_fun_returning_copies():
+    # MINPACK copies fvec: a fun that returns the same preallocated array at every call must
+    # not change the kept residuals (the m < n step reads them after a rejected trial) nor
+    # the returned result's fun and jac afterwards.
+    rng = np.random.default_rng(3)
+    A, target = rng.standard_normal((3, 6)), np.array([0.3, -0.2, 0.5])
+    buffer, jac_buffer = np.empty(3), np.empty((3, 6))
+
+    def fun(x):
+        x = np.asarray(x, dtype=float)
+        np.subtract(A @ np.sin(3 * x), target, out=buffer)
+        return buffer
+
+    def jac(x):
+        x = np.asarray(x, dtype=float)
+        np.multiply(A, 3 * np.cos(3 * x), out=jac_buffer)
+        return jac_buffer
+
+    for start in rng.uniform(-1.0, 1.0, (6, 6)):
+        shared = least_squares(fun, start, jac=jac)
+        copied = least_squares(lambda x: fun(x).copy(), start, jac=lambda x: jac(x).copy())
+        assert shared.nfev == copied.nfev and np.array_equal(shared.x, copied.x)
+        fun(np.zeros(6))
+        jac(np.zeros(6))
+        np.testing.assert_array_equal(shared.fun, copied.fun)
+        np.testing.assert_array_equal(shared.jac, copied.jac)
+
+
+PINN_T = torch.linspace(0.0, 1.0, 20, dtype=torch.float64)
+
+
+def decay_ode(b):
+    """u' + 1.7 u = 0 with u(0) = 2 for u = b0 exp(-b1 t), u' by torch.autograd.grad inside."""
+    t = PINN_T.clone().requires_grad_(True)
+    u = b[0] * torch.exp(-b[1] * t)
+    (du,) = torch.autograd.grad(u.sum(), t, create_graph=True)
+    return torch.cat([du + 1.7 * u, u[:1] - 2.0])
+
+
+@pytest.mark.parametrize(("jac", "geodesic"), [(None, False), (None, True), ("2-point", False), ("2-point", True)])
+def test_a_fun_calling_torch_autograd_grad_inside_is_solved(jac, geodesic):
+    # A physics-informed residual: its derivative by autograd failed with autograd off
+    # ("element 0 of tensors does not require grad") before the first iteration.
+    res = least_squares(decay_ode, [1.0, 1.0], jac=jac, geodesic=geodesic)
+    assert res.success and res.cost < 1e-20
+    np.testing.assert_allclose(res.x, [2.0, 1.7], rtol=1e-8)

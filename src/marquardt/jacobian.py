@@ -44,12 +44,34 @@ def residuals_and_jacobian(fun: ResidualFunction, x: Tensor, n_residuals: int) -
     try:
         jac, value = transform(with_value, has_aux=True)(x)
     except (RuntimeError, NotImplementedError, TypeError):
-        value = fun(x).detach()
-        jac = torch.autograd.functional.jacobian(fun, x)
+        return autograd_residuals_and_jacobian(fun, x)
     # torch.func's forward mode returns a float64 Jacobian for a float32 fun that stacks indexed
     # elements (torch.stack([3.0 * x[0], x[1]]), measured with torch 2.13): J takes the
     # residuals' dtype, or J^T r mixes dtypes and fails.
     return value.detach(), jac.detach().to(value.dtype)
+
+
+def autograd_residuals_and_jacobian(fun: ResidualFunction, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Residuals and the exact Jacobian by :func:`torch.autograd.functional.jacobian`, for what
+    :mod:`torch.func` cannot transform: data-dependent control flow, ``.item()``, or a ``fun``
+    that calls ``torch.autograd.grad`` itself (a physics-informed residual), with autograd on.
+
+    Examples
+    --------
+    >>> t = torch.linspace(0.0, 1.0, 3)
+    >>> def fun(b):  # u' - b0 for u = b0 t + b1 t^2, by autograd inside
+    ...     s = t.clone().requires_grad_(True)
+    ...     u = b[0] * s + b[1] * s**2
+    ...     (du,) = torch.autograd.grad(u.sum(), s, create_graph=True)
+    ...     return du - b[0]
+    >>> r, J = autograd_residuals_and_jacobian(fun, torch.tensor([1.0, 2.0]))
+    >>> r.tolist(), J.tolist()
+    ([0.0, 2.0, 4.0], [[0.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    """
+    with torch.enable_grad():
+        value = fun(x).detach()
+        jac = torch.autograd.functional.jacobian(fun, x)
+    return value, jac.detach().to(value.dtype)
 
 
 def finite_difference_jacobian(fun: ResidualFunction, x: Tensor, value: Tensor, eps: float | None = None) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from torch import Tensor
 from .chunked import SERIAL_MAX_ENTRIES, single_thread
 from .damping import DampingRule, DampingState, is_real_number, make_damping
 from .jacobian import (
+    autograd_residuals_and_jacobian,
     finite_difference_jacobian,
     finite_difference_second_derivative,
     residuals_and_jacobian,
@@ -367,6 +369,9 @@ class FunctionProblem:
     #: Machine epsilon of the precision ``fun`` computes in, for the finite-difference steps
     #: (``None``: that of ``x``).
     fd_eps: float | None = None
+    #: Whether ``fun`` must run with autograd on even where no Jacobian is traced (it calls
+    #: ``torch.autograd.grad`` itself, as a physics-informed residual does): found at ``x0``.
+    needs_grad: bool = False
     _last: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def residuals(self, x: Tensor) -> Tensor:
@@ -385,9 +390,18 @@ class FunctionProblem:
         """Keep ``fun(x)`` for the linearization that follows an accepted trial at ``x``."""
         self._last = (x.clone(), r)
 
+    def _untraced(self) -> AbstractContextManager:
+        """The grad mode of a call of ``fun`` whose output needs no graph: off, unless ``fun``
+        differentiates inside (:attr:`needs_grad`; its output is then detached)."""
+        return torch.enable_grad() if self.needs_grad else torch.no_grad()
+
+    def _plain_residuals(self, x: Tensor) -> Tensor:
+        """:meth:`residuals` at ``x`` with no graph kept (:meth:`_untraced`)."""
+        with self._untraced():
+            return self.residuals(x).detach()
+
     def cost(self, x: Tensor) -> float:
-        with torch.no_grad():
-            r = self.residuals(x)
+        r = self._plain_residuals(x)
         if not bool(torch.isfinite(r).all()):
             return math.inf
         self.remember(x, r)
@@ -399,34 +413,35 @@ class FunctionProblem:
         # The exact Jacobian evaluates fun in the same pass anyway.
         if self._last is not None and torch.equal(self._last[0], x):
             return self._last[1]
-        return self.residuals(x)
+        return self._plain_residuals(x)
 
     def residuals_and_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.jac is None:
+            if self.needs_grad:  # torch.func refuses autograd.grad inside fun: no attempt every step
+                return autograd_residuals_and_jacobian(self.residuals, x)
             return residuals_and_jacobian(self.residuals, x, self.n_residuals)
-        with torch.no_grad():
-            r = self._residuals_at(x)
-            if self.jac == "2-point":
-                return r, finite_difference_jacobian(self.residuals, x, r, self.fd_eps)
+        r = self._residuals_at(x)
+        if self.jac == "2-point":
+            return r, finite_difference_jacobian(self._plain_residuals, x, r, self.fd_eps)
+        with self._untraced():
             value = _dense(self.jac(x))
-            _check_real("jac", value, "torch.cat([J.real, J.imag]) for residuals torch.cat([r.real, r.imag])")
-            jac = _as_tensor_like(value, x)
-            if jac.shape != (self.n_residuals, x.shape[0]):
-                # Checked at every point, as the residuals are: a wrong shape past x0 failed
-                # inside the Cholesky solve with "Incompatible matrix sizes for cholesky_solve".
-                raise ValueError(f"jac returned shape {tuple(jac.shape)}; expected (m, n) = "
-                                 f"({self.n_residuals}, {x.shape[0]}) (at x = {_describe_point(x)}).")
-            return r, jac
+        _check_real("jac", value, "torch.cat([J.real, J.imag]) for residuals torch.cat([r.real, r.imag])")
+        jac = _as_tensor_like(value, x).detach()
+        if jac.shape != (self.n_residuals, x.shape[0]):
+            # Checked at every point, as the residuals are: a wrong shape past x0 failed
+            # inside the Cholesky solve with "Incompatible matrix sizes for cholesky_solve".
+            raise ValueError(f"jac returned shape {tuple(jac.shape)}; expected (m, n) = "
+                             f"({self.n_residuals}, {x.shape[0]}) (at x = {_describe_point(x)}).")
+        return r, jac
 
     def linearize(self, x: Tensor) -> Linearization:
         return _linearization(*self.residuals_and_jacobian(x))
 
     def second_directional(self, x: Tensor, direction: Tensor, jvp: Tensor, residuals: Tensor | None = None) -> Tensor:
         """``d^2/dt^2 fun(x + t direction)``; ``residuals`` is ``fun(x)`` when held (no second call)."""
-        if self.jac is None:
+        if self.jac is None and not self.needs_grad:
             return second_directional_derivative(self.residuals, x, direction)
-        with torch.no_grad():
-            return finite_difference_second_derivative(self.residuals, x, direction, jvp, value=residuals)
+        return finite_difference_second_derivative(self._plain_residuals, x, direction, jvp, value=residuals)
 
 
 def _describe_point(x: Tensor) -> str:
@@ -441,9 +456,12 @@ def _linearization(r: Tensor, jac: Tensor) -> Linearization:
 
 
 def _as_tensor_like(value: Any, like: Tensor) -> Tensor:
+    """``value`` as a new tensor of ``like``'s dtype and device, never a view of it: ``fun`` or
+    ``jac`` may return a buffer they write again at their next call (MINPACK copies ``fvec``
+    too), which would change the kept residuals, and the result's ``fun`` and ``jac``, after the fact."""
     if isinstance(value, Tensor):
-        return value.to(dtype=like.dtype, device=like.device) if value.dtype != like.dtype else value
-    return torch.as_tensor(np.asarray(value), dtype=like.dtype, device=like.device)
+        return value.to(dtype=like.dtype, device=like.device, copy=True)
+    return torch.tensor(np.asarray(value), dtype=like.dtype, device=like.device)
 
 
 def _as_residual_vector(value: Any, like: Tensor) -> Tensor:
@@ -508,7 +526,12 @@ def least_squares(
         one residual, as scipy's ``np.atleast_1d`` reads them). It is always called with a tensor
         (so that autograd can differentiate it), on the device and dtype of the working point.
         It must not modify ``x`` in place: an accepted trial point is the tensor ``fun`` was
-        called with, so a change made there would be kept.
+        called with, so a change made there would be kept. Its output is copied, so it may
+        return a buffer it writes again at the next call. ``fun`` may take derivatives itself
+        by ``torch.autograd.grad`` (``create_graph=True``), as a physics-informed residual does:
+        it then always runs with autograd on, and the exact Jacobian comes from
+        :func:`torch.autograd.functional.jacobian` (``torch.func.grad`` inside ``fun`` keeps the
+        faster :mod:`torch.func` path).
     x0 : Tensor or array_like
         Starting point. A tensor keeps its dtype and device (CPU or CUDA); numpy arrays and Python
         numbers become float64, and the result is then returned as numpy.
@@ -593,8 +616,8 @@ def least_squares(
     rule = make_damping(damping)
     scaling = make_scaling(x_scale, x.shape[0], dtype=x.dtype, device=x.device)
     bound_fun, bound_jac = _bind(fun, args, kwargs), _bind_jac(jac, args, kwargs)
-    residuals0, output_eps = _validate_residuals(bound_fun, x)
-    problem = FunctionProblem(bound_fun, bound_jac, residuals0.shape[0], output_eps)
+    residuals0, output_eps, needs_grad = _validate_residuals(bound_fun, x)
+    problem = FunctionProblem(bound_fun, bound_jac, residuals0.shape[0], output_eps, needs_grad)
     problem.remember(x, residuals0)
     max_nfev = max(1000, 100 * x.shape[0]) if max_nfev is None else max_nfev
     # Small problems run on one thread: a 250 x 8 ``J^T J`` took 5 us on one thread and 31 ms
@@ -836,7 +859,10 @@ class _Run:
             return False
         try:
             result = self.callback(info)
-            # True itself (or numpy's): a merely truthy return (1, a list) does not stop.
+            # True itself (numpy's, or a one-element bool tensor): a merely truthy return (1, a
+            # list) does not stop.
+            if isinstance(result, Tensor):
+                return result.dtype == torch.bool and result.numel() == 1 and bool(result)
             return result is True or result is np.True_
         except StopIteration:
             return True
@@ -912,7 +938,11 @@ def _validate_x0(x0: Any) -> tuple[Tensor, bool]:
     if isinstance(x0, Tensor):
         x = x0.detach()
     else:
-        array = np.asarray(x0)
+        try:
+            array = np.asarray(x0)
+        except (ValueError, TypeError, RuntimeError) as error:  # ragged, or tensors that need grad
+            raise TypeError(f"x0 must be a 1-D array-like of numbers or a tensor; received {type(x0).__name__} "
+                            f"that numpy cannot read as one ({error}).") from None
         if array.dtype.kind in "iub" and not isinstance(x0, (list, tuple, int, float)):
             raise TypeError(f"x0 has integer dtype {array.dtype}; expected a floating-point array (e.g. x0.astype(float)).")
         if array.dtype.kind not in "iufb":
@@ -982,10 +1012,10 @@ def _bind_jac(jac: Any, args: tuple, kwargs: dict) -> Any:
     raise ValueError(f"Invalid jac: {jac!r}; expected None (exact, by autograd), '2-point' or a callable.")
 
 
-def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor, float]:
-    """``fun(x0)`` checked, and the machine epsilon of the precision it was computed in."""
-    with torch.no_grad():
-        value = fun(x)
+def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor, float, bool]:
+    """``fun(x0)`` checked, the machine epsilon of the precision it was computed in, and whether
+    ``fun`` needs autograd on (:attr:`FunctionProblem.needs_grad`)."""
+    value, needs_grad = _first_call(fun, x)
     _check_real("fun(x0)", value, "torch.cat([r.real, r.imag])")
     try:
         r = _as_residual_vector(value, x)
@@ -1003,7 +1033,27 @@ def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor
             f"The cost 0.5 * sum(fun(x0)**2) overflows {r.dtype} (largest |residual| {largest:.3e}); "
             "rescale the residuals or choose a starting point nearer the data."
         )
-    return r, _output_eps(value, x)
+    return r.detach().clone(), _output_eps(value, x), needs_grad
+
+
+def _first_call(fun: Callable[[Tensor], Any], x: Tensor) -> tuple[Any, bool]:
+    """``fun(x0)`` with autograd off, or on where ``fun`` differentiates inside.
+
+    A physics-informed residual takes derivatives of its model by ``torch.autograd.grad``,
+    which fails with autograd off ("element 0 of tensors does not require grad"); calls that
+    need no graph (trial costs, finite differences) then run with it on and detach the output.
+    A ``fun`` that fails both ways raises its first error.
+    """
+    try:
+        with torch.no_grad():
+            return fun(x), False
+    except RuntimeError as error:
+        try:
+            with torch.enable_grad():
+                value = fun(x)
+        except Exception:  # noqa: BLE001 - not a grad-mode failure: the first error is fun's own
+            raise error from None
+        return (value.detach() if isinstance(value, Tensor) else value), True
 
 
 def _output_eps(value: Any, x: Tensor) -> float:
