@@ -936,6 +936,22 @@ def test_float32_closure_stacking_indexed_elements_steps_in_float32(extra):
     torch.testing.assert_close(w.detach(), torch.tensor(expected), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("solver, form", [("auto", "sample-space"), ("sample-space", "sample-space"),
+                                          ("normal", "cholesky")])
+def test_float32_model_with_float64_residuals_steps_in_every_form(solver, form):
+    # Targets from numpy make float64 residuals of a float32 network; the autograd rows are
+    # float32. The sample-space form (10 residuals < 61 parameters) mixed them in one solve.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
+    X = torch.linspace(-1, 1, 10)[:, None]
+    y = torch.from_numpy(np.sin(3 * np.linspace(-1, 1, 10))[:, None])
+    opt = LevenbergMarquardt(net.parameters(), solver=solver)
+    costs = [float(opt.step(lambda: torch.sin(net(X)) - y)) for _ in range(3)]
+    assert _state(opt)["solver"] == form and _state(opt)["jacobian"] in ("forward", "reverse")
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert costs[-1] < costs[0]
+
+
 def test_lm_step_without_closure_is_a_clear_error():
     opt = LevenbergMarquardt(torch.nn.Linear(1, 1).parameters())
     with pytest.raises(ValueError, match="needs a closure that returns the residual tensor"):

@@ -351,7 +351,9 @@ class ClosureProblem:
             chunks = ((jac[start : start + plan.chunk_rows], r[start : start + plan.chunk_rows].detach())
                       for start in range(0, m, plan.chunk_rows))
         if plan.form == "sample-space":
-            system, grad, cost = assemble_sample_space(chunks)
+            # In x's dtype, as the normal form below: float64 residuals of a float32 model (targets
+            # from numpy) meet float32 Jacobian rows, which one solve cannot mix.
+            system, grad, cost = assemble_sample_space(chunks, dtype=x.dtype)
             return Linearization(cost, grad, system, system.residuals, system.jac)
         system, grad, cost = accumulate_normal(chunks, n, dtype=x.dtype, device=x.device)
         return Linearization(cost, grad, system)
