@@ -191,6 +191,55 @@ def test_user_stop_from_callback():
     assert history.stop_reason == "User stop." and len(history) == 3
 
 
+class EpochLog(Callback):
+    """Records each ``on_epoch_end``'s epoch, and whether the model then gives that record's perf."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.epochs, self.model_matches = X, y, [], []
+
+    def on_epoch_end(self, history, model):
+        self.epochs.append(history.last["epoch"])
+        with torch.no_grad():
+            perf = float(((model(self.X) - self.y) ** 2).mean())
+        self.model_matches.append(perf == pytest.approx(history.last["perf"], rel=1e-12))
+
+
+#: Runs that end on a built-in rule, and that rule.
+RULE_STOPS = [
+    (dict(epochs=3), "epochs"),
+    (dict(epochs=0), "epochs"),
+    (dict(goal=1e9), "goal"),
+    (dict(time_limit=0), "time"),
+    (dict(min_grad=1e9), "gradient"),
+    (dict(mu=1e-3, mu_max=1e-3), "mu"),
+    (dict(validation_data=(smooth_data()[0] + 0.3, smooth_data()[1]), max_fail=1), "validation"),
+    (dict(method="momentum", epochs=3), "epochs"),
+    (dict(method="br", epochs=2), "epochs"),
+]
+
+
+@pytest.mark.parametrize("options, rule", RULE_STOPS, ids=[f"{rule}-{i}" for i, (_, rule) in enumerate(RULE_STOPS)])
+def test_on_epoch_end_is_called_for_every_record_the_last_one_too(options, rule):
+    # The epoch a built-in rule stopped on got no call: epochs=3 recorded 0..3 and the callback
+    # saw 0..2; epochs=0 or a goal met at epoch 0 never called it.
+    X, y = smooth_data()
+    log = EpochLog(X, y)
+    history = fit(tanh_net(), X, y, callbacks=[log], **options)
+    assert history.stop_reason == STOP_REASONS[rule]
+    assert log.epochs == history["epoch"] and all(log.model_matches)
+
+
+def test_a_user_stop_on_an_epoch_a_rule_ends_keeps_the_rules_reason():
+    class StopAtEveryEpoch(Callback):
+        def on_epoch_end(self, history, model):
+            raise StopIteration
+
+    X, y = smooth_data()
+    assert fit(tanh_net(), X, y, epochs=0, callbacks=[StopAtEveryEpoch()]).stop_reason == STOP_REASONS["epochs"]
+    assert fit(tanh_net(), X, y, goal=1e9, callbacks=[StopAtEveryEpoch()]).stop_reason == STOP_REASONS["goal"]
+    assert fit(tanh_net(), X, y, epochs=5, callbacks=[StopAtEveryEpoch()]).stop_reason == STOP_REASONS["user"]
+
+
 class LoadWeightsAt(Callback):
     """Writes ``weights`` into the model in ``on_epoch_end`` of ``epoch``."""
 
@@ -767,7 +816,7 @@ def test_the_record_evaluates_the_validation_set_in_eval_mode():
     with_val, alone = RunningMeans(), RunningMeans()
     fit(batchnorm_net(), X, y, method="gd", lr=0.01, epochs=3, validation_data=(X + 50.0, y), callbacks=[with_val])
     fit(batchnorm_net(), X, y, method="gd", lr=0.01, epochs=3, callbacks=[alone])
-    assert len(with_val.seen) == len(alone.seen) == 3
+    assert len(with_val.seen) == len(alone.seen) == 4  # epochs 0 to 3
     assert not torch.equal(with_val.seen[-1], with_val.seen[0])  # the training steps move them
     assert all(torch.equal(a, b) for a, b in zip(with_val.seen, alone.seen))
     torch.manual_seed(0)

@@ -87,6 +87,8 @@ class Callback:
         """Called after each epoch's record is appended, ``model`` holding that epoch's weights.
 
         Weights written to ``model`` here are where the next epoch starts, for every method.
+        It is called for the last record too; where a stopping rule ends the run at that epoch,
+        its reason stands even if this raises StopIteration.
         """
 
     def on_train_end(self, history: History, model: nn.Module) -> None:
@@ -1085,7 +1087,8 @@ class _Loop:
             self.history.append(record)
             if display is not None:
                 display(record)
-            reason = reason or self._callbacks_stop()
+            user_stop = self._epoch_end(stopping=reason is not None)
+            reason = reason or user_stop  # a built-in rule, checked first, keeps its reason
             if reason is not None:
                 break
             self.trainer.step()
@@ -1127,14 +1130,16 @@ class _Loop:
             return 0
         return val_fail + 1 if (self.val is not None and watched > best.perf) else val_fail
 
-    def _callbacks_stop(self) -> str | None:
-        stop = False
-        for callback in self.callbacks:
-            try:
-                callback.on_epoch_end(self.history, self.model)
-            except StopIteration:
-                stop = True
-                break
+    def _epoch_end(self, *, stopping: bool) -> str | None:
+        """Call ``on_epoch_end`` for the record just appended; ``"User stop."`` when a callback asks.
+
+        Every record gets its call, the last one too (``stopping``: a built-in rule ends the run at
+        this epoch). Then no step follows, so weights a callback wrote are not adopted, and the
+        ranks need not agree on a user stop: the run ends on every rank with the built-in reason.
+        """
+        stop = self._call_epoch_end()
+        if stopping:
+            return None
         if self.callbacks and not stop:
             adopt = getattr(self.trainer, "adopt_module_weights", None)
             if adopt is not None:
@@ -1144,6 +1149,16 @@ class _Loop:
             # this epoch: one small reduction per epoch, on every rank whatever its callbacks.
             stop = sum_values([float(stop)], self.reducer)[0] > 0
         return STOP_REASONS["user"] if stop else None
+
+    def _call_epoch_end(self) -> bool:
+        """Run the callbacks' ``on_epoch_end`` in order; whether one raised StopIteration (the
+        later ones are then not called)."""
+        for callback in self.callbacks:
+            try:
+                callback.on_epoch_end(self.history, self.model)
+            except StopIteration:
+                return True
+        return False
 
     def _finish(self, best: _Best, reason: str, last_epoch: int) -> None:
         if self.keep_last:
