@@ -496,6 +496,9 @@ def test_bad_input_is_rejected_before_training(X, y, kwargs, error, match):
         (dict(validation_data=(np.zeros((3, 1)), np.zeros((2, 1)))), ValueError,
          "X_val and y_val have different numbers of samples: 3 and 2"),
         (dict(division="random", split=(0.01, 0.5, 0.49)), ValueError, "leaves no training samples out of 4"),
+        # Refused by the trainer's ModuleProblem, after the ranges were set: they stayed set.
+        (dict(solver="normal", max_matrix_bytes=8), ValueError,
+         r"solver='normal' needs the 10 x 10 matrix J\^T J .* more than max_matrix_bytes=8"),
     ],
 )
 def test_a_failed_call_leaves_the_mlp_normalization_unset(kwargs, error, match):
@@ -508,6 +511,17 @@ def test_a_failed_call_leaves_the_mlp_normalization_unset(kwargs, error, match):
     assert not model.normalization_set  # a corrected call takes the ranges from its own data
     fit(model, 2 * X, X, epochs=1)
     assert model.normalization_set and model.x_max.tolist() == [60.0]
+
+
+def test_a_classifier_refused_by_its_problem_keeps_its_input_ranges_unset():
+    from marquardt import mlp
+
+    model = mlp(1, hidden=(3,), n_outputs=2, dtype=torch.float64)
+    X = np.linspace(0.0, 30.0, 20)[:, None]
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    with pytest.raises(ValueError, match="solver='sample-space' needs the squared-error loss"):
+        fit(model, X, (X[:, 0] > 15).astype(np.int64), loss="cross_entropy", solver="sample-space")
+    assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
 
 
 def test_a_checkpoint_of_another_run_leaves_the_mlp_normalization_unset(tmp_path):

@@ -20,7 +20,8 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,6 +268,21 @@ def _set_normalization(model: nn.Module, data: Split, loss: Loss, reducer: Reduc
             data = Split(global_range(data.X, reducer), data.y if loss.classification else global_range(data.y, reducer))
         # Classifier outputs are logits: their map stays the identity.
         model.set_normalization(data.X, None if loss.classification else data.y)
+
+
+@contextmanager
+def _configured(model: nn.Module, data: Split, loss: Loss, reducer: Reducer, history: History) -> Iterator[None]:
+    """:func:`_set_normalization` for a call that may still be refused: when the block raises
+    before ``history`` holds a record (an option the trainer's problem refuses, another run's
+    checkpoint, a non-finite start), nothing was trained and the ranges are unset again."""
+    unset = _normalization_buffers(model)
+    _set_normalization(model, data, loss, reducer)
+    try:
+        yield
+    except BaseException:
+        if not history.records:
+            _restore_buffers(model, unset)
+        raise
 
 
 def _training_view(model: nn.Module, loss: Loss) -> tuple[nn.Module, Callable[[Split], Split]]:
@@ -996,42 +1012,37 @@ def fit(
                                                                                generator, seeded=seed is not None)
         data = _prepare(model, X, y, ("X", "y"), loss_fn)
         # Every check on the input comes before the model is changed (its mapminmax ranges set
-        # from X, y): a call that fails leaves the model as it was.
+        # from X, y); the checks the trainer's problem makes (the solver form against the memory
+        # budgets and the loss) come after, and _configured restores the ranges when they refuse:
+        # a call that fails leaves the model as it was.
         train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
         _check_optimizer_options(kind, spec, model)
         _check_bayesian_form(kind, spec, model)
         synchronize_module(model, reducer)
-        unset = _normalization_buffers(model)
-        _set_normalization(model, data, loss_fn, reducer)
-        require_same({"validation data": val is not None, "test data": test is not None}, reducer)
-        if reducer.world_size > 1 and checkpoint is not None:
-            checkpointer = ShardedCheckpoint(checkpointer, reducer)
-        module, to_training_units = _training_view(model, loss_fn)
-        fitting = to_training_units(train)
-        trainer = _make_trainer(kind, spec, module, fitting, loss_fn, _make_batches(fitting, batch_size, generator),
-                                reducer)
-        stop_after = _max_fail(kind, max_fail) if val is not None else math.inf
         history = History(kind)
-        loop = _Loop(model, trainer, train, val, test, history, callbacks, loss_fn,
-                     dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad,
-                          max_fail=stop_after),
-                     keep_last=kind == "br" and stop_after == math.inf, checkpoint=checkpointer, reducer=reducer)
-        display = _progress_display(progress, epochs)
-        n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        try:
-            # Tiny problems: a second intra-op thread costs more than it saves (see single_thread).
-            # Over all ranks' samples, so that every rank runs the (repeated) solve on the same kernels.
-            with single_thread(is_small(int(sum_values([fitting.y.numel()], reducer)[0]), n_params)):
-                loop.run(display)
-        except BaseException:
-            # Refused before any epoch was recorded (another run's checkpoint, a non-finite
-            # start): nothing was trained, and the ranges set above go too.
-            if not history.records:
-                _restore_buffers(model, unset)
-            raise
-        finally:
-            if display is not None:
-                display.close()
+        with _configured(model, data, loss_fn, reducer, history):
+            require_same({"validation data": val is not None, "test data": test is not None}, reducer)
+            if reducer.world_size > 1 and checkpoint is not None:
+                checkpointer = ShardedCheckpoint(checkpointer, reducer)
+            module, to_training_units = _training_view(model, loss_fn)
+            fitting = to_training_units(train)
+            trainer = _make_trainer(kind, spec, module, fitting, loss_fn,
+                                    _make_batches(fitting, batch_size, generator), reducer)
+            stop_after = _max_fail(kind, max_fail) if val is not None else math.inf
+            loop = _Loop(model, trainer, train, val, test, history, callbacks, loss_fn,
+                         dict(goal=goal, epochs=epochs, time_limit=time_limit, min_grad=min_grad,
+                              max_fail=stop_after),
+                         keep_last=kind == "br" and stop_after == math.inf, checkpoint=checkpointer, reducer=reducer)
+            n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            display = _progress_display(progress, epochs)
+            try:
+                # Tiny problems: a second intra-op thread costs more than it saves (see single_thread).
+                # Over all ranks' samples, so that every rank runs the (repeated) solve on the same kernels.
+                with single_thread(is_small(int(sum_values([fitting.y.numel()], reducer)[0]), n_params)):
+                    loop.run(display)
+            finally:
+                if display is not None:
+                    display.close()
     return history
 
 
