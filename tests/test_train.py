@@ -270,6 +270,58 @@ def test_weights_a_callback_writes_are_where_the_next_lm_step_starts(method):
     assert untouched["perf"][3] == pytest.approx({"lm": 0.0111609, "br": 0.238389}[method], rel=1e-5)
 
 
+class FreezeFirstLayerAt(Callback):
+    """Freezes the first layer's weight in ``on_epoch_end`` of ``epoch`` (fine-tuning's pattern),
+    keeping the weights and damping reached then."""
+
+    def __init__(self, epoch):
+        self.epoch, self.weights, self.frozen, self.damping = epoch, None, None, None
+
+    def on_epoch_end(self, history, model):
+        if history.last["epoch"] == self.epoch:
+            model[0].weight.requires_grad_(False)
+            self.weights = {k: v.clone() for k, v in model.state_dict().items()}
+            self.frozen, self.damping = model[0].weight.detach().clone(), history.last["damping"]
+
+
+@pytest.mark.parametrize("solver", ["auto", "matrix-free", "sample-space"])
+def test_a_layer_a_callback_freezes_stops_training_and_lm_goes_on_with_the_others(solver):
+    # LM kept the problem built for every parameter and crashed at the next linearization with
+    # numpy's "could not broadcast input array from shape (17,) into shape (25,)".
+    X, y = smooth_data()
+    freeze = FreezeFirstLayerAt(2)
+    model = tanh_net(hidden=8)
+    history = fit(model, X, y, epochs=5, min_grad=0.0, solver=solver, callbacks=[freeze])
+    assert history.stop_reason == STOP_REASONS["epochs"] and torch.equal(model[0].weight, freeze.frozen)
+    # From the weights and damping of epoch 2, the same steps as a run with the layer frozen from the start.
+    reference = tanh_net(hidden=8)
+    reference.load_state_dict(freeze.weights)
+    reference[0].weight.requires_grad_(False)
+    expected = fit(reference, X, y, epochs=3, min_grad=0.0, solver=solver, mu=freeze.damping)
+    np.testing.assert_allclose(history["perf"][2:], expected["perf"], rtol=1e-10)
+    assert history["damping"][2:] == expected["damping"]
+
+
+@pytest.mark.parametrize("options", [dict(method="br"), dict(batch_size=20, seed=0)])
+def test_freezing_a_layer_mid_run_works_for_trainbr_and_mini_batches(options):
+    X, y = smooth_data()
+    freeze = FreezeFirstLayerAt(1)
+    model = tanh_net(hidden=8)
+    history = fit(model, X, y, epochs=4, min_grad=0.0, callbacks=[freeze], **options)
+    assert len(history) == 5 and torch.equal(model[0].weight, freeze.frozen)
+    assert all(math.isfinite(perf) for perf in history["perf"])
+
+
+def test_a_callback_that_freezes_every_parameter_is_a_value_error_saying_so():
+    class FreezeAll(Callback):
+        def on_epoch_end(self, history, model):
+            model.requires_grad_(False)
+
+    X, y = smooth_data()
+    with pytest.raises(ValueError, match="A callback froze every parameter of the model"):
+        fit(tanh_net(), X, y, epochs=3, callbacks=[FreezeAll()])
+
+
 @pytest.fixture
 def terminal_without_tqdm(monkeypatch):
     import sys

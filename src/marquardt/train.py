@@ -340,6 +340,7 @@ class LMTrainer:
         # Written every epoch: the list saves a walk over the modules each time. The problem
         # already fixed which parameters train; load_state_dict (best weights) copies in place.
         self._parameters = [p for _, p in trainable_parameters(self.model)]
+        self._trained = _trained_layout(self.model)  # what the problem was built for
         self.lin = None
         self.regularization: BayesianState | None = None
         self.accepted = False
@@ -469,23 +470,50 @@ class LMTrainer:
         self._parameters = [p for _, p in trainable_parameters(self.model)]
 
     def adopt_module_weights(self) -> None:
-        """Continue from weights a callback wrote to the module, if it wrote any.
+        """Continue from weights a callback wrote to the module, if it wrote any, and from the
+        parameters that train now, if it froze or unfroze some.
 
         The next step starts from ``self.x`` and the linearization made before the callbacks
         ran, and writes its result over the module: without this, a callback's change was
         silently undone (a first-order optimizer reads the module itself and needs nothing).
         ``alpha`` and ``beta`` of ``trainbr`` are kept: they are re-estimated after accepted steps.
         """
-        x = flatten_parameters(self.model)
-        # The trainer may step in a wider dtype than the module's (float64 for a float32 model):
-        # the module then holds self.x rounded, which is no change.
-        if torch.equal(x, self.x.to(x.dtype)):
-            return
-        self.x = x.to(self.x.dtype)
-        self._parameters = [p for _, p in trainable_parameters(self.model)]
+        if _trained_layout(self.model) != self._trained:
+            self._retrain()
+        else:
+            x = flatten_parameters(self.model)
+            # The trainer may step in a wider dtype than the module's (float64 for a float32 model):
+            # the module then holds self.x rounded, which is no change.
+            if torch.equal(x, self.x.to(x.dtype)):
+                return
+            self.x = x.to(self.x.dtype)
+            self._parameters = [p for _, p in trainable_parameters(self.model)]
         if self.batches is None:  # mini-batches linearize each batch at self.x when they step
             self.accepted = False
             self.evaluate()
+
+    def _retrain(self) -> None:
+        """A problem for the parameters that require grad now (a callback froze a layer, as in
+        fine-tuning): training goes on over them, as a first-order optimizer's steps skip frozen
+        parameters. The damping carries over; the linearization and the damping scale, which
+        had the old set's size, are made afresh."""
+        named = trainable_parameters(self.model)
+        if not named:
+            raise ValueError("A callback froze every parameter of the model (requires_grad=False): nothing is "
+                             "left to train; raise StopIteration in on_epoch_end to stop training instead.")
+        if self.bayesian:  # gamma needs the dense J^T J of the new set
+            _check_bayesian_form("br", self.options, self.model)
+        self.problem = self._problem(self.data.X, self.data.y)
+        self.x = flatten_parameters(self.model).to(self.x.dtype)
+        self._parameters = [p for _, p in named]
+        self._trained = _trained_layout(self.model)
+        self.lin, self._scale = None, None  # not recycled: its buffers are the old set's size
+
+
+def _trained_layout(model: nn.Module) -> list[tuple[str, torch.Size]]:
+    """The names and shapes of the parameters that train, in order: a :class:`LMTrainer`'s problem
+    is built for one such layout."""
+    return [(name, p.shape) for name, p in trainable_parameters(model)]
 
 
 @dataclass
