@@ -892,6 +892,32 @@ def test_the_record_evaluates_the_validation_set_in_eval_mode():
     assert len(set(history["vperf"])) == 1  # the weights do not move: one vperf
 
 
+class FunctionalDropout(nn.Module):
+    """Dropout called in ``forward`` (no nn.Dropout submodule): torch.func's rows, not a module scan, meet it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(torch.tanh(self.a(x)), 0.3, training=self.training))
+
+
+@pytest.mark.parametrize("solver", ["auto", "sample-space"])
+def test_lm_with_functional_dropout_in_training_mode_is_the_documented_value_error(solver):
+    # It was torch's "vmap: called random operation while in randomness error mode" RuntimeError.
+    torch.manual_seed(0)
+    model = FunctionalDropout().double()
+    X, y = smooth_data()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"model\(X\) calls a random operation \(functional dropout .* call "
+                                         r"model.eval\(\) first .* or train with a first-order method"):
+        fit(model, X, y, epochs=3, solver=solver)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    history = fit(model.eval(), X, y, epochs=3, solver=solver)  # dropout off: deterministic, trains
+    assert history["perf"][-1] < history["perf"][0]
+
+
 def test_lm_damps_j_transpose_j_over_the_number_of_errors_as_trainlm():
     # trainlm (R2012b on) solves (J^T J / N + mu I) dx = -J^T e / N: nnCalcLib.perfsJEJJ divides
     # both by the N errors of a normalized performance. fit solved (J^T J + mu I): with N = 100

@@ -124,6 +124,24 @@ def _check_deterministic(model: nn.Module) -> None:
             "first-order method (method='momentum' or a torch.optim class).")
 
 
+#: The start of torch.func's error for a random operation inside ``vmap`` (its default randomness="error").
+_VMAP_RANDOM = "vmap: called random operation"
+
+
+def _raise_if_random(error: RuntimeError) -> None:
+    """The ValueError of :func:`_check_deterministic` for randomness it cannot see: a random
+    operation called in ``forward`` itself (``F.dropout(x, p, training=self.training)``), which
+    the per-sample Jacobian meets as torch.func's RuntimeError. Other errors are left alone."""
+    if _VMAP_RANDOM not in str(error):
+        return
+    raise ValueError(
+        "Invalid model: model(X) calls a random operation (functional dropout such as F.dropout(x, p, "
+        "training=self.training), or a torch random function) and Levenberg-Marquardt compares the cost of each "
+        "trial step at fixed weights; call model.eval() first if it is dropout in training mode, or remove the "
+        "random operation from forward, or train with a first-order method (method='momentum' or a torch.optim "
+        "class).") from error
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The named parameters that require gradients, in registration order."""
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -479,7 +497,11 @@ class ModuleProblem:
         For a cross-entropy loss: ``J^T H J``, ``J^T dl/dz`` and the cost.
         """
         with self._threads():
-            return self._linearize(x)
+            try:
+                return self._linearize(x)
+            except RuntimeError as error:
+                _raise_if_random(error)
+                raise
 
     def _threads(self) -> AbstractContextManager:
         """:func:`~marquardt.chunked.single_thread` for a small problem, unless already on one thread
