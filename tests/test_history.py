@@ -381,3 +381,27 @@ def test_training_runs_give_matlab_fields_consistent_with_best_epoch(method, los
         assert h["gamk"] == h["gamma"] and h["ssX"] == h["ssw"] and all(g > 0 for g in h["gamk"])
     back = History.from_dict(json.loads(json.dumps(h.to_dict(), allow_nan=False)))
     assert back == h and back.best_perf == h.best_perf and back.num_epochs == h.num_epochs
+
+
+def test_the_optional_keys_are_the_ones_fit_records():
+    # OPTIONAL_KEYS and the module notes listed "lr" (learning rate) as a key some methods add;
+    # no trainer records it, and history["lr"] gave a column of None for every run.
+    import marquardt
+
+    runs = [("lm", "mse"), ("br", "mse"), ("gd", "mse"), ("momentum", "mse"), (torch.optim.Adam, "mse"),
+            ("lm", "cross_entropy")]
+    recorded = set()
+    for method, loss in runs:
+        model, X, y = _problem(loss == "cross_entropy")
+        recorded.update(marquardt.fit(model, X, y, method=method, loss=loss, epochs=2, progress=False).keys())
+    assert set(marquardt.history.STANDARD_KEYS) <= recorded
+    assert recorded - set(marquardt.history.STANDARD_KEYS) == set(marquardt.history.OPTIONAL_KEYS)
+    with pytest.raises(KeyError, match="No record has the key 'lr'"):
+        make_history()["lr"]
+
+
+def test_a_learning_rate_column_a_user_records_is_read_as_any_other():
+    h = History("gd")
+    h.append(epoch=0, perf=1.0, lr=0.1)
+    h.append(epoch=1, perf=0.5, lr=0.05)
+    assert "lr" in h and h["lr"] == [0.1, 0.05]

@@ -19,7 +19,9 @@ Optional keys some methods add: ``gamma`` (effective number of parameters, Bayes
 regularization; MATLAB's ``gamk``, an alias), ``ssw`` (sum of squared weights; MATLAB's
 ``ssX``, an alias), ``accuracy``, ``vaccuracy``, ``taccuracy``, ``solver`` (the linear-solver
 path taken, e.g. ``"cholesky"``, ``"sample-space"``, ``"cg"``, or ``"backprop"`` for
-first-order methods) and ``lr`` (learning rate).
+first-order methods). ``fit`` records no learning rate (its first-order methods keep ``lr``
+fixed); a History filled by hand may hold any other key, such as ``lr``, which
+:func:`marquardt.plot.plot_training_state` then draws in a Learning Rate panel.
 
 MATLAB's training record
 ------------------------
@@ -57,7 +59,7 @@ STANDARD_KEYS: tuple[str, ...] = (
     "epoch", "time", "perf", "vperf", "tperf", "damping", "gradient", "val_fail",
 )
 OPTIONAL_KEYS: tuple[str, ...] = (
-    "gamma", "ssw", "accuracy", "vaccuracy", "taccuracy", "solver", "lr",
+    "gamma", "ssw", "accuracy", "vaccuracy", "taccuracy", "solver",
 )
 # MATLAB-compatible names accepted when reading a history.
 _ALIASES: dict[str, str] = {"mu": "damping", "gamk": "gamma", "ssX": "ssw"}
