@@ -448,6 +448,16 @@ EDITED_MODELS = [
      "metadata.cli.targets is ['species', 'length']; expected a list of one target column name"),
     ("binary with three classes", "binary_cross_entropy", lambda meta: meta["cli"]["classes"].append("cow"),
      "metadata.cli.classes is ['bird', 'cat', 'cow']; expected a list of two class labels"),
+    # lists of another length than the network's inputs or outputs were a shape error traceback
+    ("a feature too many", "mse", lambda meta: meta["cli"].update(features=["length", "species"]),
+     "metadata.cli.features is ['length', 'species'] (2 inputs); expected a list of 1 feature column names for "
+     "this network of 1 inputs"),
+    ("a target too many", "mse", lambda meta: meta["cli"].update(targets=["weight", "length"]),
+     "metadata.cli.targets is ['weight', 'length'] (2 outputs); expected a list of 1 target column names for "
+     "this network of 1 outputs"),
+    ("a class too many", "cross_entropy", lambda meta: meta["cli"]["classes"].append("cow"),
+     "metadata.cli.classes is ['bird', 'cat', 'cow'] (3 outputs); expected a list of 2 class labels for this "
+     "network of 2 outputs"),
 ]
 
 
@@ -495,6 +505,23 @@ def test_predict_refuses_an_underscore_in_a_number(trained, tmp_path, capsys):
     assert capsys.readouterr().err == (f"marquardt predict: error: {data} line 3, column 'x2': '2_5' is not a "
                                        "finite number\n")
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_writes_through_a_symlink_and_to_standard_output(trained, regression_csv, tmp_path, capsys):
+    # The atomic write replaced a symlink with a file (the linked file kept its old rows), and
+    # '-o -' wrote a file named '-'.
+    assert cli.main(["predict", str(trained), str(regression_csv), "-o", str(tmp_path / "plain.csv")]) == 0
+    expected = (tmp_path / "plain.csv").read_bytes().decode()  # csv's \r\n line ends kept
+    real, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    assert cli.main(["predict", str(trained), str(regression_csv), "-o", str(link)]) == 0
+    assert link.is_symlink() and real.read_bytes().decode() == expected
+    capsys.readouterr()
+    assert cli.main(["predict", str(trained), str(regression_csv), "-o", "-"]) == 0
+    out = capsys.readouterr()
+    assert out.out == expected and out.err == "wrote 50 predictions to standard output\n"
+    assert not Path("-").exists()
 
 
 def test_predict_into_a_folder_is_a_usage_error(trained, regression_csv, tmp_path, capsys):

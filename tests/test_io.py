@@ -9,6 +9,7 @@ import os
 import pickle
 import stat
 import sys
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -321,6 +322,28 @@ def test_atomic_write_syncs_file_then_folder_and_cleans_up(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match="directory .*missing.* does not exist"):
         _atomic_write(tmp_path / "missing" / "out.txt", lambda tmp: tmp.write_text("x"))
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_write_goes_through_a_symlink_and_into_a_pipe(tmp_path):
+    # os.replace on the link's path replaced the link by a file and left the linked file as it was.
+    from marquardt.io import _atomic_write
+
+    (tmp_path / "data").mkdir()
+    real, link = tmp_path / "data" / "real.txt", tmp_path / "link.txt"
+    real.write_text("old")
+    link.symlink_to(real)
+    assert _atomic_write(link, lambda tmp: tmp.write_text("new")) == link
+    assert link.is_symlink() and real.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["real.txt"]
+    # A named pipe cannot be replaced, only written (as /dev/stdout): its reader gets the data.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    _atomic_write(fifo, lambda path: path.write_text("through"))
+    reader.join(timeout=30)
+    assert received == ["through"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
 # --------------------------------------------------------------------------- refusing files

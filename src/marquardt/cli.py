@@ -492,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="write a trained model's predictions for a CSV file")
     predict.add_argument("model_dir", type=Path, metavar="DIR", help="folder written by marquardt fit")
     predict.add_argument("data", metavar="DATA.csv")
-    predict.add_argument("-o", "--output", required=True, metavar="OUT.csv", help="predictions CSV to write")
+    predict.add_argument("-o", "--output", required=True, metavar="OUT.csv",
+                         help="predictions CSV to write ('-' for standard output)")
     predict.set_defaults(run=run_predict)
     evaluate = commands.add_parser("evaluate", help="score a trained model on a CSV file with targets")
     evaluate.add_argument("model_dir", type=Path, metavar="DIR", help="folder written by marquardt fit")
@@ -1001,7 +1002,27 @@ def _load_model(model_dir: Path) -> tuple[Any, dict[str, Any]]:
         raise UsageError(str(error)) from None
     if not isinstance(meta, dict) or "cli" not in meta:
         raise UsageError(f"{path} has no feature names in its metadata; was it written by `marquardt fit`?")
-    return model, _check_cli_metadata(path.with_suffix(".json"), meta["cli"])
+    cli = _check_cli_metadata(path.with_suffix(".json"), meta["cli"])
+    _check_cli_sizes(path.with_suffix(".json"), cli, model)
+    return model, cli
+
+
+def _check_cli_sizes(file: Path, cli: dict[str, Any], model: Any) -> None:
+    """The feature, target and class counts of ``metadata.cli`` against the network's inputs and
+    outputs: a hand-edited list of another length was a shape error traceback at the first
+    forward pass."""
+    if cli["task"] == "regression":
+        outputs = len(cli["targets"])
+    else:  # one logit for two classes, else one per class
+        outputs = 1 if cli["loss"] == "binary_cross_entropy" else len(cli["classes"])
+    for key, count, size in (("features", len(cli["features"]), getattr(model, "n_inputs", None)),
+                             ("targets" if cli["task"] == "regression" else "classes", outputs,
+                              getattr(model, "n_outputs", None))):
+        if size is not None and count != size:
+            side, what = ("inputs", "feature column names") if key == "features" else (
+                "outputs", "target column names" if key == "targets" else "class labels")
+            raise UsageError(f"{file}: metadata.cli.{key} is {cli[key]!r} ({count} {side}); expected a list of "
+                             f"{size} {what} for this network of {size} {side}, as `marquardt fit` writes it")
 
 
 def _check_cli_metadata(file: Path, cli: Any) -> dict[str, Any]:
@@ -1055,21 +1076,29 @@ def run_predict(args: argparse.Namespace) -> int:
     """``marquardt predict``: one output row per input row (labels and probabilities for classes)."""
     model, meta, _, X = _model_inputs(args.model_dir, args.data)
     header, rows = _task_from_metadata(meta).prediction_columns(_outputs(model, X))
-    output = Path(args.output)
-    if output.parent and not output.parent.is_dir():
-        raise UsageError(f"-o {args.output}: folder {output.parent} does not exist")
-    if output.is_dir():
-        raise UsageError(f"-o {args.output} is a folder; pass the path of the CSV file to write")
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(header)
     writer.writerows(rows)
     data = text.getvalue().encode("utf-8")
+    if args.output == "-":  # to standard output, for a pipe; the note goes to standard error
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        print(f"wrote {len(rows)} predictions to standard output", file=sys.stderr)
+        return 0
+    output = Path(args.output)
+    if output.parent and not output.parent.is_dir():
+        raise UsageError(f"-o {args.output}: folder {output.parent} does not exist")
+    if output.is_dir():
+        raise UsageError(f"-o {args.output} is a folder; pass the path of the CSV file to write")
     try:  # atomically: an interrupted run leaves the old file or none, never half a CSV
         _atomic_write(output, lambda tmp: tmp.write_bytes(data))
     except OSError as error:
         raise UsageError(f"-o {args.output}: cannot write it: {error.strerror or error}") from None
-    print(f"wrote {len(rows)} predictions to {output}")
+    # Not into the predictions: -o /dev/stdout writes them where this note would go.
+    note = sys.stdout if output.resolve().is_file() else sys.stderr
+    print(f"wrote {len(rows)} predictions to {output}", file=note)
     return 0
 
 

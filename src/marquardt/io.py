@@ -106,7 +106,10 @@ def _atomic_write(target: str | os.PathLike[str], write: Callable[[Path], Any]) 
       so that after a power loss ``target`` holds the old or the new contents, not an empty file;
     - on any failure (an exception from ``write``, a full disk, ``KeyboardInterrupt``) the
       temporary file is removed;
-    - the final file gets the permissions a plain ``open`` would give it (``mkstemp``'s are 0600).
+    - the final file gets the permissions a plain ``open`` would give it (``mkstemp``'s are 0600);
+    - a symbolic link is written through: its target file is replaced, the link kept;
+    - an existing target that is not a regular file (``/dev/stdout``, a named pipe) cannot be
+      replaced, only written: ``write`` is called on it directly.
 
     Parameters
     ----------
@@ -125,11 +128,15 @@ def _atomic_write(target: str | os.PathLike[str], write: Callable[[Path], Any]) 
     FileNotFoundError
         If ``target``'s folder does not exist.
     """
-    target = Path(target)
+    named = Path(target)
+    target = Path(os.path.realpath(named)) if named.is_symlink() else named
     if not target.parent.is_dir():
         raise FileNotFoundError(
-            f"Cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist"
+            f"Cannot write {str(named)!r}: directory {str(target.parent)!r} does not exist"
         )
+    if target.exists() and not target.is_file() and not target.is_dir():
+        write(target)
+        return named
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -142,7 +149,7 @@ def _atomic_write(target: str | os.PathLike[str], write: Callable[[Path], Any]) 
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(target.parent)
-    return target
+    return named
 
 
 def _fsync_path(path: Path) -> None:
