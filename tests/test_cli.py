@@ -524,6 +524,17 @@ def test_predict_writes_through_a_symlink_and_to_standard_output(trained, regres
     assert not Path("-").exists()
 
 
+def test_predict_to_dev_stdout_writes_into_the_descriptor(trained, regression_csv, tmp_path, capfd):
+    # /dev/stdout was resolved to the file behind the descriptor and replaced (the shell kept
+    # writing to the old one), or to a pipe's name that does not exist ("cannot write it").
+    assert cli.main(["predict", str(trained), str(regression_csv), "-o", str(tmp_path / "plain.csv")]) == 0
+    expected = (tmp_path / "plain.csv").read_bytes().decode()
+    capfd.readouterr()
+    assert cli.main(["predict", str(trained), str(regression_csv), "-o", "/dev/stdout"]) == 0
+    out = capfd.readouterr()
+    assert out.out == expected and out.err == "wrote 50 predictions to /dev/stdout\n"
+
+
 def test_predict_into_a_folder_is_a_usage_error(trained, regression_csv, tmp_path, capsys):
     assert cli.main(["predict", str(trained), str(regression_csv), "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"marquardt predict: error: -o {tmp_path} is a folder; pass the path of the CSV file to write\n"

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .history import _finite_or_none
-from .io import _atomic_write
+from .io import _atomic_write, _is_stream
 
 __all__ = ["UsageError", "main"]
 
@@ -1097,7 +1097,7 @@ def run_predict(args: argparse.Namespace) -> int:
     except OSError as error:
         raise UsageError(f"-o {args.output}: cannot write it: {error.strerror or error}") from None
     # Not into the predictions: -o /dev/stdout writes them where this note would go.
-    note = sys.stdout if output.resolve().is_file() else sys.stderr
+    note = sys.stderr if _is_stream(output) else sys.stdout
     print(f"wrote {len(rows)} predictions to {output}", file=note)
     return 0
 

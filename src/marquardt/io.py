@@ -129,14 +129,14 @@ def _atomic_write(target: str | os.PathLike[str], write: Callable[[Path], Any]) 
         If ``target``'s folder does not exist.
     """
     named = Path(target)
+    if _is_stream(named):
+        write(named)
+        return named
     target = Path(os.path.realpath(named)) if named.is_symlink() else named
     if not target.parent.is_dir():
         raise FileNotFoundError(
             f"Cannot write {str(named)!r}: directory {str(target.parent)!r} does not exist"
         )
-    if target.exists() and not target.is_file() and not target.is_dir():
-        write(target)
-        return named
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -150,6 +150,28 @@ def _atomic_write(target: str | os.PathLike[str], write: Callable[[Path], Any]) 
         raise
     _fsync_folder(target.parent)
     return named
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether ``path`` is written, never replaced: an existing file that is not a regular file
+    or a folder (a device, a named pipe), or a process's file descriptor reached through
+    ``/proc`` (``/dev/stdout``, ``/dev/fd/1``), whatever that descriptor is open on: replacing
+    the file behind ``> out.csv`` would leave the shell writing to the old one.
+
+    Examples
+    --------
+    >>> _is_stream(Path("/dev/null")), _is_stream(Path("/tmp/marquardt-example.csv"))
+    (True, False)
+    """
+    if path.exists() and not path.is_file() and not path.is_dir():
+        return True
+    current, links = Path(os.path.realpath(path.parent)) / path.name, 0
+    while current.parts[1:2] != ("proc",):
+        if not current.is_symlink() or links == 40:
+            return False
+        link = current.parent / os.readlink(current)
+        current, links = Path(os.path.realpath(link.parent)) / link.name, links + 1
+    return True
 
 
 def _fsync_path(path: Path) -> None:
