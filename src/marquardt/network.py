@@ -17,6 +17,7 @@ with the same kernels and so the same iterates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from .chunked import (
     plan_assembly,
     single_thread,
 )
-from .fastjac import BufferedNetwork, LayeredJacobian, jacobian_backend
+from .fastjac import BufferedNetwork, FunctionalJacobian, LayeredJacobian, jacobian_backend
 from .kronecker import LayerGram
 from .losses import Loss, SquaredError, accumulate_gauss_newton
 from .matfree import MatrixFreeEquations, curvature_sample_size, scaled_products, warm_start
@@ -134,12 +135,39 @@ def _raise_if_random(error: RuntimeError) -> None:
     the per-sample Jacobian meets as torch.func's RuntimeError. Other errors are left alone."""
     if _VMAP_RANDOM not in str(error):
         return
-    raise ValueError(
+    raise _random_model_error() from error
+
+
+def _random_model_error() -> ValueError:
+    return ValueError(
         "Invalid model: model(X) calls a random operation (functional dropout such as F.dropout(x, p, "
         "training=self.training), or a torch random function) and Levenberg-Marquardt compares the cost of each "
         "trial step at fixed weights; call model.eval() first if it is dropout in training mode, or remove the "
         "random operation from forward, or train with a first-order method (method='momentum' or a torch.optim "
-        "class).") from error
+        "class).")
+
+
+#: Samples of the forward pass :func:`_check_repeatable` runs twice.
+REPEAT_SAMPLES = 64
+
+
+def _check_repeatable(backend: FunctionalJacobian, params: dict[str, Tensor], X: Tensor) -> None:
+    """The ValueError of :func:`_raise_if_random`, before any work, where two forward passes at the
+    same weights differ: a random operation in ``forward`` that no submodule shows.
+
+    The per-sample rows of :mod:`torch.func` meet it as an error, but the matrix-free form makes
+    only ``jvp`` and ``vjp`` products, which draw a new mask at each call: it trained on random
+    costs. Outputs that agree to ``sqrt(eps)`` relative pass (a GPU's reductions need not be
+    bitwise repeatable); dropout moves them far more.
+    """
+    with torch.no_grad():
+        first, second = backend.outputs(params, X), backend.outputs(params, X)
+    if not (isinstance(first, Tensor) and first.is_floating_point() and first.numel()
+            and second.shape == first.shape and bool(torch.isfinite(first).all())):
+        return  # not this check's to judge: a non-finite start has its own error (train._check_finite_start)
+    tolerance = math.sqrt(torch.finfo(first.dtype).eps) * float(first.abs().max())
+    if float((first - second).abs().max()) > tolerance:
+        raise _random_model_error()
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -265,6 +293,8 @@ class ModuleProblem:
         self.buffers = dict(self.model.named_buffers())
         layout = [(name, p.numel()) for name, p in named]
         self.backend = jacobian_backend(self.model, layout, self.buffers, X=self.X)
+        if isinstance(self.backend, FunctionalJacobian):
+            _check_repeatable(self.backend, {name: p.detach() for name, p in named}, self.X[:REPEAT_SAMPLES])
         self.dtype = self._working_dtype()
         if self.dtype != self.X.dtype:
             self.X, self.y = self.X.to(self.dtype), self.y.to(self.dtype)

@@ -933,8 +933,8 @@ def fit(
         loss) whose ``J^T J`` is larger than ``max_matrix_bytes``; a model whose every parameter
         is frozen; LM with dropout or batch norm in training mode (call ``model.eval()``, or
         train with a first-order method), whose costs change between calls at the same weights
-        (``F.dropout`` called in ``forward`` is found when torch.func forms the first Jacobian
-        rows, which the matrix-free form never does);
+        (``F.dropout`` called in ``forward``, which no submodule shows, is found by two forward
+        passes of up to 64 samples at the start, which must agree to ``sqrt(eps)``);
         LM with a training cost that is not finite at the initial weights (NaN outputs, or a
         sum of squares that overflows the model's dtype), before the first step.
     TypeError
