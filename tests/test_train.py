@@ -229,15 +229,18 @@ def test_on_epoch_end_is_called_for_every_record_the_last_one_too(options, rule)
     assert log.epochs == history["epoch"] and all(log.model_matches)
 
 
-def test_a_user_stop_on_an_epoch_a_rule_ends_keeps_the_rules_reason():
+def test_a_user_stop_comes_before_the_rules_as_in_matlab():
+    # trainlm, trainbr, traingdm: "if userStop, tr.stop = 'User stop.'; elseif (perf <= goal) ..."
     class StopAtEveryEpoch(Callback):
         def on_epoch_end(self, history, model):
             raise StopIteration
 
     X, y = smooth_data()
-    assert fit(tanh_net(), X, y, epochs=0, callbacks=[StopAtEveryEpoch()]).stop_reason == STOP_REASONS["epochs"]
-    assert fit(tanh_net(), X, y, goal=1e9, callbacks=[StopAtEveryEpoch()]).stop_reason == STOP_REASONS["goal"]
-    assert fit(tanh_net(), X, y, epochs=5, callbacks=[StopAtEveryEpoch()]).stop_reason == STOP_REASONS["user"]
+    for options in (dict(epochs=0), dict(goal=1e9), dict(epochs=5)):
+        history = fit(tanh_net(), X, y, callbacks=[StopAtEveryEpoch()], **options)
+        assert history.stop_reason == STOP_REASONS["user"] and len(history) == 1
+    plain = fit(tanh_net(), X, y, epochs=0)
+    assert plain.stop_reason == STOP_REASONS["epochs"]
 
 
 class LoadWeightsAt(Callback):

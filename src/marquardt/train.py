@@ -88,8 +88,9 @@ class Callback:
         """Called after each epoch's record is appended, ``model`` holding that epoch's weights.
 
         Weights written to ``model`` here are where the next epoch starts, for every method.
-        It is called for the last record too; where a stopping rule ends the run at that epoch,
-        its reason stands even if this raises StopIteration.
+        It is called for the last record too. Raising StopIteration ends the run with "User
+        stop.", also at an epoch where a stopping rule ends it, as MATLAB tests the user's stop
+        before its own rules.
         """
 
     def on_train_end(self, history: History, model: nn.Module) -> None:
@@ -1128,8 +1129,9 @@ class _Loop:
             self.history.append(record)
             if display is not None:
                 display(record)
-            user_stop = self._epoch_end(stopping=reason is not None)
-            reason = reason or user_stop  # a built-in rule, checked first, keeps its reason
+            # MATLAB's train functions test the user's stop before their own rules (trainlm's
+            # "if userStop, tr.stop = 'User stop.'; elseif (perf <= goal) ...").
+            reason = self._epoch_end(stopping=reason is not None) or reason
             if reason is not None:
                 break
             self.trainer.step()
@@ -1175,13 +1177,10 @@ class _Loop:
         """Call ``on_epoch_end`` for the record just appended; ``"User stop."`` when a callback asks.
 
         Every record gets its call, the last one too (``stopping``: a built-in rule ends the run at
-        this epoch). Then no step follows, so weights a callback wrote are not adopted, and the
-        ranks need not agree on a user stop: the run ends on every rank with the built-in reason.
+        this epoch; then no step follows, so weights a callback wrote are not adopted).
         """
         stop = self._call_epoch_end()
-        if stopping:
-            return None
-        if self.callbacks and not stop:
+        if self.callbacks and not stop and not stopping:
             adopt = getattr(self.trainer, "adopt_module_weights", None)
             if adopt is not None:
                 adopt()
