@@ -992,8 +992,9 @@ def fit(
     validation stops). Memory: the Jacobian is formed in row chunks of at most
     ``max_jacobian_bytes`` and folded into ``J^T J`` (``n_params**2`` floats), so it grows
     with parameters squared, not with samples. ``solver="auto"`` (recorded per epoch in
-    ``solver``) keeps the whole Jacobian and solves in sample space when there are fewer
-    residuals than parameters and it fits in ``max_jacobian_bytes``; goes matrix-free
+    ``solver``) solves in sample space when there are fewer residuals than parameters and
+    ``J`` would fit in ``max_jacobian_bytes`` (holding ``J J^T``, ``m x m``, and for a module
+    without a closed form the whole Jacobian; a closed-form network never forms it); goes matrix-free
     (conjugate gradients on Jacobian products, ``"cg"``) when ``J^T J`` would not fit in
     ``max_matrix_bytes`` (default :data:`~marquardt.chunked.DEFAULT_MATRIX_BYTES`); see
     ``docs/performance.md``. The cross-entropy losses always take the normal form (their
