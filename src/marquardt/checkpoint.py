@@ -74,6 +74,20 @@ class CheckpointError(ValueError):
 
     ``path`` is the checkpoint and ``reason`` says what is wrong with it, without the advice
     that ends the message (the command line gives its own).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from marquardt import fit
+    >>> X = torch.linspace(-1, 1, 20, dtype=torch.float64)[:, None]
+    >>> wide = torch.nn.Sequential(torch.nn.Linear(1, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     _ = fit(torch.nn.Linear(1, 1).double(), X, 2 * X, epochs=2, checkpoint=folder, checkpoint_every=1)
+    ...     try:  # resuming it with another model: refused before any epoch
+    ...         fit(wide, X, 2 * X, epochs=2, checkpoint=folder, resume=True)
+    ...     except CheckpointMismatch as error:
+    ...         print(type(error).__name__, isinstance(error, CheckpointError), error.path.suffix)
+    CheckpointMismatch True .safetensors
     """
 
     def __init__(self, path: Path, reason: str, advice: str) -> None:
@@ -82,7 +96,10 @@ class CheckpointError(ValueError):
 
 
 class CheckpointMismatch(CheckpointError):
-    """The checkpoint in the folder was written by a run with another model, method, options or data."""
+    """The checkpoint in the folder was written by a run with another model, method, options or data.
+
+    See :class:`CheckpointError` for an example.
+    """
 
 
 def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:

@@ -24,6 +24,13 @@ class DampingState:
         Current damping (``mu`` in MATLAB, ``lambda`` in Marquardt's paper).
     nu : float
         Nielsen's multiplier for the next rejection (unused by :class:`MarquardtDamping`).
+
+    Examples
+    --------
+    >>> rule = MarquardtDamping()
+    >>> state = rule.init(1.0)
+    >>> state.damping, rule.update(state, accepted=False, gain_ratio=0.0).damping
+    (0.001, 0.01)
     """
 
     damping: float

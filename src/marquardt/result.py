@@ -66,6 +66,18 @@ class LeastSquaresResult:
         judged with the columns of ``J`` scaled to unit norm; a ``RuntimeWarning`` names them).
     stderr : Tensor or ndarray
         Standard errors of the parameters, ``sqrt(diag(covariance))``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> from marquardt import least_squares
+    >>> t = torch.linspace(0, 1, 8, dtype=torch.float64)
+    >>> res = least_squares(lambda b: b[0] * t + b[1] - (3 * t + 1), np.zeros(2))
+    >>> res.success, np.round(res.x, 8).tolist(), res.message == TERMINATION_MESSAGES[res.status]
+    (True, [3.0, 1.0], True)
+    >>> bool(np.all(res.stderr < 1e-6))  # an exact fit: no residual scatter
+    True
     """
 
     x: Any
@@ -106,6 +118,14 @@ class IterationInfo:
     accepted : bool
         Whether the last trial step was kept (it lowered the cost, and the Jacobian at the new
         point is finite).
+
+    Examples
+    --------
+    >>> from marquardt import least_squares
+    >>> seen = []
+    >>> res = least_squares(lambda b: b**2 - 4, [1.0], callback=lambda info: seen.append(info.accepted))
+    >>> len(seen) == res.n_iter, seen[0]
+    (True, True)
     """
 
     n_iter: int

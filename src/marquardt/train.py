@@ -79,6 +79,20 @@ class Callback:
     """Base class for ``fit`` callbacks; override the hooks you need.
 
     Raising :class:`StopIteration` in ``on_epoch_end`` stops training with ``"User stop."``.
+
+    Examples
+    --------
+    >>> class StopBelow(Callback):
+    ...     def on_epoch_end(self, history, model):
+    ...         if history.last["perf"] < 1e-3:
+    ...             raise StopIteration
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> X = torch.linspace(-1, 1, 50, dtype=torch.float64)[:, None]
+    >>> model = nn.Linear(1, 1).double()
+    >>> history = fit(model, X, 2 * X + 1, callbacks=[StopBelow()])
+    >>> history.stop_reason, history.last["perf"] < 1e-3
+    ('User stop.', True)
     """
 
     def on_train_begin(self, history: History, model: nn.Module) -> None:
