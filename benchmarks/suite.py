@@ -80,7 +80,7 @@ class Plan:
                        t5_steps=1, cap_s=45.0)
         return cls(quick=False, t1_seeds=(0, 1, 2, 3, 4), t1_rounds=3, t1_steps=50,
                    t1_peer_steps=1000, t1_peer_budget_s=60.0, t1_equal_time_s=2.0,
-                   t1_ours_budget_s=10.0, t2_rounds=2,
+                   t1_ours_budget_s=10.0, t2_rounds=4,
                    t2_steps=4, t3_steps=2, t3_with_peer=True, t4_budget_s=60.0, t5_rounds=2,
                    t5_steps=2, cap_s=90.0)
 
