@@ -1037,7 +1037,7 @@ def _validate_residuals(fun: Callable[[Tensor], Any], x: Tensor) -> tuple[Tensor
             f"The cost 0.5 * sum(fun(x0)**2) overflows {r.dtype} (largest |residual| {largest:.3e}); "
             "rescale the residuals or choose a starting point nearer the data."
         )
-    return r.detach().clone(), _output_eps(value, x), needs_grad
+    return r.detach(), _output_eps(value, x), needs_grad  # r is a copy (_as_tensor_like)
 
 
 def _first_call(fun: Callable[[Tensor], Any], x: Tensor) -> tuple[Any, bool]:
