@@ -153,7 +153,7 @@ def per_step(session: Session, contenders: list[Contender], *, rounds: int, step
     """
     active = [c for c in contenders if session.available(c)]
     by_label: dict[str, dict] = {c.label: {"rounds": [], "times": [], "runs": []} for c in active}
-    bounds: list[dict] = []
+    bounds: dict[int, dict] = {}  # round index -> the bound's result in that round
     for r in range(rounds):
         order = active[r % len(active):] + active[:r % len(active)] if active else []
         for c in order:
@@ -163,45 +163,62 @@ def per_step(session: Session, contenders: list[Contender], *, rounds: int, step
                                steps=c.steps or steps,
                                warmup=warmup if c.warmup is None else c.warmup, **c.options, **cap)
             if res and res["times"]:
-                by_label[c.label]["rounds"].append(statistics.median(res["times"]))
-                by_label[c.label]["times"] += res["times"]
-                by_label[c.label]["runs"].append({k: v for k, v in res.items() if k != "times"})
+                # Each round's number carries its round index: a contender that missed a round
+                # (failed, timed out) must not be paired with another's next round.
+                entry = by_label[c.label]
+                entry["rounds"].append({"round": r, "seconds": statistics.median(res["times"])})
+                entry["times"] += res["times"]
+                entry["runs"].append({"round": r, **{k: v for k, v in res.items() if k != "times"}})
             elif res is None and session.failures:
                 by_label[c.label].setdefault("errors", []).append(session.failures[-1]["error"])
         log(f"  round {r + 1}/{rounds}: bound")
         b = session.call("bound", "bound", timeout, case=session.case, repeats=bound_repeats,
                          torch_reference=torch_reference and r == 0)
-        bounds.append(b)
+        if b:
+            bounds[r] = b
     return {"contenders": {k: _summary(v) for k, v in by_label.items()},
-            "bound": _bound_summary([b for b in bounds if b]), "rounds": rounds}
+            "bound": _bound_summary(bounds), "rounds": rounds}
 
 
 def _summary(entry: dict) -> dict:
     return {**entry, "median": median(entry["times"])}
 
 
-def _bound_summary(bounds: list[dict]) -> dict:
+def _bound_summary(bounds: dict[int, dict]) -> dict:
+    """The bound's times, medians over the rounds it completed (``bounds``: round index -> result)."""
     if not bounds:
         return {}
-    out = dict(bounds[0])
+    out = dict(next(iter(bounds.values())))  # the earliest round's: round 0's holds the torch reference
     for key in ("syrk_s", "chol_s", "total_s", "syrk_gflops", "chol_gflops"):
-        out[key] = median([b[key] for b in bounds])
-    out["rounds"] = [b["total_s"] for b in bounds]
+        out[key] = median([b[key] for b in bounds.values()])
+    out["rounds"] = [{"round": r, "seconds": b["total_s"]} for r, b in bounds.items()]
     return out
+
+
+def round_times(rounds: list) -> dict[int, float]:
+    """A ``"rounds"`` list as {round index: seconds}.
+
+    Entries are ``{"round": r, "seconds": t}``. Results written before rounds carried their index
+    hold bare times, one per round from round 0 (every contender of those runs completed every
+    round), so a bare time's index is its position.
+    """
+    entries = [e if isinstance(e, dict) else {"round": i, "seconds": e} for i, e in enumerate(rounds)]
+    return {e["round"]: e["seconds"] for e in entries}
 
 
 def round_ratio(result: dict, num: str, den: str) -> float:
     """Median over rounds of (num's median / den's median) in the same round.
 
-    ``den`` may be ``"bound"``. ``nan`` when either side is missing.
+    ``den`` may be ``"bound"``. Only rounds both sides completed are paired, by round index;
+    ``nan`` when there are none (either side missing).
     """
-    def rounds_of(label: str) -> list[float]:
+    def times_of(label: str) -> dict[int, float]:
         if label == "bound":
-            return result["bound"].get("rounds", [])
-        return result["contenders"].get(label, {}).get("rounds", [])
+            return round_times(result["bound"].get("rounds", []))
+        return round_times(result["contenders"].get(label, {}).get("rounds", []))
 
-    pairs = list(zip(rounds_of(num), rounds_of(den)))
-    return median([a / b for a, b in pairs]) if pairs else math.nan
+    a, b = times_of(num), times_of(den)
+    return median([a[r] / b[r] for r in sorted(a.keys() & b.keys())])
 
 
 def mse_at(run: dict | None, seconds: float) -> float:
