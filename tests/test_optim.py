@@ -1692,3 +1692,181 @@ def test_jacobian_rows_by_small_batches_stay_within_the_budget_in_resident_memor
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["jacobian"] == "reverse"
     assert measured["growth"] < 150e6, measured  # 52 MB now, 549 MB before
+
+
+# --------------------------------------------------------------------------- later steps of a kept closed form
+
+
+def _count_checks(monkeypatch):
+    counts = {"backward": 0, "graph": 0}
+    full, fast = marquardt.optim._is_output_minus_constant, marquardt.optim._reproduces
+
+    def counted_full(*args):
+        counts["backward"] += 1
+        return full(*args)
+
+    def counted_fast(*args):
+        verified = fast(*args)
+        counts["graph"] += verified
+        return verified
+
+    monkeypatch.setattr(marquardt.optim, "_is_output_minus_constant", counted_full)
+    monkeypatch.setattr(marquardt.optim, "_reproduces", counted_fast)
+    return counts
+
+
+def _sinc_net(dtype=torch.float32):
+    torch.manual_seed(3)
+    X = torch.linspace(-10, 10, 200, dtype=dtype)[:, None]
+    y = torch.where(X == 0, torch.ones_like(X), torch.sin(torch.pi * X) / (torch.pi * X))
+    net = nn.Sequential(nn.Linear(1, 12), nn.Tanh(), nn.Linear(12, 1)).to(dtype)
+    return X, y, net
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_later_steps_of_a_kept_problem_are_verified_by_the_graph_with_the_same_steps(monkeypatch, dtype):
+    # Each step ran a backward pass through the closure's graph to check that the residuals are
+    # the outputs minus a constant (~350 of ~1,900 us a step on the 1-20-1 benchmark network).
+    # Later steps of the same call now read the graph's nodes and the closed form's held outputs.
+    X, y, net = _sinc_net(dtype)
+    reference = copy.deepcopy(net)
+    opt = marquardt.LevenbergMarquardt(net.parameters())
+    counts = _count_checks(monkeypatch)
+    costs = [float(opt.step(lambda: (net(X) - y).reshape(-1))) for _ in range(12)]
+    assert counts == {"backward": 1, "graph": 11}
+    assert opt.state[net[0].weight]["jacobian"] == "closed-form"
+    monkeypatch.setattr(marquardt.optim, "_reproduces", lambda *args: False)  # every step by the backward pass
+    opt = marquardt.LevenbergMarquardt(reference.parameters())
+    expected = [float(opt.step(lambda: (reference(X) - y).reshape(-1))) for _ in range(12)]
+    assert costs == expected and costs[-1] < 0.2 * costs[0]
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("name, residuals, verified", [
+    ("reshape", lambda out, y: (out - y).reshape(-1), True),
+    ("flatten", lambda out, y: (out - y).flatten(), True),
+    ("squeeze", lambda out, y: (out - y).squeeze(1), True),
+    ("unsqueeze", lambda out, y: (out - y).unsqueeze(0), True),
+    ("plus negated", lambda out, y: out + (-y), True),
+    ("negated first", lambda out, y: -y + out, True),
+    ("minus a number", lambda out, y: out - 0.5, True),
+    ("copy", lambda out, y: (out - y).clone().reshape(-1), True),
+    ("targets minus outputs", lambda out, y: y - out, False),
+    ("negated", lambda out, y: -(out - y), False),
+    ("scaled", lambda out, y: 2 * (out - y), False),
+    ("alpha", lambda out, y: torch.sub(out, y, alpha=2), False),
+    ("transposed", lambda out, y: (out - y).T.reshape(-1), False),
+    ("cast", lambda out, y: out.double() - y.double(), False),
+    ("targets with a graph", lambda out, y: out - y.detach().requires_grad_(), False),
+    ("outputs of another call", None, False),
+])
+def test_the_graph_check_accepts_outputs_minus_a_constant_only(name, residuals, verified):
+    X, y, net = _sinc_net()
+    X2 = torch.cat([X, X], 1)
+    wide = torch.nn.Linear(2, 1)
+    out = net(X)
+    r = (net(X) - y) if residuals is None else residuals(out, y)
+    assert marquardt.optim._is_outputs_minus_constant_graph(r, out) is verified, name
+    assert not marquardt.optim._is_outputs_minus_constant_graph(wide(X2) - y, out)
+
+
+def test_a_hook_added_between_steps_is_checked_by_a_backward_pass_again(monkeypatch):
+    # A tensor hook changes the gradients and not the outputs: the call's key (its hooks) makes
+    # the next step check the closed form against the closure's graph again, as every step did.
+    X, y, net = _sinc_net(torch.float64)
+    opt = marquardt.LevenbergMarquardt(net.parameters())
+    counts = _count_checks(monkeypatch)
+    for k in range(5):
+        if k == 3:
+            net[2].weight.register_hook(lambda g: 2 * g)
+        opt.step(lambda: net(X) - y)
+    assert counts["backward"] == 2 and counts["graph"] == 2  # steps 0 and 3 by the backward pass
+
+
+@pytest.mark.parametrize("shift_at", [0, 2])
+def test_outputs_the_closed_form_does_not_give_are_not_taken_for_its_residuals(shift_at):
+    # A forward hook adds a buffer to the outputs: the derivatives are the closed form's, and
+    # the J^T u check passed, but the closed form's residuals were the closure's minus the shift
+    # (its gradient too): the steps went elsewhere than the closure's own Jacobian takes them.
+    X, y, net = _sinc_net(torch.float64)
+    reference = copy.deepcopy(net)
+    for model in (net, reference):
+        model[2].register_buffer("shift", torch.zeros(1, dtype=torch.float64))
+        model[2].register_forward_hook(lambda module, args, out: out + module.shift)
+    opt = marquardt.LevenbergMarquardt(net.parameters())
+    graph = marquardt.LevenbergMarquardt(reference.parameters())
+    graph._closed_form = False
+    costs, expected, modes = [], [], []
+    for k in range(5):
+        if k == shift_at:
+            for model in (net, reference):
+                model[2].shift.fill_(0.5)  # in place: the module and its hooks are the same
+        costs.append(float(opt.step(lambda: net(X) - y)))
+        expected.append(float(graph.step(lambda: reference(X) - y)))
+        modes.append(opt.state[net[0].weight]["jacobian"])
+    assert modes[:shift_at] == ["closed-form"] * shift_at and "closed-form" not in modes[shift_at:]
+    np.testing.assert_allclose(costs, expected, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- closures that are not repeatable
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, X):
+        return self.out(nn.functional.dropout(torch.tanh(self.hidden(X)), 0.2, self.training))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 1)),
+    _FunctionalDropout,
+])
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_dropout_in_training_mode_is_a_clear_error_and_the_weights_stay(monkeypatch, make, closed_form):
+    # Each call drew a new mask: the trial costs were those of other networks, and LM "trained".
+    monkeypatch.setattr(marquardt.LevenbergMarquardt, "_closed_form", closed_form)
+    torch.manual_seed(0)
+    X = torch.linspace(-1, 1, 50)[:, None]
+    y = torch.sin(3 * X)
+    net = make()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = marquardt.LevenbergMarquardt(net.parameters())
+    with pytest.raises(ValueError, match=r"drew random numbers.*model\.eval\(\)"):
+        opt.step(lambda: net(X) - y)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    net.eval()
+    costs = [float(opt.step(lambda: net(X) - y)) for _ in range(5)]
+    assert costs[-1] < costs[0]
+
+
+def test_a_minibatch_drawn_inside_the_closure_is_a_clear_error():
+    torch.manual_seed(0)
+    X = torch.linspace(-1, 1, 200)[:, None]
+    y = torch.sin(3 * X)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = marquardt.LevenbergMarquardt(net.parameters())
+
+    def closure():
+        rows = torch.randperm(200)[:50]
+        return net(X[rows]) - y[rows]
+
+    with pytest.raises(ValueError, match="draw a minibatch outside the closure"):
+        opt.step(closure)
+
+
+def test_random_numbers_that_do_not_reach_the_residuals_are_allowed():
+    X, y, net = _sinc_net(torch.float64)
+    reference = copy.deepcopy(net)
+    calls = []
+
+    def closure(model):
+        calls.append(torch.rand(1))  # e.g. a draw for logging: the residuals are the same
+        return model(X) - y
+
+    opt, plain = (marquardt.LevenbergMarquardt(m.parameters()) for m in (net, reference))
+    costs = [float(opt.step(lambda: closure(net))) for _ in range(3)]
+    expected = [float(plain.step(lambda: reference(X) - y)) for _ in range(3)]
+    assert costs == expected

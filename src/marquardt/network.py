@@ -463,6 +463,28 @@ class ModuleProblem:
         self._spare = {}
         return Linearization(cost, grad, system)
 
+    def held_outputs(self, x: Tensor) -> Tensor | None:
+        """``model(X)`` at ``x`` as the last forward pass left it in a tiny network's buffers
+        (:class:`~marquardt.fastjac.BufferedNetwork`; a buffer the next pass overwrites), without
+        computing anything; ``None`` where no such pass is held for ``x``."""
+        buffered = self._buffered
+        if buffered is None or not buffered.holds(x):
+            return None
+        return buffered.outputs
+
+    def outputs_at(self, x: Tensor) -> Tensor:
+        """``model(X)`` at ``x`` in the working dtype, shape ``(N, outputs per sample)``: the forward
+        pass a tiny network holds for ``x`` (:meth:`held_outputs`), else forward passes over
+        chunks of samples, each within ``max_jacobian_bytes`` as a trial's are."""
+        held = self.held_outputs(x)
+        if held is not None:
+            return held
+        params, samples = self.params(x), self._forward_samples()
+        with torch.no_grad(), self._threads():
+            parts = [self.backend.outputs(params, self.X[start : start + samples])
+                     for start in range(0, self.X.shape[0], samples)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
     def vjp(self, x: Tensor, cotangent: Tensor) -> Tensor:
         """``J^T u`` at ``x`` for a closed-form backend (``u``: one entry per residual), in the
         working dtype: from the Jacobian a tiny network's last :meth:`linearize` holds when that

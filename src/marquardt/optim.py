@@ -178,6 +178,7 @@ class ClosureProblem:
         # Only a matrix-free step makes products after its trials; the dense forms take J first.
         copied = self.params if self._may_be_matrix_free(x) else None
         with torch.enable_grad():
+            marks = _random_marks(x.device)
             with _SavedBytes(copied) as saved, single_thread(self.serial), \
                     _ModuleCalls(self.closed_form) as calls:
                 r = self.residuals()
@@ -186,6 +187,8 @@ class ClosureProblem:
                 raise ValueError("The closure returned an empty residual tensor; LevenbergMarquardt needs at "
                                  "least one residual.")
             _check_start_residuals(r.detach())
+            if not _same_marks(marks, _random_marks(x.device)):
+                self._check_repeatable(r.detach())
             if not r.requires_grad:
                 raise ValueError("The closure's residuals do not depend on the parameters (they carry no autograd "
                                  "graph): compute them from the parameters, without detach() or torch.no_grad().")
@@ -221,6 +224,28 @@ class ClosureProblem:
                 _check_reaches_parameters(r, self.params)
             return lin
 
+    def _check_repeatable(self, r: Tensor) -> None:
+        """The ValueError of a closure whose residuals change between two calls at the same
+        parameters: called once more (no graph), after the first call drew random numbers.
+
+        Levenberg-Marquardt keeps a step only if the cost at the trial point is lower; with a new
+        dropout mask (or a new minibatch) at every call that comparison is meaningless, and the
+        steps wandered. Residuals that agree to ``sqrt(eps)`` of their largest magnitude pass (a
+        random draw that does not reach them, or a GPU's reductions, which need not be bitwise
+        repeatable): such a closure is called twice at every linearization.
+        """
+        again = self.residuals().detach()
+        tolerance = math.sqrt(torch.finfo(r.dtype).eps) * float(r.abs().max())
+        difference = float((again - r).abs().max())
+        if not difference <= tolerance:
+            raise ValueError(
+                f"The closure drew random numbers and returned other residuals when called again at the same "
+                f"parameters (largest difference {difference:.3g}, against {float(r.abs().max()):.3g} for the "
+                "largest residual). Levenberg-Marquardt compares the cost of each trial step at fixed weights: call "
+                "model.eval() before the steps if the model has dropout (nn.Dropout or F.dropout in training "
+                "mode), remove random operations from its forward, and draw a minibatch outside the closure, once "
+                "per step.")
+
     def _closed_form(self, r: Tensor, call: ModuleCall | None, x: Tensor) -> Linearization | None:
         """The system ``fit`` would build for ``call.module`` (:class:`~marquardt.network.ModuleProblem`),
         when ``r`` is verifiably ``call.outputs`` minus a constant; else ``None``.
@@ -244,7 +269,8 @@ class ClosureProblem:
             problem = self.kept.problem
             problem.set_targets(targets)
             lin = problem.linearize(x)  # first: a tiny network's check then reads the J it holds
-            if _is_output_minus_constant(problem, r, self.params, x):
+            if _reproduces(problem, r, call, x) or (_is_output_minus_constant(problem, r, self.params, x)
+                                                     and _outputs_agree(problem.outputs_at(x), call.outputs)):
                 return self._accepted(problem, lin, r, x)
             # The module may have changed in place since the problem was described (new
             # mapminmax ranges): describe it again, once. The kept problem failed the check at
@@ -253,7 +279,8 @@ class ClosureProblem:
         problem = self._new_problem(call, targets)
         # A new problem is checked before its linearization, which a refusal never needs
         # (without a held J, ModuleProblem.vjp makes its own forward and backward pass).
-        if problem is None or not _is_output_minus_constant(problem, r, self.params, x):
+        if problem is None or not (_is_output_minus_constant(problem, r, self.params, x)
+                                   and _outputs_agree(problem.outputs_at(x), call.outputs)):
             self.refused = Refusal(key, closure)
             return None
         self.kept = KeptProblem(problem, key)
@@ -387,6 +414,20 @@ class ClosureProblem:
         return jac if _products_agree(jac, probe.detach(), g.detach()) else None
 
 
+def _random_marks(device: torch.device) -> list[Tensor]:
+    """The state of the generators a random operation on ``device`` draws from by default: the
+    CPU's and, for a CUDA device, that device's (dropout on the GPU draws from it)."""
+    marks = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        marks.append(torch.cuda.get_rng_state(device))
+    return marks
+
+
+def _same_marks(before: list[Tensor], after: list[Tensor]) -> bool:
+    """Whether no random number was drawn between the two :func:`_random_marks`."""
+    return all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def _check_autograd_dtype(params: list[Tensor]) -> None:
     """Refuse parameters the autograd paths cannot solve in, before forming ``J``: they work in
     the parameters' dtype, and torch has no half-precision or complex Cholesky (the closed form,
@@ -454,8 +495,9 @@ class CallKey:
     """What a closed-form problem for ``outputs = module(X)`` is built from: the module and its
     input (the same objects, the input at the same ``_version``), the outputs' shape, the
     parameters' dtype, the trainable parameter names (a parameter frozen or unfrozen changes the
-    unknowns), the submodules (name, type, training mode: a layer swapped in place, ``eval()``)
-    and the budgets ``(max_jacobian_bytes, max_matrix_bytes, solver)``."""
+    unknowns), the submodules (name, type, training mode: a layer swapped in place, ``eval()``;
+    the hooks on them and on their parameters), the budgets ``(max_jacobian_bytes,
+    max_matrix_bytes, solver)`` and the global module hooks."""
 
     module: nn.Module
     X: Tensor
@@ -463,21 +505,42 @@ class CallKey:
     shape: torch.Size
     dtype: torch.dtype
     names: tuple[str, ...]
-    submodules: tuple[tuple[str, type, bool], ...]
+    submodules: tuple[tuple[str, type, bool, tuple[int, ...]], ...]
     budgets: tuple[int, int, str]
+    hooks: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, call: ModuleCall, dtype: torch.dtype, budgets: tuple[int, int, str]) -> CallKey:
         module = call.module
         names = tuple(name for name, _ in trainable_parameters(module))
-        submodules = tuple((name, type(sub), sub.training) for name, sub in module.named_modules())
-        return cls(module, call.X, call.X._version, call.outputs.shape, dtype, names, submodules, budgets)
+        submodules = tuple((name, type(sub), sub.training, _hooks(sub)) for name, sub in module.named_modules())
+        return cls(module, call.X, call.X._version, call.outputs.shape, dtype, names, submodules, budgets,
+                   _global_hooks())
 
     def same(self, other: CallKey) -> bool:
         """Whether ``other`` is a call of this module on this unmodified input, all else equal."""
-        fields = (self.version, self.shape, self.dtype, self.names, self.submodules, self.budgets)
+        fields = (self.version, self.shape, self.dtype, self.names, self.submodules, self.budgets, self.hooks)
         return (self.module is other.module and self.X is other.X
-                and fields == (other.version, other.shape, other.dtype, other.names, other.submodules, other.budgets))
+                and fields == (other.version, other.shape, other.dtype, other.names, other.submodules, other.budgets,
+                               other.hooks))
+
+
+def _hooks(module: nn.Module) -> tuple[int, ...]:
+    """The ids of the hooks on ``module`` (forward, backward and their pre-hooks) and on its own
+    parameters (tensor hooks): any of them may change the outputs or the gradients the closed
+    form reproduces."""
+    dicts = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    ids = tuple(key for hooks in dicts for key in hooks)
+    tensor_hooks = tuple(key for p in module.parameters(recurse=False) for key in (p._backward_hooks or ()))
+    return ids + tensor_hooks
+
+
+def _global_hooks() -> tuple[int, ...]:
+    """The ids of the global module hooks (``torch.nn.modules.module.register_module_*_hook``)."""
+    hooks = torch.nn.modules.module
+    dicts = (hooks._global_forward_pre_hooks, hooks._global_forward_hooks, hooks._global_backward_pre_hooks,
+             hooks._global_backward_hooks)
+    return tuple(key for table in dicts for key in table)
 
 
 @dataclass(frozen=True)
@@ -487,8 +550,9 @@ class KeptProblem:
 
     Reused, with the new step's targets, only for the same call (:meth:`CallKey.same`): no new
     problem (its network description and buffers), and the ``n x n`` buffers of the last step's
-    system recycled as ``fit`` recycles them between epochs. The check that the residuals are the
-    outputs minus a constant is still made at every step.
+    system recycled as ``fit`` recycles them between epochs. The residuals are checked to be the
+    outputs minus a constant at every step: by the graph's nodes and the held outputs
+    (:func:`_reproduces`), else by a backward pass.
     """
 
     problem: ModuleProblem
@@ -653,6 +717,80 @@ def _is_output_minus_constant(problem: ModuleProblem, r: Tensor, params: list[Te
     tolerance = AGREEMENT.get(x.dtype, math.sqrt(torch.finfo(x.dtype).eps))
     error = float(torch.linalg.vector_norm(closed - expected))
     return error <= tolerance * float(torch.linalg.vector_norm(expected))
+
+
+#: Autograd nodes that pass a tensor's elements on unchanged and in the same (row-major) order:
+#: ``reshape``, ``view``, ``flatten``, ``squeeze``, ``unsqueeze`` and the copy ``reshape`` makes
+#: of a non-contiguous tensor.
+_SAME_ELEMENTS = frozenset({"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "CloneBackward0",
+                            "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0"})
+
+
+def _is_outputs_minus_constant_graph(r: Tensor, outputs: Tensor) -> bool:
+    """Whether the autograd graph of ``r`` is ``outputs`` minus (or plus) tensors that carry no
+    graph, then reshaped: the nodes from ``r`` back to ``outputs`` are :data:`_SAME_ELEMENTS`,
+    ``SubBackward0`` of ``outputs - c`` and ``AddBackward0`` of ``outputs + c`` or ``c + outputs``
+    (``alpha`` 1), and nothing else. Then ``d r / d params = d outputs / d params``, exactly.
+
+    Reads the nodes only (a few microseconds); ``False`` for anything else, which
+    :func:`_is_output_minus_constant` then judges by a backward pass.
+    """
+    target, target_nr = outputs.grad_fn, outputs.output_nr
+    node, nr = r.grad_fn, r.output_nr
+    for _ in range(64):  # the closures this accepts are a handful of nodes deep
+        if node is None:
+            return False
+        if node is target:
+            return nr == target_nr
+        name, inputs = node.name(), node.next_functions
+        if name in _SAME_ELEMENTS and len(inputs) == 1:
+            node, nr = inputs[0]
+        elif name in ("SubBackward0", "AddBackward0") and len(inputs) == 2 and getattr(node, "_saved_alpha", None) == 1:
+            if inputs[1][0] is None:
+                node, nr = inputs[0]
+            elif name == "AddBackward0" and inputs[0][0] is None:
+                node, nr = inputs[1]
+            else:
+                return False
+        else:
+            return False
+    return False
+
+
+def _reproduces(problem: ModuleProblem, r: Tensor, call: ModuleCall, x: Tensor) -> bool:
+    """Whether ``r`` is verifiably ``call.outputs`` minus a constant without a backward pass: by its
+    graph (:func:`_is_outputs_minus_constant_graph`), with the closed form's own forward pass at
+    ``x`` (held by a tiny network, :meth:`~marquardt.network.ModuleProblem.held_outputs`) equal
+    to ``call.outputs`` to :data:`AGREEMENT`.
+
+    The first step of a problem is always checked by :func:`_is_output_minus_constant`; this
+    serves the later steps of the same call (:class:`KeptProblem`), where that check's backward
+    pass through the closure's graph was about a fifth of a step of the 1-20-1 benchmark network
+    (~350 of ~1,900 us). The module itself is covered by :class:`CallKey` (its submodules, their
+    modes and hooks) and by the outputs' agreement (constants changed in place, such as new
+    normalization ranges, move them).
+    """
+    if not _is_outputs_minus_constant_graph(r, call.outputs):
+        return False
+    held = problem.held_outputs(x)
+    return held is not None and _outputs_agree(held, call.outputs)
+
+
+def _outputs_agree(closed: Tensor, outputs: Tensor) -> bool:
+    """Whether the closed form's outputs ``closed`` are the module's ``outputs`` to :data:`AGREEMENT`
+    of the module's dtype (relative, on the norm).
+
+    The ``J^T u`` check (:func:`_is_output_minus_constant`) compares derivatives only: a module
+    whose outputs the closed form does not give, though its derivatives are the same (a forward
+    hook adding a buffer), passed it, and the closed form's residuals ``closed - targets`` were
+    the closure's residuals shifted by the difference (its gradient too).
+    """
+    if closed.numel() != outputs.numel():
+        return False
+    expected = outputs.detach().reshape(closed.shape).to(closed.dtype)
+    tolerance = AGREEMENT.get(outputs.dtype, math.sqrt(torch.finfo(outputs.dtype).eps))
+    scale = float(torch.linalg.vector_norm(expected))
+    return math.isfinite(scale) and float(torch.linalg.vector_norm(closed - expected)) <= tolerance * scale
 
 
 def _in_dtype(lin: Linearization, dtype: torch.dtype, cost: float) -> Linearization:
