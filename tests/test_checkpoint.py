@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from marquardt import Callback, fit, mlp
+from marquardt import STOP_REASONS, Callback, fit, mlp
 from marquardt.checkpoint import CheckpointError, CheckpointMismatch, Checkpointer, latest_checkpoint
 from marquardt.io import load_state, save_state
 
@@ -213,16 +213,177 @@ def test_validation_stop_and_best_weights_survive_a_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# the final checkpoint: a run that ends between two multiples of checkpoint_every can be continued
+
+
+class StopAt(Callback):
+    """Raises StopIteration ("User stop.") once ``records`` records are appended."""
+
+    def __init__(self, records: int) -> None:
+        self.records = records
+
+    def on_epoch_end(self, history, model):
+        if len(history) == self.records:
+            raise StopIteration
+
+
+class CountEpochs(Callback):
+    """Counts the records a run appends itself (a resumed run starts with the checkpoint's)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_epoch_end(self, history, model):
+        self.count += 1
+
+
+ADAM = {"method": torch.optim.Adam, "lr": 0.01}
+# (case, the method and data options, the first run's options, those of the longer run (resumed, and
+# uninterrupted), how and at which epoch the first run stops). Each first run stops between two
+# multiples of checkpoint_every, or before the first; the longer run changes only a stopping rule.
+FINAL_CHECKPOINTS = [
+    ("epochs below checkpoint_every", {}, dict(epochs=3, checkpoint_every=10), dict(epochs=8), ("epochs", 3)),
+    ("epochs, trainbr", {"method": "br"}, dict(epochs=5, checkpoint_every=2), dict(epochs=8), ("epochs", 5)),
+    ("epochs, Adam", ADAM, dict(epochs=5, checkpoint_every=2), dict(epochs=8), ("epochs", 5)),
+    ("goal", {}, dict(goal=1e-3, checkpoint_every=3), dict(goal=0.0, epochs=8), ("goal", 4)),
+    # These models end with the best epoch's weights (5, 11); the checkpoint holds the last step's.
+    ("validation stop", dict(division="random", seed=1), dict(max_fail=2, checkpoint_every=4),
+     dict(max_fail=1000, epochs=12), ("validation", 7)),
+    ("validation stop, Adam", dict(ADAM, lr=0.05, division="random", seed=1), dict(max_fail=2, checkpoint_every=4),
+     dict(max_fail=1000, epochs=18), ("validation", 13)),
+    ("callback stop", {}, dict(callbacks=[StopAt(6)], checkpoint_every=4), dict(epochs=8), ("user", 5)),
+]
+
+
+@pytest.mark.parametrize("method, first, longer, stop", [case[1:] for case in FINAL_CHECKPOINTS],
+                         ids=[case[0] for case in FINAL_CHECKPOINTS])
+def test_a_run_ending_between_checkpoints_leaves_a_final_one_that_continues_bit_for_bit(
+        tmp_path, method, first, longer, stop):
+    # Checkpoints were written only at multiples of checkpoint_every: these runs left none of
+    # their last epochs (or none at all), and a resume repeated them or started over.
+    X, y = problem()
+    common = {**dict(min_grad=0.0, max_fail=1000, epochs=100, seed=3, progress=False), **method}
+    ended = fit(network(), X, y, checkpoint=tmp_path, **{**common, **first})
+    reason, last = stop
+    assert (ended.stop_reason, len(ended) - 1) == (STOP_REASONS[reason], last)
+    assert load_state(latest_checkpoint(tmp_path))[1]["epoch"] == last
+
+    counted, plain_count = CountEpochs(), CountEpochs()
+    resumed_model, plain = network(), network()
+    every = first["checkpoint_every"]
+    resumed = fit(resumed_model, X, y, checkpoint=tmp_path, checkpoint_every=every, callbacks=[counted],
+                  **{**common, **longer})
+    expected = fit(plain, X, y, callbacks=[plain_count], **{**common, **longer})
+    assert len(expected) > len(ended)  # the longer run went on past the first run's stop
+    assert counted.count == len(expected) - last  # resumed at the last epoch, not before it
+    assert without_time(resumed) == without_time(expected)
+    assert resumed.stop_reason == expected.stop_reason and resumed.best_epoch == expected.best_epoch
+    assert same_weights(resumed_model.state_dict(), plain.state_dict())
+
+
+def test_a_run_stopped_by_keyboard_interrupt_writes_no_final_checkpoint(tmp_path):
+    # An exception ends the run wherever it was raised: the newest checkpoint stays the last periodic one.
+    class CtrlC(Callback):
+        def on_epoch_end(self, history, model):
+            if len(history) == 6:
+                raise KeyboardInterrupt
+
+    X, y = problem()
+    common = dict(epochs=9, min_grad=0.0, seed=3, progress=False, checkpoint_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(network(), X, y, checkpoint=tmp_path, callbacks=[CtrlC()], **common)
+    assert load_state(latest_checkpoint(tmp_path))[1]["epoch"] == 4
+    resumed_model, plain = network(), network()
+    resumed = fit(resumed_model, X, y, checkpoint=tmp_path, **common)
+    expected = fit(plain, X, y, **common)
+    assert without_time(resumed) == without_time(expected)
+    assert same_weights(resumed_model.state_dict(), plain.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# parameters a callback froze (requires_grad=False) stay frozen in a resumed run
+
+
+class SetTrainableAt(Callback):
+    """Sets requires_grad of the first layer's weight once ``records`` records are appended."""
+
+    def __init__(self, records: int, trainable: bool) -> None:
+        self.records, self.trainable = records, trainable
+
+    def on_epoch_end(self, history, model):
+        if len(history) == self.records:
+            model.net[0].weight.requires_grad_(self.trainable)
+
+
+def first_layer(trainable: bool):
+    model = network()
+    model.net[0].weight.requires_grad_(trainable)
+    return model
+
+
+# (case, method options, whether the first layer's weight trains at the start, then after epoch 2)
+FROZEN_RUNS = [
+    ("lm freezes", {}, True, False),
+    ("lm unfreezes", {}, False, True),
+    ("lm matrix-free freezes", {"solver": "matrix-free"}, True, False),
+    ("trainbr freezes", {"method": "br"}, True, False),
+    ("Adam freezes", ADAM, True, False),
+]
+
+
+@pytest.mark.parametrize("options, start, after", [case[1:] for case in FROZEN_RUNS],
+                         ids=[case[0] for case in FROZEN_RUNS])
+def test_parameters_a_callback_froze_are_frozen_in_the_resumed_run(tmp_path, options, start, after):
+    # Checkpoints kept the weights but not requires_grad: the fresh model of the resume trained
+    # what the checkpointed run had frozen (or froze what it had unfrozen), and the runs diverged.
+    X, y = problem()
+    common = dict(epochs=10, min_grad=0.0, seed=3, progress=False, **options)
+    plain = first_layer(start)
+    expected = fit(plain, X, y, callbacks=[SetTrainableAt(3, after)], **common)
+    with pytest.raises(Interrupted):
+        fit(first_layer(start), X, y, checkpoint=tmp_path, checkpoint_every=2,
+            callbacks=[SetTrainableAt(3, after), InterruptAt(8)], **common)
+    assert load_state(latest_checkpoint(tmp_path))[1]["epoch"] == 6
+    resumed_model = first_layer(start)  # as the checkpointed run began, before its callback
+    resumed = fit(resumed_model, X, y, checkpoint=tmp_path, checkpoint_every=2, **common)
+    assert without_time(resumed) == without_time(expected)
+    assert same_weights(resumed_model.state_dict(), plain.state_dict())
+    assert resumed_model.net[0].weight.requires_grad is after
+
+
+def test_checkpoint_without_requires_grad_resumes_with_the_models_own(tmp_path):
+    # Checkpoints written before requires_grad was kept: the resuming model's flags stand, as before.
+    X, y = problem()
+    common = dict(epochs=10, min_grad=0.0, seed=3, progress=False, checkpoint_every=2)
+    plain = first_layer(False)
+    expected = fit(plain, X, y, **{key: value for key, value in common.items() if key != "checkpoint_every"})
+    with pytest.raises(Interrupted):
+        fit(first_layer(False), X, y, checkpoint=tmp_path, callbacks=[InterruptAt(8)], **common)
+    path = latest_checkpoint(tmp_path)
+    tensors, meta = load_state(path)
+    meta.pop("requires_grad", None)
+    save_state(path, tensors, meta)
+    resumed_model = first_layer(False)
+    resumed = fit(resumed_model, X, y, checkpoint=tmp_path, **common)
+    assert not resumed_model.net[0].weight.requires_grad
+    assert without_time(resumed) == without_time(expected)
+    assert same_weights(resumed_model.state_dict(), plain.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
 # files and refusals
 
 
 def test_folder_holds_one_checkpoint_and_a_pointer(tmp_path):
     X, y = problem()
     fit(network(), X, y, epochs=7, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    # The final checkpoint (epoch 7) replaced the last periodic one (epoch 6).
     names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["checkpoint-00000006.json", "checkpoint-00000006.safetensors", "latest.txt"]
-    _, meta = load_state(tmp_path / "checkpoint-00000006")
-    assert meta["epoch"] == 6 and len(meta["history"]["records"]) == 6
+    assert names == ["checkpoint-00000007.json", "checkpoint-00000007.safetensors", "latest.txt"]
+    _, meta = load_state(tmp_path / "checkpoint-00000007")
+    assert meta["epoch"] == 7 and len(meta["history"]["records"]) == 7
+    parameters = ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")
+    assert meta["requires_grad"] == {name: True for name in parameters}
 
 
 def test_temporary_files_of_killed_writes_are_removed(tmp_path):
@@ -401,10 +562,19 @@ def point_nowhere(folder: Path) -> None:
     (folder / "latest.txt").write_text("checkpoint-00000099\n")
 
 
+def garble_requires_grad(folder: Path) -> None:
+    path = latest_checkpoint(folder)
+    tensors, meta = load_state(path)
+    meta["requires_grad"] = ["net.0.weight"]
+    save_state(path, tensors, meta)
+
+
 # (damage, the checkpoint file named, what the message says of it)
 DAMAGES = [
     (truncate_tensors, "checkpoint-00000002.safetensors", "is not a valid safetensors file"),
     (remove_json, "checkpoint-00000002.safetensors", "checkpoint-00000002.json is missing"),
+    (garble_requires_grad, "checkpoint-00000002.safetensors",
+     r'its requires_grad record is \["net.0.weight"\], expected an object mapping parameter names to true or false'),
     (garble_pointer, "latest.txt", "can't decode byte 0xff"),
     (point_nowhere, "checkpoint-00000099.safetensors", "does not exist"),
 ]

@@ -823,8 +823,9 @@ def test_ranks_that_see_different_checkpoints_are_refused_before_training(resume
         assert outcome == "ok", out
         error, message = out["unshared"]
         assert error == "CheckpointError", message
-        assert "is not the same folder on every rank (rank 0: checkpoint-00000006; rank 1: no checkpoint)" in message
-    assert (folder / "latest.txt").read_text().strip() == "checkpoint-00000006"
+        assert "is not the same folder on every rank (rank 0: checkpoint-00000007; rank 1: no checkpoint)" in message
+    # The two-rank run to epoch 7 ended with its final checkpoint, written by rank 0 alone.
+    assert (folder / "latest.txt").read_text().strip() == "checkpoint-00000007"
     assert not (folder.parent / "resume-rank-1").exists()  # rank 1 writes nothing
 
 

@@ -1,7 +1,8 @@
 """Checkpoints of a training run, for ``fit(..., checkpoint=DIR, resume=True)``.
 
 A checkpoint holds everything the epoch loop of :func:`marquardt.train.fit` carries from one
-epoch to the next: the weights, the trainer's state (LM damping, optimizer buffers), the
+epoch to the next: the weights and which parameters train (``requires_grad``, which a callback
+may have changed), the trainer's state (LM damping, optimizer buffers), the
 History so far, the epoch counter, the validation-failure count, the best weights so far, the
 state of the trainer's problem (for the matrix-free form, the warm start and forcing term of the
 next conjugate-gradient solve and the generator of its curvature subsets), the
@@ -9,6 +10,18 @@ elapsed time and the random states (torch's global generator, numpy's global gen
 generator that drew the data division and batches). It is written after a training step, so a
 resumed run starts by evaluating that epoch, exactly as the uninterrupted run does next: with
 the same seed and data, a run killed and resumed ends with the same weights, bit for bit.
+
+Checkpoints are written after every ``every``-th step and once more when training ends, for
+its last step, if that one was not a multiple of ``every``: a run that reached ``epochs``, met
+its goal, stopped on validation, time, gradient or ``mu``, or was stopped by a callback can be
+continued with other stopping rules (a larger ``epochs``, a lower ``goal``, a larger
+``max_fail``, ...) as the uninterrupted longer run would have gone on. The final checkpoint
+holds the state after that last step, as a periodic one would, not the best weights the model
+ends with; to have it, the state after each step whose checkpoint is not written is kept in
+memory (a copy of the weights, the trainer's tensors and the random states) until the next
+step. A run ended by an exception (``KeyboardInterrupt`` included, or a callback's error)
+writes no final checkpoint: the newest one is the last periodic one, and a resume repeats the
+steps after it.
 
 Layout of ``DIR``: ``checkpoint-<epoch>.safetensors`` + ``.json`` (via
 :func:`marquardt.io.save_state`, each file written to a temporary file and renamed) and
@@ -28,6 +41,7 @@ run can be continued.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -52,8 +66,9 @@ __all__ = ["NO_CHECKPOINT", "CheckpointError", "CheckpointMismatch", "Checkpoint
 _POINTER = "latest.txt"
 _PREFIX = "checkpoint-"
 # 2: the run record names the loss, options, architecture, dtype and batch size as well. The
-# problem's state (trainer/problem/*, meta["trainer"]["problem"]) came later within format 2: a
-# checkpoint without it resumes as before, its problem starting fresh.
+# problem's state (trainer/problem/*, meta["trainer"]["problem"]) and the parameters' requires_grad
+# (meta["requires_grad"]) came later within format 2: a checkpoint without the first resumes as
+# before, its problem starting fresh; one without the second keeps the resuming model's flags.
 _FORMAT = 2
 # What a trainer carries between epochs besides the weights (and an optimizer's buffers): LM's
 # damping state and last solver path, trainbr's hyperparameters and whether the last step was kept.
@@ -118,16 +133,43 @@ def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
     return Path(folder) / f"{pointer.read_text(encoding='utf-8').strip()}.safetensors"
 
 
+@dataclass(frozen=True)
+class _State:
+    """The content of one checkpoint: the state before ``epoch`` is evaluated.
+
+    ``meta`` lacks the History's records, which are the first ``records`` of ``history``'s
+    (taken when written: the loop only appends to them).
+    """
+
+    epoch: int
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+    history: History
+    records: int
+
+    def kept(self) -> _State:
+        """A copy that the loop's next steps leave as it is: weights, optimizer buffers and
+        problem tensors are changed in place by them, and an optimizer's state may hold lists
+        it appends to (LBFGS). The rest of ``meta`` is made afresh by each call of
+        ``Checkpointer._state``, and the best weights are shared: the loop replaces its
+        best-weights dict, and never writes into one (``_Best.keep``)."""
+        tensors = {name: value if name.startswith("best/") else value.detach().clone()
+                   for name, value in self.tensors.items()}
+        meta = {**self.meta, "trainer": copy.deepcopy(self.meta["trainer"])}
+        return dataclasses.replace(self, tensors=tensors, meta=meta)
+
+
 @dataclass
 class Checkpointer:
-    """Writes the training state to ``folder`` every ``every`` epochs and restores it on resume.
+    """Writes the training state to ``folder`` every ``every`` epochs and at the end, and restores it on resume.
 
     Parameters
     ----------
     folder : path
         Checkpoint folder, created if missing.
     every : int, default 10
-        Write a checkpoint after every ``every``-th training step.
+        Write a checkpoint after every ``every``-th training step, and after the last one when
+        training ends (:meth:`train_done`).
     resume : bool, default True
         Continue from the newest checkpoint in ``folder`` when there is one; with False an
         existing checkpoint is ignored and replaced.
@@ -146,10 +188,11 @@ class Checkpointer:
     given no seed (``fit(seed=None)`` draws one) continues the checkpointed run's seed and
     records it in its own checkpoints.
 
-    The epoch loop calls :meth:`restore` once before its first evaluation and
-    :meth:`epoch_done` after each training step. ``loop`` is the loop object of
-    :mod:`marquardt.train` (``model``, ``trainer``, ``history``, ``train``); ``best`` its
-    best-epoch tracker (``perf``, ``epoch``, ``weights``).
+    The epoch loop calls :meth:`restore` once before its first evaluation,
+    :meth:`epoch_done` after each training step and :meth:`train_done` when training has
+    ended without an exception. ``loop`` is the loop object of :mod:`marquardt.train`
+    (``model``, ``trainer``, ``history``, ``train``); ``best`` its best-epoch tracker
+    (``perf``, ``epoch``, ``weights``).
     """
 
     folder: Path
@@ -160,6 +203,7 @@ class Checkpointer:
     _run: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
     _seed: int | None = dataclasses.field(default=None, init=False, repr=False)
     _seeded: bool = dataclasses.field(default=False, init=False, repr=False)
+    _unwritten: _State | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.folder, (str, os.PathLike)):
@@ -188,9 +232,13 @@ class Checkpointer:
             return 0, 0, 0.0
         path, tensors, meta = found
         self._check_compatible(path, loop, meta)
+        trainable = _saved_requires_grad(path, meta)
         device = next(loop.model.parameters()).device
+        _restore_requires_grad(loop.model, trainable)
         loop.model.load_state_dict(_prefixed(tensors, "model/"))
-        loop.trainer.sync_from_model()
+        # Before the trainer's state: an LM trainer built for the fresh model's trainable set
+        # rebuilds its problem for the checkpoint's, whose state is then loaded into it.
+        loop.trainer.resume_from_model()
         _restore_trainer(loop.trainer, _prefixed(tensors, "trainer/"), meta["trainer"], device)
         _restore_history(loop.history, meta["history"])
         best.perf, best.epoch = meta["best"]["perf"], meta["best"]["epoch"]
@@ -222,12 +270,31 @@ class Checkpointer:
     # -- write ----------------------------------------------------------------------------------
 
     def epoch_done(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> None:
-        """After the training step that leads to ``epoch``: write a checkpoint every ``every`` epochs."""
+        """After the training step that leads to ``epoch``: write a checkpoint every ``every``
+        epochs, and keep a copy of the state otherwise, for :meth:`train_done`."""
         if epoch % self.every == 0:
+            self._unwritten = None
             self.write(loop, epoch, best, val_fail, elapsed)
+        else:
+            self._unwritten = self._state(loop, epoch, best, val_fail, elapsed).kept()
+
+    def train_done(self) -> Path | None:
+        """When training has ended: write the state after its last step, unless that step's
+        checkpoint was written (or no step was taken); return the ``.safetensors`` path or None.
+
+        The state is the one :meth:`epoch_done` kept, before the last epoch was evaluated: what
+        the loop would carry into that epoch had its stopping rules let it go on, not the best
+        weights it then restored.
+        """
+        state, self._unwritten = self._unwritten, None
+        return None if state is None else self._save(state)
 
     def write(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> Path:
         """Write the state before ``epoch`` is evaluated; return the ``.safetensors`` path."""
+        return self._save(self._state(loop, epoch, best, val_fail, elapsed))
+
+    def _state(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> _State:
+        """The state before ``epoch`` is evaluated, its tensors the loop's own (not copies)."""
         tensors = {f"model/{name}": value for name, value in loop.model.state_dict().items()}
         tensors.update({f"best/{name}": value for name, value in (best.weights or {}).items()})
         trainer_tensors, trainer_meta = _trainer_state(loop.trainer)
@@ -238,11 +305,16 @@ class Checkpointer:
             "format": _FORMAT, "run": {**self._fingerprint(loop), "seed": self._seed}, "epoch": epoch,
             "val_fail": val_fail, "elapsed": elapsed,
             "best": {"perf": best.perf, "epoch": best.epoch}, "trainer": trainer_meta, "random": random_meta,
-            "history": {"method": loop.history.method, "records": loop.history.records},
+            "requires_grad": {name: p.requires_grad for name, p in loop.model.named_parameters()},
         }
-        stem = f"{_PREFIX}{epoch:08d}"
+        return _State(epoch, tensors, meta, loop.history, len(loop.history.records))
+
+    def _save(self, state: _State) -> Path:
+        """Write ``state`` as the newest checkpoint; older ones are removed once it is complete."""
+        history = {"method": state.history.method, "records": state.history.records[: state.records]}
+        stem = f"{_PREFIX}{state.epoch:08d}"
         self._unpoint(stem)
-        path = save_state(self.folder / stem, tensors, meta)
+        path = save_state(self.folder / stem, state.tensors, {**state.meta, "history": history})
         _atomic_write(self.folder / _POINTER, lambda tmp: tmp.write_text(stem + "\n", encoding="utf-8"))
         self._remove_older(stem)
         return path
@@ -279,6 +351,9 @@ class NoCheckpoint:
         return 0, 0, 0.0
 
     def epoch_done(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> None:
+        pass
+
+    def train_done(self) -> None:
         pass
 
 
@@ -473,6 +548,31 @@ def _digest(*splits: Any) -> str:
             digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
             digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
+
+
+def _saved_requires_grad(path: Path, meta: Mapping[str, Any]) -> dict[str, bool] | None:
+    """The checkpoint's ``requires_grad`` of each parameter, or None where it predates them."""
+    saved = meta.get("requires_grad")
+    if saved is None:
+        return None
+    if not (isinstance(saved, Mapping) and all(isinstance(value, bool) for value in saved.values())):
+        raise CheckpointError(
+            path, f"in {path.parent} cannot be read: its requires_grad record is {json.dumps(saved)[:80]}, "
+            "expected an object mapping parameter names to true or false",
+            "Pass another checkpoint folder, or resume=False to start over and replace it."
+        )
+    return dict(saved)
+
+
+def _restore_requires_grad(model: torch.nn.Module, trainable: Mapping[str, bool] | None) -> None:
+    """Freeze and unfreeze ``model``'s parameters as the checkpointed run had them. Not part of
+    the run record: a callback may change them during a run, so the resuming model's flags (as
+    the checkpointed run began) may differ. None (an older checkpoint) leaves the model's own."""
+    if trainable is None:
+        return
+    for name, parameter in model.named_parameters():
+        if name in trainable:
+            parameter.requires_grad_(trainable[name])
 
 
 def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -978,6 +978,11 @@ class ShardedCheckpoint:
         if self.reducer.rank == 0:
             self.inner.epoch_done(self._view, epoch, best, val_fail, elapsed)
 
+    def train_done(self) -> None:
+        """Rank 0 writes the final checkpoint (its own :meth:`epoch_done` kept the state)."""
+        if self.reducer.rank == 0:
+            self.inner.train_done()
+
     def _require_same_checkpoint(self) -> None:
         """Raise CheckpointError on every rank unless all ranks see the same newest checkpoint (or none).
 

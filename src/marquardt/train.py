@@ -484,6 +484,16 @@ class LMTrainer:
         self.x = flatten_parameters(self.model)
         self._parameters = [p for _, p in trainable_parameters(self.model)]
 
+    def resume_from_model(self) -> None:
+        """Continue from the module as a checkpoint left it (:mod:`marquardt.checkpoint`): its
+        weights, and the parameters that train there, which a callback of the checkpointed run
+        may have frozen or unfrozen; a problem for that set when this trainer was built for
+        another (the fresh model's), as :meth:`adopt_module_weights` makes one mid-run."""
+        if _trained_layout(self.model) != self._trained:
+            self._retrain()
+        else:
+            self.sync_from_model()
+
     def adopt_module_weights(self) -> None:
         """Continue from weights a callback wrote to the module, if it wrote any, and from the
         parameters that train now, if it froze or unfroze some.
@@ -581,6 +591,9 @@ class FirstOrderTrainer:
 
     def sync_from_model(self) -> None:
         pass
+
+    def resume_from_model(self) -> None:
+        """Nothing to rebuild: the optimizer holds every parameter and steps those that require grad."""
 
 
 def _damping_units(perf_scale: float, bayesian: bool) -> float:
@@ -908,10 +921,20 @@ def fit(
     callbacks : sequence of Callback
         Hooks called at the start, after each epoch and at the end.
     checkpoint : path, optional
-        Folder for checkpoints, written atomically every ``checkpoint_every`` epochs (weights,
-        damping or optimizer state, History, best weights, random states). With ``resume=True``
-        an existing checkpoint there is continued: with the same arguments the run ends with
-        the weights of an uninterrupted one (:mod:`marquardt.checkpoint`).
+        Folder for checkpoints, written atomically every ``checkpoint_every`` epochs and when
+        training ends (weights and which parameters require grad, damping or optimizer state,
+        History, best weights, random states). The final one holds the state after the last
+        step, not the best weights the model ends with, so a finished run resumed with other
+        stopping rules (a larger ``epochs``, ``max_fail``, a lower ``goal``) goes on as one run
+        would have; a run ended by an exception (``KeyboardInterrupt``) writes none, and
+        resumes from its last periodic one. With ``resume=True`` an existing checkpoint there
+        is continued: with the same arguments the run ends with the weights of an
+        uninterrupted one (:mod:`marquardt.checkpoint`).
+    resume : bool, default True
+        Continue from the newest checkpoint in ``checkpoint``; False starts over and replaces it.
+    checkpoint_every : int, default 10
+        Epochs between checkpoints. Between two writes, the state after each step is kept in
+        memory for the final checkpoint: a copy of the weights and optimizer buffers.
     distributed : bool or Reducer, optional
         Data-parallel training over :mod:`torch.distributed` (:mod:`marquardt.distributed`);
         by default whenever a process group is initialized. Each rank passes *its own shard*
@@ -1123,6 +1146,9 @@ class _Loop:
         finally:
             if held:  # also when interrupted: the module gets the weights reached so far
                 self.trainer.release_weights()
+        # The final checkpoint: the copy of the state the last step left, which _finish's best
+        # weights do not reach. Not after an exception, which may leave a step half taken.
+        self.checkpoint.train_done()
         self._finish(best, reason, epoch)
 
     def _unobserved(self) -> bool:
