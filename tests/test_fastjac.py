@@ -368,3 +368,58 @@ def test_a_global_forward_hook_leaves_the_closed_form():
     finally:
         handle.remove()
     assert describe(net, names) is not None
+
+
+def _tied_module():
+    torch.manual_seed(4)
+    shared = nn.Linear(3, 3)
+    return nn.Sequential(nn.Linear(2, 3), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(3, 1)).to(DT)
+
+
+def _tied_parameter():
+    torch.manual_seed(5)
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    return nn.Sequential(nn.Linear(2, 3), nn.Tanh(), first, nn.Tanh(), second, nn.Linear(3, 1)).to(DT)
+
+
+@pytest.mark.parametrize("make", [_tied_module, _tied_parameter])
+def test_torch_func_backend_shares_weights_and_leaves_the_module_as_it_was(make):
+    # torch.func.functional_call ties weights by name: a layer applied twice was swapped in and
+    # out once per name, the outputs came from the wrong weights and the layer was left holding
+    # plain tensors without requires_grad (fit then failed with a shape error).
+    model = make()
+    named = list(model.named_parameters())
+    before = [(id(p), p.detach().clone()) for _, p in named]
+    layout = [(name, p.numel()) for name, p in named]
+    backend = jacobian_backend(model, layout, dict(model.named_buffers()))
+    assert isinstance(backend, FunctionalJacobian)
+    X = torch.randn(7, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    params = {name: 2 * p.detach() for name, p in named}
+    (J, outputs), = backend.chunks(params, X, 100)
+    assert [(id(p), type(p), p.requires_grad) for _, p in model.named_parameters()] == \
+        [(i, nn.Parameter, True) for i, _ in before]
+    assert all(torch.equal(p, value) for (_, p), (_, value) in zip(model.named_parameters(), before))
+    # The reference: the same network with its weights doubled, differentiated by autograd.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    expected = model(X)
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, model.parameters(), retain_graph=True)])
+            for out in expected.reshape(-1)]
+    torch.testing.assert_close(outputs, expected.detach(), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(J, torch.stack(rows), rtol=1e-12, atol=1e-12)
+
+
+def test_fit_trains_a_network_that_applies_one_layer_twice():
+    X = torch.linspace(-3, 3, 100, dtype=DT)[:, None]
+    y = torch.sin(X)
+    torch.manual_seed(3)
+    shared = nn.Linear(1, 1)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1), nn.Tanh(), shared, nn.Tanh(), shared).to(DT)
+    history = marquardt.fit(net, X, y, epochs=30)
+    with torch.no_grad():
+        actual = float(((net(X) - y) ** 2).mean())
+    assert history["perf"][-1] == pytest.approx(actual, rel=1e-10)
+    assert actual < 1e-4
+    assert all(type(p) is nn.Parameter and p.requires_grad for p in net.parameters())

@@ -831,8 +831,30 @@ class FunctionalJacobian:
     name = "torch.func"
     forward_mode: bool = field(default=False, init=False)
 
+    def __post_init__(self) -> None:
+        self._paths = _tensor_paths(self.model)
+
     def outputs(self, params: dict[str, Tensor], X: Tensor) -> Tensor:
-        return functional_call(self.model, (params, self.buffers), (X,))
+        return self._call(params, X)
+
+    def _call(self, params: dict[str, Tensor], X: Tensor) -> Tensor:
+        """``model(X)`` with the parameters ``params`` and :attr:`buffers` (by their first names, as
+        ``named_parameters()`` gives them) in place of the module's own, each under every name
+        it has in a distinct submodule (:func:`_tensor_paths`).
+
+        ``functional_call``'s own tying (``tie_weights=True``) swaps a submodule that appears
+        twice (one layer applied twice) in and out once per name: torch 2.13 computed the
+        outputs with the wrong weights and left the layer holding plain tensors, without
+        ``requires_grad``, after the call; ``fit`` then failed with a shape error.
+        """
+        values = {}
+        for path, name in self._paths:
+            value = params.get(name)
+            if value is None:
+                value = self.buffers.get(name)
+            if value is not None:
+                values[path] = value
+        return functional_call(self.model, values, (X,), tie_weights=False)
 
     def chunks(self, params: dict[str, Tensor], X: Tensor, samples: int) -> Iterator[tuple[Tensor, Tensor]]:
         for start in range(0, X.shape[0], samples):
@@ -856,8 +878,22 @@ class FunctionalJacobian:
         return vmap(jacfwd(self._single, has_aux=True), in_dims=(None, 0))(params, batch)
 
     def _single(self, params: dict[str, Tensor], sample: Tensor) -> tuple[Tensor, Tensor]:
-        out = functional_call(self.model, (params, self.buffers), (sample.unsqueeze(0),)).squeeze(0)
+        out = self._call(params, sample.unsqueeze(0)).squeeze(0)
         return out, out
+
+
+def _tensor_paths(model: nn.Module) -> list[tuple[str, str]]:
+    """``(path, name)`` for each parameter and buffer of each distinct submodule of ``model``:
+    ``path`` the name under the submodule's first name, ``name`` the tensor's first name in
+    ``named_parameters()`` / ``named_buffers()`` (a tensor shared by two distinct submodules has
+    one ``name`` and two paths; a submodule that appears twice, one path per tensor)."""
+    first = {id(t): name for name, t in (*model.named_parameters(), *model.named_buffers())}
+    paths = []
+    for prefix, module in model.named_modules():
+        for local, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+            if id(tensor) in first:
+                paths.append((f"{prefix}.{local}" if prefix else local, first[id(tensor)]))
+    return paths
 
 
 class FunctionalLinearization:
