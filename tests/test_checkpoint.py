@@ -213,6 +213,74 @@ def test_validation_stop_and_best_weights_survive_a_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# a float32 network that LM steps in float64: the trainer's weights are wider than the module's
+
+
+def float32_problem():
+    X = torch.linspace(-1, 1, 100, dtype=torch.float32)[:, None]
+    return X, torch.sin(3 * X) + 0.05 * torch.cos(17 * X)
+
+
+def float32_network():
+    return mlp(1, 6, 1, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+
+
+# (case, the method and data options, the first run's options, the longer run's). Each first run
+# ends (or is interrupted) between two epochs the longer run goes past; "validation stop": the
+# longer run stops at epoch 12 with the best weights of epoch 9, which the checkpoint at 10 holds.
+FLOAT32_RUNS = [
+    ("lm", {}, dict(epochs=5, checkpoint_every=2), dict(epochs=12)),
+    ("lm, interrupted", {}, dict(epochs=12, checkpoint_every=3, callbacks=[InterruptAt(8)]), dict(epochs=12)),
+    ("matrix-free", {"solver": "matrix-free"}, dict(epochs=5, checkpoint_every=2), dict(epochs=12)),
+    ("matrix-free, interrupted", {"solver": "matrix-free"},
+     dict(epochs=12, checkpoint_every=3, callbacks=[InterruptAt(8)]), dict(epochs=12)),
+    ("trainbr", {"method": "br"}, dict(epochs=5, checkpoint_every=2), dict(epochs=12)),
+    ("lm, mini-batches", {"batch_size": 50}, dict(epochs=5, checkpoint_every=2), dict(epochs=12)),
+    ("lm, validation stop", dict(division="random", seed=5), dict(epochs=10, checkpoint_every=4),
+     dict(epochs=60, max_fail=3)),
+]
+
+
+@pytest.mark.parametrize("method, first, longer", [case[1:] for case in FLOAT32_RUNS],
+                         ids=[case[0] for case in FLOAT32_RUNS])
+def test_float32_network_stepped_in_float64_resumes_bit_for_bit(tmp_path, method, first, longer):
+    # Checkpoints held only the module's float32 weights, the float64 ones LM steps rounded: the
+    # resumed run went on from other weights (9.5e-7 apart after 12 epochs, 0.11 matrix-free).
+    X, y = float32_problem()
+    common = {**dict(min_grad=0.0, max_fail=1000, seed=3, progress=False), **method}
+    try:
+        fit(float32_network(), X, y, checkpoint=tmp_path, **{**common, **first})
+    except Interrupted:
+        pass
+    resumed_model, plain = float32_network(), float32_network()
+    resumed = fit(resumed_model, X, y, checkpoint=tmp_path, checkpoint_every=first["checkpoint_every"],
+                  **{**common, **longer})
+    expected = fit(plain, X, y, **{**common, **longer})
+    assert without_time(resumed) == without_time(expected)
+    assert resumed.stop_reason == expected.stop_reason and resumed.best_epoch == expected.best_epoch
+    assert same_weights(resumed_model.state_dict(), plain.state_dict())
+    assert resumed_model.net[0].weight.dtype == torch.float32
+
+
+def test_float32_checkpoint_without_the_trainers_weights_resumes_from_the_modules(tmp_path):
+    # Checkpoints written before the trainer's float64 weights were kept: the resume starts from
+    # the module's float32 weights, as it did then.
+    X, y = float32_problem()
+    common = dict(min_grad=0.0, seed=3, progress=False, checkpoint_every=2)
+    fit(float32_network(), X, y, checkpoint=tmp_path, epochs=4, **common)
+    path = latest_checkpoint(tmp_path)
+    tensors, meta = load_state(path)
+    assert tensors["trainer/x"].dtype == torch.float64
+    save_state(path, {name: value for name, value in tensors.items() if name != "trainer/x"}, meta)
+    model = float32_network()
+    history = fit(model, X, y, checkpoint=tmp_path, epochs=8, **common)
+    assert history["epoch"] == list(range(9)) and model.net[0].weight.dtype == torch.float32
+    # The records after the resume go on from the rounded weights, apart from the uninterrupted run's.
+    expected = fit(float32_network(), X, y, epochs=8, **{k: v for k, v in common.items() if k != "checkpoint_every"})
+    assert history["perf"][:5] == expected["perf"][:5] and history["perf"][5:] != expected["perf"][5:]
+
+
+# ------------------------------------------------------------------------------------------------
 # the final checkpoint: a run that ends between two multiples of checkpoint_every can be continued
 
 
@@ -380,8 +448,9 @@ def test_folder_holds_one_checkpoint_and_a_pointer(tmp_path):
     # The final checkpoint (epoch 7) replaced the last periodic one (epoch 6).
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names == ["checkpoint-00000007.json", "checkpoint-00000007.safetensors", "latest.txt"]
-    _, meta = load_state(tmp_path / "checkpoint-00000007")
+    tensors, meta = load_state(tmp_path / "checkpoint-00000007")
     assert meta["epoch"] == 7 and len(meta["history"]["records"]) == 7
+    assert "trainer/x" not in tensors  # a float64 module holds the weights LM steps
     parameters = ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")
     assert meta["requires_grad"] == {name: True for name in parameters}
 

@@ -2,7 +2,9 @@
 
 A checkpoint holds everything the epoch loop of :func:`marquardt.train.fit` carries from one
 epoch to the next: the weights and which parameters train (``requires_grad``, which a callback
-may have changed), the trainer's state (LM damping, optimizer buffers), the
+may have changed), the trainer's state (LM damping, optimizer buffers, and
+the weights as LM steps them where the module holds them rounded: a small float32 network is
+stepped in float64, and a resume from its float32 weights would go on from other weights), the
 History so far, the epoch counter, the validation-failure count, the best weights so far, the
 state of the trainer's problem (for the matrix-free form, the warm start and forcing term of the
 next conjugate-gradient solve and the generator of its curvature subsets), the
@@ -67,8 +69,10 @@ _POINTER = "latest.txt"
 _PREFIX = "checkpoint-"
 # 2: the run record names the loss, options, architecture, dtype and batch size as well. The
 # problem's state (trainer/problem/*, meta["trainer"]["problem"]) and the parameters' requires_grad
-# (meta["requires_grad"]) came later within format 2: a checkpoint without the first resumes as
-# before, its problem starting fresh; one without the second keeps the resuming model's flags.
+# (meta["requires_grad"]) came later within format 2, and so did LM's own weights (trainer/x, where
+# they are wider than the module's): a checkpoint without the first resumes as before, its problem
+# starting fresh; one without the second keeps the resuming model's flags; one without the third
+# steps on from the module's weights.
 _FORMAT = 2
 # What a trainer carries between epochs besides the weights (and an optimizer's buffers): LM's
 # damping state and last solver path, trainbr's hyperparameters and whether the last step was kept.
@@ -586,7 +590,10 @@ def _prefixed(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def _trainer_state(trainer: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     meta: dict[str, Any] = {"fields": {name: _plain(getattr(trainer, name)) for name in _TRAINER_FIELDS
                                        if hasattr(trainer, name)}}
-    tensors: dict[str, Tensor] = {}
+    # LM's weights as it steps them, where the module holds them rounded (a float32 network is
+    # stepped in float64): resumed from the module's, the runs parted (9.5e-7 apart in the weights
+    # after 12 epochs of a 1-6-1 network, 0.11 matrix-free).
+    tensors: dict[str, Tensor] = dict(trainer.resume_state()) if hasattr(trainer, "resume_state") else {}
     optimizer = getattr(trainer, "optimizer", None)
     if isinstance(optimizer, torch.optim.Optimizer):
         state = optimizer.state_dict()["state"]
@@ -607,6 +614,8 @@ def _restore_trainer(trainer: Any, tensors: Mapping[str, Tensor], meta: Mapping[
                      device: torch.device) -> None:
     for name, value in meta["fields"].items():
         setattr(trainer, name, _rebuilt(value))
+    if hasattr(trainer, "load_resume_state"):  # the trainer's own tensors: those not under optimizer/ or problem/
+        trainer.load_resume_state({name: value for name, value in tensors.items() if "/" not in name})
     if "optimizer" in meta:
         state = {int(index): {key: tensors[f"optimizer/{index}/{key}"].to(device) if value is None else value
                               for key, value in entry.items()} for index, entry in meta["optimizer"].items()}

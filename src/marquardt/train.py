@@ -20,7 +20,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -494,6 +494,21 @@ class LMTrainer:
         else:
             self.sync_from_model()
 
+    def resume_state(self) -> dict[str, Tensor]:
+        """What a checkpoint needs of the weights beyond the module's: ``{"x": ...}``, the vector
+        this trainer steps, where the module holds it rounded (a float32 network stepped in
+        float64, :meth:`~marquardt.network.ModuleProblem._working_dtype`) or not at all
+        (:meth:`hold_weights`); else nothing. The tensor is the trainer's own, not a copy."""
+        if not self.holds_weights and all(p.dtype == self.x.dtype for p in self._parameters):
+            return {}
+        return {"x": self.x}
+
+    def load_resume_state(self, tensors: Mapping[str, Tensor]) -> None:
+        """Continue from a :meth:`resume_state`, after :meth:`resume_from_model`. Without ``"x"``
+        (the module held the weights, or the checkpoint predates the key) the module's stand."""
+        if "x" in tensors:
+            self.x = tensors["x"].to(self.x.device)
+
     def adopt_module_weights(self) -> None:
         """Continue from weights a callback wrote to the module, if it wrote any, and from the
         parameters that train now, if it froze or unfroze some.
@@ -923,7 +938,8 @@ def fit(
     checkpoint : path, optional
         Folder for checkpoints, written atomically every ``checkpoint_every`` epochs and when
         training ends (weights and which parameters require grad, damping or optimizer state,
-        History, best weights, random states). The final one holds the state after the last
+        the float64 weights LM steps a small float32 network with, History, best weights,
+        random states). The final one holds the state after the last
         step, not the best weights the model ends with, so a finished run resumed with other
         stopping rules (a larger ``epochs``, ``max_fail``, a lower ``goal``) goes on as one run
         would have; a run ended by an exception (``KeyboardInterrupt``) writes none, and
