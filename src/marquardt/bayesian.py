@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .chunked import PromotedEquations
 from .linalg import NormalEquations
 from .solver import Linearization, Problem
 
@@ -93,6 +94,8 @@ def effective_parameters(gram: Tensor, alpha: float, beta: float) -> float:
     >>> effective_parameters(torch.diag(torch.tensor([3.0, 1.0, 0.0])), alpha=1.0, beta=1.0)
     1.25
     """
+    # LAPACK has no half-precision eigensolver: float16/bfloat16 go through float32.
+    gram = gram.to(torch.promote_types(gram.dtype, torch.float32))
     eigenvalues = torch.linalg.eigvalsh(gram).clamp_min(0) * beta
     return float((eigenvalues / (eigenvalues + alpha)).sum())
 
@@ -108,9 +111,18 @@ def update_state(state: BayesianState, gram: Tensor, sse: float, ssw: float, n_e
 
 
 def data_gram(system: Any) -> Tensor:
-    """``J^T J`` of a linear system from :mod:`marquardt.linalg` (formed when it holds rows only)."""
+    """``J^T J`` of a linear system from :mod:`marquardt.linalg` (formed when it holds rows only),
+    in the dtype it was assembled in: float64 for a small float32/float16/bfloat16 problem, whose
+    :class:`~marquardt.chunked.PromotedEquations` would hand it back rounded to the problem's dtype."""
+    system = _assembled(system)
     gram = getattr(system, "gram", None)
     return gram if gram is not None else system.jac.T @ system.jac
+
+
+def _assembled(system: Any) -> Any:
+    """The system as it was assembled: the wide one inside a
+    :class:`~marquardt.chunked.PromotedEquations` (see :func:`~marquardt.chunked.accumulation_dtype`)."""
+    return system.system if isinstance(system, PromotedEquations) else system
 
 
 @dataclass
@@ -156,17 +168,32 @@ class RegularizedProblem:
         return self.regularize(self.problem.linearize(x), x)
 
     def regularize(self, lin: Linearization, x: Tensor) -> Linearization:
-        """Turn the data problem's linearization at ``x`` into this problem's."""
-        eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
-        gram = self.beta * data_gram(lin.system) + self.alpha * eye
+        """Turn the data problem's linearization at ``x`` into this problem's.
+
+        The system is assembled and solved in the dtype the data system was assembled in, as
+        ``"lm"`` solves: a small float16 or bfloat16 network's ``J^T J`` is formed in float64
+        (:func:`~marquardt.chunked.accumulation_dtype`), and a half-precision matrix, which
+        has no Cholesky factorization in torch, is never formed.
+        """
+        data = _assembled(lin.system)
+        gram = data_gram(data)
+        wide = gram.dtype
+        eye = torch.eye(x.numel(), dtype=wide, device=x.device)
+        gram = self.beta * gram + self.alpha * eye
         grad = self.beta * lin.grad + self.alpha * x
         cost = self.beta * lin.cost + 0.5 * self.alpha * float(x @ x)
-        jac = getattr(lin.system, "jac", None)
-        residuals = getattr(lin.system, "residuals", None)
+        jac = getattr(data, "jac", None)
+        residuals = getattr(data, "residuals", None)
         if jac is None or residuals is None:
-            return Linearization(cost, grad, NormalEquations(gram))
-        # Rows held: the QR fallback solves the stacked least-squares system itself.
-        root_alpha, root_beta = math.sqrt(self.alpha), math.sqrt(self.beta)
-        jac = torch.cat([root_beta * jac, root_alpha * eye])
-        residuals = torch.cat([root_beta * residuals, root_alpha * x])
-        return Linearization(cost, grad, NormalEquations(gram, jac, residuals), residuals, jac)
+            system = NormalEquations(gram)
+        else:
+            # Rows held: the QR fallback solves the stacked least-squares system itself.
+            root_alpha, root_beta = math.sqrt(self.alpha), math.sqrt(self.beta)
+            jac = torch.cat([root_beta * jac, root_alpha * eye])
+            residuals = torch.cat([root_beta * residuals, root_alpha * x.to(wide)])
+            system = NormalEquations(gram, jac, residuals)
+        if wide != grad.dtype:
+            # Seen by the LM loop in the problem's dtype, as the data system was.
+            system = PromotedEquations(system, grad.dtype)
+            jac, residuals = system.jac, system.residuals
+        return Linearization(cost, grad, system, residuals, jac)
