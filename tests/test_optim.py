@@ -5,6 +5,7 @@ import functools
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 import types
@@ -1886,3 +1887,84 @@ def test_random_numbers_that_do_not_reach_the_residuals_are_allowed():
     costs = [float(opt.step(lambda: closure(net))) for _ in range(3)]
     expected = [float(plain.step(lambda: reference(X) - y)) for _ in range(3)]
     assert costs == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# the damping state: a floor after accepted steps, and states no step can start from
+
+
+def _exponential_closure(b, limit=10_000):
+    """``b0 exp(-b1 t) - y`` with a small residual left at the minimum, float64, counting its
+    calls: past ``limit`` it raises, so that a step that would never end fails instead."""
+    t = torch.linspace(0, 4, 50, dtype=torch.float64)
+    y = 2.5 * torch.exp(-1.3 * t) + 0.01 * torch.sin(40 * t)
+    calls = []
+
+    def closure():
+        calls.append(None)
+        if len(calls) > limit:
+            raise RuntimeError(f"the closure was called {limit} times: the step never ends")
+        return b[0] * torch.exp(-b[1] * t) - y
+
+    return closure, calls
+
+
+@pytest.mark.parametrize("strategy", ["marquardt", "nielsen"])
+def test_a_tiny_damping_is_floored_after_accepted_steps_and_every_step_ends(strategy):
+    # damping=5e-324 is a valid option; accepted steps multiplied it (x0.1, or Nielsen's x1/3)
+    # to 0.0, and from there each rejection gave 0 * 10 = 0, never past damping_max: the sixth
+    # step called the closure 200,000 times in 20 s and went on. fit floors it at 1e-20.
+    b = torch.nn.Parameter(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    closure, calls = _exponential_closure(b)
+    opt = LevenbergMarquardt([b], damping=5e-324, strategy=strategy)
+    for _ in range(40):
+        cost = opt.step(closure)
+        assert opt.damping_state.damping > 0.0 and math.isfinite(float(cost))
+    assert opt.exhausted and opt.damping_state.damping > 1e10  # it ends as a run at the minimum does
+    assert float(cost) == pytest.approx(0.0012692252487127, rel=1e-9) and len(calls) < 2000
+
+
+def test_the_damping_stops_at_fits_floor_after_accepted_steps():
+    b = torch.nn.Parameter(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    closure, _ = _exponential_closure(b)
+    opt = LevenbergMarquardt([b], damping=1e-19)
+    opt.step(closure)
+    assert opt.damping_state.damping == pytest.approx(1e-20, rel=1e-12)  # x0.1
+    opt.step(closure)
+    assert opt.damping_state.damping == marquardt.damping.DAMPING_FLOOR == marquardt.train._MU_FLOOR
+
+
+@pytest.mark.parametrize("field, value", [("damping", math.nan), ("damping", -1e-3), ("damping", 0.0),
+                                          ("damping", "1e-3"), ("nu", math.nan), ("nu", 0.0), ("nu", math.inf)])
+def test_a_state_dict_with_a_damping_no_step_can_start_from_is_refused(field, value):
+    # A NaN, 0 or negative damping was loaded and the next step never ended (NaN * 10 and
+    # -1e-3 * 10 are never past damping_max); a NaN or 0 nu gave Nielsen's rule the same.
+    b = torch.nn.Parameter(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    closure, calls = _exponential_closure(b)
+    opt = LevenbergMarquardt([b], strategy="nielsen")
+    opt.step(closure)
+    saved = opt.state_dict()
+    saved["state"][0][field] = value
+    fresh = LevenbergMarquardt([b], strategy="nielsen")
+    with pytest.raises(ValueError, match=rf"Invalid {field} in state_dict\['state'\]\[0\]: {re.escape(repr(value))}; "
+                                         "expected a (finite )?number"):
+        fresh.load_state_dict(saved)
+    assert fresh.state_dict()["state"] == {}  # nothing loaded
+    # Written into the state directly: refused at the step, before the closure runs.
+    _state(opt)[field] = value
+    before, count = b.detach().clone(), len(calls)
+    with pytest.raises(ValueError, match=rf"Invalid {field} in the optimizer's state: {re.escape(repr(value))}"):
+        opt.step(closure)
+    assert len(calls) == count and torch.equal(b.detach(), before)
+
+
+def test_a_state_dict_with_a_damping_past_its_maximum_starts_again_from_the_ceiling():
+    b = torch.nn.Parameter(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    closure, _ = _exponential_closure(b)
+    opt = LevenbergMarquardt([b])
+    opt.step(closure)
+    saved = opt.state_dict()
+    saved["state"][0]["damping"] = math.inf
+    opt.load_state_dict(saved)
+    cost = opt.step(closure)
+    assert math.isfinite(float(cost)) and opt.damping_state.damping <= 1e10  # from 1e10: accepted, x0.1

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from scipy.optimize._lsq.least_squares import TERMINATION_MESSAGES as SCIPY_MESSAGES
 
 from marquardt import TERMINATION_MESSAGES, NielsenDamping, least_squares
-from marquardt.damping import MarquardtDamping
+from marquardt.damping import DampingState, MarquardtDamping
 from marquardt.linalg import (
     NormalEquations,
     SampleSpaceEquations,
@@ -303,6 +303,47 @@ class CountingProblem:
     def cost(self, x):
         self.points.append(x.clone())
         return self.inner.cost(x)
+
+
+@dataclass
+class BoundedSolves:
+    """A linear system that fails the test once it has been solved ``limit`` times: an iteration
+    that would never end fails instead (a NaN step is rejected without a cost evaluation)."""
+
+    system: object
+    limit: int = 10_000
+    calls: int = 0
+
+    def solve(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise RuntimeError(f"{self.limit} trial steps: the iteration never ends")
+        return self.system.solve(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.system, name)
+
+
+class RejectingProblem(FunctionProblem):
+    """Every trial is non-finite: a rejected trial."""
+
+    def cost(self, x):
+        return math.inf
+
+
+@pytest.mark.parametrize("rule", [MarquardtDamping(), NielsenDamping()], ids=["marquardt", "nielsen"])
+@pytest.mark.parametrize("damping, nu", [(0.0, 2.0), (math.nan, 2.0), (-1e-3, 2.0), (1e-3, 0.0), (1e-3, math.nan)])
+def test_lm_step_ends_at_a_damping_no_rejection_can_raise(rule, damping, nu):
+    # A damping of 0 (underflowed), NaN or negative stays so at every rejection (0 * 10 = 0),
+    # never past the maximum, and lm_step without a trial limit tried forever; Nielsen's nu of 0
+    # or NaN leads there. Such a damping now counts as exhausted.
+    x = torch.tensor(X0, dtype=F64)
+    problem = RejectingProblem(decay, None, 30)
+    lin = problem.linearize(x)
+    system = lin.system = BoundedSolves(lin.system)
+    out = lm_step(problem, x, lin, torch.ones_like(x), rule, DampingState(damping, nu))
+    assert out.exhausted and not out.accepted and torch.equal(out.x, x)
+    assert system.calls <= 14  # Marquardt's from 1e-3 (nu unused) climbs past 1e10 in 14 trials
 
 
 @pytest.mark.parametrize("rule, skipped", [(MarquardtDamping(initial=1e-6), True), (NielsenDamping(), False)])

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from typing import ClassVar
 
+#: The least damping after an accepted step: MATLAB's ``trainlm`` and ``trainbr`` floor ``mu``
+#: there (``if (mu < 1e-20), mu = 1e-20; end``), and so do :func:`marquardt.fit` and
+#: :class:`marquardt.LevenbergMarquardt`. Without it a long run of accepted steps drives the
+#: damping towards underflow (``x 0.1`` a step: 0.0 after about 320 from 1e-3), from which
+#: ``x damping_inc`` per rejection takes hundreds of trials to climb back, and 0 never does.
+DAMPING_FLOOR = 1e-20
+
 
 @dataclass(frozen=True)
 class DampingState:
@@ -89,8 +96,16 @@ class MarquardtDamping:
         return DampingState(state.damping * factor, state.nu)
 
     def exhausted(self, state: DampingState) -> bool:
-        """True once damping has grown past ``maximum``."""
-        return state.damping > self.maximum
+        """True once damping has grown past ``maximum``, or is not a positive number (0 from an
+        underflow, NaN, negative: ``x increase`` would leave it there, and the trials never end).
+
+        Examples
+        --------
+        >>> rule = MarquardtDamping()
+        >>> [rule.exhausted(DampingState(d)) for d in (1e-3, 1e11, 0.0, math.nan, -1.0)]
+        [False, True, True, True, True]
+        """
+        return not 0.0 < state.damping <= self.maximum
 
 
 @dataclass(frozen=True)
@@ -138,8 +153,17 @@ class NielsenDamping:
         return DampingState(state.damping * state.nu, state.nu * 2.0)
 
     def exhausted(self, state: DampingState) -> bool:
-        """True once damping has grown past ``maximum``."""
-        return state.damping > self.maximum
+        """True once damping has grown past ``maximum``, or the damping or ``nu`` is not a
+        positive number (``x nu`` would leave a damping of 0 or NaN there, and the trials never
+        end), or ``nu`` is infinite.
+
+        Examples
+        --------
+        >>> rule = NielsenDamping()
+        >>> [rule.exhausted(DampingState(1e-3, nu)) for nu in (2.0, 0.0, math.nan, math.inf)]
+        [False, True, True, True]
+        """
+        return not (0.0 < state.damping <= self.maximum and 0.0 < state.nu < math.inf)
 
 
 DampingRule = MarquardtDamping | NielsenDamping

@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from .chunked import (DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, Plan, PromotedEquations, accumulate_normal,
                       assemble_sample_space, plan_assembly, single_thread)
-from .damping import DampingState, MarquardtDamping, NielsenDamping, is_real_number
+from .damping import DAMPING_FLOOR, DampingState, MarquardtDamping, NielsenDamping, is_real_number
 from .fastjac import LayeredJacobian
 from .matfree import MatrixFreeEquations, warm_start
 from .network import ModuleProblem, trainable_parameters
@@ -1077,7 +1077,12 @@ class LevenbergMarquardt(Optimizer):
     -----
     Each step solves ``(J^T J + damping I) h = -J^T r`` and retries with more damping until the
     cost ``0.5 * sum(r**2)`` drops or damping passes ``damping_max``. The parameters are left at
-    the accepted point, or unchanged. A non-finite trial is a rejected step; at the current
+    the accepted point, or unchanged. After an accepted step the damping is raised to
+    :data:`~marquardt.damping.DAMPING_FLOOR` (1e-20) when below it, as :func:`marquardt.fit` and
+    MATLAB's ``trainlm`` do: a long run of accepted steps drove it to 0.0, which no rejection
+    raises, and the next rejected trial never ended. A state whose damping is NaN, 0 or negative,
+    or whose ``nu`` is not a finite number >= 1, is a ValueError naming the field, in
+    :meth:`load_state_dict` (nothing is loaded) and at :meth:`step` (before the closure runs). A non-finite trial is a rejected step; at the current
     parameters, non-finite residuals, a cost that overflows their dtype, or a non-finite gradient
     ``J^T r`` are a ValueError before any trial (no step can start there). The closure is called
     at the current point and at each trial: it must return as many residuals each time within a
@@ -1273,21 +1278,37 @@ class LevenbergMarquardt(Optimizer):
 
     @property
     def damping_state(self) -> DampingState | None:
-        """The current damping state (``None`` before the first step)."""
+        """The current damping state (``None`` before the first step); a ValueError when the
+        state holds a damping or ``nu`` no step can start from (set there, or by
+        ``load_state_dict``)."""
         state = self._state
-        return DampingState(state["damping"], state["nu"]) if "damping" in state else None
+        if "damping" not in state:
+            return None
+        _check_damping_state(state, "the optimizer's state")
+        return DampingState(state["damping"], state["nu"])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`; a ValueError naming the field when
+        the state holds a damping or ``nu`` no step can start from (NaN, 0 or negative, which
+        no rejection would raise past ``damping_max``), before anything is loaded."""
+        for index, entry in state_dict.get("state", {}).items():
+            if isinstance(entry, dict) and "damping" in entry:
+                _check_damping_state(entry, f"state_dict['state'][{index!r}]")
+        super().load_state_dict(state_dict)
 
     @property
     def exhausted(self) -> bool:
         """True when the last step found no lower cost before damping passed its maximum."""
         return bool(self._state.get("exhausted", False))
 
-    def _iterate(self, problem: ClosureProblem, x: Tensor) -> tuple[Linearization, StepResult]:
-        """The linearization at ``x`` and the LM iteration from it (the trials write the parameters)."""
+    def _iterate(self, problem: ClosureProblem, x: Tensor, state: DampingState | None
+                 ) -> tuple[Linearization, StepResult]:
+        """The linearization at ``x`` and the LM iteration from it with the damping ``state``
+        (``None``: the rule's first) (the trials write the parameters)."""
         lin = problem.linearize(x)
         _check_start_gradient(lin.grad)
         rule = self._rule()
-        state = self.damping_state or _first_state(rule, lin.system)
+        state = state or _first_state(rule, lin.system)
         if rule.exhausted(state):
             # A step after an exhausted one starts again from the ceiling: the damping kept
             # growing by damping_inc (and Nielsen's nu doubling) at every exhausted step, reached
@@ -1304,6 +1325,7 @@ class LevenbergMarquardt(Optimizer):
             raise ValueError("LevenbergMarquardt.step needs a closure that returns the residual tensor, "
                              "e.g. opt.step(lambda: model(X) - y).")
         self._check_group()
+        start = self.damping_state  # checked before any work, as the group is
         group, params = self.param_groups[0], self._params
         if not params:
             raise ValueError("None of the optimizer's parameters requires grad; LevenbergMarquardt has nothing "
@@ -1315,12 +1337,15 @@ class LevenbergMarquardt(Optimizer):
                                  resume=_resume_state(stored))
         x = torch.cat([p.detach().reshape(-1) for p in params])
         try:
-            lin, out = self._iterate(problem, x)
+            lin, out = self._iterate(problem, x, start)
         except BaseException:  # e.g. a closure that raised at a trial point: leave the weights as they were
             problem.write(x)
             raise
         problem.write(out.x)
-        stored.update(damping=out.state.damping, nu=out.state.nu, exhausted=out.exhausted, solver=lin.system.path,
+        state = out.state
+        if out.accepted and state.damping < DAMPING_FLOOR:  # as fit: no run of accepted steps underflows it
+            state = DampingState(DAMPING_FLOOR, state.nu)
+        stored.update(damping=state.damping, nu=state.nu, exhausted=out.exhausted, solver=lin.system.path,
                       jacobian=problem.used_mode, serial=problem.serial,
                       grad_norm=float(torch.linalg.vector_norm(lin.grad)))
         _keep_solve(stored, problem.forcing, out)
@@ -1337,7 +1362,25 @@ def _first_state(rule: MarquardtDamping | NielsenDamping, system: Any) -> Dampin
     backward passes, so it is not computed for a rule that ignores it."""
     if isinstance(rule, MarquardtDamping):
         return rule.init(math.nan)
-    return rule.init(float(system.diagonal().max()))
+    state = rule.init(float(system.diagonal().max()))
+    # tau times a small diagonal may underflow to 0, which no rejection would raise (0 * nu).
+    return state if state.damping > 0.0 else DampingState(DAMPING_FLOOR, state.nu)
+
+
+def _check_damping_state(entry: dict, where: str) -> None:
+    """A ValueError naming the field of ``entry`` (a state read from ``where``) whose damping or
+    ``nu`` no step can start from: NaN, 0 or a negative damping stays there at every rejection
+    (``0 * damping_inc``), never past ``damping_max``, and the step never ended. A damping past
+    ``damping_max`` (inf included) is a valid state: the next step starts again from the
+    ceiling."""
+    damping, nu = entry["damping"], entry.get("nu")
+    if not (is_real_number(damping) and damping > 0.0):  # NaN fails the comparison
+        raise ValueError(f"Invalid damping in {where}: {damping!r}; expected a number > 0 (the damping the next "
+                         "step starts from). Load a state saved by a step, or remove the key to start from the "
+                         "group's damping.")
+    if not (is_real_number(nu) and math.isfinite(nu) and nu >= 1.0):
+        raise ValueError(f"Invalid nu in {where}: {nu!r}; expected a finite number >= 1 (Nielsen's factor for the "
+                         "next rejection: 2 after an accepted step, doubled at each rejection).")
 
 
 def _previous_solve(stored: dict) -> tuple[Tensor | None, float, float] | None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .bayesian import BayesianState, RegularizedProblem, data_gram, initial_state, update_state
 from .checkpoint import NO_CHECKPOINT, Checkpointer
 from .chunked import DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, is_small, single_thread
-from .damping import DampingState, MarquardtDamping, is_real_number
+from .damping import DAMPING_FLOOR, DampingState, MarquardtDamping, is_real_number
 from .distributed import (LocalReducer, ReducedProblem, Reducer, ShardedCheckpoint, average_gradients, fail_together,
                           global_range, global_scale, make_reducer, require_same, slowest, sum_values,
                           synchronize_module)
@@ -65,7 +65,7 @@ _DEFAULT_MAX_FAIL = 6
 # MATLAB trainlm and trainbr floor mu at 1e-20 after an accepted step (``if (mu < 1e-20), mu = 1e-20; end``):
 # without it a long run of accepted steps drives mu towards underflow, from which x mu_inc per
 # rejection takes hundreds of trials to climb back.
-_MU_FLOOR = 1e-20
+_MU_FLOOR = DAMPING_FLOOR
 _FIRST_ORDER = {"gd": (GradientDescent, {"lr": 0.01}), "momentum": (Momentum, {"lr": 0.01, "beta": 0.9})}
 # MATLAB's min_grad: 1e-7 for trainlm and trainbr, 1e-5 for traingd and traingdm.
 _DEFAULT_MIN_GRAD = 1e-7
