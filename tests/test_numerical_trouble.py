@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from marquardt import fit
+from marquardt import Callback, fit
 
 
 class Custom(nn.Module):
@@ -52,3 +52,136 @@ def test_trainbr_of_a_half_precision_module_without_a_closed_form_solves_in_floa
     assert all(bool(torch.isfinite(p).all()) and p.dtype == dtype for p in model.parameters())
     # br ends on the last weights; its record reads the cost of those weights' half outputs.
     assert history["perf"][-1] == pytest.approx(_mse(model, X.to(dtype), y), rel=rel)
+
+
+# ------------------------------------------------------------------------------------------------
+# a point whose Jacobian is not finite: refused after the fact, as least_squares refuses it
+
+
+class SqrtNet(nn.Module):
+    """``sqrt(z)`` of a tanh network's output ``z`` where it is positive, else 0: outputs finite
+    everywhere, a NaN derivative (autograd's ``0 * inf`` through ``torch.where``) wherever ``z < 0``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        with torch.no_grad():
+            self.net[2].bias.fill_(1.0)  # z > 0 on every sample at the start
+
+    def forward(self, x):
+        z = self.net(x)
+        return torch.where(z > 0, torch.sqrt(z), torch.zeros_like(z))
+
+
+SQRT_X = torch.linspace(-1, 1, 30, dtype=torch.float64)[:, None]
+SQRT_Y = torch.relu(SQRT_X)  # zero on half the samples: the fit drives z below 0 there
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _gradient_is_finite(model, X, y):
+    model.zero_grad()
+    ((model(X) - y) ** 2).mean().backward()
+    finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    model.zero_grad()
+    return finite
+
+
+class Seen(Callback):
+    """The weights of every recorded epoch, and whether a step can be taken from them."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.weights, self.mse, self.trainable = X, y, [], [], []
+
+    def on_epoch_end(self, history, model):
+        self.weights.append(_weights(model))
+        self.mse.append(_mse(model, self.X, self.y))
+        self.trainable.append(_gradient_is_finite(model, self.X, self.y))
+
+
+LINEARIZATION_CASES = [("lm", "normal"), ("lm", "sample-space"), ("lm", "matrix-free"), ("br", "normal"),
+                       ("br", "sample-space")]
+
+
+@pytest.mark.parametrize("method, solver", LINEARIZATION_CASES)
+def test_a_step_to_a_point_whose_jacobian_is_not_finite_is_refused_and_training_goes_on(method, solver):
+    # The step to a point where z < 0 on some samples lowered the cost and was kept: lm recorded
+    # gradient = nan there, raised mu to mu_max at the next epoch and stopped on "Maximum MU
+    # reached." at epoch 2; br's gamma update raised torch._LinAlgError from eigvalsh on the NaN
+    # J^T J, without a History, the module at that point.
+    model, seen = SqrtNet(), Seen(SQRT_X, SQRT_Y)
+    history = fit(model, SQRT_X, SQRT_Y, method=method, solver=solver, epochs=12, callbacks=[seen])
+    assert history.stop_reason == "Maximum epoch reached." and len(history) == 13
+    assert all(math.isfinite(g) for g in history["gradient"]) and all(seen.trainable)
+    # Every record is the point it shows: its perf is model(X)'s MSE there.
+    assert history["perf"] == pytest.approx(seen.mse, rel=1e-12, abs=0)
+    assert history["perf"][-1] < 0.3 * history["perf"][0]
+    if method == "lm":
+        assert all(b <= a for a, b in zip(history["perf"], history["perf"][1:]))
+        assert history.best_epoch == 12 and all(torch.equal(a, b) for a, b in zip(_weights(model), seen.weights[12]))
+    else:
+        assert all(math.isfinite(g) for g in history["gamma"])
+        assert all(torch.equal(a, b) for a, b in zip(_weights(model), seen.weights[-1]))
+
+
+@pytest.mark.parametrize("method", ["lm", "br"])
+def test_refusals_with_the_weights_held_by_the_trainer_give_the_same_training(method):
+    # Without callbacks the LM trainer holds the weights in its own vector between epochs.
+    held, written = SqrtNet(), SqrtNet()
+    h_held = fit(held, SQRT_X, SQRT_Y, method=method, epochs=12)
+    h_written = fit(written, SQRT_X, SQRT_Y, method=method, epochs=12, callbacks=[Callback()])
+    assert h_held["perf"] == h_written["perf"] and h_held["damping"] == h_written["damping"]
+    assert all(torch.equal(a, b) for a, b in zip(held.parameters(), written.parameters()))
+    assert _mse(held, SQRT_X, SQRT_Y) == pytest.approx(h_held["perf"][h_held.best_epoch], rel=1e-12)
+
+
+def test_mini_batch_steps_that_end_where_the_jacobian_is_not_finite_are_refused():
+    # Before: epoch 6 recorded gradient = nan, then "Maximum MU reached." at epoch 7.
+    model, seen = SqrtNet(), Seen(SQRT_X, SQRT_Y)
+    history = fit(model, SQRT_X, SQRT_Y, batch_size=10, seed=0, epochs=15, callbacks=[seen])
+    assert history.stop_reason == "Maximum epoch reached." and len(history) == 16
+    assert all(math.isfinite(g) for g in history["gradient"]) and all(seen.trainable)
+    assert history["perf"] == pytest.approx(seen.mse, rel=1e-12, abs=0)
+    assert min(history["perf"]) < 0.3 * history["perf"][0]
+    # A refused epoch ends where it started, mu raised by mu_inc.
+    refused = [e for e in range(1, 16) if all(torch.equal(a, b) for a, b in zip(seen.weights[e], seen.weights[e - 1]))]
+    assert refused and all(history["damping"][e] == pytest.approx(10 * history["damping"][e - 1]) for e in refused)
+    best = history.best_epoch
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), seen.weights[best]))
+
+
+def test_a_run_resumed_where_a_point_is_to_be_refused_goes_on_as_the_uninterrupted_one(tmp_path):
+    # A checkpoint holds the state before an epoch is evaluated: the point the last step reached,
+    # not yet verified, and the point to go back to (trainer/fallback_x, fallback_damping).
+    from marquardt import train as train_module
+
+    refusing, evaluations = set(), []
+    original_trainable, original_evaluate = train_module.LMTrainer._trainable, train_module.LMTrainer.evaluate
+
+    def evaluate(self):
+        evaluations.append(None)
+        return original_evaluate(self)
+
+    def trainable(self, *args):
+        result = original_trainable(self, *args)
+        if not result:
+            refusing.add(len(evaluations) - 1)
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module.LMTrainer, "evaluate", evaluate)
+        patch.setattr(train_module.LMTrainer, "_trainable", trainable)
+        expected_model = SqrtNet()
+        expected = fit(expected_model, SQRT_X, SQRT_Y, epochs=10)
+    assert expected.stop_reason == "Maximum epoch reached." and {1, 2, 3} <= refusing
+    for epoch in sorted(refusing)[:3]:
+        folder = tmp_path / str(epoch)
+        fit(SqrtNet(), SQRT_X, SQRT_Y, epochs=epoch, checkpoint=folder)
+        model = SqrtNet()
+        resumed = fit(model, SQRT_X, SQRT_Y, epochs=10, checkpoint=folder)
+        assert [(r["perf"], r["damping"], r["gradient"]) for r in resumed.records] == \
+            [(r["perf"], r["damping"], r["gradient"]) for r in expected.records]
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected_model.parameters()))

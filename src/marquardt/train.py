@@ -43,7 +43,7 @@ from .mlp import MLP
 from .network import ModuleProblem, evaluation_mode, flatten_parameters, trainable_parameters, write_parameters
 from .optim import GradientDescent, LevenbergMarquardt, Momentum
 from .progress import resolve_progress
-from .solver import lm_step
+from .solver import _all_finite, lm_step
 
 __all__ = ["Callback", "fit", "STOP_REASONS"]
 
@@ -359,6 +359,11 @@ class LMTrainer:
         self.lin = None
         self.regularization: BayesianState | None = None
         self.accepted = False
+        # (point, damping state) to go back to when the point the last step accepted cannot be
+        # linearized (_refuse_untrainable_points); None once that point is verified.
+        self._fallback: tuple[Tensor, DampingState] | None = None
+        # With mini-batches, the point and damping an epoch starts from, when its gradient is finite.
+        self._epoch_start: tuple[Tensor, DampingState] | None = None
         self._scale: tuple[float, Tensor] | None = None  # (units, D) of _damping_scale
 
     def _problem(self, X: Tensor, y: Tensor) -> ModuleProblem | ReducedProblem:
@@ -379,19 +384,83 @@ class LMTrainer:
         """Gradient norm of the training performance at the current weights (prepares the next step).
 
         For Bayesian regularization this is the gradient of the data term, as MATLAB reports it.
+        The point the last step accepted is verified here (:meth:`_refuse_untrainable_points`).
         """
         if self.batches is not None:
-            return _gradient_norm(self.model, self.data, self.loss)
+            return self._evaluate_batches()
+        self._linearize()
+        if not self.started:
+            _check_finite_start(self.lin, self.x.dtype)
+            self.started = True
+        gradient = self._settle()
+        if self.bayesian:
+            self._estimate_regularization()
+        return self.perf_scale * gradient
+
+    def _linearize(self) -> None:
         if self.lin is not None and hasattr(self.problem, "recycle"):
             self.problem.recycle(self.lin)  # its n x n buffers serve the next one
             self.lin = None
         self.lin = self.problem.linearize(self.x)
-        if not self.started:
-            _check_finite_start(self.lin, self.x.dtype)
-            self.started = True
-        if self.bayesian:
-            self._estimate_regularization()
-        return self.perf_scale * float(torch.linalg.vector_norm(self.lin.grad))
+
+    def _settle(self) -> float:
+        """Refuse the point the last step accepted when its linearization is not finite, as
+        :func:`~marquardt.least_squares` does (``sqrt`` or ``log`` at the edge of their domain, a
+        derivative that overflows): the step becomes one more failed trial of its epoch.
+        Returns ``||J^T e||`` at the point kept.
+
+        Its cost fell, but no step can be taken from it (a NaN ``J^T e`` makes every trial
+        NaN: ``mu`` climbed to ``mu_max`` and ``trainbr``'s ``gamma`` failed in ``eigvalsh``).
+        The weights go back to the previous point, ``mu`` rises from the value the step was
+        computed with, as for any failed trial, and the epoch's trials go on from there, as in
+        ``trainlm``'s inner loop: the epoch's record shows the point finally accepted, or the
+        previous point with ``mu`` at ``mu_max``. Re-linearizing the previous point costs a
+        Jacobian, in trouble only; holding its linearization instead would double the memory of
+        every epoch.
+        """
+        gradient, refused = float(torch.linalg.vector_norm(self.lin.grad)), False
+        while self._fallback is not None and not self._trainable(self.lin, gradient):
+            self.x, self.state = self._fallback
+            self._fallback, self.accepted, refused = None, False, True
+            self._linearize()
+            if not self.exhausted:
+                self._lm_iteration(self.problem, self.lin, self.perf_scale)
+                if self._fallback is not None:
+                    self._linearize()
+            gradient = float(torch.linalg.vector_norm(self.lin.grad))
+        self._fallback = None
+        if refused and not self.holds_weights:
+            write_parameters(self.model, self.x, self._parameters)
+        return gradient
+
+    def _trainable(self, lin: Any, gradient: float | None = None) -> bool:
+        """Whether training can go on from ``lin``: ``J^T e`` finite (a NaN or inf in ``J`` makes it
+        NaN, as ``0 * nan`` is NaN; a finite ``gradient``, its norm, says so at no cost), and for
+        ``trainbr`` the diagonal of the ``J^T J`` whose eigenvalues give ``gamma``. The other
+        systems' diagonals are not read: matrix-free and closed-form sample-space systems would
+        compute theirs for this alone.
+
+        A point with no error at all is kept for ``trainlm``: it is a minimum, and the goal test
+        stops there (a ``sqrt`` network fitting zeros exactly has a NaN ``J`` where it does).
+        """
+        if (gradient is not None and math.isfinite(gradient)) or _all_finite(lin.grad):
+            return not self.bayesian or _all_finite(lin.system.diagonal())
+        return lin.cost == 0.0 and not self.bayesian
+
+    def _evaluate_batches(self) -> float:
+        """:meth:`evaluate` with mini-batches: the gradient of the whole training set, which also
+        verifies where the epoch's steps went (a NaN in ``J`` gives a NaN gradient). When it is
+        not finite there, and was where the epoch started, the epoch's steps are refused as one
+        failed trial: the weights go back to the epoch's start and ``mu`` rises."""
+        gradient = _gradient_norm(self.model, self.data, self.loss)
+        if self._fallback is not None and not math.isfinite(gradient):
+            self.x, self.state = self._fallback
+            self.accepted = False
+            write_parameters(self.model, self.x, self._parameters)
+            gradient = _gradient_norm(self.model, self.data, self.loss)
+        self._fallback = None
+        self._epoch_start = (self.x, self.state) if math.isfinite(gradient) else None
+        return gradient
 
     def training_perf(self) -> float | None:
         """The training performance at the current weights when the linearization already has it.
@@ -422,13 +491,37 @@ class LMTrainer:
         if self.batches is None:
             self._lm_iteration(self.problem, self.lin, self.perf_scale)
         else:
-            for X_b, y_b in self.batches:
-                problem = self._problem(X_b, y_b)
-                self._lm_iteration(problem, problem.linearize(self.x), self.loss.perf_scale(y_b))
-                if self.exhausted:
-                    break
+            self._step_batches()
         if not self.holds_weights:
             write_parameters(self.model, self.x, self._parameters)
+
+    def _step_batches(self) -> None:
+        """One LM iteration per batch, the damping carried from one to the next.
+
+        A batch that cannot be linearized where the previous batch's step went refuses that
+        step, as :meth:`_refuse_untrainable_points` does for a whole training set. The last
+        step is verified by the next epoch's gradient of the whole training set
+        (:meth:`_evaluate_batches`), which sees the samples of every batch: a point verified
+        by one batch's ``J`` may still have a NaN ``J`` on another's.
+        """
+        start = self._epoch_start
+        for X_b, y_b in self.batches:
+            problem = self._problem(X_b, y_b)
+            lin = problem.linearize(self.x)
+            if self._fallback is not None and not self._trainable(lin):
+                self.x, self.state = self._fallback
+                self._fallback, self.accepted = None, False
+                if self.exhausted:
+                    break
+                lin = problem.linearize(self.x)
+            self._fallback = None
+            self._lm_iteration(problem, lin, self.loss.perf_scale(y_b))
+            if self.exhausted:
+                break
+        # The epoch's steps as one: refused together when the whole training set's gradient is
+        # not finite where they end. (The points are never changed in place: identity says moved.)
+        moved = start is not None and self.x is not start[0]
+        self._fallback = (start[0], self.rule.update(start[1], accepted=False, gain_ratio=-1.0)) if moved else None
 
     def hold_weights(self) -> bool:
         """Keep the weights in the trainer's own vector, not written to the module after each
@@ -467,6 +560,11 @@ class LMTrainer:
         self.state = out.state
         if out.accepted and out.state.damping < _MU_FLOOR:
             self.state = DampingState(_MU_FLOOR, out.state.nu)
+        if out.accepted:
+            # Where to go back to if the new point cannot be linearized: the rejection of the
+            # state the step was computed with (least_squares' _reject_point), not of the lower
+            # one after the acceptance, which would propose the same step again.
+            self._fallback = (self.x, self.rule.update(out.trial_state, accepted=False, gain_ratio=-1.0))
         self.x = out.x
         self.accepted = out.accepted
 
@@ -498,16 +596,27 @@ class LMTrainer:
         """What a checkpoint needs of the weights beyond the module's: ``{"x": ...}``, the vector
         this trainer steps, where the module holds it rounded (a float32 network stepped in
         float64, :meth:`~marquardt.network.ModuleProblem._working_dtype`) or not at all
-        (:meth:`hold_weights`); else nothing. The tensor is the trainer's own, not a copy."""
-        if not self.holds_weights and all(p.dtype == self.x.dtype for p in self._parameters):
-            return {}
-        return {"x": self.x}
+        (:meth:`hold_weights`); and after an accepted step, the point and damping to go back to
+        should the next evaluation refuse it (``fallback_x``, ``fallback_damping``: ``[mu, nu]``).
+        The tensors are the trainer's own, not copies."""
+        tensors = {}
+        if self.holds_weights or any(p.dtype != self.x.dtype for p in self._parameters):
+            tensors["x"] = self.x
+        if self._fallback is not None:
+            point, state = self._fallback
+            tensors["fallback_x"] = point
+            tensors["fallback_damping"] = torch.tensor([state.damping, state.nu], dtype=torch.float64)
+        return tensors
 
     def load_resume_state(self, tensors: Mapping[str, Tensor]) -> None:
         """Continue from a :meth:`resume_state`, after :meth:`resume_from_model`. Without ``"x"``
-        (the module held the weights, or the checkpoint predates the key) the module's stand."""
+        (the module held the weights, or the checkpoint predates the key) the module's stand;
+        without ``"fallback_x"`` the point is taken as verified, as before the key existed."""
         if "x" in tensors:
             self.x = tensors["x"].to(self.x.device)
+        if "fallback_x" in tensors:
+            damping, nu = tensors["fallback_damping"].tolist()
+            self._fallback = (tensors["fallback_x"].to(self.x.device), DampingState(damping, nu))
 
     def adopt_module_weights(self) -> None:
         """Continue from weights a callback wrote to the module, if it wrote any, and from the
@@ -528,6 +637,7 @@ class LMTrainer:
                 return
             self.x = x.to(self.x.dtype)
             self._parameters = [p for _, p in trainable_parameters(self.model)]
+        self._epoch_start = None  # the callback's weights are not a verified point to go back to
         if self.batches is None:  # mini-batches linearize each batch at self.x when they step
             self.accepted = False
             self.evaluate()
@@ -548,6 +658,7 @@ class LMTrainer:
         self._parameters = [p for _, p in named]
         self._trained = _trained_layout(self.model)
         self.lin, self._scale = None, None  # not recycled: its buffers are the old set's size
+        self._fallback, self._epoch_start = None, None  # points of the old set's size
 
 
 def _trained_layout(model: nn.Module) -> list[tuple[str, torch.Size]]:
@@ -1010,6 +1121,18 @@ def fit(
     for ``br``, whose ``alpha`` and ``beta`` carry the scale. For the squared error ``G = J^T J``, ``g = J^T e``; for the
     cross-entropies ``G = J^T H J`` with ``H`` the Hessian of the loss in the outputs
     (``diag(p) - p p^T`` for softmax, ``diag(p (1 - p))`` for sigmoid) and ``g = J^T (p - y)``.
+
+    Numerical trouble: a step to weights where ``g`` is not finite (a NaN or inf in ``J``:
+    ``sqrt`` or ``log`` at the edge of their domain, a derivative that overflows) lowered the
+    cost but is refused after the fact, as :func:`~marquardt.least_squares` refuses it: no
+    step could be taken from there. The weights go back, ``mu`` is multiplied by ``mu_inc``
+    from the value the step was computed with, and the epoch's trials go on as in
+    ``trainlm``'s inner loop, so the epoch's record shows the weights finally kept (or the
+    previous ones with ``mu`` past ``mu_max``); ``trainlm`` has no such case. Weights with no
+    error at all are kept. With ``batch_size``, a batch refuses the previous batch's step
+    where its own ``J`` is not finite, and an epoch whose steps end where the gradient of the
+    whole training set is not finite is refused as one failed trial: its record repeats the
+    previous epoch's weights with ``mu`` raised.
 
     Bayesian regularization (MacKay, 1992; Foresee & Hagan, 1997) minimises
     ``F = beta E_D + alpha E_W`` (sum of squared errors and of squared weights) with
