@@ -185,3 +185,41 @@ def test_a_run_resumed_where_a_point_is_to_be_refused_goes_on_as_the_uninterrupt
         assert [(r["perf"], r["damping"], r["gradient"]) for r in resumed.records] == \
             [(r["perf"], r["damping"], r["gradient"]) for r in expected.records]
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected_model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# float32 starts: the cost the trials sum, the gradient's norm
+
+
+def _overflowing_float32_data(scale):
+    X = torch.linspace(-1, 1, 20)[:, None]
+    return X, (2 * X + 1) * scale
+
+
+def test_a_float32_start_whose_trial_cost_overflows_is_the_value_error_lm_documents():
+    # 0.5 * sum(y**2) = 2.5e39: the linearization sums it in float64 (finite) and passed the start
+    # check, each trial sums in float32 (inf): "Maximum MU reached." after 4 epochs. The optimizer
+    # and least_squares refuse the same data with a ValueError.
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    before = _weights(model)
+    X, y = _overflowing_float32_data(1e19)
+    with pytest.raises(ValueError, match=r"not finite \(inf\): .* overflows float32\. .* or train in float64"):
+        fit(model, X, y, epochs=50)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+
+
+def test_a_float32_gradient_whose_norm_overflows_float32_is_recorded_finite():
+    # J^T e has entries of about 1e19, finite in float32; their squares are not, and the float32
+    # norm recorded history["gradient"][0] = inf.
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    X, y = _overflowing_float32_data(1e18)
+    model.zero_grad()
+    ((model(X).double() - y.double()) ** 2).mean().backward()
+    expected = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+    model.zero_grad()
+    history = fit(model, X, y, epochs=3)
+    assert math.isfinite(history["gradient"][0]) and expected > 1e18
+    assert history["gradient"][0] == pytest.approx(expected, rel=1e-6)
+    assert all(math.isfinite(g) for g in history["gradient"])

@@ -166,20 +166,6 @@ def test_best_training_weights_kept_without_validation():
     assert history.best_epoch == int(np.argmin(history["perf"]))
 
 
-@pytest.mark.parametrize("method", ["gd", "momentum"])
-def test_a_run_that_is_never_finite_ends_on_its_initial_weights(method):
-    # MATLAB's best.net starts as the initial network; the history already said best_epoch 0
-    # while the module ended on the NaN weights of the last first-order step.
-    model = nn.Linear(1, 1)
-    with torch.no_grad():
-        model.weight.fill_(3e38)
-        model.bias.zero_()
-    X = torch.linspace(1, 2, 10)[:, None]
-    history = fit(model, X, 2 * X, method=method, epochs=5)
-    assert not any(math.isfinite(p) for p in history["perf"]) and history.best_epoch == 0
-    assert model.weight.item() == pytest.approx(3e38, rel=1e-7) and model.bias.item() == 0.0
-
-
 def test_user_stop_from_callback():
     class StopAtThree(Callback):
         def on_epoch_end(self, history, model):
@@ -846,13 +832,33 @@ class _NaNBeyond(nn.Module):
         return torch.where(self.w.abs() > 1, torch.full_like(out, math.nan), out)
 
 
-@pytest.mark.parametrize("method", ["lm", "br"])
-def test_a_non_finite_start_is_a_value_error_before_any_step(method):
-    # It used to record perf=nan, refuse every trial and stop on "Maximum MU reached" at epoch 1.
+@pytest.mark.parametrize("method, options, cost", [
+    ("lm", {}, "nan"), ("br", {}, "nan"),
+    # The mini-batch steps linearize batches only: the start was not checked, perf [nan, nan] and
+    # "Maximum MU reached." (the trial's cost, inf for a NaN, is the one checked there).
+    ("lm", {"batch_size": 2, "seed": 0}, "inf"),
+    # First-order methods stepped on NaN for every epoch and stopped on "Maximum epoch reached.".
+    ("gd", {}, "nan"), ("momentum", {}, "nan"), (torch.optim.Adam, {}, "nan"),
+])
+def test_a_non_finite_start_is_a_value_error_before_any_step(method, options, cost):
+    # LM used to record perf=nan, refuse every trial and stop on "Maximum MU reached" at epoch 1.
     model = _NaNBeyond(2.0)
-    with pytest.raises(ValueError, match=r"The training cost at the initial weights is not finite \(nan\): model"):
-        fit(model, X_OK, Y_OK, method=method)
-    assert float(model.w.detach()) == 2.0
+    with pytest.raises(ValueError, match=rf"The training cost at the initial weights is not finite \({cost}\): model"):
+        fit(model, X_OK, Y_OK, method=method, **options)
+    assert float(model.w.detach()) == 2.0 and model.w.grad is None
+
+
+def test_a_first_order_start_whose_cost_overflows_float32_is_the_value_error_naming_the_dtype():
+    # Weights of 3e38 give outputs of inf: the runs recorded perf = inf then nan for every epoch.
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(3e38)
+        model.bias.zero_()
+    X = torch.linspace(1, 2, 10)[:, None]
+    for method in ("gd", "momentum"):
+        with pytest.raises(ValueError, match=r"not finite \(inf\): .* overflows float32\. .* or train in float64"):
+            fit(model, X, 2 * X, method=method, epochs=5)
+        assert model.weight.item() == pytest.approx(3e38, rel=1e-7) and model.bias.item() == 0.0
 
 
 def test_a_float32_cost_that_overflows_at_the_start_is_a_value_error_naming_the_dtype():

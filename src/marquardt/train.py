@@ -390,7 +390,9 @@ class LMTrainer:
             return self._evaluate_batches()
         self._linearize()
         if not self.started:
-            _check_finite_start(self.lin, self.x.dtype)
+            # The trials' own sum when the linearization's (accumulated in float64) is finite.
+            _check_finite_start(self.lin.cost if not math.isfinite(self.lin.cost) else self.problem.cost(self.x),
+                                self.x.dtype)
             self.started = True
         gradient = self._settle()
         if self.bayesian:
@@ -418,7 +420,7 @@ class LMTrainer:
         Jacobian, in trouble only; holding its linearization instead would double the memory of
         every epoch.
         """
-        gradient, refused = float(torch.linalg.vector_norm(self.lin.grad)), False
+        gradient, refused = _norm(self.lin.grad), False
         while self._fallback is not None and not self._trainable(self.lin, gradient):
             self.x, self.state = self._fallback
             self._fallback, self.accepted, refused = None, False, True
@@ -427,7 +429,7 @@ class LMTrainer:
                 self._lm_iteration(self.problem, self.lin, self.perf_scale)
                 if self._fallback is not None:
                     self._linearize()
-            gradient = float(torch.linalg.vector_norm(self.lin.grad))
+            gradient = _norm(self.lin.grad)
         self._fallback = None
         if refused and not self.holds_weights:
             write_parameters(self.model, self.x, self._parameters)
@@ -452,6 +454,9 @@ class LMTrainer:
         verifies where the epoch's steps went (a NaN in ``J`` gives a NaN gradient). When it is
         not finite there, and was where the epoch started, the epoch's steps are refused as one
         failed trial: the weights go back to the epoch's start and ``mu`` rises."""
+        if not self.started:  # the steps linearize batches only: the whole set's cost, as a trial sums it
+            _check_finite_start(self.problem.cost(self.x), self.x.dtype)
+            self.started = True
         gradient = _gradient_norm(self.model, self.data, self.loss)
         if self._fallback is not None and not math.isfinite(gradient):
             self.x, self.state = self._fallback
@@ -591,6 +596,7 @@ class LMTrainer:
             self._retrain()
         else:
             self.sync_from_model()
+        self.started = True  # the run's initial weights were checked when it started
 
     def resume_state(self) -> dict[str, Tensor]:
         """What a checkpoint needs of the weights beyond the module's: ``{"x": ...}``, the vector
@@ -679,6 +685,7 @@ class FirstOrderTrainer:
     solver: str = "backprop"
     exhausted: bool = False
     reducer: Reducer = field(default_factory=LocalReducer)
+    started: bool = field(default=False, init=False)  # the start was checked (_check_finite_start)
 
     def __post_init__(self) -> None:
         # This rank's share of the samples: the weight of its mean-loss gradient in the global one.
@@ -690,7 +697,18 @@ class FirstOrderTrainer:
         return math.nan
 
     def evaluate(self) -> float:
+        if not self.started:
+            self._check_start()
+            self.started = True
         return _gradient_norm(self.model, self.data, self.loss, self.reducer, self.share)
+
+    def _check_start(self) -> None:
+        """The ValueError of a non-finite start, as LM's: the optimizer would step on NaN
+        gradients for every epoch. Each rank checks its own shard, with no collective: one that
+        refuses stops the others with a DistributedError naming its error (``fail_together``)."""
+        with torch.no_grad(), evaluation_mode(self.model):
+            cost = float(self.loss.criterion(self.model(self.data.X), self.data.y))
+        _check_finite_start(cost, self.data.X.dtype)
 
     def extras(self) -> dict[str, float]:
         return {}
@@ -720,6 +738,7 @@ class FirstOrderTrainer:
 
     def resume_from_model(self) -> None:
         """Nothing to rebuild: the optimizer holds every parameter and steps those that require grad."""
+        self.started = True  # the run's initial weights were checked when it started
 
 
 def _damping_units(perf_scale: float, bayesian: bool) -> float:
@@ -736,19 +755,30 @@ def _damping_units(perf_scale: float, bayesian: bool) -> float:
     return 1.0 if bayesian else 2.0 / perf_scale
 
 
-def _check_finite_start(lin: Any, dtype: torch.dtype) -> None:
-    """A ValueError before the first step when the cost at the starting weights is not finite:
-    no trial can lower it, and the run would end on "Maximum MU reached" at the start, after
-    raising the damping to its maximum one trial at a time. A finite cost with a non-finite
-    Jacobian (``sqrt`` at 0) is numerical trouble of the kind training handles: its steps are
-    refused and the weights kept."""
-    if math.isfinite(lin.cost):
+def _check_finite_start(cost: float, dtype: torch.dtype) -> None:
+    """A ValueError before the first step when the training cost at the starting weights is not
+    finite, for every method: no LM trial can lower it (the run ended on "Maximum MU reached"
+    after raising the damping to its maximum one trial at a time), and a first-order step from
+    it is NaN. ``cost`` is the one the steps compare: for LM the sum of squares as each trial sums
+    it, in the model's dtype (a float32 sum of residuals of 1e19 overflows, although the
+    linearization's float64 sum does not). A finite cost with a non-finite Jacobian (``sqrt`` at
+    0) is numerical trouble of the kind training handles: its steps are refused and the weights
+    kept."""
+    if math.isfinite(cost):
         return
     raise ValueError(
-        f"The training cost at the initial weights is not finite ({lin.cost}): model(X) gives NaN or inf, or "
-        f"the sum of squared errors overflows {str(dtype).removeprefix('torch.')}. Levenberg-Marquardt needs "
-        "a finite start: check the initial weights, and scale X and y (an MLP's mapminmax does) or train in "
-        "float64.")
+        f"The training cost at the initial weights is not finite ({cost}): model(X) gives NaN or inf, or "
+        f"the sum of squared errors overflows {str(dtype).removeprefix('torch.')}. Training needs a finite "
+        "start: check the initial weights, and scale X and y (an MLP's mapminmax does) or train in float64.")
+
+
+def _norm(vector: Tensor) -> float:
+    """``||vector||``, in float64 where the vector's own dtype overflows (float32 from entries of
+    about 1e19): a finite gradient was recorded as inf."""
+    norm = float(torch.linalg.vector_norm(vector))
+    if math.isinf(norm) and vector.dtype != torch.float64:
+        norm = float(torch.linalg.vector_norm(vector, dtype=torch.float64))
+    return norm
 
 
 def _gradient_norm(model: nn.Module, data: Split, loss: Loss, reducer: Reducer | None = None,
@@ -760,7 +790,7 @@ def _gradient_norm(model: nn.Module, data: Split, loss: Loss, reducer: Reducer |
         average_gradients(model.parameters(), reducer, share)
     norms = [p.grad.detach().reshape(-1) for p in model.parameters() if p.grad is not None]
     model.zero_grad()
-    return float(torch.linalg.vector_norm(torch.cat(norms))) if norms else 0.0
+    return _norm(torch.cat(norms)) if norms else 0.0
 
 
 def _split_options(method: Any, options: dict[str, Any]) -> tuple[str, Any]:
@@ -1100,8 +1130,9 @@ def fit(
         train with a first-order method), whose costs change between calls at the same weights
         (``F.dropout`` called in ``forward``, which no submodule shows, is found by two forward
         passes of up to 64 samples at the start, which must agree to ``sqrt(eps)``);
-        LM with a training cost that is not finite at the initial weights (NaN outputs, or a
-        sum of squares that overflows the model's dtype), before the first step.
+        a training cost that is not finite at the initial weights (NaN outputs, or a sum of
+        squares that overflows the model's dtype as LM's trials sum it), for every method and
+        with ``batch_size``, before the first step.
     TypeError
         For non-numeric or complex data, and a model whose output is not one real tensor.
 
