@@ -467,6 +467,15 @@ def _state(opt):
     return opt.state[opt.param_groups[0]["params"][0]]
 
 
+def _same_state(*states):
+    """Whether the optimizer states hold the same keys and values (tensors equal, bit for bit)."""
+    def same(a, b):
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+
+    first = states[0]
+    return all(state.keys() == first.keys() and all(same(state[k], first[k]) for k in first) for state in states)
+
+
 def _steps(make, closed_form, monkeypatch, steps=1, select=lambda net: net.parameters()):
     """``steps`` LM steps on ``make()``'s problem; the costs, the weights, and the last state."""
     monkeypatch.setattr(LevenbergMarquardt, "_closed_form", closed_form)
@@ -922,7 +931,7 @@ def test_lm_deep_copied_or_pickled_with_its_model_takes_the_same_next_step():
     cost = opt.step(lambda: net(X) - y)
     assert copied_opt.step(lambda: copied_net(X) - y) == cost and loaded_opt.step(lambda: loaded_net(X) - y) == cost
     assert torch.equal(_params(copied_net), _params(net)) and torch.equal(_params(loaded_net), _params(net))
-    assert _state(copied_opt) == _state(opt) == _state(loaded_opt)
+    assert _same_state(_state(copied_opt), _state(opt), _state(loaded_opt))
 
 
 @pytest.mark.parametrize("extra", [0, 4])
@@ -1968,3 +1977,161 @@ def test_a_state_dict_with_a_damping_past_its_maximum_starts_again_from_the_ceil
     opt.load_state_dict(saved)
     cost = opt.step(closure)
     assert math.isfinite(float(cost)) and opt.damping_state.damping <= 1e10  # from 1e10: accepted, x0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# a point the optimizer accepted whose Jacobian is not finite: rejected after all
+
+
+_SQRT_X = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)
+
+
+def _sqrt_residuals(w, X=_SQRT_X):
+    """``sqrt(w X) - 0.1``, 0 - 0.1 where ``w X <= 0``: finite everywhere, its derivative NaN by
+    autograd where ``w X < 0`` (sqrt of a negative in the unselected branch). From ``w = 1`` the
+    first step is accepted at ``w = -0.80``, on the flat part (cost 0.04, lower than at 1)."""
+    z = w * X
+    return torch.where(z > 0, torch.sqrt(z), torch.zeros_like(z)) - 0.1
+
+
+@pytest.mark.parametrize("solver", ["auto", "matrix-free"])
+@pytest.mark.parametrize("strategy", ["marquardt", "nielsen"])
+def test_a_point_whose_jacobian_is_not_finite_is_rejected_and_the_run_goes_on(solver, strategy):
+    # The optimizer accepted w = -0.80 (its cost is lower), where J is NaN, and the next step()
+    # raised "The gradient J^T r is not finite": a training loop crashed at a point the
+    # optimizer chose itself. least_squares rejects such a point and raises the damping.
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LevenbergMarquardt([w], solver=solver, strategy=strategy)
+    assert float(opt.step(lambda: _sqrt_residuals(w))) == pytest.approx(0.04, rel=1e-12) and float(w.detach()) < 0
+    costs = []
+    for _ in range(40):
+        costs.append(float(opt.step(lambda: _sqrt_residuals(w))))
+        if opt.exhausted:
+            break
+    assert all(math.isfinite(c) for c in costs) and torch.isfinite(w).all()
+    # It ends at the minimum, where sqrt is differentiable (w = 0.00972, cost 1.135e-3).
+    assert opt.exhausted and float(w.detach()) == pytest.approx(0.00972, abs=1e-5)
+    assert costs[-1] == pytest.approx(1.135e-3, rel=1e-3)
+
+
+def test_the_step_after_a_rejected_point_starts_from_the_point_before_with_the_damping_raised():
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LevenbergMarquardt([w])
+    opt.step(lambda: _sqrt_residuals(w))
+    first = float(w.detach())
+    assert _state(opt)["previous_damping"] == 1e-3 and _state(opt)["accepted_cost"] == pytest.approx(0.04)
+    # The same step taken by hand: from w = 1, damping 1e-3 * 10 (the accepted trial rejected).
+    reference = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    by_hand = LevenbergMarquardt([reference], damping=1e-2)
+    expected = by_hand.step(lambda: _sqrt_residuals(reference))
+    assert opt.step(lambda: _sqrt_residuals(w)) == expected and torch.equal(w, reference) and float(w.detach()) != first
+    assert opt.damping_state == by_hand.damping_state
+    assert torch.equal(_state(opt)["previous_point"], torch.tensor([1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("change", ["initial weights", "weights set since", "new data", "other closure"])
+def test_a_non_finite_gradient_at_a_point_the_optimizer_did_not_choose_stays_a_value_error(change):
+    w = torch.nn.Parameter(torch.tensor([1.0 if change != "initial weights" else -0.5], dtype=torch.float64))
+    opt = LevenbergMarquardt([w])
+    closure = lambda: _sqrt_residuals(w)  # noqa: E731
+    if change != "initial weights":
+        opt.step(closure)  # accepted at w = -0.80, where J is NaN
+    if change == "weights set since":  # the same cost as the accepted point's, 0.04: the digest tells
+        with torch.no_grad():
+            w.fill_(-0.5)
+    elif change == "new data":  # some w X > 0 now: other residuals, and NaN derivatives where w X < 0
+        closure = lambda: _sqrt_residuals(w, torch.linspace(-1.5, 1.0, 8, dtype=torch.float64))  # noqa: E731
+    elif change == "other closure":
+        closure = lambda: 2 * _sqrt_residuals(w)  # noqa: E731
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"The gradient J\^T r is not finite at the current parameters"):
+        opt.step(closure)
+    assert torch.equal(w.detach(), before)
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "checkpoint", "deepcopy"])
+def test_a_run_resumed_at_a_rejected_point_takes_the_same_step_back(how):
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LevenbergMarquardt([w])
+    opt.step(lambda: _sqrt_residuals(w))
+    saved, copied = copy.deepcopy(opt.state_dict()), copy.deepcopy((w, opt))
+    cost = opt.step(lambda: _sqrt_residuals(w))
+    if how == "deepcopy":
+        resumed, again = copied
+    else:
+        resumed = torch.nn.Parameter(copied[0].detach().clone())  # the weights at the rejected point
+        again = LevenbergMarquardt([resumed])
+        if how == "load_state_dict":
+            again.load_state_dict(saved)
+        else:
+            _checkpoint_round_trip(again, saved)
+    assert again.step(lambda: _sqrt_residuals(resumed)) == cost and torch.equal(resumed, w)
+    assert _same_state(_state(again), _state(opt))
+
+
+class _SqrtNet(nn.Module):
+    """A 1-4-1 tanh network under ``sqrt(max(z, 0))``: autograd gives NaN derivatives for every
+    sample with ``z < 0``, so most points an LM step reaches have a NaN Jacobian (graph path)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        with torch.no_grad():
+            self.net[2].bias.fill_(1.0)
+
+    def forward(self, x):
+        z = self.net(x)
+        return torch.where(z > 0, torch.sqrt(z), torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("solver, samples", [("normal", 30), ("sample-space", 5), ("matrix-free", 30)])
+def test_every_form_of_the_graph_path_steps_back_from_a_point_with_a_nan_jacobian(solver, samples):
+    model = _SqrtNet()
+    X = torch.linspace(-1, 1, 30, dtype=torch.float64)[:samples, None]
+    y = torch.relu(X)
+    opt = LevenbergMarquardt(model.parameters(), solver=solver)
+    start = 0.5 * float((model(X).detach() - y).square().sum())
+    steps_back = 0
+    for _ in range(20):
+        before = _state(opt).get("previous_point")
+        cost = float(opt.step(lambda: model(X) - y))  # raised "The gradient J^T r is not finite" at the 2nd
+        assert math.isfinite(cost) and cost <= start and all(torch.isfinite(p).all() for p in model.parameters())
+        # A step back starts from the point kept, and keeps it again when its trial is accepted.
+        steps_back += before is not None and _state(opt).get("previous_point") is before
+    assert steps_back >= 5 and _state(opt)["jacobian"] != "closed-form"
+    assert _state(opt)["solver"] == {"normal": "cholesky", "sample-space": "sample-space", "matrix-free": "cg"}[solver]
+
+
+@pytest.mark.parametrize("field", ["previous_damping", "previous_nu"])
+def test_a_state_dict_with_a_bad_damping_to_step_back_with_is_refused(field):
+    w = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LevenbergMarquardt([w])
+    opt.step(lambda: _sqrt_residuals(w))
+    saved = opt.state_dict()
+    saved["state"][0][field] = math.nan
+    with pytest.raises(ValueError, match=rf"Invalid {field} in state_dict\['state'\]\[0\]: nan; expected"):
+        LevenbergMarquardt([w]).load_state_dict(saved)
+
+
+def _without_step_back(monkeypatch):
+    monkeypatch.setattr(marquardt.optim, "_keep_step_back", lambda stored, start, out: None)
+
+
+@pytest.mark.parametrize("path", ["closed-form", "graph", "matrix-free", "nielsen"])
+def test_keeping_the_point_to_step_back_to_leaves_a_normal_run_bit_for_bit(path, monkeypatch):
+    # The state kept for the step back (one vector, three floats) is read only when the gradient
+    # is not finite: a run without trouble takes the same steps as one that keeps nothing.
+    def run():
+        net, X, y = _tanh_problem()
+        options = {"matrix-free": dict(solver="matrix-free"), "nielsen": dict(strategy="nielsen")}.get(path, {})
+        opt = LevenbergMarquardt(net.parameters(), **options)
+        costs = [float(opt.step(lambda: net(X) - y)) for _ in range(12)]
+        return costs, _params(net), _state(opt)
+
+    monkeypatch.setattr(LevenbergMarquardt, "_closed_form", path != "graph")
+    costs, weights, state = run()
+    assert "previous_point" in state and costs[-1] < 0.5 * costs[0]
+    _without_step_back(monkeypatch)
+    plain_costs, plain_weights, plain_state = run()
+    assert costs == plain_costs and torch.equal(weights, plain_weights) and "previous_point" not in plain_state
