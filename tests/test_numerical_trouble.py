@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import marquardt
 from marquardt import Callback, fit
 
 
@@ -223,3 +224,46 @@ def test_a_float32_gradient_whose_norm_overflows_float32_is_recorded_finite():
     assert math.isfinite(history["gradient"][0]) and expected > 1e18
     assert history["gradient"][0] == pytest.approx(expected, rel=1e-6)
     assert all(math.isfinite(g) for g in history["gradient"])
+
+
+# ------------------------------------------------------------------------------------------------
+# first-order runs that diverge
+
+
+class Cliff(nn.Module):
+    """``w * x``, whose outputs are inf once ``w > 1.5``: a first-order step can land there."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x):
+        out = self.w * x
+        return torch.where(self.w > 1.5, torch.full_like(out, math.inf), out)
+
+
+CLIFF_X = torch.linspace(0, 1, 20, dtype=torch.float64)[:, None]
+
+
+@pytest.mark.parametrize("method, options", [("gd", {"lr": 0.5}), ("momentum", {"lr": 0.5}),
+                                             (torch.optim.SGD, {"lr": 0.5}), (torch.optim.Adam, {"lr": 0.5})])
+def test_a_first_order_run_whose_performance_becomes_non_finite_stops_on_the_best_weights(method, options):
+    # The weights went to inf, then NaN, and training went on for every epoch on them, ending on
+    # "Maximum epoch reached." (or "Minimum gradient reached.": a NaN gradient compared false).
+    model, seen = Cliff(), Seen(CLIFF_X, 3 * CLIFF_X)
+    history = fit(model, CLIFF_X, 3 * CLIFF_X, method=method, epochs=100, callbacks=[seen], **options)
+    assert history.stop_reason == "Performance is not finite."
+    assert marquardt.STOP_REASONS["nonfinite"] == history.stop_reason
+    last = len(history) - 1
+    assert math.isinf(history["perf"][last]) and last < 10
+    assert all(math.isfinite(p) for p in history["perf"][:last])
+    # The perf fell at every finite epoch: the best weights are the last finite ones.
+    assert history.best_epoch == last - 1 and float(model.w.detach()) <= 1.5
+    assert torch.equal(model.w.detach(), seen.weights[last - 1][0])
+    assert _mse(model, CLIFF_X, 3 * CLIFF_X) == pytest.approx(history["perf"][last - 1], rel=1e-12)
+
+
+def test_first_order_runs_that_stay_finite_are_not_stopped():
+    # The same model short of the cliff (lr small enough that w stays below 1.5 in 20 epochs).
+    history = fit(Cliff(), CLIFF_X, 3 * CLIFF_X, method="gd", lr=0.01, epochs=20)
+    assert history.stop_reason == "Maximum epoch reached." and len(history) == 21

@@ -54,6 +54,9 @@ STOP_REASONS = {
     "gradient": "Minimum gradient reached.",
     "mu": "Maximum MU reached.",
     "validation": "Validation stop.",
+    # Not MATLAB's: its train functions go on with NaN weights. An LM step never gets there (its
+    # trials with a non-finite cost are refused), a first-order step or a mini-batch can.
+    "nonfinite": "Performance is not finite.",
     "user": "User stop.",
 }
 
@@ -927,6 +930,9 @@ class _Best:
 
 def _stop_reason(record: dict, *, goal: float, epochs: int, time_limit: float | None, min_grad: float,
                  exhausted: bool, max_fail: int) -> str | None:
+    # First: no later step can recover, and the best (finite) weights are restored.
+    if not math.isfinite(record["perf"]):
+        return STOP_REASONS["nonfinite"]
     if record["perf"] <= goal:
         return STOP_REASONS["goal"]
     if record["epoch"] >= epochs:
@@ -1193,7 +1199,9 @@ def fit(
     data and ``max_fail`` given, ``"br"`` keeps the best validation weights, as the other
     methods do.
 
-    The run stops with one of :data:`STOP_REASONS`, and the model ends with the weights of
+    The run stops with one of :data:`STOP_REASONS`: MATLAB's, and ``"Performance is not
+    finite."`` for a run whose training performance became NaN or inf (a first-order step too
+    long for ``lr``; LM refuses such steps), checked first. The model ends with the weights of
     the best epoch (best validation performance when there is validation data and validation
     stops apply, else best training performance; the last epoch for ``method="br"`` without
     validation stops). Memory: the Jacobian is formed in row chunks of at most
