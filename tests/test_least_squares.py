@@ -65,6 +65,16 @@ X0 = [1.0, 1.0, 0.0]
         (lambda b: decay(b).numpy() + 1j, X0, dict(jac="2-point"), TypeError,
          r"fun\(x0\) returned complex values \(dtype complex128\)"),
         (decay, X0, dict(jac=lambda b: decay_jac(b) * (1 + 0j)), TypeError, r"jac returned complex values"),
+        # torch's own conversion error ("can't convert np.ndarray of type numpy.object_") named no argument
+        (decay, X0, dict(jac=lambda b: None), TypeError,
+         r"jac must return the \(m, n\) = \(25, 3\) Jacobian .*; received None \(a missing return\?\) at x = \[1\. 1\. 0\.\]"),
+        (decay, X0, dict(jac=lambda b: "J"), TypeError, r"jac must return the \(m, n\) = \(25, 3\) Jacobian .*; received str 'J'"),
+        (decay, X0, dict(jac=lambda b: {"J": decay_jac(b)}), TypeError, r"jac must return .*; received dict \{'J': "),
+        # ragged: numpy's "inhomogeneous shape" ValueError, naming no argument, for jac and fun
+        (decay, X0, dict(jac=lambda b: [[1.0, 2.0, 3.0]] * 24 + [[1.0, 2.0]]), TypeError,
+         r"jac must return .*; received list \[\[1\.0, 2\.0, 3\.0\], "),
+        (lambda b: [[1.0, 2.0], [3.0]], X0, dict(jac="2-point"), TypeError,
+         r"fun\(x0\) must return a 1-D tensor of residuals; received list"),
         (decay, torch.tensor(X0, dtype=torch.float16), {}, TypeError,
          r"x0 has dtype torch.float16; expected torch.float32 or torch.float64"),
         (decay, X0, dict(ftol=True), ValueError, "Invalid ftol value: True"),
@@ -95,6 +105,19 @@ X0 = [1.0, 1.0, 0.0]
 def test_bad_input_raises_before_iterating(fun, x0, kwargs, error, match):
     with pytest.raises(error, match=match):
         least_squares(fun, x0, **kwargs)
+
+
+def test_a_jac_that_returns_none_past_x0_is_a_type_error_naming_it():
+    # Checked at every point, as its shape is: past x0 the raw torch error named no argument either.
+    calls = []
+
+    def jac(b):
+        calls.append(None)
+        return decay_jac(b) if len(calls) == 1 else None
+
+    with pytest.raises(TypeError, match=r"jac must return the \(m, n\) = \(25, 3\) Jacobian .*; received None"):
+        least_squares(decay, X0, jac=jac)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize(

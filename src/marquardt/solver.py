@@ -11,6 +11,7 @@ differ only in the problem they hand over and in their stopping rules.
 from __future__ import annotations
 
 import math
+import reprlib
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
@@ -426,13 +427,25 @@ class FunctionProblem:
         with self._untraced():
             value = _dense(self.jac(x))
         _check_real("jac", value, "torch.cat([J.real, J.imag]) for residuals torch.cat([r.real, r.imag])")
-        jac = _as_tensor_like(value, x).detach()
+        jac = self._as_jacobian(value, x)
         if jac.shape != (self.n_residuals, x.shape[0]):
             # Checked at every point, as the residuals are: a wrong shape past x0 failed
             # inside the Cholesky solve with "Incompatible matrix sizes for cholesky_solve".
             raise ValueError(f"jac returned shape {tuple(jac.shape)}; expected (m, n) = "
                              f"({self.n_residuals}, {x.shape[0]}) (at x = {_describe_point(x)}).")
         return r, jac
+
+    def _as_jacobian(self, value: Any, x: Tensor) -> Tensor:
+        """``jac``'s output as a tensor like ``x``, or a TypeError naming ``jac``: torch's and
+        numpy's own conversion errors ("can't convert np.ndarray of type numpy.object_" for
+        ``None``) name no argument, where ``fun``'s bad output is a TypeError naming ``fun``."""
+        try:
+            return _as_tensor_like(value, x).detach()
+        except (TypeError, ValueError, RuntimeError) as error:
+            received = "None (a missing return?)" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"
+            raise TypeError(f"jac must return the (m, n) = ({self.n_residuals}, {x.shape[0]}) Jacobian as a tensor, "
+                            f"an array of real numbers or a scipy/torch sparse matrix; received {received} at x = "
+                            f"{_describe_point(x)}.") from error
 
     def linearize(self, x: Tensor) -> Linearization:
         return _linearization(*self.residuals_and_jacobian(x))
@@ -538,7 +551,8 @@ def least_squares(
     jac : callable, "2-point" or None
         ``None`` (default): the exact Jacobian by :mod:`torch.func` (forward mode when
         ``n <= m``, reverse mode otherwise). A callable ``jac(x, *args, **kwargs)`` returning the
-        ``(m, n)`` Jacobian (a tensor, an array, or a scipy/torch sparse matrix, made dense). ``"2-point"``: forward differences, only when asked for,
+        ``(m, n)`` Jacobian (a tensor, an array, or a scipy/torch sparse matrix, made dense;
+        anything else, ``None`` included, is a TypeError naming ``jac``). ``"2-point"``: forward differences, only when asked for,
         with MINPACK's relative steps ``sqrt(eps) * |x_j|`` (``sqrt(eps)`` where ``x_j == 0``), as
         ``lmdif`` takes them, with ``eps`` that of the coarser of ``fun``'s and ``x``'s precisions.
     args, kwargs
@@ -1119,7 +1133,10 @@ def _dense(value: Any) -> Any:
 
 def _check_real(name: str, value: Any, fix: str) -> None:
     """Refuse complex output, which the conversion to the real dtype of ``x`` would silently truncate."""
-    complex_ = value.is_complex() if isinstance(value, Tensor) else np.iscomplexobj(value)
+    try:
+        complex_ = value.is_complex() if isinstance(value, Tensor) else np.iscomplexobj(value)
+    except (TypeError, ValueError):  # no array at all (a ragged list): the conversion after names ``name``
+        return
     if complex_:
         dtype = value.dtype if isinstance(value, Tensor) else np.asarray(value).dtype
         raise TypeError(f"{name} returned complex values (dtype {dtype}); expected real numbers: "
