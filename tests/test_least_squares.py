@@ -1,5 +1,6 @@
 """least_squares: bad input, types and devices, Jacobian modes, solver paths, statistics, scipy agreement."""
 
+import dataclasses
 import math
 import re
 
@@ -11,7 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import marquardt
 from marquardt import TERMINATION_MESSAGES, least_squares
+from marquardt.damping import DampingState, MarquardtDamping
 from marquardt.jacobian import finite_difference_jacobian, residuals_and_jacobian
 from marquardt.linalg import NormalEquations, SampleSpaceEquations, damped_lstsq
 from marquardt.nist import load_problem, lre
@@ -647,3 +650,27 @@ def test_a_fun_calling_torch_autograd_grad_inside_is_solved(jac, geodesic):
     res = least_squares(decay_ode, [1.0, 1.0], jac=jac, geodesic=geodesic)
     assert res.success and res.cost < 1e-20
     np.testing.assert_allclose(res.x, [2.0, 1.7], rtol=1e-8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnderflowingDamping(MarquardtDamping):
+    """Marquardt's rule whose damping underflows to 0 at every accepted step (as a damping of
+    5e-324 does after one decrease by 0.1)."""
+
+    def update(self, state, *, accepted, gain_ratio):
+        if accepted:
+            return DampingState(0.0, state.nu)
+        return super().update(state, accepted=accepted, gain_ratio=gain_ratio)
+
+
+def test_a_damping_that_underflowed_to_zero_is_not_reported_as_convergence():
+    # A damping of 0 cannot be raised by a rejection (0 * 10), so the rule counts it as
+    # exhausted; the run then stopped with status 2, "`ftol` termination condition is
+    # satisfied.", at a cost of 2.78 where the minimum is 1.27e-3.
+    t = torch.linspace(0, 4, 50, dtype=torch.float64)
+    y = 2.5 * torch.exp(-1.3 * t) + 0.01 * torch.sin(40 * t)
+    result = marquardt.least_squares(lambda b: b[0] * torch.exp(-b[1] * t) - y, [1.0, 5.0],
+                                     damping=_UnderflowingDamping(), x_scale=1.0)
+    assert result.status == 0 and not result.success
+    assert "damping fell to 0.0" in result.message and "x_scale" in result.message
+    assert result.cost == pytest.approx(2.7781428043005256, rel=1e-12)

@@ -739,14 +739,14 @@ class _Run:
                 if new_lin is None:
                     self.refused = True
                     state, accepted = self._reject_point(out.trial_state), False
-                    status = self._exhausted_status() if self.rule.exhausted(state) else None
+                    status = self._exhausted_status(state) if self.rule.exhausted(state) else None
                 else:
                     self.radius = max(self.radius, _RADIUS_GROWTH * _scaled_norm(out.step, scale))
                     x, lin, scale, status = self._accept(lin, scale, out, new_lin)
             elif out.small_step:
                 status = 3
             elif out.exhausted:
-                status = self._exhausted_status()
+                status = self._exhausted_status(out.state)
             if self._report(x, lin, state, out, accepted) and status is None:
                 status = -2
             if status is not None:
@@ -814,8 +814,12 @@ class _Run:
         status = 4 if (f_ok and x_ok) else 2 if f_ok else 3 if x_ok else None
         return out.x, new_lin, self.scaling.update(scale, new_lin.system.diagonal()), status
 
-    def _exhausted_status(self) -> int:
+    def _exhausted_status(self, state: DampingState) -> int:
         """The status when no trial lowered the cost before the damping passed its ceiling.
+
+        A damping that is not a positive number (0 after an underflow: accepted steps of a
+        problem whose ``J^T J`` is about ``1e-300`` of ``x_scale``'s) cannot pass it, and its
+        rule counts it as exhausted: nothing converged there, so status 0 with its own message.
 
         The last steps were about ``1e-16`` of the problem's scale (the ceiling is relative, see
         :func:`_relative_ceiling`) and none lowered the cost: MINPACK's "no further reduction is
@@ -823,6 +827,11 @@ class _Run:
         is disabled. With both disabled, nothing the caller asked for holds: status 0, with its
         own message (:attr:`note`).
         """
+        if not (math.isfinite(state.damping) and state.damping > 0.0):
+            self.note = (f"The damping fell to {state.damping!r} after accepted steps (an underflow), and a rejected "
+                         "trial cannot raise it; the problem's scale is far from x_scale's: pass x_scale='jac' or "
+                         "rescale the parameters.")
+            return 0
         if self.ftol > 0.0:
             return 2
         if self.xtol > 0.0:
