@@ -33,7 +33,7 @@ from .damping import DAMPING_FLOOR, DampingState, MarquardtDamping, NielsenDampi
 from .fastjac import LayeredJacobian
 from .matfree import MatrixFreeEquations, warm_start
 from .network import ModuleProblem, trainable_parameters
-from .solver import Linearization, StepResult, lm_step
+from .solver import Linearization, StepResult, lm_step, reject_accepted
 
 __all__ = ["GradientDescent", "LevenbergMarquardt", "Momentum"]
 
@@ -1348,7 +1348,7 @@ class LevenbergMarquardt(Optimizer):
         """The point the last step started from and the damping of its accepted trial, raised as
         for a rejected trial, when the current point is the one that step accepted and its
         linearization is not finite: that trial is rejected after all, as :func:`least_squares`
-        rejects it (``_reject_point``). ``None`` when the current point is not one this optimizer
+        rejects it (:func:`~marquardt.solver.reject_accepted`). ``None`` when the current point is not one this optimizer
         accepted: the first step; weights changed since (their bytes' digest is not the accepted
         point's), or parameters frozen or unfrozen; new data or another closure (the cost there
         is not the accepted trial's, bit for bit)."""
@@ -1362,7 +1362,7 @@ class LevenbergMarquardt(Optimizer):
             return None
         _check_damping_state(stored, "the optimizer's state", prefix="previous_")
         trial = DampingState(stored["previous_damping"], stored["previous_nu"])
-        return point, rule.update(trial, accepted=False, gain_ratio=-1.0)
+        return point, reject_accepted(rule, trial)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]

@@ -319,6 +319,23 @@ def _evaluate_trial(problem: Problem, candidate: Tensor, lin: Linearization, ste
     return problem.cost(candidate), predicted
 
 
+def reject_accepted(rule: DampingRule, trial_state: DampingState) -> DampingState:
+    """The damping after an accepted trial is rejected after all (its point's linearization is
+    not finite): the rejection of ``trial_state``, the state the trial was computed with.
+
+    Not of the state after the accepting update: that one has lower damping (Nielsen's ``1/3``
+    then ``x2``, Marquardt's ``x0.1`` then ``x10``), so the same step would be proposed again and
+    again. Shared by ``least_squares``, ``fit`` and the ``LevenbergMarquardt`` optimizer.
+
+    Examples
+    --------
+    >>> from marquardt.damping import MarquardtDamping
+    >>> reject_accepted(MarquardtDamping(), DampingState(1e-3)).damping
+    0.01
+    """
+    return rule.update(trial_state, accepted=False, gain_ratio=-1.0)
+
+
 def _is_small(norm: float, xnorm: float, xtol: float) -> bool:
     """Whether a step of length ``norm`` is negligible at a point of length ``xnorm``."""
     return math.isfinite(norm) and norm <= xtol * (xtol + xnorm)
@@ -738,7 +755,7 @@ class _Run:
                 new_lin = self._relinearize(out.x)
                 if new_lin is None:
                     self.refused = True
-                    state, accepted = self._reject_point(out.trial_state), False
+                    state, accepted = reject_accepted(self.rule, out.trial_state), False
                     status = self._exhausted_status(state) if self.rule.exhausted(state) else None
                 else:
                     self.radius = max(self.radius, _RADIUS_GROWTH * _scaled_norm(out.step, scale))
@@ -795,16 +812,6 @@ class _Run:
         new_lin = self.problem.linearize(x)
         self.njev += 1
         return new_lin if _finite_linearization(new_lin) else None
-
-    def _reject_point(self, trial_state: DampingState) -> DampingState:
-        """Damping after a trial whose cost fell but whose Jacobian is not finite: a rejected trial.
-
-        The rejection is applied to the state the trial was computed with, not to the state after
-        the accepting update: that one has lower damping (Nielsen's ``1/3`` then ``x2``,
-        Marquardt's ``x0.1`` then ``x10``), so the same step would be proposed again and again
-        until ``max_nfev`` ran out.
-        """
-        return self.rule.update(trial_state, accepted=False, gain_ratio=-1.0)
 
     def _accept(self, lin: Linearization, scale: Tensor, out: StepResult, new_lin: Linearization):
         f_ok = out.actual_reduction <= self.ftol * lin.cost and out.predicted_reduction <= self.ftol * lin.cost

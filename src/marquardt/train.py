@@ -43,7 +43,7 @@ from .mlp import MLP
 from .network import ModuleProblem, evaluation_mode, flatten_parameters, trainable_parameters, write_parameters
 from .optim import GradientDescent, LevenbergMarquardt, Momentum
 from .progress import resolve_progress
-from .solver import _all_finite, lm_step
+from .solver import _all_finite, lm_step, reject_accepted
 
 __all__ = ["Callback", "fit", "STOP_REASONS"]
 
@@ -529,7 +529,7 @@ class LMTrainer:
         # The epoch's steps as one: refused together when the whole training set's gradient is
         # not finite where they end. (The points are never changed in place: identity says moved.)
         moved = start is not None and self.x is not start[0]
-        self._fallback = (start[0], self.rule.update(start[1], accepted=False, gain_ratio=-1.0)) if moved else None
+        self._fallback = (start[0], reject_accepted(self.rule, start[1])) if moved else None
 
     def hold_weights(self) -> bool:
         """Keep the weights in the trainer's own vector, not written to the module after each
@@ -570,9 +570,9 @@ class LMTrainer:
             self.state = DampingState(_MU_FLOOR, out.state.nu)
         if out.accepted:
             # Where to go back to if the new point cannot be linearized: the rejection of the
-            # state the step was computed with (least_squares' _reject_point), not of the lower
+            # state the step was computed with (solver.reject_accepted), not of the lower
             # one after the acceptance, which would propose the same step again.
-            self._fallback = (self.x, self.rule.update(out.trial_state, accepted=False, gain_ratio=-1.0))
+            self._fallback = (self.x, reject_accepted(self.rule, out.trial_state))
         self.x = out.x
         self.accepted = out.accepted
 
