@@ -198,16 +198,31 @@ def _overflowing_float32_data(scale):
 
 
 def test_a_float32_start_whose_trial_cost_overflows_is_the_value_error_lm_documents():
-    # 0.5 * sum(y**2) = 2.5e39: the linearization sums it in float64 (finite) and passed the start
-    # check, each trial sums in float32 (inf): "Maximum MU reached." after 4 epochs. The optimizer
-    # and least_squares refuse the same data with a ValueError.
+    # 0.5 * sum(r**2) = 2.5e39 overflows float32. A network past PROMOTE_MAX_PARAMS sums its
+    # costs in float32: no trial can lower an infinite cost ("Maximum MU reached." after 4
+    # epochs, before the check). The optimizer and least_squares refuse the same data alike.
     torch.manual_seed(0)
-    model = nn.Linear(1, 1)
+    model = nn.Linear(1100, 1)
     before = _weights(model)
-    X, y = _overflowing_float32_data(1e19)
+    X = torch.zeros(20, 1100)
+    X[:, 0] = torch.linspace(-1, 1, 20)
+    y = (2 * X[:, :1] + 1) * 1e19
     with pytest.raises(ValueError, match=r"not finite \(inf\): .* overflows float32\. .* or train in float64"):
         fit(model, X, y, epochs=50)
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))
+
+
+def test_a_small_float32_network_whose_cost_overflows_float32_trains_on_float64_sums():
+    # A small float32 problem is assembled in float64, and its trials now sum their costs there
+    # too (ModuleProblem.cost_dtype): the same 2.5e39 start is finite and LM finds the weights.
+    # Before, the trials summed in float32 and the start was refused with the ValueError above.
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    X, y = _overflowing_float32_data(1e19)
+    history = fit(model, X, y, epochs=50)
+    assert math.isfinite(history["perf"][0]) and history["perf"][0] > 1e38
+    assert history["perf"][-1] < 1e-14 * history["perf"][0]
+    assert model.weight.item() == pytest.approx(2e19, rel=1e-6) and model.bias.item() == pytest.approx(1e19, rel=1e-6)
 
 
 def test_a_float32_gradient_whose_norm_overflows_float32_is_recorded_finite():

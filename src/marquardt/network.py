@@ -296,6 +296,10 @@ class ModuleProblem:
         if isinstance(self.backend, FunctionalJacobian):
             _check_repeatable(self.backend, {name: p.detach() for name, p in named}, self.X[:REPEAT_SAMPLES])
         self.dtype = self._working_dtype()
+        # Least squares sums its cost in the dtype the normal equations are assembled in (float64
+        # for a small float32/float16 problem): a trial's cost and the linearization's, whose
+        # difference decides whether a step is kept, then agree at the same point.
+        self.cost_dtype = accumulation_dtype(self.dtype, self.n_params) if self.is_least_squares else self.dtype
         if self.dtype != self.X.dtype:
             self.X, self.y = self.X.to(self.dtype), self.y.to(self.dtype)
         self._previous: tuple[Tensor, float, float] | None = None  # matrix-free warm start and forcing
@@ -413,9 +417,19 @@ class ModuleProblem:
         linearization computes it: trial and current costs, whose difference decides whether a
         step is kept, agree to the last bit at the same point."""
         if self.is_least_squares:
-            residuals = (outputs - targets).reshape(-1)
-            return 0.5 * (residuals @ residuals)
+            return self._squared_cost((outputs - targets).reshape(-1))
         return self.loss.cost(outputs, targets)
+
+    def _squared_cost(self, residuals: Tensor) -> Tensor:
+        """``0.5 * r @ r`` in :attr:`cost_dtype` (a 0-d tensor), as the linearization sums it.
+
+        A float16 network's own sum rounded its trial costs to float16: 1238.0 where the
+        linearization, in float64, read 1238.19 at the same point, a difference larger than the
+        reductions it decides on near a minimum.
+        """
+        if residuals.dtype != self.cost_dtype:
+            residuals = residuals.to(self.cost_dtype)
+        return 0.5 * (residuals @ residuals)
 
     def _chunked_cost(self, x: Tensor) -> float:
         """The cost at ``x`` by forward passes over chunks of samples (:meth:`_forward_samples`).
@@ -427,7 +441,7 @@ class ModuleProblem:
         """
         params = self.params(x)
         samples = self._forward_samples()
-        total = torch.zeros((), dtype=self.dtype, device=self.X.device)
+        total = torch.zeros((), dtype=self.cost_dtype, device=self.X.device)
         for start in range(0, self.X.shape[0], samples):
             outputs = self.backend.outputs(params, self.X[start : start + samples])
             total += self._outputs_cost(outputs, self.y[start : start + samples])
@@ -611,7 +625,7 @@ class ModuleProblem:
 
         row_gram = lin.row_gram(accumulation_dtype(self.dtype, self.n_params))
         system = KernelSampleSpaceEquations(row_gram, lin.jvp, lin.vjp, lin.gram_diagonal, residuals, rows)
-        return Linearization(0.5 * float(residuals @ residuals), lin.vjp(residuals), system)
+        return Linearization(float(self._squared_cost(residuals)), lin.vjp(residuals), system)
 
     @property
     def _keeps_trials(self) -> bool:
@@ -674,7 +688,7 @@ class ModuleProblem:
         # Unpreconditioned: on networks the Jacobi-preconditioned steps were rejected far more often.
         system = MatrixFreeEquations(jvp, vjp, diagonal, initial=start, rtol=forcing, max_iter=self.cg_max_iter,
                                      precondition=False)
-        return Linearization(0.5 * float(residuals @ residuals), grad, system)
+        return Linearization(float(self._squared_cost(residuals)), grad, system)
 
     def jacobian_chunks(self, x: Tensor, *, reuse: bool = False, linearizations: bool = False) -> Iterator[tuple]:
         """Yield ``(J_rows, residual_rows)`` for consecutive chunks of samples.

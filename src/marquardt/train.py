@@ -763,8 +763,8 @@ def _check_finite_start(cost: float, dtype: torch.dtype) -> None:
     finite, for every method: no LM trial can lower it (the run ended on "Maximum MU reached"
     after raising the damping to its maximum one trial at a time), and a first-order step from
     it is NaN. ``cost`` is the one the steps compare: for LM the sum of squares as each trial sums
-    it, in the model's dtype (a float32 sum of residuals of 1e19 overflows, although the
-    linearization's float64 sum does not). A finite cost with a non-finite Jacobian (``sqrt`` at
+    it, in :attr:`~marquardt.network.ModuleProblem.cost_dtype` (float64 for a small float32 problem,
+    else its own dtype, where a sum of residuals of 1e19 overflows). A finite cost with a non-finite Jacobian (``sqrt`` at
     0) is numerical trouble of the kind training handles: its steps are refused and the weights
     kept."""
     if math.isfinite(cost):
