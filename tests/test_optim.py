@@ -917,6 +917,24 @@ def test_lm_resumed_from_state_dict_takes_the_same_next_step():
     assert torch.equal(_params(resumed), _params(net)) and again.damping_state == opt.damping_state
 
 
+@pytest.mark.parametrize("solver", ["auto", "matrix-free"])
+def test_lm_state_dict_loaded_keeps_its_string_entries_and_saves_again_as_it_was(solver):
+    # torch's load_state_dict rebuilds every iterable of the state by its type, so state["solver"]
+    # and state["jacobian"] became "<generator object Optimizer.load_state_dict.<locals>...>" until
+    # the next step, and a state dict saved right after loading (a checkpoint rewritten) kept that.
+    net, X, y = _tanh_problem()
+    opt = LevenbergMarquardt(net.parameters(), solver=solver)
+    for _ in range(2):
+        opt.step(lambda: net(X) - y)
+    saved = copy.deepcopy(opt.state_dict())
+    fresh, _, _ = _tanh_problem()
+    again = LevenbergMarquardt(fresh.parameters(), solver=solver)
+    again.load_state_dict(saved)
+    assert (_state(again)["solver"], _state(again)["jacobian"]) == (_state(opt)["solver"], "closed-form")
+    assert _same_state(again.state_dict()["state"][0], saved["state"][0])
+    assert again.state_dict()["param_groups"] == saved["param_groups"]
+
+
 def test_lm_deep_copied_or_pickled_with_its_model_takes_the_same_next_step():
     # torch.optim's __getstate__ leaves out the kept closed-form problem: the copy's step raised
     # AttributeError '_kept'.
