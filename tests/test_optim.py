@@ -1453,6 +1453,18 @@ def test_matrix_free_products_after_a_trial_are_those_of_the_linearization_point
     assert float(torch.linalg.vector_norm(step - expected)) <= 1e-6 * float(torch.linalg.vector_norm(expected))
 
 
+@pytest.mark.parametrize("solver", ["normal", "sample-space", "matrix-free"])
+def test_residuals_that_are_a_view_of_the_parameter_step_in_every_form(solver):
+    # The matrix-free trial's cost was read from the residuals after the linearization point was
+    # written back into the parameters: residuals that alias a parameter (the closure returns it,
+    # or a view) then cost the start's 37.5 at every trial, and the step ended exhausted, unmoved.
+    p = torch.nn.Parameter(torch.full((3,), 5.0, dtype=torch.float64))
+    opt = LevenbergMarquardt([p], solver=solver)
+    cost = opt.step(lambda: p[:])
+    assert not opt.exhausted and float(cost) == pytest.approx(0.5 * float(p.detach() @ p.detach()), rel=1e-12)
+    assert float(cost) < 1e-4
+
+
 @pytest.mark.parametrize("case", ["physics-informed", "squashed outputs", "once differentiable"])
 def test_matrix_free_products_do_not_read_the_parameters_after_the_linearization(case):
     # The graph keeps copies of the saved weights. Without them it read the weights as they

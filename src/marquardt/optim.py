@@ -168,13 +168,15 @@ class ClosureProblem:
         try:
             with torch.enable_grad():
                 r = self.residuals().detach()
+            # Read before the write-back below: residuals that alias a parameter (the closure
+            # returns it, or a view of it) would read the linearization point's cost instead.
+            value = 0.5 * float(r @ r)
         finally:
             if self._point is not None:
                 # The matrix-free system makes products after a trial: a graph that recomputes
                 # its forward pass in backward (torch.utils.checkpoint) reads the parameters
                 # then, and gave products at the trial point (0.91 relative error in a solve).
                 self.write(self._point)
-        value = 0.5 * float(r @ r)
         return value if math.isfinite(value) else math.inf
 
     def linearize(self, x: Tensor) -> Linearization:
