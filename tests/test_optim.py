@@ -621,35 +621,56 @@ def test_module_hooks_are_removed_after_a_step_even_when_the_closure_raises():
     assert (len(hooks._global_forward_pre_hooks), len(hooks._global_forward_hooks)) == before
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (dict(damping=-1.0), ValueError, "Invalid damping value: -1.0"),
-        (dict(damping_dec=1.5), ValueError, "Invalid damping_dec value: 1.5"),
-        # A factor of 1 would never lower the damping; fit refuses mu_dec=1 too.
-        (dict(damping_dec=1.0), ValueError, r"Invalid damping_dec value: 1.0; expected .* > 0.0 and < 1.0"),
-        (dict(damping_inc=0.5), ValueError, "Invalid damping_inc value: 0.5"),
-        (dict(damping_max=0), ValueError, "Invalid damping_max value: 0"),
-        (dict(strategy="trust"), ValueError, "Invalid strategy: 'trust'"),
-        (dict(max_jacobian_bytes=0), ValueError, "Invalid max_jacobian_bytes value: 0"),
-        (dict(max_jacobian_bytes=True), ValueError, r"Invalid max_jacobian_bytes value: True; expected an integer >= 1"),
-        (dict(max_jacobian_bytes=2.0**20), ValueError, "Invalid max_jacobian_bytes value: 1048576.0"),
-        (dict(damping=True), ValueError, "Invalid damping value: True"),
-        (dict(damping="1e-3"), ValueError, "Invalid damping value: '1e-3'"),
-        (dict(damping_max=np.inf), ValueError, "Invalid damping_max value: inf"),
-        # fit's names and meanings (its method options max_matrix_bytes and solver)
-        (dict(max_matrix_bytes=0), ValueError,
-         r"Invalid max_matrix_bytes value: 0; expected an integer >= 1 \(bytes\)"),
-        (dict(max_matrix_bytes=False), ValueError, "Invalid max_matrix_bytes value: False"),
-        (dict(max_matrix_bytes=1e9), ValueError, "Invalid max_matrix_bytes value: 1000000000.0"),
-        (dict(solver="cg"), ValueError,
-         r"Invalid solver: 'cg'; expected 'auto' or one of \('sample-space', 'normal', 'matrix-free'\)"),
-        (dict(solver=None), ValueError, "Invalid solver: None"),
-    ],
-)
+# (options, the error the constructor must raise, its message)
+BAD_OPTIONS = [
+    (dict(damping=-1.0), ValueError, "Invalid damping value: -1.0"),
+    (dict(damping_dec=1.5), ValueError, "Invalid damping_dec value: 1.5"),
+    # A factor of 1 would never lower the damping; fit refuses mu_dec=1 too.
+    (dict(damping_dec=1.0), ValueError, r"Invalid damping_dec value: 1.0; expected .* > 0.0 and < 1.0"),
+    (dict(damping_inc=0.5), ValueError, "Invalid damping_inc value: 0.5"),
+    (dict(damping_max=0), ValueError, "Invalid damping_max value: 0"),
+    (dict(strategy="trust"), ValueError, "Invalid strategy: 'trust'"),
+    (dict(max_jacobian_bytes=0), ValueError, "Invalid max_jacobian_bytes value: 0"),
+    (dict(max_jacobian_bytes=True), ValueError, r"Invalid max_jacobian_bytes value: True; expected an integer >= 1"),
+    (dict(max_jacobian_bytes=2.0**20), ValueError, "Invalid max_jacobian_bytes value: 1048576.0"),
+    (dict(damping=True), ValueError, "Invalid damping value: True"),
+    (dict(damping="1e-3"), ValueError, "Invalid damping value: '1e-3'"),
+    (dict(damping_max=np.inf), ValueError, "Invalid damping_max value: inf"),
+    # fit's names and meanings (its method options max_matrix_bytes and solver)
+    (dict(max_matrix_bytes=0), ValueError,
+     r"Invalid max_matrix_bytes value: 0; expected an integer >= 1 \(bytes\)"),
+    (dict(max_matrix_bytes=False), ValueError, "Invalid max_matrix_bytes value: False"),
+    (dict(max_matrix_bytes=1e9), ValueError, "Invalid max_matrix_bytes value: 1000000000.0"),
+    (dict(solver="cg"), ValueError,
+     r"Invalid solver: 'cg'; expected 'auto' or one of \('sample-space', 'normal', 'matrix-free'\)"),
+    (dict(solver=None), ValueError, "Invalid solver: None"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_OPTIONS)
 def test_lm_rejects_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         LevenbergMarquardt(torch.nn.Linear(1, 1).parameters(), **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_OPTIONS)
+def test_lm_rejects_bad_options_given_in_its_parameter_group(kwargs, error, match):
+    # torch.optim's per-group form, LevenbergMarquardt([{"params": ..., "damping": ...}]): the
+    # group's own values were taken unchecked, and refused only at the first step.
+    with pytest.raises(error, match=match):
+        LevenbergMarquardt([{"params": torch.nn.Linear(1, 1).parameters(), **kwargs}])
+
+
+def test_lm_options_given_in_its_parameter_group_are_stepped_and_stored_as_the_constructors():
+    net, X, y = _tanh_problem()
+    reference = copy.deepcopy(net)
+    opt = LevenbergMarquardt([{"params": net.parameters(), "damping": np.float64(0.1), "damping_inc": 4}])
+    group = opt.param_groups[0]
+    assert (type(group["damping"]), type(group["damping_inc"])) == (float, float)
+    expected = LevenbergMarquardt(reference.parameters(), damping=0.1, damping_inc=4.0)
+    for _ in range(3):
+        assert opt.step(lambda: net(X) - y) == expected.step(lambda: reference(X) - y)
+    assert torch.equal(_params(net), _params(reference)) and opt.damping_state == expected.damping_state
 
 
 def _edit_group(opt, how, key, value):

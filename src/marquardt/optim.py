@@ -1263,7 +1263,10 @@ class LevenbergMarquardt(Optimizer):
         if self.param_groups:
             raise ValueError("LevenbergMarquardt supports one parameter group; add_param_group would add a "
                              "second. Pass all the parameters to the constructor instead.")
-        super().add_param_group(param_group)
+        # Options given in the group itself (torch.optim's per-group form) are checked and stored
+        # as the constructor's keywords are: they were taken unchecked until the first step.
+        given = {key: param_group.get(key, self.defaults[key]) for key in LM_OPTIONS}
+        super().add_param_group({**param_group, **_lm_options(*(given[key] for key in LM_OPTIONS))})
 
     @property
     def _params(self) -> list[Tensor]:
