@@ -673,6 +673,10 @@ class _ModuleCalls:
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
+            # torch's handle leaves the hook's with_kwargs entry behind (torch 2.13): one entry
+            # per step, and _has_any_global_hook() true for the process, so that every call of a
+            # torch.compile(module) warned about global hooks from the first step on.
+            getattr(torch.nn.modules.module, "_global_forward_hooks_with_kwargs", {}).pop(handle.id, None)
         self._handles = []
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
