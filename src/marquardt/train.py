@@ -43,7 +43,7 @@ from .mlp import MLP
 from .network import ModuleProblem, evaluation_mode, flatten_parameters, trainable_parameters, write_parameters
 from .optim import GradientDescent, LevenbergMarquardt, Momentum
 from .progress import resolve_progress
-from .solver import _all_finite, lm_step, reject_accepted
+from .solver import all_finite, lm_step, reject_accepted
 
 __all__ = ["Callback", "fit", "STOP_REASONS"]
 
@@ -448,8 +448,8 @@ class LMTrainer:
         A point with no error at all is kept for ``trainlm``: it is a minimum, and the goal test
         stops there (a ``sqrt`` network fitting zeros exactly has a NaN ``J`` where it does).
         """
-        if (gradient is not None and math.isfinite(gradient)) or _all_finite(lin.grad):
-            return not self.bayesian or _all_finite(lin.system.diagonal())
+        if (gradient is not None and math.isfinite(gradient)) or all_finite(lin.grad):
+            return not self.bayesian or all_finite(lin.system.diagonal())
         return lin.cost == 0.0 and not self.bayesian
 
     def _evaluate_batches(self) -> float:
