@@ -11,6 +11,7 @@ import datetime
 import functools
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -446,6 +447,46 @@ def _mismatches_body(folder: str, reducer: Any) -> dict[str, Any]:
             out[name] = ("ok", f"{history.stop_reason} after epoch {len(history) - 1}")
         except Exception as error:  # noqa: BLE001 - the test asserts on every outcome
             out[name] = (type(error).__name__, str(error))
+    return out
+
+
+#: The float32 LM run of _float32_resume_body: its epochs, the epoch after whose checkpoint a
+#: run is "killed" (the folder copied as it stands), and the epochs of a run that ends early.
+RESUME_EPOCHS, KILLED_AT, STOPPED_AT = 7, 4, 3
+RESUME_RECORD = ("epoch", "perf", "vperf", "gradient", "damping", "val_fail")
+
+
+class CopyCheckpoint(Callback):
+    """On rank 0, after epoch ``epoch``: copy the checkpoint folder as a run killed there leaves it."""
+
+    def __init__(self, rank: int, epoch: int, source: Path, target: Path) -> None:
+        self.rank, self.epoch, self.source, self.target = rank, epoch, source, target
+
+    def on_epoch_end(self, history: Any, model: nn.Module) -> None:
+        if self.rank == 0 and len(history) == self.epoch + 1:
+            shutil.copytree(self.source, self.target)
+
+
+def _float32_fit(folder: Path | None, shard: Callable, epochs: int, callbacks: tuple = ()) -> dict[str, Any]:
+    """fit() by LM of a float32 tiny_net (stepped in float64), with validation data; weights and History."""
+    X, y = (t.float() for t in shard(*tiny_data()))
+    Xv, yv = (t.float() for t in shard(*validation_data()))
+    model = tiny_net().float()
+    history = fit(model, X, y, epochs=epochs, validation_data=(Xv, yv), checkpoint=folder, checkpoint_every=2,
+                  callbacks=callbacks)
+    return {"x": flatten_parameters(model), "history": {key: history[key] for key in RESUME_RECORD}}
+
+
+def _float32_resume_body(root: str, reducer: Any) -> dict[str, Any]:
+    """The same float32 run uninterrupted (without and with checkpoints), resumed from a periodic
+    checkpoint, and resumed from the final checkpoint of a run that ended early."""
+    shard, root = functools.partial(_shard, reducer), Path(root)
+    copy = CopyCheckpoint(reducer.rank, KILLED_AT, root / "straight", root / "killed")
+    out = {"plain": _float32_fit(None, shard, RESUME_EPOCHS),
+           "straight": _float32_fit(root / "straight", shard, RESUME_EPOCHS, (copy,))}
+    out["killed"] = _float32_fit(root / "killed", shard, RESUME_EPOCHS)
+    _float32_fit(root / "stopped", shard, STOPPED_AT)
+    out["stopped"] = _float32_fit(root / "stopped", shard, RESUME_EPOCHS)
     return out
 
 
@@ -981,3 +1022,38 @@ def test_a_reduced_matrix_free_problem_carries_its_forcing_and_local_state_throu
     empty = reduced()
     empty.load_resume_state({}, {})  # a checkpoint written before the state was kept
     assert empty._forcing is None and empty.problem._previous is None
+
+
+@pytest.fixture(scope="module")
+def float32_resume(tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("float32-resume")
+    return {"ranks": launch(functools.partial(_float32_resume_body, str(root))), "root": root}
+
+
+@pytest.mark.parametrize("run", ["killed", "stopped"])
+def test_a_two_rank_float32_lm_run_resumes_bit_for_bit(float32_resume, run):
+    # "killed": resumed from checkpoint 4 of a 7-epoch run; "stopped": a 3-epoch run (its final
+    # checkpoint, 3) continued to 7. History and weights must equal the uninterrupted run's exactly.
+    ranks = float32_resume["ranks"]
+    assert sorted(ranks) == [0, 1], ranks
+    for outcome, out in ranks.values():
+        assert outcome == "ok", out
+        straight = out["straight"]
+        assert straight["history"]["epoch"] == list(range(RESUME_EPOCHS + 1))
+        assert straight["history"] == out["plain"]["history"]  # checkpoints change nothing
+        assert torch.equal(straight["x"], out["plain"]["x"])
+        assert out[run]["history"] == straight["history"]
+        assert out[run]["x"].dtype == torch.float32 and torch.equal(out[run]["x"], straight["x"])
+    assert torch.equal(ranks[0][1][run]["x"], ranks[1][1][run]["x"])
+
+
+def test_a_two_rank_float32_lm_checkpoint_holds_the_float64_weights(float32_resume):
+    from marquardt.checkpoint import latest_checkpoint
+    from marquardt.io import load_state
+
+    tensors, meta = load_state(latest_checkpoint(float32_resume["root"] / "killed"))
+    assert meta["epoch"] == RESUME_EPOCHS and tensors["trainer/x"].dtype == torch.float64
+    module = torch.cat([tensors[f"model/{name}"].reshape(-1) for name, _ in tiny_net().named_parameters()])
+    assert module.dtype == torch.float32
+    assert torch.equal(module, tensors["trainer/x"].float())  # the module holds them rounded
+    assert not torch.equal(module.double(), tensors["trainer/x"])
