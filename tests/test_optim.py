@@ -1032,6 +1032,20 @@ def test_lm_step_without_closure_is_a_clear_error():
         opt.step()
 
 
+def test_lm_step_under_inference_mode_is_a_clear_error_before_the_closure_runs():
+    # Was "Inference tensors do not track version counter." from the optimizer's own module hook
+    # (or, on the graph path, "do not depend on the parameters ... without torch.no_grad()").
+    net, X, y = _tanh_problem()
+    opt, calls = LevenbergMarquardt(net.parameters()), []
+    before = _params(net)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"outside torch.inference_mode\(\)"):
+        opt.step(lambda: calls.append(1) or net(X) - y)
+    assert calls == [] and torch.equal(_params(net), before)
+    start = 0.5 * float(((net(X) - y).detach() ** 2).sum())
+    with torch.no_grad():  # no_grad is fine: the step enables grad where it needs it
+        assert float(opt.step(lambda: net(X) - y)) < start
+
+
 def test_lm_step_with_scalar_loss_closure_is_a_clear_error():
     model, X, y = _line_problem()
     opt = LevenbergMarquardt(model.parameters())

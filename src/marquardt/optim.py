@@ -1395,6 +1395,10 @@ class LevenbergMarquardt(Optimizer):
         if closure is None:
             raise ValueError("LevenbergMarquardt.step needs a closure that returns the residual tensor, "
                              "e.g. opt.step(lambda: model(X) - y).")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("LevenbergMarquardt.step differentiates the closure's residuals, which "
+                               "torch.inference_mode() rules out: call step() outside torch.inference_mode() "
+                               "(inside torch.no_grad() is fine: the step enables grad where it needs it).")
         self._check_group()
         start = self.damping_state  # checked before any work, as the group is
         group, params = self.param_groups[0], self._params
