@@ -113,6 +113,81 @@ def test_plot_performance_custom_title():
     assert plot_performance(lm_history(), title="My run").axes[0].get_title() == "My run"
 
 
+def test_plot_performance_goal_line_as_plotperform():
+    # plotperform draws tr.goal as a dotted black 'Goal' line when goal > 0, none for goal 0.
+    ax = plot_performance(lm_history(), goal=1e-3).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Train", "Validation", "Test", "Best", "Goal"]
+    goal_line = [line for line in ax.get_lines() if line.get_label() == "Goal"][0]
+    assert list(goal_line.get_ydata()) == [1e-3, 1e-3] and goal_line.get_linestyle() == ":"
+    for goal in (None, 0, 0.0, np.float64(0.0)):
+        ax = plot_performance(lm_history(), goal=goal).axes[0]
+        assert "Goal" not in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "Goal" in [t.get_text() for t in plot_performance(lm_history(), goal=np.float32(0.01)).axes[0]
+                      .get_legend().get_texts()]
+
+
+@pytest.mark.parametrize("goal", [-1.0, float("nan"), float("inf"), True, "0.1", [0.1]])
+def test_plot_performance_bad_goal(goal):
+    with pytest.raises(ValueError, match="Invalid goal value"):
+        plot_performance(lm_history(), goal=goal)
+
+
+def _visible_ticks(ax) -> list[float]:
+    low, high = ax.get_xlim()
+    return [tick for tick in ax.get_xticks() if low <= tick <= high]
+
+
+def short_history(epochs: int) -> History:
+    """The first ``epochs`` records of :func:`lm_history`, best epoch unset (7 is not among them)."""
+    history = lm_history(epochs)
+    history.best_epoch = None
+    return history
+
+
+def _epoch_plots(history: History) -> list:
+    """The epoch axis of each epoch-based plot: performance, training state, comparison."""
+    return [plot_performance(history).axes[0], plot_training_state(history).axes[-1],
+            plot_comparison({"LM": history}).axes[0]]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_epoch_axes_have_integer_ticks_over_at_least_one_epoch(epochs):
+    # plotperform's xlim is [0 max(1,N)]. Left to matplotlib, a run stopped at epoch 0 had an axis
+    # from -0.055 to 0.055 ticked at -0.04 ... 0.04, and a one-epoch run ticked at 0.2, 0.4, ...
+    history = short_history(epochs)
+    for ax in _epoch_plots(history):
+        low, high = ax.get_xlim()
+        assert low < 0 < 1 < high, (epochs, ax.get_xlim())
+        assert high < max(1, epochs - 1) + 0.5
+        ticks = _visible_ticks(ax)
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_epoch_axis_of_a_resumed_record_starts_at_its_first_epoch():
+    history = History()
+    for epoch in (5, 6, 7):
+        history.append(epoch=epoch, perf=1.0 / epoch, damping=1e-3, gradient=1.0, val_fail=0)
+    for ax in _epoch_plots(history):
+        low, high = ax.get_xlim()
+        assert 4 < low < 5 and 7 < high < 8
+        assert all(float(t).is_integer() for t in _visible_ticks(ax))
+
+
+def test_a_record_of_epoch_0_only_is_drawn_as_points():
+    # A line through one point draws nothing: a run stopped at epoch 0 (epochs=0, time_limit=0)
+    # showed only the Best marker, not its training, validation and test performance.
+    history = short_history(1)
+    ax = plot_performance(history).axes[0]
+    curves = {line.get_label(): line for line in ax.get_lines() if line.get_label() in ("Train", "Validation", "Test")}
+    assert set(curves) == {"Train", "Validation", "Test"}
+    assert all(line.get_marker() == "o" for line in curves.values())
+    assert all(line.get_marker() == "o" for line in plot_comparison({"LM": history}).axes[0].get_lines())
+    assert all(line.get_marker() in (".", "o") for ax in plot_training_state(history).axes for line in ax.get_lines())
+    # Longer records keep plotperform's plain lines.
+    assert all(line.get_marker() in ("None", None, "") for line in plot_performance(lm_history()).axes[0].get_lines()
+               if line.get_label() in ("Train", "Validation", "Test"))
+
+
 # --------------------------------------------------------------------------- training state
 
 

@@ -12,7 +12,12 @@ Standard keys of a record
 ``tperf``       test performance (NaN or None when there is no test set)
 ``damping``     damping parameter; MATLAB calls it ``mu``, and ``history["mu"]`` is an alias
                 (NaN for first-order methods, which have none)
-``gradient``    norm of the gradient of the performance
+``gradient``    norm of the gradient, in the weights, of the performance the model trains on:
+                for an :class:`~marquardt.mlp.MLP` built with ``normalize=True`` that is the
+                mean squared error of the *normalized* targets, while ``perf`` is in target
+                units (MATLAB's ``tr.gradient`` is in target units: with one output of range
+                ``r`` it is ``(r / 2)**2`` times this value, and ``min_grad`` compares
+                accordingly)
 ``val_fail``    consecutive epochs without validation improvement
 
 Optional keys some methods add: ``gamma`` (effective number of parameters, Bayesian

@@ -87,7 +87,11 @@ _CE_LABEL = "Cross-Entropy"
 
 
 def plot_performance(
-    history: History, *, path: PathLike | None = None, title: str | None = None
+    history: History,
+    *,
+    path: PathLike | None = None,
+    title: str | None = None,
+    goal: float | None = None,
 ) -> Figure:
     """Training, validation and test performance against epoch (MATLAB's ``plotperform``).
 
@@ -100,6 +104,10 @@ def plot_performance(
     title : str, optional
         Figure title; by default ``"Best Validation Performance is X at epoch N"``
         (``Training`` when there is no validation data).
+    goal : float, optional
+        The performance goal the run was given (``fit``'s ``goal``; a History does not hold
+        it): a value > 0 is drawn as a dotted black ``Goal`` line, as ``plotperform`` draws
+        ``tr.goal``. ``None`` or 0 draws none.
 
     Returns
     -------
@@ -109,7 +117,9 @@ def plot_performance(
     -----
     The best epoch is ``history.best_epoch`` when set, otherwise the epoch of lowest
     validation performance (training performance without a validation set). It is marked
-    with a dotted vertical line and a circle. The y axis is logarithmic.
+    with a dotted vertical line and a circle. The y axis is logarithmic. The epoch axis
+    has integer ticks and spans at least one epoch (``plotperform``'s ``[0 max(1,N)]``), and
+    a curve with a single finite value (a run stopped at epoch 0) is drawn as a point.
 
     Examples
     --------
@@ -122,6 +132,7 @@ def plot_performance(
     ('log', 'Best Training Performance is 0.05 at epoch 2')
     """
     _check_path(path)
+    goal = _check_goal(goal)
     _check_history(history)
     best_index, best_key = _best(history)
     epochs = _epochs(history)
@@ -129,10 +140,14 @@ def plot_performance(
     ax = axes[0, 0]
     for key, label, color in _PERF_SERIES:
         if _has_data(history, key):
-            ax.plot(epochs, _series(history, key), color=color, linewidth=2, label=label)
+            values = _series(history, key)
+            ax.plot(epochs, values, color=color, linewidth=2, label=label, marker=_lone_point_marker(values))
     best_value = _series(history, best_key)[best_index]
     _mark_best(ax, epochs[best_index], best_value, validation=best_key == "vperf")
+    if goal is not None:
+        ax.axhline(goal, color="black", linestyle=":", label="Goal")
     _log_scale_if_positive(ax, [_series(history, key) for key, _, _ in _PERF_SERIES if key in history])
+    _epoch_axis(ax, epochs)
     ax.set_xlabel(f"{_int_text(epochs[-1])} Epochs")
     ax.set_ylabel(_perf_label([history]))
     split = "Validation" if best_key == "vperf" else "Training"
@@ -189,6 +204,7 @@ def plot_training_state(history: History, *, path: PathLike | None = None) -> Fi
     fig, axes = _new_figure(len(panels), 1, figsize=(6.4, 1.6 * len(panels) + 0.8), sharex=True)
     for ax, (key, name, log) in zip(axes[:, 0], panels):
         _state_panel(ax, epochs, _series(history, key), name=name, ylabel=key, log=log)
+    _epoch_axis(axes[-1, 0], epochs)  # the panels share x
     axes[-1, 0].set_xlabel(f"{_int_text(epochs[-1])} Epochs")
     return _finish(fig, path)
 
@@ -426,8 +442,10 @@ def plot_comparison(
     fig, axes = _new_figure()
     ax = axes[0, 0]
     for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, linewidth=2, label=label)
+        ax.plot(xs, ys, linewidth=2, label=label, marker=_lone_point_marker(ys))
     _log_scale_if_positive(ax, [ys for _, ys in curves.values()])
+    if x == "epoch":
+        _epoch_axis(ax, np.concatenate([xs for xs, _ in curves.values()]))
     ax.set_xlabel("Epoch" if x == "epoch" else "Time (s)")
     ax.set_ylabel(_perf_label(histories.values()) if key == "perf" else key)
     ax.set_title(f"{'Training performance' if key == 'perf' else key} by method")
@@ -507,6 +525,36 @@ def _log_scale_if_positive(ax: Axes, series: list[np.ndarray]) -> None:
     # axis has nothing to show (matplotlib warns and draws an empty panel), so it stays linear.
     if any((values[np.isfinite(values)] > 0).any() for values in series):
         ax.set_yscale("log")
+
+
+def _epoch_axis(ax: Axes, epochs: np.ndarray) -> None:
+    """Integer ticks over at least one epoch, as ``plotperform``'s ``xlim = [0 max(1,N)]``.
+
+    Left to matplotlib, a run stopped at epoch 0 got an axis from -0.055 to 0.055 with ticks
+    at -0.04 ... 0.04, and a one-epoch run ticks at 0.2, 0.4, ...: epochs that do not exist.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    finite = epochs[np.isfinite(epochs)]
+    first, last = float(finite.min()), float(finite.max())
+    span = max(1.0, last - first)
+    margin = 0.05 * span  # matplotlib's own margin, so that end markers are not cut in half
+    ax.set_xlim(first - margin, first + span + margin)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _lone_point_marker(values: np.ndarray) -> str | None:
+    # A line through one point draws nothing: a run stopped at epoch 0 showed an empty axes.
+    return "o" if np.isfinite(values).sum() == 1 else None
+
+
+def _check_goal(goal: Any) -> float | None:
+    """``goal`` as a float, None for no line (also for 0: ``plotperform`` draws no goal <= 0)."""
+    if goal is None:
+        return None
+    if not isinstance(goal, numbers.Real) or isinstance(goal, (bool, np.bool_)) or not math.isfinite(goal) or goal < 0:
+        raise ValueError(f"Invalid goal value: {goal!r}; expected None or a finite number >= 0 (fit's goal)")
+    return float(goal) if goal > 0 else None
 
 
 def _is_integer(value: Any) -> bool:
@@ -591,7 +639,8 @@ def _mark_best(ax: Axes, epoch: float, value: float, *, validation: bool) -> Non
 
 def _state_panel(ax: Axes, epochs: np.ndarray, values: np.ndarray, *,
                  name: str, ylabel: str, log: bool) -> None:
-    ax.plot(epochs, values, "-", color="tab:blue", marker="." if len(values) <= 50 else None)
+    ax.plot(epochs, values, "-", color="tab:blue",
+            marker="." if len(values) <= 50 else _lone_point_marker(values))
     finite = np.flatnonzero(np.isfinite(values))
     last = finite[-1]
     ax.set_title(f"{name} = {values[last]:.4g}, at epoch {_int_text(epochs[last])}")
