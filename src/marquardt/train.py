@@ -1063,6 +1063,10 @@ def fit(
         elapsed."``, the weights as they were.
         ``min_grad=None`` means MATLAB's default for the method: 1e-5 for ``"gd"`` and
         ``"momentum"`` (``traingd``, ``traingdm``), 1e-7 otherwise (``trainlm``, ``trainbr``).
+        ``min_grad`` is compared with the recorded ``gradient``, the gradient of the
+        performance the model trains on: for a normalized :class:`~marquardt.mlp.MLP`, that of
+        the normalized targets (MATLAB's is in target units, ``(r / 2)**2`` times larger for
+        one output of range ``r``).
         ``max_fail=None`` means 6, except for ``method="br"``, which then never stops on
         validation (as ``trainbr``); give ``max_fail`` to make it. ``max_fail=math.inf``
         never stops on validation (the model still ends with the best validation weights,
