@@ -343,7 +343,9 @@ def test_best_perf_with_a_best_epoch_of_no_record_raises():
         ("stop", r"tr.stop is the attribute history.stop"),
         ("num_epochs", r"tr.num_epochs is the attribute history.num_epochs"),
         ("trainFcn", r"tr.trainFcn is the attribute history.method"),
-        ("trainInd", r"A History does not hold MATLAB's tr.trainInd"),
+        ("trainInd", r"tr.trainInd is the attribute history.trainInd"),
+        ("testInd", r"tr.testInd is the attribute history.testInd"),
+        ("trainMask", r"A History does not hold MATLAB's tr.trainMask"),
         ("states", r"does not hold MATLAB's tr.states"),
         ("trainParam", r"does not hold MATLAB's tr.trainParam"),
     ],
@@ -405,3 +407,18 @@ def test_a_learning_rate_column_a_user_records_is_read_as_any_other():
     h.append(epoch=0, perf=1.0, lr=0.1)
     h.append(epoch=1, perf=0.5, lr=0.05)
     assert "lr" in h and h["lr"] == [0.1, 0.05]
+
+
+@pytest.mark.parametrize(
+    ("division", "match"),
+    [
+        ({"train": [0, 1]}, r"Invalid division in History dict"),
+        ({"train": [0], "val": [-1], "test": []}, r"Invalid val rows of the division: \[-1\]"),
+        ({"train": [0.5], "val": [], "test": []}, r"Invalid train rows of the division"),
+        ([[0], [1], [2]], r"Invalid division in History dict"),
+    ],
+)
+def test_a_saved_division_that_is_not_row_indices_is_refused(division, match):
+    data = {**make_history().to_dict(), "division": division}
+    with pytest.raises(ValueError, match=match):
+        History.from_dict(data)

@@ -977,3 +977,27 @@ def test_trial_and_linearization_costs_agree_for_lower_precision_modules(dtype, 
     with torch.no_grad():
         exact = 0.5 * float(((model(X).double() - torch.sin(2 * X).double()) ** 2).sum())
     assert problem.linearize(x).cost == pytest.approx(exact, rel=1e-2 if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("division", ["random", "block", "interleaved"])
+def test_the_history_keeps_the_rows_of_each_set_as_matlab_tr_does(division, tmp_path):
+    # MATLAB users select the test samples by tr.testInd (plotregression(t(tr.testInd), ...)).
+    torch.manual_seed(0)
+    X = torch.linspace(-1, 1, 40, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * X)
+    net = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    history = fit(net, X, y, division=division, epochs=3, seed=7, progress=False)
+    rows = np.concatenate([history.trainInd, history.valInd, history.testInd])
+    assert sorted(rows.tolist()) == list(range(40))
+    assert [len(history.trainInd), len(history.valInd), len(history.testInd)] == [28, 6, 6]
+    with torch.no_grad():
+        test_mse = float(((net(X[history.testInd]) - y[history.testInd]) ** 2).mean())
+    assert history.best_tperf == pytest.approx(test_mse, rel=1e-12)  # the model ends on the best weights
+    back = marquardt.History.from_json(history.to_json(tmp_path / "h.json"))
+    assert back == history and back.testInd.tolist() == history.testInd.tolist()
+
+
+def test_an_undivided_run_has_no_division():
+    X = torch.linspace(-1, 1, 10, dtype=torch.float64)[:, None]
+    history = fit(nn.Linear(1, 1).double(), X, 2 * X, epochs=1, progress=False)
+    assert history.division is None and history.testInd is None and "division" not in history.to_dict()

@@ -70,14 +70,17 @@ OPTIONAL_KEYS: tuple[str, ...] = (
 _ALIASES: dict[str, str] = {"mu": "damping", "gamk": "gamma", "ssX": "ssw"}
 # MATLAB's scalar fields of tr, which a History holds as attributes rather than columns.
 _MATLAB_ATTRIBUTES: dict[str, str] = {
-    name: name for name in ("best_epoch", "best_perf", "best_vperf", "best_tperf", "num_epochs", "stop")
+    name: name for name in ("best_epoch", "best_perf", "best_vperf", "best_tperf", "num_epochs", "stop",
+                            "trainInd", "valInd", "testInd")
 } | {"trainFcn": "method"}
 # MATLAB fields of tr that a History does not hold.
 _MATLAB_NOT_HELD = frozenset({
     "trainParam", "performFcn", "performParam", "derivFcn", "divideFcn", "divideMode", "divideParam",
-    "trainInd", "valInd", "testInd", "trainMask", "valMask", "testMask", "states", "goal",
+    "trainMask", "valMask", "testMask", "states", "goal",
 })
-_DICT_FIELDS = frozenset({"method", "stop_reason", "best_epoch", "records"})
+_DICT_FIELDS = frozenset({"method", "stop_reason", "best_epoch", "records", "division"})
+#: The sets of :attr:`History.division`, in MATLAB's order.
+DIVISION_SETS = ("train", "val", "test")
 
 Scalar = bool | int | float | str | None
 
@@ -107,6 +110,14 @@ class History:
         MATLAB's ``tr.num_epochs``: the epoch of the last record (read-only).
     stop : str or None
         MATLAB's ``tr.stop``: an alias of ``stop_reason`` (read-only).
+    division : dict or None
+        Where ``fit`` divided the samples (``division="random"``, ``"block"`` or
+        ``"interleaved"``): ``{"train": ..., "val": ..., "test": ...}``, each a sorted int64
+        numpy array of 0-based row indices into the ``X, y`` given to ``fit`` (on each rank,
+        into that rank's own samples). None when the samples were not divided.
+    trainInd, valInd, testInd : numpy.ndarray or None
+        MATLAB's ``tr.trainInd`` etc.: ``division["train"]`` etc. (read-only), 0-based where
+        MATLAB's are 1-based, so that ``y[history.testInd]`` selects the test targets.
 
     Notes
     -----
@@ -145,6 +156,7 @@ class History:
         self.stop_reason: str | None = None
         self.best_epoch: int | None = None
         self.records: list[dict[str, Scalar]] = []
+        self.division: dict[str, np.ndarray] | None = None
 
     def append(self, record: Mapping[str, Any] | None = None, /, **fields: Any) -> None:
         """Add the record of one epoch.
@@ -260,6 +272,33 @@ class History:
         return self.records[-1].get("epoch", len(self) - 1) if self.records else None
 
     @property
+    def trainInd(self) -> np.ndarray | None:  # noqa: N802  (MATLAB's name)
+        """MATLAB's ``tr.trainInd``, 0-based: the training rows of :attr:`division` (None if undivided)."""
+        return None if self.division is None else self.division["train"]
+
+    @property
+    def valInd(self) -> np.ndarray | None:  # noqa: N802
+        """MATLAB's ``tr.valInd``, 0-based: the validation rows of :attr:`division` (None if undivided)."""
+        return None if self.division is None else self.division["val"]
+
+    @property
+    def testInd(self) -> np.ndarray | None:  # noqa: N802
+        """MATLAB's ``tr.testInd``, 0-based: the test rows of :attr:`division` (None if undivided)."""
+        return None if self.division is None else self.division["test"]
+
+    def set_division(self, train: Any, val: Any, test: Any) -> None:
+        """Record the rows ``fit`` divided the samples into (see :attr:`division`).
+
+        Examples
+        --------
+        >>> h = History()
+        >>> h.set_division([0, 2, 3], [1], [])
+        >>> h.trainInd.tolist(), h.valInd.tolist(), h.testInd.tolist()
+        ([0, 2, 3], [1], [])
+        """
+        self.division = {name: _indices(name, rows) for name, rows in zip(DIVISION_SETS, (train, val, test))}
+
+    @property
     def best_perf(self) -> Scalar:
         """MATLAB's ``tr.best_perf``: the training performance at :attr:`best_epoch`."""
         return self._best("perf")
@@ -298,14 +337,18 @@ class History:
         Returns
         -------
         dict
-            ``{"method", "stop_reason", "best_epoch", "records"}``.
+            ``{"method", "stop_reason", "best_epoch", "records"}``, and ``"division"`` (lists of
+            row indices) where the samples were divided.
         """
-        return {
+        data = {
             "method": self.method,
             "stop_reason": self.stop_reason,
             "best_epoch": self.best_epoch,
             "records": [{k: _finite_or_none(v) for k, v in r.items()} for r in self.records],
         }
+        if self.division is not None:
+            data["division"] = {name: rows.tolist() for name, rows in self.division.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> History:
@@ -334,6 +377,12 @@ class History:
         history.best_epoch = _checked_field(data, "best_epoch", int, "None or an integer epoch >= 0")
         for index, record in enumerate(data["records"]):
             _append_saved(history, index, record)
+        division = data.get("division")
+        if division is not None:
+            if not (isinstance(division, Mapping) and sorted(division) == sorted(DIVISION_SETS)):
+                raise ValueError(f"Invalid division in History dict: {division!r}; expected a dict of "
+                                 f"{list(DIVISION_SETS)} row index lists, or None")
+            history.set_division(*(division[name] for name in DIVISION_SETS))
         return history
 
     def to_json(self, path: str | os.PathLike[str], *, indent: int | None = 2) -> Path:
@@ -376,6 +425,19 @@ class History:
             f"History(method={self.method!r}, epochs={epochs}, stop_reason={self.stop_reason!r}, "
             f"best_epoch={self.best_epoch}, final_perf={perf_text})"
         )
+
+
+def _indices(name: str, rows: Any) -> np.ndarray:
+    """``rows`` as a 1-D int64 numpy array of row indices >= 0, or a ValueError naming the set."""
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().cpu().numpy()
+    array = np.asarray(rows)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1 or array.dtype.kind not in "iu" or int(array.min()) < 0:
+        raise ValueError(f"Invalid {name} rows of the division: {rows!r}; expected a 1-D list of integer "
+                         "row indices >= 0")
+    return array.astype(np.int64)
 
 
 def _append_saved(history: History, index: int, record: Any) -> None:

@@ -214,18 +214,20 @@ def _check_model_output(outputs: Any) -> None:
 
 
 def _divide_data(data: Split, validation_data: Any, division: str | None, split: tuple, generator: torch.Generator,
-                 model: nn.Module, loss: Loss) -> tuple[Split, Split | None, Split | None]:
+                 model: nn.Module, loss: Loss) -> tuple[Split, Split | None, Split | None, tuple[Tensor, ...] | None]:
+    """The training, validation and test sets, and the rows of ``data`` each holds where
+    ``division`` divided it (MATLAB's ``trainInd``, ``valInd``, ``testInd``), else None."""
     if validation_data is not None:
         if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
             raise TypeError(f"validation_data must be a pair (X_val, y_val); received {type(validation_data).__name__}.")
-        return data, _prepare(model, *validation_data, ("X_val", "y_val"), loss), None
+        return data, _prepare(model, *validation_data, ("X_val", "y_val"), loss), None, None
     if division is None or division == "none":
-        return data, None, None
+        return data, None, None, None
     train, val, test = divide(len(data), division, split, generator)
     pick = lambda index: Split(data.X[index], data.y[index]) if len(index) else None  # noqa: E731
     if len(train) == 0:
         raise ValueError(f"split {split} leaves no training samples out of {len(data)}.")
-    return pick(train), pick(val), pick(test)
+    return pick(train), pick(val), pick(test), (train, val, test)
 
 
 def mse(model: nn.Module, data: Split | None, chunk: int = 65536) -> float:
@@ -1076,6 +1078,8 @@ def fit(
     division : {"random", "block", "interleaved"}, optional
         Divide ``(X, y)`` into train/validation/test as MATLAB's ``dividerand``,
         ``divideblock`` and ``divideint``, with fractions ``split``. Default: all data trains.
+        The rows of each set are kept as ``history.trainInd``, ``valInd`` and ``testInd``
+        (0-based, :attr:`~marquardt.history.History.division`).
     batch_size : int, optional
         Mini-batches: one step per batch (for LM, damping carries across batches). Not for
         ``method="br"``.
@@ -1266,11 +1270,13 @@ def fit(
         # from X, y); the checks the trainer's problem makes (the solver form against the memory
         # budgets and the loss) come after, and _configured restores the ranges when they refuse:
         # a call that fails leaves the model as it was.
-        train, val, test = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
+        train, val, test, rows = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
         _check_optimizer_options(kind, spec, model)
         _check_bayesian_form(kind, spec, model)
         synchronize_module(model, reducer)
         history = History(kind)
+        if rows is not None:
+            history.set_division(*rows)
         with _configured(model, data, loss_fn, reducer, history):
             require_same({"validation data": val is not None, "test data": test is not None}, reducer)
             if reducer.world_size > 1 and checkpoint is not None:
