@@ -506,6 +506,10 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(validation_data=X_OK), TypeError, "validation_data must be a pair"),
         (X_OK, Y_OK, dict(validation_data=(X_OK, Y_OK), division="block"), ValueError,
          r"Pass either validation_data=\(X_val, y_val\) or division='block', not both"),
+        (X_OK, Y_OK, dict(test_data=(X_OK, Y_OK), division="random"), ValueError,
+         r"Pass either test_data=\(X_test, y_test\) or division='random', not both"),
+        (X_OK, Y_OK, dict(test_data=[X_OK]), TypeError, r"test_data must be a pair \(X, y\); received list"),
+        (X_OK, Y_OK, dict(test_data=(X_OK, Y_OK[:3])), ValueError, r"y_test"),
         (X_OK, Y_OK, dict(callbacks=[print]), TypeError, "callbacks must be marquardt.Callback instances"),
         (X_OK, Y_OK, dict(callbacks=Callback()), TypeError,
          r"callbacks must be a sequence of marquardt.Callback instances; received Callback \(wrap a single"),
@@ -1001,3 +1005,22 @@ def test_an_undivided_run_has_no_division():
     X = torch.linspace(-1, 1, 10, dtype=torch.float64)[:, None]
     history = fit(nn.Linear(1, 1).double(), X, 2 * X, epochs=1, progress=False)
     assert history.division is None and history.testInd is None and "division" not in history.to_dict()
+
+
+def test_test_data_is_recorded_as_tperf_and_never_trained_on():
+    # MATLAB's divideind: explicit validation and test sets. The test set only reads.
+    torch.manual_seed(0)
+    X = torch.linspace(-1, 1, 60, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * X)
+    train, val, test = (X[0::3], y[0::3]), (X[1::3], y[1::3]), (X[2::3], y[2::3])
+    make = lambda: nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()  # noqa: E731
+    torch.manual_seed(1)
+    with_test = make()
+    torch.manual_seed(1)
+    without = make()
+    history = fit(with_test, *train, validation_data=val, test_data=test, epochs=15, progress=False)
+    reference = fit(without, *train, validation_data=val, epochs=15, progress=False)
+    assert history["perf"] == reference["perf"] and history["vperf"] == reference["vperf"]
+    assert all(math.isfinite(t) for t in history["tperf"])
+    with torch.no_grad():
+        assert history.best_tperf == pytest.approx(float(((with_test(test[0]) - test[1]) ** 2).mean()), rel=1e-12)

@@ -213,21 +213,28 @@ def _check_model_output(outputs: Any) -> None:
                         "complex outputs into real and imaginary parts, torch.view_as_real).")
 
 
-def _divide_data(data: Split, validation_data: Any, division: str | None, split: tuple, generator: torch.Generator,
-                 model: nn.Module, loss: Loss) -> tuple[Split, Split | None, Split | None, tuple[Tensor, ...] | None]:
+def _divide_data(data: Split, validation_data: Any, test_data: Any, division: str | None, split: tuple,
+                 generator: torch.Generator, model: nn.Module, loss: Loss
+                 ) -> tuple[Split, Split | None, Split | None, tuple[Tensor, ...] | None]:
     """The training, validation and test sets, and the rows of ``data`` each holds where
     ``division`` divided it (MATLAB's ``trainInd``, ``valInd``, ``testInd``), else None."""
-    if validation_data is not None:
-        if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
-            raise TypeError(f"validation_data must be a pair (X_val, y_val); received {type(validation_data).__name__}.")
-        return data, _prepare(model, *validation_data, ("X_val", "y_val"), loss), None, None
-    if division is None or division == "none":
-        return data, None, None, None
+    if validation_data is not None or test_data is not None or division is None or division == "none":
+        given = [None if pair is None else _given_split(model, pair, name, loss)
+                 for pair, name in ((validation_data, "validation_data"), (test_data, "test_data"))]
+        return data, given[0], given[1], None
     train, val, test = divide(len(data), division, split, generator)
     pick = lambda index: Split(data.X[index], data.y[index]) if len(index) else None  # noqa: E731
     if len(train) == 0:
         raise ValueError(f"split {split} leaves no training samples out of {len(data)}.")
     return pick(train), pick(val), pick(test), (train, val, test)
+
+
+def _given_split(model: nn.Module, pair: Any, name: str, loss: Loss) -> Split:
+    """``validation_data`` or ``test_data``, checked as ``X, y`` are."""
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise TypeError(f"{name} must be a pair (X, y); received {type(pair).__name__}.")
+    suffix = "val" if name == "validation_data" else "test"
+    return _prepare(model, *pair, (f"X_{suffix}", f"y_{suffix}"), loss)
 
 
 def mse(model: nn.Module, data: Split | None, chunk: int = 65536) -> float:
@@ -1026,6 +1033,7 @@ def fit(
     max_fail: int | float | None = None,
     time_limit: float | None = None,
     validation_data: tuple[Any, Any] | None = None,
+    test_data: tuple[Any, Any] | None = None,
     division: str | None = None,
     split: tuple[float, float, float] = (0.7, 0.15, 0.15),
     batch_size: int | None = None,
@@ -1075,6 +1083,9 @@ def fit(
         except with ``"br"``); so does ``max_fail=0`` with ``"br"``, ``trainbr``'s default.
     validation_data : (X_val, y_val), optional
         Explicit validation set (early stopping after ``max_fail`` consecutive failures).
+    test_data : (X_test, y_test), optional
+        Explicit test set, recorded as ``tperf`` at each epoch and never trained on (with
+        ``validation_data``, MATLAB's ``divideind``).
     division : {"random", "block", "interleaved"}, optional
         Divide ``(X, y)`` into train/validation/test as MATLAB's ``dividerand``,
         ``divideblock`` and ``divideint``, with fractions ``split``. Default: all data trains.
@@ -1254,9 +1265,11 @@ def fit(
         loss_fn = make_loss(loss)
         _validate_method_loss(kind, loss_fn, batch_size, max_fail)
         split = check_split(split)  # also without a division: a bad split is a mistake either way
-        if validation_data is not None and division not in (None, "none"):
-            raise ValueError(f"Pass either validation_data=(X_val, y_val) or division={division!r}, not both: "
-                             "validation_data would replace the division's validation set.")
+        for name, pair, given in (("validation_data", "(X_val, y_val)", validation_data),
+                                  ("test_data", "(X_test, y_test)", test_data)):
+            if given is not None and division not in (None, "none"):
+                raise ValueError(f"Pass either {name}={pair} or division={division!r}, not both: {name} would "
+                                 "replace the division's set.")
         if reducer.world_size > 1 and batch_size is not None:
             raise ValueError(f"Invalid batch_size for distributed training: {batch_size!r}; each step uses every "
                              "rank's whole shard, so pass batch_size=None (or distributed=False).")
@@ -1270,7 +1283,8 @@ def fit(
         # from X, y); the checks the trainer's problem makes (the solver form against the memory
         # budgets and the loss) come after, and _configured restores the ranges when they refuse:
         # a call that fails leaves the model as it was.
-        train, val, test, rows = _divide_data(data, validation_data, division, split, generator, model, loss_fn)
+        train, val, test, rows = _divide_data(data, validation_data, test_data, division, split, generator, model,
+                                                   loss_fn)
         _check_optimizer_options(kind, spec, model)
         _check_bayesian_form(kind, spec, model)
         synchronize_module(model, reducer)
