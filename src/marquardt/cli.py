@@ -51,6 +51,7 @@ _DIVISIONS = ("random", "block", "interleaved", "none")
 _SPLIT_NAMES = ("Training", "Validation", "Test")
 _LOSS_KEYS = {"Training": "perf", "Validation": "vperf", "Test": "tperf"}  # History keys per split
 _MODEL_STEM = "model"
+_CSV_HELP = "comma-separated file: a header line naming the columns, then one sample per line"
 _PLOTS = ("performance.png", "training_state.png", "regression.png", "error_histogram.png")
 # How torch's allocators say they failed: the CPU allocator raises a RuntimeError ("can't
 # allocate memory: you tried to allocate N bytes"), CUDA an OutOfMemoryError ("Tried to allocate
@@ -84,16 +85,20 @@ class Table:
         return [row[index] for row in self.rows]
 
     def numbers(self, names: Sequence[str]) -> np.ndarray:
-        """The named columns as a float64 array (rows, columns); non-numbers raise UsageError."""
-        indices = [self.columns.index(name) for name in names]
-        cells = np.array([[row[i] for i in indices] for row in self.rows], dtype=np.str_)
-        try:
-            values = cells.astype(np.float64)
-        except ValueError:
-            values = None
-        # Python's float() and numpy read '1_000' as 1000 (PEP 515); in a data file it is a typo.
-        if values is None or not np.isfinite(values).all() or (np.char.find(cells, "_") >= 0).any():
-            values = self._numbers_one_by_one(names)  # names the first bad cell
+        """The named columns as a float64 array (rows, columns); non-numbers raise CellError."""
+        values = np.empty((len(self.rows), len(names)))
+        for c, name in enumerate(names):
+            # One column at a time: an array of every cell as text (numpy's fixed-width str_)
+            # took 4 bytes per character of the longest cell, 0.6 GB for a 120 MB file.
+            index = self.columns.index(name)
+            cells = [row[index] for row in self.rows]
+            try:
+                values[:, c] = np.array(cells, dtype=np.float64)
+            except ValueError:
+                return self._numbers_one_by_one(names)  # names the first bad cell
+            # Python's float() and numpy read '1_000' as 1000 (PEP 515); in a data file it is a typo.
+            if not np.isfinite(values[:, c]).all() or any("_" in cell for cell in cells):
+                return self._numbers_one_by_one(names)
         return values
 
     def _numbers_one_by_one(self, names: Sequence[str]) -> np.ndarray:
@@ -107,8 +112,17 @@ class Table:
                     values[r, c] = math.nan
                 if not math.isfinite(values[r, c]):
                     what = "an empty value" if not text.strip() else f"{text!r}"
-                    raise UsageError(f"{self.path} line {line}, column {name!r}: {what} is not a finite number")
+                    raise CellError(f"{self.path} line {line}, column {name!r}: {what} is not a finite number",
+                                    name)
         return values
+
+
+class CellError(UsageError):
+    """A cell that is not a finite number; ``column`` names its column, for hints on the options."""
+
+    def __init__(self, message: str, column: str) -> None:
+        super().__init__(message)
+        self.column = column
 
 
 def _cell_number(text: str) -> float:
@@ -170,6 +184,7 @@ def _parse(path: str, reader: Any) -> Table:
     header = next((row for row in rows_read if row), None)
     if header is None:
         raise UsageError(f"{path} is empty; expected a header line naming the columns, then data rows")
+    _check_separator(path, header)
     columns = _check_header(path, [name.strip() for name in header])
     rows, lines = [], []
     for row in rows_read:
@@ -184,9 +199,22 @@ def _parse(path: str, reader: Any) -> Table:
     return Table(path, columns, rows, lines)
 
 
+def _check_separator(path: str, header: list[str]) -> None:
+    """Refuse a header of one field that another separator would split: a semicolon-separated file
+    (Excel and MATLAB's writetable where the decimal mark is a comma) or a tab-separated one was
+    read as one column, then failed as 'no column y' or 'line 2 has 3 fields'."""
+    for separator, name in ((";", "semicolons"), ("\t", "tabs")):
+        if len(header) == 1 and separator in header[0]:
+            raise UsageError(f"{path}: the header line {header[0]!r} separates its columns with {name}; marquardt "
+                             "reads comma-separated files with '.' as the decimal mark: save the file as CSV with "
+                             "commas (MATLAB: writetable(T, 'data.csv'))")
+
+
 def _check_header(path: str, columns: list[str]) -> list[str]:
     if "" in columns:
-        raise UsageError(f"{path}: header column {columns.index('') + 1} has no name; every column needs one")
+        index = columns.index("")
+        trailing = " (the header line ends with a comma)" if index == len(columns) - 1 and index > 0 else ""
+        raise UsageError(f"{path}: header column {index + 1} has no name{trailing}; every column needs one")
     duplicates = sorted({name for name in columns if columns.count(name) > 1})
     if duplicates:
         raise UsageError(f"{path}: the header names column(s) {', '.join(map(repr, duplicates))} more than once")
@@ -289,6 +317,13 @@ class Classification:
             raise UsageError(f"--loss binary_cross_entropy needs exactly two classes in column {self.target!r}; "
                              f"found {len(labels)}: {', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''} "
                              "(use --loss cross_entropy)")
+        rows = len(table)
+        if len(labels) > max(10, rows // 2):
+            # A numeric target given a classification loss: one class per value, and a network
+            # of as many outputs (200 rows of floats took 35 s for two epochs).
+            raise UsageError(f"--loss {self.loss}: column {self.target!r} has {len(labels)} different labels in "
+                             f"{rows} rows; a class needs several samples to learn from. If it holds numbers to "
+                             "fit, use --loss mse")
         self.classes = labels
 
     def encode(self, table: Table) -> np.ndarray:
@@ -481,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``marquardt``, one subcommand per job."""
     parser = argparse.ArgumentParser(prog="marquardt", description="Levenberg-Marquardt training of "
                                      "PyTorch networks, with MATLAB fitnet/trainlm defaults.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="compare LM, momentum and gradient descent on a built-in data set")
     demo.add_argument("--out", type=Path, default=Path("marquardt-demo"), help="folder for the plots "
@@ -491,20 +527,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_parser(commands)
     predict = commands.add_parser("predict", help="write a trained model's predictions for a CSV file")
     predict.add_argument("model_dir", type=Path, metavar="DIR", help="folder written by marquardt fit")
-    predict.add_argument("data", metavar="DATA.csv")
+    predict.add_argument("data", metavar="DATA.csv", help=f"{_CSV_HELP}, with the model's feature columns")
     predict.add_argument("-o", "--output", required=True, metavar="OUT.csv",
                          help="predictions CSV to write ('-' for standard output)")
     predict.set_defaults(run=run_predict)
     evaluate = commands.add_parser("evaluate", help="score a trained model on a CSV file with targets")
     evaluate.add_argument("model_dir", type=Path, metavar="DIR", help="folder written by marquardt fit")
-    evaluate.add_argument("data", metavar="DATA.csv")
+    evaluate.add_argument("data", metavar="DATA.csv", help=f"{_CSV_HELP}, with the model's feature and "
+                          "target columns")
     evaluate.set_defaults(run=run_evaluate)
     return parser
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _add_fit_parser(commands: Any) -> None:
     fit = commands.add_parser("fit", help="train a network on a CSV file and write model, report and plots")
-    fit.add_argument("data", metavar="DATA.csv")
+    fit.add_argument("data", metavar="DATA.csv", help=_CSV_HELP)
     fit.add_argument("--target", type=_names, required=True, metavar="COL[,COL...]", help="target column(s)")
     fit.add_argument("--features", type=_names, metavar="COLS", help="feature columns (default: all others)")
     fit.add_argument("--hidden", type=_hidden, default=[10], metavar="N[,N...]", help="hidden layer sizes (default: 10)")
@@ -626,7 +669,7 @@ def run_fit(args: argparse.Namespace) -> int:
             table = read_table(args.data)
             task, features = _fit_columns(args, table)
             shard = _shard_rows(table, reducer)
-            X, y = shard.numbers(features), task.encode(shard)
+            X, y = _fit_arrays(args, shard, task, features)
             read_s = time.perf_counter() - started
             device = _device(args.device)
             if args.out.exists() and not args.out.is_dir():
@@ -681,6 +724,22 @@ def _fit_columns(args: argparse.Namespace, table: Table) -> tuple[Regression | C
     if isinstance(task, Classification):
         task.learn_classes(table)
     return task, features
+
+
+def _fit_arrays(args: argparse.Namespace, table: Table, task: Regression | Classification,
+                features: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Features and encoded targets; a text cell's error says which option leaves its column out."""
+    try:
+        return table.numbers(features), task.encode(table)
+    except CellError as error:
+        if error.column in task.targets:  # a regression target of labels
+            hint = "if the column holds class labels, pass --loss cross_entropy"
+        elif args.features is None:
+            hint = ("to leave the column out, list the feature columns with --features (by default every column "
+                    "but the targets is a feature)")
+        else:
+            raise
+        raise UsageError(f"{error}; {hint}") from None
 
 
 def _check_fit_options(args: argparse.Namespace, task: Regression | Classification, n_rows: int, seed: int) -> None:
@@ -1087,7 +1146,12 @@ def run_predict(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         print(f"wrote {len(rows)} predictions to standard output", file=sys.stderr)
         return 0
+    if not args.output:
+        raise UsageError("-o '': expected the path of the CSV file to write, or '-' for standard output")
     output = Path(args.output)
+    if output.exists() and Path(args.data).exists() and output.samefile(args.data):
+        raise UsageError(f"-o {args.output} is the data file {args.data}; writing the predictions there would "
+                         "replace the data: pass another file")
     if output.parent and not output.parent.is_dir():
         raise UsageError(f"-o {args.output}: folder {output.parent} does not exist")
     if output.is_dir():
