@@ -11,6 +11,7 @@ import stat
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -447,6 +448,17 @@ def test_missing_tensors_file_is_refused(tmp_path):
         (lambda r: [1, 2], r"model\.json is not a marquardt save"),
         (lambda r: {**r, "format": "other"}, r"model\.json is not a marquardt save"),
         (lambda r: {**r, "format_version": 99}, r"model\.json has unknown format version 99"),
+        # 1.0 == 1 and True == 1: both were read as version 1.
+        (lambda r: {**r, "format_version": 1.0}, r"model\.json has unknown format version 1\.0"),
+        (lambda r: {**r, "format_version": True}, r"model\.json has unknown format version True"),
+        # Nested past Python's recursion limit: a RecursionError traceback.
+        (lambda r: json.dumps({**r, "metadata": "X"}).replace('"X"', "[" * 10**5 + "]" * 10**5),
+         r"model\.json is not valid JSON: maximum recursion depth"),
+        # Sizes edited past the tensors were allocated (and initialised) before the shapes were
+        # compared: a RuntimeError from the allocator here, 14 GB and 90 s for n_inputs 30000.
+        (lambda r: {**r, "architecture": {**r["architecture"], "hidden": [10**12]}},
+         r"model\.safetensors does not match the model architecture: the record describes 6000000000002 weights "
+         r"and biases \(MLP\); the file holds 43 numbers in all"),
         (lambda r: {k: v for k, v in r.items() if k != "format_version"}, r"unknown format version None"),
         (lambda r: {**r, "kind": "state"}, r"holds a 'state' save; read it with load_state\(\)"),
         (lambda r: {**r, "save_id": "0" * 32}, r"come from different saves"),
@@ -473,6 +485,58 @@ def test_bad_json_is_refused(tmp_path, edit, match):
     save(_trained_like_mlp(torch.float64), tmp_path / "model")
     edited = edit(_record(tmp_path))
     (tmp_path / "model.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(ValueError, match=match):
+        load(tmp_path / "model")
+
+
+def _linear_tanh_linear() -> dict:
+    return {"class": "Sequential", "architecture": {"layers": [
+        {"name": "0", "type": "Linear", "in_features": 3, "out_features": 4, "bias": True},
+        {"name": "1", "type": "Tanh"},
+        {"name": "2", "type": "Linear", "in_features": 4, "out_features": 2, "bias": True}]}}
+
+
+def _layer(index: int, **spec) -> Callable[[dict], dict]:
+    def edit(record: dict) -> dict:
+        record["architecture"]["layers"][index] = {"name": str(index), **spec}
+        return record
+    return edit
+
+
+# A hand-edited layer record: each was accepted and failed at the first forward pass, was taken
+# as true, or was a RuntimeError or TypeError from torch instead of a ValueError naming the file.
+BAD_LAYERS = [
+    ("bias as text", _layer(0, type="Linear", in_features=3, out_features=4, bias="no"),
+     r"layer '0' \(Linear\): bias is 'no'; expected true or false"),
+    ("negative size", _layer(0, type="Linear", in_features=-1, out_features=4, bias=True),
+     r"layer '0' \(Linear\): in_features is -1; expected an integer >= 0"),
+    ("size as float", _layer(0, type="Linear", in_features=3.0, out_features=4, bias=True),
+     r"layer '0' \(Linear\): in_features is 3\.0; expected an integer >= 0"),
+    ("slope as text", _layer(1, type="LeakyReLU", negative_slope="x"),
+     r"layer '1' \(LeakyReLU\): negative_slope is 'x'; expected a number"),
+    ("unknown GELU approximation", _layer(1, type="GELU", approximate="bogus"),
+     r"layer '1' \(GELU\): approximate is 'bogus'; expected 'none' or 'tanh'"),
+    ("softmax dim as text", _layer(1, type="Softmax", dim="x"),
+     r"layer '1' \(Softmax\): dim is 'x'; expected an integer or null"),
+    ("missing argument", _layer(1, type="ELU"), r"layer '1' \(ELU\): alpha is missing; expected a number"),
+    ("a layer load cannot build", _layer(1, type="Dropout"),
+     r"layer '1' has type 'Dropout', which load cannot rebuild"),
+    ("a layer as text", lambda r: {**r, "architecture": {"layers": ["Tanh"]}},
+     r"layer record 'Tanh' is not an object with a string 'name'"),
+    ("architecture as a list", lambda r: {**r, "architecture": [1]}, r"architecture is \[1\]; expected an object"),
+    ("huge layer", _layer(0, type="Linear", in_features=10**12, out_features=4, bias=True),
+     r"does not match the model architecture: the record describes 4000000000014 weights and biases \(Sequential\); "
+     r"the file holds 26 numbers in all"),
+]
+
+
+@pytest.mark.parametrize("edit, match", [case[1:] for case in BAD_LAYERS], ids=[case[0] for case in BAD_LAYERS])
+def test_bad_layer_records_are_refused(tmp_path, edit, match):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    save(model, tmp_path / "model")
+    record = _record(tmp_path)
+    assert {k: record[k] for k in ("class", "architecture")} == _linear_tanh_linear()
+    _write_record(tmp_path, edit(record))
     with pytest.raises(ValueError, match=match):
         load(tmp_path / "model")
 

@@ -338,6 +338,7 @@ def _describe(model: nn.Module) -> tuple[str, Any]:
 
 
 def _build_layer(spec: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
+    _check_layer_spec(spec)
     kind = spec["type"]
     if kind == "Linear":
         return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
@@ -348,11 +349,90 @@ def _build_layer(spec: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
 
 
 def _build_sequential(layers: list[Mapping[str, Any]], dtype: torch.dtype) -> nn.Sequential:
-    return nn.Sequential(OrderedDict((spec["name"], _build_layer(spec, dtype)) for spec in layers))
+    if not isinstance(layers, list):
+        raise TypeError(f"layers is {layers!r}; expected a list of layer records")
+    built: OrderedDict[str, nn.Module] = OrderedDict()
+    for spec in layers:
+        built[spec["name"]] = _build_layer(spec, dtype)  # checks spec before reading its name
+    return nn.Sequential(built)
 
 
-def _build(record: Mapping[str, Any], where: Path) -> nn.Module:
-    """Rebuild the module described by a JSON record, without touching the global RNG."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each recorded constructor argument may hold: a hand-edited value of another type (a
+# negative_slope of "x", approximate="bogus", bias="no") was accepted at load and failed at the
+# first forward pass, or was taken as true.
+_ARG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "in_features": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "out_features": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "bias": (lambda v: isinstance(v, bool), "true or false"),
+    "dim": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"),
+    "approximate": (lambda v: v in ("none", "tanh"), "'none' or 'tanh'"),
+    **{arg: (_is_number, "a number") for arg in ("negative_slope", "alpha", "beta", "threshold", "min_val", "max_val")},
+}
+
+
+def _check_layer_spec(spec: Any) -> None:
+    """A layer record's type, name and arguments, before any module is built from it."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise TypeError(f"layer record {spec!r} is not an object with a string 'name'")
+    kind = spec.get("type")
+    if kind not in ("Linear", "Sequential") and kind not in _LAYER_ARGS:
+        raise ValueError(f"layer {spec['name']!r} has type {kind!r}, which load cannot rebuild")
+    args = ("in_features", "out_features", "bias") if kind == "Linear" else _LAYER_ARGS.get(kind, (None, ()))[1]
+    for arg in args:
+        valid, expected = _ARG_CHECKS[arg]
+        if arg not in spec or not valid(spec[arg]):
+            found = "is missing" if arg not in spec else f"is {spec[arg]!r}"
+            raise ValueError(f"layer {spec['name']!r} ({kind}): {arg} {found}; expected {expected}")
+
+
+# Weights and biases that a record may ask for beyond the tensors file before building it is
+# refused: a few MB, so that a small mismatch is reported tensor by tensor.
+_CHEAP_TO_BUILD = 2**20
+
+
+def _parameter_count(class_name: str, architecture: Any) -> int:
+    """How many weights and biases building ``architecture`` takes: its sizes are read from a file
+    that may have been edited, so they are checked against the tensors before anything is built
+    (an MLP's n_inputs edited to 30000 took 14 GB and 90 s before the shape mismatch was found).
+    Sizes that are not ints count 0; building refuses them."""
+    if not isinstance(architecture, Mapping):
+        return 0
+    if class_name == "Sequential":
+        return _sequential_parameter_count(architecture.get("layers"))
+    try:
+        sizes = [architecture["n_inputs"], *architecture["hidden"], architecture["n_outputs"]]
+    except (KeyError, TypeError):
+        return 0
+    if not all(type(size) is int for size in sizes):
+        return 0
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+
+
+def _sequential_parameter_count(layers: Any) -> int:
+    total = 0
+    for spec in layers if isinstance(layers, list) else ():
+        kind = spec.get("type") if isinstance(spec, Mapping) else None
+        if kind == "Sequential":
+            total += _sequential_parameter_count(spec.get("layers"))
+        elif kind == "Linear":
+            try:
+                _check_layer_spec(spec)
+            except (TypeError, ValueError):
+                continue  # never built
+            total += (spec["in_features"] + spec["bias"]) * spec["out_features"]
+    return total
+
+
+def _build(record: Mapping[str, Any], where: Path, held: int) -> nn.Module:
+    """Rebuild the module described by a JSON record, without touching the global RNG.
+
+    ``held`` is the number of elements in the tensors file: a record asking for more weights
+    than that (and more than ``_CHEAP_TO_BUILD``) is refused before any memory is taken.
+    """
     class_name, architecture = record.get("class"), record.get("architecture")
     if class_name not in ("MLP", "Sequential") or architecture is None:
         raise ValueError(
@@ -360,6 +440,17 @@ def _build(record: Mapping[str, Any], where: Path) -> nn.Module:
             f"pass the module to load into: load(path, model=<module instance>)"
         )
     try:
+        count = _parameter_count(class_name, architecture)
+    except RecursionError:
+        raise ValueError(f"{where} has an invalid architecture record for {class_name}: nested too deeply") from None
+    if count > max(held, _CHEAP_TO_BUILD):  # below that, build and let _check_matches name each tensor
+        raise ValueError(
+            f"{where} does not match the model architecture: the record describes {count} weights and biases "
+            f"({class_name}); the file holds {held} numbers in all"
+        )
+    try:
+        if not isinstance(architecture, Mapping):
+            raise TypeError(f"architecture is {architecture!r}; expected an object")
         # save records null when the floating tensors have several dtypes (or there are none):
         # the layers are built in the default dtype and take the file's tensors as they are.
         dtype = torch.get_default_dtype() if record["dtype"] is None else getattr(torch, record["dtype"])
@@ -371,7 +462,7 @@ def _build(record: Mapping[str, Any], where: Path) -> nn.Module:
             if class_name == "MLP":
                 return MLP.from_config(architecture, dtype=dtype)
             return _build_sequential(architecture["layers"], dtype)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as err:
         raise ValueError(f"{where} has an invalid architecture record for {class_name}: {err}") from err
 
 
@@ -387,12 +478,12 @@ def _read_record(json_path: Path, kind: str) -> dict[str, Any]:
         )
     try:
         record = json.loads(json_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # Recursion: nested too deeply
         raise ValueError(f"{json_path} is not valid JSON: {err}") from err
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ValueError(f"{json_path} is not a marquardt save (no \"format\": \"{FORMAT}\" entry)")
     version = record.get("format_version")
-    if version not in _READABLE_VERSIONS:
+    if type(version) is not int or version not in _READABLE_VERSIONS:  # 1.0 and true equal 1
         raise ValueError(
             f"{json_path} has unknown format version {version!r}; this marquardt reads "
             f"versions {list(_READABLE_VERSIONS)}, a newer marquardt may read it"
@@ -596,7 +687,7 @@ def load(
         _check_matches(model, tensors, tensors_path, dtypes=False)
         model.load_state_dict(tensors)
         return model
-    built = _build(record, tensors_path)
+    built = _build(record, tensors_path, sum(t.numel() for t in tensors.values()))
     uniform = record["dtype"] is not None
     _check_matches(built, tensors, tensors_path, dtypes=uniform)
     built.load_state_dict(tensors, assign=not uniform)  # assign: each tensor keeps the dtype it was saved in
