@@ -217,6 +217,14 @@ def test_a_refused_fit_leaves_a_fitted_classifier_as_it_was(params, X_rows):
     np.testing.assert_array_equal(clf.predict(X[:, :2]), predicted)
 
 
+@pytest.mark.parametrize("labels, shown", [(np.zeros(6), "0.0"), (np.ones(6, dtype=np.int64), "1"),
+                                           (np.array(["a"] * 6), "'a'")])
+def test_one_class_is_named_as_the_user_wrote_it(labels, shown):
+    # numpy's repr named it np.float64(0.0) or np.str_('a').
+    with pytest.raises(ValueError, match=rf"received one class, {shown}\.$"):
+        LMClassifier(epochs=1).fit(np.arange(12.0).reshape(6, 2), labels)
+
+
 def test_a_refused_fit_leaves_a_fitted_regressor_as_it_was():
     X, y = regression_data(40)
     reg = LMRegressor((3,), epochs=5, random_state=0).fit(X, y)

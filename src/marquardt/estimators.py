@@ -368,8 +368,9 @@ class LMClassifier(ClassifierMixin, _LMEstimator):
 
     def _check_class_count(self) -> None:
         if len(self.classes_) < 2:
+            # tolist: the label as the user wrote it (0.0, 'a'), not numpy's repr np.float64(0.0)
             raise ValueError(f"LMClassifier needs samples of at least two classes; received one class, "
-                             f"{self.classes_[0]!r}.")
+                             f"{self.classes_.tolist()[0]!r}.")
         if self.loss == "binary_cross_entropy" and len(self.classes_) != 2:
             raise ValueError(f"Only binary classification is supported with loss='binary_cross_entropy'; "
                              f"received {len(self.classes_)} classes. Use loss='cross_entropy'.")
