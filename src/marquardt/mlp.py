@@ -408,6 +408,10 @@ class MLP(nn.Module):
 
     def _initialise(self, generator: torch.Generator | None) -> None:
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        if linears and linears[0].weight.is_meta:
+            # Meta tensors hold no values: drawing them on the CPU first took 8.7 s and 2.6 GB
+            # for MLP(5000, (20000,), 1, device="meta"), and moved the random state.
+            return
         for index, linear in enumerate(linears):
             is_hidden = index < len(linears) - 1
             if self.init == "default":
