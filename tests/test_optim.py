@@ -2223,3 +2223,21 @@ def test_keeping_the_point_to_step_back_to_leaves_a_normal_run_bit_for_bit(path,
     _without_step_back(monkeypatch)
     plain_costs, plain_weights, plain_state = run()
     assert costs == plain_costs and torch.equal(weights, plain_weights) and "previous_point" not in plain_state
+
+
+def test_the_closed_form_is_found_where_global_hooks_take_no_keywords(monkeypatch):
+    # torch 2.4 (the oldest torch the package supports) has no with_kwargs for global forward
+    # hooks: every LevenbergMarquardt step failed with a TypeError from the hook's registration.
+    import marquardt.optim as optim_module
+
+    def run():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+        X = torch.linspace(-1, 1, 40, dtype=torch.float64)[:, None]
+        opt = marquardt.LevenbergMarquardt(net.parameters())
+        costs = [float(opt.step(lambda: (net(X) - torch.sin(3 * X)).reshape(-1))) for _ in range(5)]
+        return costs, opt.state[next(net.parameters())]["jacobian"]
+
+    expected = run()
+    monkeypatch.setattr(optim_module, "_GLOBAL_HOOK_KWARGS", False)
+    assert run() == expected and expected[1] == "closed-form"

@@ -28,6 +28,9 @@ from torch.nn import functional as F
 from .chunked import mirror_lower
 from .linalg import NormalEquations
 
+#: Lower-precision dtypes some CPU loss kernels lack in older torch releases.
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 __all__ = [
     "LOSSES",
     "BinaryCrossEntropy",
@@ -120,6 +123,9 @@ class SquaredError:
         return values  # H = I
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if outputs.device.type == "cpu" and outputs.dtype in _HALF_DTYPES:
+            # torch 2.4 has no CPU mse_loss kernel for bfloat16 ('"mse_cpu" not implemented').
+            return (outputs - targets).square().mean()
         return F.mse_loss(outputs, targets)
 
     def correct(self, outputs: Tensor, targets: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import zlib
 from collections.abc import Callable, Iterator
@@ -651,6 +652,11 @@ class ModuleCall:
         return self.versions == (X._version, out._version)
 
 
+#: Whether torch's global forward hooks take ``with_kwargs`` (not torch 2.4, which the package
+#: supports: there every step failed with a TypeError from the hook's registration).
+_GLOBAL_HOOK_KWARGS = "with_kwargs" in inspect.signature(torch.nn.modules.module.register_module_forward_hook).parameters
+
+
 class _ModuleCalls:
     """Records every module call while active (global forward hooks, removed on exit).
 
@@ -666,8 +672,9 @@ class _ModuleCalls:
     def __enter__(self) -> _ModuleCalls:
         if self.enabled:
             hooks = torch.nn.modules.module
-            self._handles = [hooks.register_module_forward_pre_hook(self._enter),
-                             hooks.register_module_forward_hook(self._leave, with_kwargs=True)]
+            leave = hooks.register_module_forward_hook(self._leave, with_kwargs=True) if _GLOBAL_HOOK_KWARGS \
+                else hooks.register_module_forward_hook(self._leave_positional)
+            self._handles = [hooks.register_module_forward_pre_hook(self._enter), leave]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -681,6 +688,13 @@ class _ModuleCalls:
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         self._depth += 1
+
+    def _leave_positional(self, module: nn.Module, args: tuple, outputs: object) -> None:
+        """:meth:`_leave` where global hooks do not see keyword arguments (torch 2.4): a
+        call with keywords then reads as one with its positional arguments alone. The closed
+        form is taken only for a module :func:`~marquardt.fastjac.describe` reads, whose
+        ``forward`` takes the input alone, and only after its outputs are checked."""
+        self._leave(module, args, {}, outputs)
 
     def _leave(self, module: nn.Module, args: tuple, kwargs: dict, outputs: object) -> None:
         self._depth -= 1
