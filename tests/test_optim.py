@@ -419,13 +419,21 @@ def test_saved_views_of_parameters_are_copied_once_per_storage_not_per_view(monk
     assert sum(copies.values()) <= sum(p.numel() * p.element_size() for p in params)
 
 
-def test_matrix_free_step_through_expanded_parameter_views_is_unchanged_by_the_copies():
-    params, closure = _expanded_weight_problem()
-    opt = LevenbergMarquardt(params, solver="matrix-free")
-    costs = [float(opt.step(closure)) for _ in range(3)]
-    assert opt.state[params[0]]["jacobian"] == "forward"
-    # Measured with a clone of every saved view (the copies before) and now: the same bits.
-    assert costs == [251.6349774378416, 198.721492568984, 136.42179305340306]
+def test_matrix_free_step_through_expanded_parameter_views_is_unchanged_by_the_copies(monkeypatch):
+    def steps():
+        params, closure = _expanded_weight_problem()
+        opt = LevenbergMarquardt(params, solver="matrix-free")
+        costs = [float(opt.step(closure)) for _ in range(3)]
+        assert opt.state[params[0]]["jacobian"] == "forward"
+        return costs
+
+    shared = steps()
+    # A clone of every saved view of a parameter (the copies before): the same bits. (On torch
+    # 2.13 [251.6349774378416, 198.721492568984, 136.42179305340306]; other releases round
+    # differently in the last bits, so the reference is computed here.)
+    monkeypatch.setattr(marquardt.optim._SavedBytes, "_snapshot", lambda self, tensor, key: tensor.clone())
+    assert steps() == shared
+    assert shared[2] < 0.6 * shared[0]
 
 
 # (solver, max_matrix_bytes relative to J^T J's n * n * 8 bytes, whether saved weights are copied)
