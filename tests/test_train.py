@@ -1024,3 +1024,36 @@ def test_test_data_is_recorded_as_tperf_and_never_trained_on():
     assert all(math.isfinite(t) for t in history["tperf"])
     with torch.no_grad():
         assert history.best_tperf == pytest.approx(float(((with_test(test[0]) - test[1]) ** 2).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(solver="normal"), dict(solver="sample-space"), dict(solver="auto"),
+                                     dict(method="br")], ids=["normal", "sample-space", "auto", "br"])
+def test_a_half_precision_network_past_the_float64_promotion_trains_on_every_exact_path(dtype, options):
+    # 1,882 parameters, past PROMOTE_MAX_PARAMS: the system was assembled and factorized in
+    # float16 ('"cholesky_cpu" not implemented for Half' in the first step); now in float32.
+    torch.manual_seed(0)
+    X = torch.randn(300, 3).to(dtype)
+    y = torch.sin(X[:, :2].float()).to(dtype)
+    net = nn.Sequential(nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 2)).to(dtype)
+    history = fit(net, X, y, epochs=4, progress=False, **options)
+    assert len(history) == 5 and history["perf"][-1] < 0.5 * history["perf"][0]
+    assert net[0].weight.dtype == dtype
+
+
+def test_trainbr_in_sample_space_assembles_its_gram_as_the_normal_form_does():
+    # A float32 network with fewer residuals than parameters (sample space under "auto"):
+    # trainbr's J^T J was formed from the float32 rows in float32, where the normal form
+    # promotes a problem this small to float64.
+    from marquardt.bayesian import data_gram
+    from marquardt.network import ModuleProblem, flatten_parameters
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 29), nn.Tanh(), nn.Linear(29, 29), nn.Tanh(), nn.Linear(29, 1))
+    X = torch.randn(300, 2)
+    problem = ModuleProblem(net, X, torch.sin(X[:, :1]), solver="sample-space")
+    lin = problem.linearize(flatten_parameters(net))
+    normal = ModuleProblem(net, X, torch.sin(X[:, :1]), solver="normal").linearize(flatten_parameters(net))
+    gram = data_gram(lin.system)
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, data_gram(normal.system), rtol=1e-6, atol=1e-9)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .chunked import PromotedEquations
+from .chunked import PromotedEquations, accumulation_dtype
 from .linalg import NormalEquations
 from .solver import Linearization, Problem
 
@@ -116,7 +116,18 @@ def data_gram(system: Any) -> Tensor:
     :class:`~marquardt.chunked.PromotedEquations` would hand it back rounded to the problem's dtype."""
     system = _assembled(system)
     gram = getattr(system, "gram", None)
-    return gram if gram is not None else system.jac.T @ system.jac
+    if gram is not None:
+        return gram
+    # Sample space holds the rows in the problem's dtype: J^T J is formed in the dtype the
+    # normal form would assemble it in (a float16 one failed in Cholesky, a float32 one was
+    # solved in float32 where the normal form promotes it to float64).
+    jac = _widened(system.jac)
+    return jac.T @ jac
+
+
+def _widened(jac: Tensor) -> Tensor:
+    """``jac`` in :func:`~marquardt.chunked.accumulation_dtype` for its shape."""
+    return jac.to(accumulation_dtype(jac.dtype, jac.shape[1]))
 
 
 def _assembled(system: Any) -> Any:

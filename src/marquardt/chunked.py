@@ -239,15 +239,22 @@ def accumulation_dtype(dtype: torch.dtype, n: int) -> torch.dtype:
     training stalls far above the accuracy the float32 network itself can reach. Forming
     ``J^T J`` from the float32 rows in float64 costs little while ``n <= PROMOTE_MAX_PARAMS``
     (the per-step overhead dominates there), so small float32/float16/bfloat16 problems are
-    promoted; larger ones stay in their own dtype, where the rank-k update is the bulk of a step.
+    promoted; larger ones stay in their own dtype, where the rank-k update is the bulk of a step,
+    except float16/bfloat16, which LAPACK cannot factorize: those go to float32.
 
     Examples
     --------
     >>> accumulation_dtype(torch.float32, 61), accumulation_dtype(torch.float32, 4353)
     (torch.float64, torch.float32)
+    >>> accumulation_dtype(torch.bfloat16, 4353)
+    torch.float32
     """
     if dtype in (torch.float32, torch.float16, torch.bfloat16) and n <= PROMOTE_MAX_PARAMS:
         return torch.float64
+    if dtype in (torch.float16, torch.bfloat16):
+        # No CPU Cholesky or eigh in half precision ('"cholesky_cpu" not implemented for
+        # Half'): a larger float16 network failed in its first step on every exact path.
+        return torch.float32
     return dtype
 
 
