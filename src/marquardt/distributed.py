@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .chunked import PromotedEquations
+from .chunked import AccumulatedNormalEquations, PromotedEquations
 from .damping import is_real_number
-from .linalg import NormalEquations, SampleSpaceEquations
+from .linalg import SampleSpaceEquations
 from .solver import Linearization, Problem
 
 __all__ = [
@@ -665,7 +665,11 @@ class ReducedProblem:
         gram = _gram(base)
         total = self.reducer.sum(torch.cat([pack_upper(gram), lin.grad.to(gram.dtype), gram.new_tensor([lin.cost])]))
         split = total.numel() - n - 1
-        system, grad = NormalEquations(unpack_upper(total[:split], n)), total[split:-1].clone()
+        # As one process solves it (AccumulatedNormalEquations: the damping floored at
+        # eps * trace, LAPACK's factor), so that the ranks take its steps; one "chunk", so that
+        # the recorded path is the same on every rank.
+        system = AccumulatedNormalEquations(unpack_upper(total[:split], n).tril_())
+        grad = total[split:-1].clone()
         if dtype is not None:
             system, grad = PromotedEquations(system, dtype), grad.to(dtype)
         return Linearization(float(total[-1]), grad, system)
