@@ -594,8 +594,9 @@ class ReducedProblem:
 
     :meth:`linearize` sends the upper triangle of ``J^T J`` (about ``n^2 / 2`` numbers), ``J^T r``
     and the cost in one reduction; :meth:`cost` sends one number. The result is a
-    :class:`~marquardt.linalg.NormalEquations` system without rows, so a solve that Cholesky
-    refuses falls back to the eigen-decomposition of the damped ``J^T J``.
+    :class:`~marquardt.chunked.AccumulatedNormalEquations` system without rows, solved as one
+    process solves it: the damping floored at ``eps * trace``, and the eigen-decomposition of
+    the damped ``J^T J`` where even then Cholesky refuses.
 
     With fewer residuals than parameters in all (``m < n``), when every rank holds its rows
     (the residual-space form, chosen by each local problem), the rows are gathered instead: each
