@@ -115,8 +115,11 @@ class InterruptAt(Callback):
             raise Interrupted
 
 
+# LBFGS keeps lists of tensors in its state (its curvature pairs), stored one tensor each.
 @pytest.mark.parametrize("method, options", [("lm", {}), ("br", {}), ("br", {"max_fail": None}), ("gd", {}),
-                                             ("momentum", {}), (torch.optim.Adam, {"lr": 0.01})])
+                                             ("momentum", {}), (torch.optim.Adam, {"lr": 0.01}),
+                                             (torch.optim.LBFGS, {"history_size": 4}),
+                                             (torch.optim.Rprop, {})])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, method, options):
     X, y = problem()
     common = dict(method=method, epochs=12, min_grad=0.0, max_fail=1000, division="interleaved", seed=3,
