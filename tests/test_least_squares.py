@@ -674,3 +674,41 @@ def test_a_damping_that_underflowed_to_zero_is_not_reported_as_convergence():
     assert result.status == 0 and not result.success
     assert "damping fell to 0.0" in result.message and "x_scale" in result.message
     assert result.cost == pytest.approx(2.7781428043005256, rel=1e-12)
+
+
+def test_a_callback_that_changes_info_x_in_place_does_not_change_the_run():
+    # info.x was the solver's own point: `info.x.clamp_(...)` in a callback moved the iterate
+    # behind the solver's back, and the result reported x = [102.5, 101.2, 100.4] with the cost
+    # of the unmoved point and success=True.
+    def callback(info):
+        info.x.add_(100.0)
+
+    res = least_squares(decay, X0, callback=callback)
+    reference = least_squares(decay, X0)
+    assert res.x == pytest.approx(reference.x, rel=1e-12) and res.cost == pytest.approx(reference.cost, rel=1e-12)
+    assert res.nfev == reference.nfev
+
+
+def test_geodesic_must_be_a_bool():
+    # A string (geodesic="no") was truthy and silently switched the acceleration on.
+    calls = []
+
+    def fun(b):
+        calls.append(b)
+        return decay(b)
+
+    with pytest.raises(TypeError, match=r"geodesic must be True or False; received str 'no'"):
+        least_squares(fun, X0, geodesic="no")
+    assert calls == []
+    assert least_squares(decay, X0, geodesic=np.True_).success
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_a_1d_jacobian_of_one_residual_is_a_row_as_in_scipy(kind):
+    # scipy reads jac's output with np.atleast_2d: one residual may give its gradient, shape (n,).
+    row = np.array([1.0, 2.0])
+    jac = (lambda b: row) if kind == "numpy" else (lambda b: torch.as_tensor(row))
+    res = least_squares(lambda b: (b[0] + 2.0 * b[1] - 5.0).reshape(1), [0.0, 0.0], jac=jac)
+    assert res.success and res.jac.shape == (1, 2) and float(res.x @ row) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match=r"jac returned shape \(2,\); expected \(m, n\) = \(2, 1\)"):
+        least_squares(lambda b: torch.cat([b - 1.0, b - 2.0]), [0.0], jac=lambda b: np.ones(2))

@@ -451,6 +451,8 @@ class FunctionProblem:
             value = _dense(self.jac(x))
         _check_real("jac", value, "torch.cat([J.real, J.imag]) for residuals torch.cat([r.real, r.imag])")
         jac = self._as_jacobian(value, x)
+        if jac.ndim == 1 and self.n_residuals == 1:
+            jac = jac.reshape(1, -1)  # one residual's gradient: scipy reads jac with np.atleast_2d
         if jac.shape != (self.n_residuals, x.shape[0]):
             # Checked at every point, as the residuals are: a wrong shape past x0 failed
             # inside the Cholesky solve with "Incompatible matrix sizes for cholesky_solve".
@@ -575,7 +577,8 @@ def least_squares(
         ``None`` (default): the exact Jacobian by :mod:`torch.func` (forward mode when
         ``n <= m``, reverse mode otherwise). A callable ``jac(x, *args, **kwargs)`` returning the
         ``(m, n)`` Jacobian (a tensor, an array, or a scipy/torch sparse matrix, made dense;
-        anything else, ``None`` included, is a TypeError naming ``jac``). ``"2-point"``: forward differences, only when asked for,
+        shape ``(n,)`` when ``m == 1``, as scipy reads it; anything else, ``None`` included, is a
+        TypeError naming ``jac``). ``"2-point"``: forward differences, only when asked for,
         with MINPACK's relative steps ``sqrt(eps) * |x_j|`` (``sqrt(eps)`` where ``x_j == 0``), as
         ``lmdif`` takes them, with ``eps`` that of the coarser of ``fun``'s and ``x``'s precisions.
     args, kwargs
@@ -653,7 +656,7 @@ def least_squares(
     x, as_numpy = _validate_x0(x0)
     _validate_options(ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev, verbose=verbose)
     ftol, xtol, gtol = (0.0 if tol is None else tol for tol in (ftol, xtol, gtol))
-    _validate_call(args=args, kwargs=kwargs, callback=callback)
+    _validate_call(args=args, kwargs=kwargs, callback=callback, geodesic=geodesic)
     rule = make_damping(damping)
     scaling = make_scaling(x_scale, x.shape[0], dtype=x.dtype, device=x.device)
     bound_fun, bound_jac = _bind(fun, args, kwargs), _bind_jac(jac, args, kwargs)
@@ -890,7 +893,9 @@ class _Run:
         return x + step, new_lin
 
     def _report(self, x: Tensor, lin: Linearization, state: DampingState, out: StepResult, accepted: bool) -> bool:
-        info = IterationInfo(self.n_iter, x, lin.cost, float(lin.grad.abs().max()), state.damping,
+        # A copy: the callback may change info.x in place (clamp_, add_), which would move the
+        # solver's own point and leave the result's x apart from its cost.
+        info = IterationInfo(self.n_iter, x.clone(), lin.cost, float(lin.grad.abs().max()), state.damping,
                              out.step_norm, accepted)
         if self.verbose >= 2:
             print(f"{info.n_iter:9d} {self.nfev:6d} {info.cost:14.6e} {info.optimality:11.3e} "
@@ -1028,7 +1033,10 @@ def _validate_options(*, ftol: float | None, xtol: float | None, gtol: float | N
         raise ValueError(f"Invalid verbose value: {verbose!r}; expected 0, 1 or 2.")
 
 
-def _validate_call(*, args: Any, kwargs: Any, callback: Any) -> None:
+def _validate_call(*, args: Any, kwargs: Any, callback: Any, geodesic: Any) -> None:
+    if not isinstance(geodesic, (bool, np.bool_)):
+        # A string is truthy: geodesic="no" would switch the acceleration on.
+        raise TypeError(f"geodesic must be True or False; received {type(geodesic).__name__} {geodesic!r}.")
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"args must be a tuple of extra arguments for fun; received {type(args).__name__} "
                         f"{args!r} (write args=({args!r},) for one argument).")
