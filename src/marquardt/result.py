@@ -106,7 +106,8 @@ class IterationInfo:
     n_iter : int
         Iterations so far (accepted and rejected damping trials count once per outer step).
     x : Tensor
-        Current point (after the step when it was accepted).
+        Current point (after the step when it was accepted); a copy, so that changing it in place
+        does not move the solver.
     cost : float
         ``0.5 * sum(fun**2)`` at ``x``.
     optimality : float
