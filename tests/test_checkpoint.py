@@ -641,8 +641,38 @@ def garble_requires_grad(folder: Path) -> None:
     save_state(path, tensors, meta)
 
 
+def edit_record(**changes):
+    """A damage that edits the checkpoint's JSON record by hand (``history`` may name a
+    function of the saved history): the checksum covers the tensors only."""
+    def edit(folder: Path) -> None:
+        path = latest_checkpoint(folder)
+        tensors, meta = load_state(path)
+        for key, value in changes.items():
+            meta[key] = value(meta[key]) if callable(value) else value
+        save_state(path, tensors, meta)
+    edit.__name__ = "edit_" + "_".join(changes)
+    return edit
+
+
+def edit_trainer_state_fields(folder: Path) -> None:
+    path = latest_checkpoint(folder)
+    tensors, meta = load_state(path)
+    meta["trainer"]["fields"]["state"]["fields"]["bogus"] = 1
+    save_state(path, tensors, meta)
+
+
 # (damage, the checkpoint file named, what the message says of it)
 DAMAGES = [
+    (edit_record(epoch="four"), "checkpoint-00000002.safetensors", 'its epoch record is "four", expected an integer'),
+    (edit_record(epoch=-3), "checkpoint-00000002.safetensors", "its epoch record is -3, expected an integer >= 1"),
+    (edit_record(epoch=5), "checkpoint-00000002.safetensors",
+     "its history records record is \"2 records\", expected a list of 5 records"),
+    (edit_record(val_fail=None), "checkpoint-00000002.safetensors", "its val_fail record is null"),
+    (edit_record(best={}), "checkpoint-00000002.safetensors", "its best record is {}"),
+    (edit_record(elapsed="x"), "checkpoint-00000002.safetensors", 'its elapsed record is "x"'),
+    (edit_record(random={}), "checkpoint-00000002.safetensors", "its numpy random state record is null"),
+    (edit_trainer_state_fields, "checkpoint-00000002.safetensors",
+     "its trainer field 'state' record is .*bogus.*, expected a scalar, or one of"),
     (truncate_tensors, "checkpoint-00000002.safetensors", "is not a valid safetensors file"),
     (remove_json, "checkpoint-00000002.safetensors", "checkpoint-00000002.json is missing"),
     (garble_requires_grad, "checkpoint-00000002.safetensors",

@@ -236,6 +236,7 @@ class Checkpointer:
             return 0, 0, 0.0
         path, tensors, meta = found
         self._check_compatible(path, loop, meta)
+        _check_record(path, tensors, meta)
         trainable = _saved_requires_grad(path, meta)
         device = next(loop.model.parameters()).device
         _restore_requires_grad(loop.model, trainable)
@@ -552,6 +553,66 @@ def _digest(*splits: Any) -> str:
             digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
             digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_trainer_field(value: Any) -> bool:
+    """A trainer field as :func:`_plain` writes it: a scalar, or a state class with its fields."""
+    if not isinstance(value, Mapping):
+        return value is None or isinstance(value, (bool, int, float, str))
+    cls = _STATE_CLASSES.get(value.get("class"))
+    fields = value.get("fields")
+    return (cls is not None and isinstance(fields, Mapping)
+            and set(fields) == {field.name for field in dataclasses.fields(cls)})
+
+
+def _check_record(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Refuse, before the model is touched, a checkpoint whose record was edited or damaged by
+    hand (the checksum covers the tensors only), rather than fail halfway through loading it
+    with a KeyError or resume at a nonsensical epoch."""
+    def get(*keys: str) -> Any:
+        value: Any = meta
+        for key in keys:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        return value
+
+    records = get("history", "records")
+    fields = get("trainer", "fields")
+    bad_field = next((name for name, value in fields.items() if not _is_trainer_field(value)), None) \
+        if isinstance(fields, Mapping) else None
+    checks = [
+        ("epoch", get("epoch"), _is_count(get("epoch")) and get("epoch") >= 1, "an integer >= 1"),
+        ("val_fail", get("val_fail"), _is_count(get("val_fail")), "an integer >= 0"),
+        ("elapsed", get("elapsed"), _is_number(get("elapsed")) and get("elapsed") >= 0, "a number of seconds >= 0"),
+        ("best", get("best"), _is_number(get("best", "perf")) and (get("best", "epoch") is None
+                                                                     or _is_count(get("best", "epoch"))),
+         'an object {"perf": number, "epoch": integer or null}'),
+        ("history method", get("history", "method"), isinstance(get("history", "method"), str), "a string"),
+        ("history records", f"{len(records)} records" if isinstance(records, list) else records,
+         isinstance(records, list) and all(isinstance(record, Mapping) for record in records)
+         and len(records) == get("epoch"), f"a list of {get('epoch')} records, one per epoch before it"),
+        ("trainer fields", fields, isinstance(fields, Mapping), "an object"),
+        (f"trainer field {bad_field!r}", get("trainer", "fields", str(bad_field)), bad_field is None,
+         f"a scalar, or one of {sorted(_STATE_CLASSES)} with its fields"),
+        ("numpy random state", get("random", "numpy"),
+         isinstance(get("random", "numpy"), list) and len(get("random", "numpy")) == 4, "a list of 4 values"),
+        ("random tensors", sorted(name for name in tensors if name.startswith("random/")),
+         {"random/torch", "random/numpy"} <= set(tensors), "random/torch and random/numpy"),
+    ]
+    for what, value, ok, expected in checks:
+        if not ok:
+            raise CheckpointError(
+                path, f"in {path.parent} cannot be read: its {what} record is {json.dumps(value, default=str)[:80]}, "
+                f"expected {expected}",
+                "Pass another checkpoint folder, or resume=False to start over and replace it."
+            )
 
 
 def _saved_requires_grad(path: Path, meta: Mapping[str, Any]) -> dict[str, bool] | None:
