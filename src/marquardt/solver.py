@@ -643,6 +643,11 @@ def least_squares(
     ``s^2 = 2 cost / (m - n)``, as :func:`scipy.optimize.curve_fit` reports it; a parameter the
     data do not determine (``J`` rank-deficient) gets ``inf`` variance and a ``RuntimeWarning``.
 
+    The cost is a sum of squares, not MINPACK's scaled norm: residuals all below the square root
+    of the dtype's smallest normal number (``1.5e-154`` in float64, ``1.1e-19`` in float32)
+    square to zero, and the run stops at once on a zero cost (``1e-170 * (b - 1)`` from
+    ``b = 0`` reports success at 0, where scipy finds 1). Scale such residuals first.
+
     Examples
     --------
     >>> import numpy as np
