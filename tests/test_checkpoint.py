@@ -756,3 +756,38 @@ def test_fit_says_whether_the_seed_was_given_rather_than_the_checkpointer_guessi
     generator = torch.Generator().manual_seed(7)
     assert Checkpointer(tmp_path / "guess", generator=generator)._seeded
     assert not Checkpointer(tmp_path / "told", generator=generator, seeded=False)._seeded
+
+
+HOLD = textwrap.dedent("""
+    import fcntl, os, sys, time
+    descriptor = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)  # as a run writing checkpoints there holds it
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no advisory locks on Windows")
+def test_a_folder_another_run_is_writing_to_is_refused_at_the_first_write(tmp_path):
+    # Two runs in one folder deleted each other's files: one crashed mid-run with FileNotFoundError.
+    X, y = problem()
+    fit(network(), X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=1, progress=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in (True, False):
+            with pytest.raises(CheckpointError, match="is being written by another run"):
+                fit(network(), X, y, epochs=4, checkpoint=tmp_path, resume=resume, progress=False)
+        assert load_state(latest_checkpoint(tmp_path))[1]["epoch"] == 2  # the other run's files untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fit(network(), X, y, epochs=4, checkpoint=tmp_path, progress=False)["epoch"] == [0, 1, 2, 3, 4]
+
+
+def test_a_run_of_this_process_that_raised_leaves_the_folder_to_the_next(tmp_path):
+    X, y = problem()
+    with pytest.raises(Interrupted):  # no train_done: the lock of its writes is not dropped by it
+        fit(network(), X, y, epochs=8, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(4)],
+            progress=False)
+    assert fit(network(), X, y, epochs=6, checkpoint=tmp_path, checkpoint_every=2, progress=False)["epoch"][-1] == 6

@@ -55,6 +55,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (Windows: no advisory locks; a second run there is not detected)
+    fcntl = None  # type: ignore[assignment]
 from torch import Tensor
 
 from .bayesian import BayesianState
@@ -208,6 +213,7 @@ class Checkpointer:
     _seed: int | None = dataclasses.field(default=None, init=False, repr=False)
     _seeded: bool = dataclasses.field(default=False, init=False, repr=False)
     _unwritten: _State | None = dataclasses.field(default=None, init=False, repr=False)
+    _lock: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.folder, (str, os.PathLike)):
@@ -292,7 +298,14 @@ class Checkpointer:
         weights it then restored.
         """
         state, self._unwritten = self._unwritten, None
-        return None if state is None else self._save(state)
+        try:
+            return None if state is None else self._save(state)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop this run's lock on the folder (taken at its first write); a later run may write there."""
+        self._lock = _unlock(self.folder, self._lock)
 
     def write(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> Path:
         """Write the state before ``epoch`` is evaluated; return the ``.safetensors`` path."""
@@ -316,6 +329,8 @@ class Checkpointer:
 
     def _save(self, state: _State) -> Path:
         """Write ``state`` as the newest checkpoint; older ones are removed once it is complete."""
+        if self._lock is None:
+            self._lock = _lock_folder(self.folder)
         history = {"method": state.history.method, "records": state.history.records[: state.records]}
         stem = f"{_PREFIX}{state.epoch:08d}"
         self._unpoint(stem)
@@ -361,6 +376,9 @@ class NoCheckpoint:
     def train_done(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 NO_CHECKPOINT = NoCheckpoint()
 
@@ -376,6 +394,53 @@ def _run_seed(generator: torch.Generator | None) -> tuple[int | None, bool]:
         return None, False
     seed = generator.initial_seed()
     return seed, seed == torch.initial_seed()
+
+
+# Two runs writing to one folder delete each other's files (an older pair, a write's temporary
+# file): the second crashed mid-run with a FileNotFoundError, or resumed from the first's
+# checkpoint while it was being replaced. The writer holds an advisory lock on the folder itself
+# (no lock file to leave behind; the kernel drops it when the process dies, killed included),
+# taken at its first write and dropped when training ends (train_done, close): a second run is
+# refused at its first write, before it deletes anything of the first's. Not at restore: every
+# rank of a distributed run restores, and rank 0's lock from a run of its process that raised
+# (which no train_done dropped) would refuse the others. Per process, the descriptor of each
+# folder it holds: a run of this process that raised left its lock, and the next takes it over.
+_HELD: dict[Path, int] = {}
+
+
+def _busy(folder: Path) -> CheckpointError:
+    return CheckpointError(
+        folder, "is being written by another run (another process holds its lock)",
+        "Wait for that run to end (a run interrupted in a process still alive, a notebook's kernel, holds it "
+        "until that process ends or runs fit again), or pass another checkpoint folder: two runs in one "
+        "folder would delete each other's checkpoints."
+    )
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """Lock ``folder`` for this run's writes; a :class:`CheckpointError` when another process has it."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    folder.mkdir(parents=True, exist_ok=True)  # created at the first write, as save_state would
+    key = folder.resolve()
+    _unlock(folder, _HELD.pop(key, None))
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(descriptor)
+        raise _busy(folder) from error
+    _HELD[key] = descriptor
+    return descriptor
+
+
+def _unlock(folder: Path, descriptor: int | None) -> None:
+    if descriptor is None:
+        return None
+    if _HELD.get(folder.resolve()) == descriptor:
+        del _HELD[folder.resolve()]
+    os.close(descriptor)  # closing the descriptor drops its lock
+    return None
 
 
 def _check_creatable(folder: Path) -> None:
