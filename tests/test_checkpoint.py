@@ -791,3 +791,32 @@ def test_a_run_of_this_process_that_raised_leaves_the_folder_to_the_next(tmp_pat
         fit(network(), X, y, epochs=8, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(4)],
             progress=False)
     assert fit(network(), X, y, epochs=6, checkpoint=tmp_path, checkpoint_every=2, progress=False)["epoch"][-1] == 6
+
+
+WRITE = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from test_checkpoint import network, problem
+    from marquardt import fit
+    from marquardt.checkpoint import CheckpointError
+    X, y = problem()
+    try:
+        fit(network(), X, y, epochs=6, checkpoint=sys.argv[1], checkpoint_every=2, progress=False)
+    except CheckpointError as error:
+        print("refused:", error)
+    else:
+        print("written")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no advisory locks on Windows")
+def test_a_run_that_raised_leaves_the_folder_to_other_processes_at_once(tmp_path):
+    # A notebook whose run was interrupted (Ctrl-C) held the folder's lock until its kernel
+    # ended: another process was refused with "is being written by another run".
+    X, y = problem()
+    with pytest.raises(Interrupted):
+        fit(network(), X, y, epochs=8, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(4)],
+            progress=False)
+    other = subprocess.run([sys.executable, "-c", WRITE, str(tmp_path), str(Path(__file__).parent)],
+                           capture_output=True, text=True, timeout=300)
+    assert other.stdout.strip() == "written", other.stdout + other.stderr

@@ -411,9 +411,8 @@ _HELD: dict[Path, int] = {}
 def _busy(folder: Path) -> CheckpointError:
     return CheckpointError(
         folder, "is being written by another run (another process holds its lock)",
-        "Wait for that run to end (a run interrupted in a process still alive, a notebook's kernel, holds it "
-        "until that process ends or runs fit again), or pass another checkpoint folder: two runs in one "
-        "folder would delete each other's checkpoints."
+        "Wait for that run to end (an interrupted or killed run leaves it at once), or pass another "
+        "checkpoint folder: two runs in one folder would delete each other's checkpoints."
     )
 
 

@@ -988,6 +988,11 @@ class ShardedCheckpoint:
         if self.reducer.rank == 0:
             self.inner.train_done()
 
+    def close(self) -> None:
+        """Drop rank 0's lock on the folder (a run that raised)."""
+        if self.reducer.rank == 0:
+            self.inner.close()
+
     def _require_same_checkpoint(self) -> None:
         """Raise CheckpointError on every rank unless all ranks see the same newest checkpoint (or none).
 

@@ -1345,6 +1345,11 @@ class _Loop:
         held = self._unobserved() and self.trainer.hold_weights()
         try:
             reason, epoch = self._epochs(display, best, epoch, val_fail, start)
+        except BaseException:
+            # An interrupted run (Ctrl-C in a notebook whose kernel lives on) leaves the
+            # checkpoint folder to other processes at once, not when this one ends.
+            self.checkpoint.close()
+            raise
         finally:
             if held:  # also when interrupted: the module gets the weights reached so far
                 self.trainer.release_weights()
