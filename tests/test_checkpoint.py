@@ -820,3 +820,18 @@ def test_a_run_that_raised_leaves_the_folder_to_other_processes_at_once(tmp_path
     other = subprocess.run([sys.executable, "-c", WRITE, str(tmp_path), str(Path(__file__).parent)],
                            capture_output=True, text=True, timeout=300)
     assert other.stdout.strip() == "written", other.stdout + other.stderr
+
+
+def test_a_checkpoint_past_the_epochs_asked_for_is_refused_before_the_model_changes(tmp_path):
+    # Resumed at epoch 4 with epochs=2, the run returned 5 records ("Maximum epoch reached."),
+    # where an uninterrupted run with epochs=2 has 3.
+    X, y = problem()
+    with pytest.raises(Interrupted):
+        fit(network(), X, y, epochs=8, checkpoint=tmp_path, checkpoint_every=2, callbacks=[InterruptAt(6)],
+            progress=False)
+    model = network()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatch, match=r"is at epoch 4, past epochs=2.*Pass epochs >= 4"):
+        fit(model, X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=2, progress=False)
+    assert same_weights(model.state_dict(), before)
+    assert fit(network(), X, y, epochs=4, checkpoint=tmp_path, checkpoint_every=2, progress=False)["epoch"][-1] == 4

@@ -243,6 +243,7 @@ class Checkpointer:
         path, tensors, meta = found
         self._check_compatible(path, loop, meta)
         _check_record(path, tensors, meta)
+        _check_not_past(path, meta["epoch"], loop.rules["epochs"])
         trainable = _saved_requires_grad(path, meta)
         device = next(loop.model.parameters()).device
         _restore_requires_grad(loop.model, trainable)
@@ -406,6 +407,17 @@ def _run_seed(generator: torch.Generator | None) -> tuple[int | None, bool]:
 # (which no train_done dropped) would refuse the others. Per process, the descriptor of each
 # folder it holds: a run of this process that raised left its lock, and the next takes it over.
 _HELD: dict[Path, int] = {}
+
+
+def _check_not_past(path: Path, epoch: int, epochs: int) -> None:
+    """A CheckpointMismatch when the checkpoint is past ``epochs``: resumed, the run would end at the
+    checkpoint's epoch, with more records than an uninterrupted run with these ``epochs`` has."""
+    if epoch > epochs:
+        raise CheckpointMismatch(
+            path, f"is at epoch {epoch}, past epochs={epochs}",
+            f"Pass epochs >= {epoch} to continue it, another checkpoint folder, or resume=False to start over "
+            "and replace it."
+        )
 
 
 def _busy(folder: Path) -> CheckpointError:
