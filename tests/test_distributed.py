@@ -433,6 +433,10 @@ MISMATCHES = {
                                                   method="momentum" if rank else "lm"),
     "checkpoint on rank 0 only": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2, checkpoint_every=1,
                                                          checkpoint=None if rank else os.environ["MISMATCH_FOLDER"]),
+    "validation data on rank 0 only": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2,
+                                                              validation_data=None if rank else validation_data()),
+    "test data on rank 1 only": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2,
+                                                        test_data=validation_data() if rank else None),
 }
 
 
@@ -946,6 +950,12 @@ def mismatches(mismatch_folder) -> dict[int, tuple[str, Any]]:
                                                "numbers; rank 1: a sum of 25 float64 numbers)"),
     ("checkpoint on rank 0 only", "DistributedError", "the ranks reached different collectives (rank 0: a sum of 2 "
                                                       "float64 numbers; rank 1: a sum of 3 float64 numbers)"),
+    # The message said "give every rank validation_data" for a test set on one rank too.
+    ("validation data on rank 0 only", "ValueError", "Ranks disagree: validation data on 1 of 2 ranks. Every rank "
+                                                     "must hold a shard of each data set: give every rank "
+                                                     "validation_data, or"),
+    ("test data on rank 1 only", "ValueError", "Ranks disagree: test data on 1 of 2 ranks. Every rank must hold a "
+                                               "shard of each data set: give every rank test_data, or"),
 ])
 def test_ranks_that_disagree_all_stop_with_an_error_naming_them(mismatches, case, error, message):
     assert sorted(mismatches) == [0, 1], mismatches

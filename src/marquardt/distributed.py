@@ -942,8 +942,10 @@ def require_same(flags: dict[str, bool], reducer: Reducer) -> None:
     if mixed:
         counts = ", ".join(f"{name} on {int(total)} of {reducer.world_size} ranks"
                            for name, total in zip(flags, totals) if name in mixed)
+        # The flags name fit's arguments ("test data" is test_data): the fix names the ones that differ.
+        arguments = " and ".join(name.replace(" ", "_") for name in mixed)
         raise ValueError(f"Ranks disagree: {counts}. Every rank must hold a shard of each data set: give every "
-                         "rank validation_data, or enough samples that division leaves some in each set.")
+                         f"rank {arguments}, or enough samples that division leaves some in each set.")
 
 
 @dataclass
