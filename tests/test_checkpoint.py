@@ -835,3 +835,33 @@ def test_a_checkpoint_past_the_epochs_asked_for_is_refused_before_the_model_chan
         fit(model, X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=2, progress=False)
     assert same_weights(model.state_dict(), before)
     assert fit(network(), X, y, epochs=4, checkpoint=tmp_path, checkpoint_every=2, progress=False)["epoch"][-1] == 4
+
+
+class Counting(Callback):
+    def __init__(self) -> None:
+        self.begun = self.epochs = 0
+
+    def on_train_begin(self, history, model):
+        self.begun += 1
+
+    def on_epoch_end(self, history, model):
+        self.epochs += 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no advisory locks on Windows")
+def test_a_folder_another_run_is_writing_to_is_refused_before_any_work(tmp_path):
+    # The lock was taken at the first write: the second run trained checkpoint_every epochs
+    # (here 50) before it was refused.
+    X, y = problem()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        model, counting = network(), Counting()
+        before = {name: value.clone() for name, value in model.state_dict().items()}
+        with pytest.raises(CheckpointError, match="is being written by another run"):
+            fit(model, X, y, epochs=100, checkpoint=tmp_path, checkpoint_every=50, callbacks=[counting],
+                progress=False)
+        assert (counting.begun, counting.epochs) == (0, 0) and same_weights(model.state_dict(), before)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -304,8 +304,18 @@ class Checkpointer:
         finally:
             self.close()
 
+    def claim(self) -> None:
+        """Lock the folder for this run's writes before any work (a :class:`CheckpointError` when
+        another process is writing there); held until :meth:`train_done` or :meth:`close`.
+
+        A folder that does not exist yet has no writer and is not created here (a run refused
+        before its first write leaves nothing behind): it is locked at the first write.
+        """
+        if self._lock is None and self.folder.is_dir():
+            self._lock = _lock_folder(self.folder)
+
     def close(self) -> None:
-        """Drop this run's lock on the folder (taken at its first write); a later run may write there."""
+        """Drop this run's lock on the folder (taken by :meth:`claim`); a later run may write there."""
         self._lock = _unlock(self.folder, self._lock)
 
     def write(self, loop: Any, epoch: int, best: Any, val_fail: int, elapsed: float) -> Path:
@@ -375,6 +385,9 @@ class NoCheckpoint:
         pass
 
     def train_done(self) -> None:
+        pass
+
+    def claim(self) -> None:
         pass
 
     def close(self) -> None:

@@ -990,6 +990,11 @@ class ShardedCheckpoint:
         if self.reducer.rank == 0:
             self.inner.train_done()
 
+    def claim(self) -> None:
+        """Rank 0, the one that writes, locks the folder before any work."""
+        if self.reducer.rank == 0:
+            self.inner.claim()
+
     def close(self) -> None:
         """Drop rank 0's lock on the folder (a run that raised)."""
         if self.reducer.rank == 0:

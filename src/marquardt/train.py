@@ -1338,21 +1338,25 @@ class _Loop:
 
     def run(self, display: Any) -> None:
         best = _Best()
-        epoch, val_fail, elapsed = self.checkpoint.restore(self, best)
-        start = time.perf_counter() - elapsed
-        for callback in self.callbacks:
-            callback.on_train_begin(self.history, self.model)
-        held = self._unobserved() and self.trainer.hold_weights()
+        # The checkpoint folder is this run's before any work: one another run is writing to is
+        # refused here, not after checkpoint_every epochs at the first write.
+        self.checkpoint.claim()
         try:
-            reason, epoch = self._epochs(display, best, epoch, val_fail, start)
+            epoch, val_fail, elapsed = self.checkpoint.restore(self, best)
+            start = time.perf_counter() - elapsed
+            for callback in self.callbacks:
+                callback.on_train_begin(self.history, self.model)
+            held = self._unobserved() and self.trainer.hold_weights()
+            try:
+                reason, epoch = self._epochs(display, best, epoch, val_fail, start)
+            finally:
+                if held:  # also when interrupted: the module gets the weights reached so far
+                    self.trainer.release_weights()
         except BaseException:
             # An interrupted run (Ctrl-C in a notebook whose kernel lives on) leaves the
             # checkpoint folder to other processes at once, not when this one ends.
             self.checkpoint.close()
             raise
-        finally:
-            if held:  # also when interrupted: the module gets the weights reached so far
-                self.trainer.release_weights()
         # The final checkpoint: the copy of the state the last step left, which _finish's best
         # weights do not reach. Not after an exception, which may leave a step half taken.
         self.checkpoint.train_done()
