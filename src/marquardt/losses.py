@@ -331,23 +331,24 @@ def accumulate_gauss_newton(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], n: 
     """
     grad = torch.zeros(n, dtype=dtype, device=device)
     total = torch.zeros((), dtype=dtype, device=device)
-    count = 0
     if structure is not None:
         gram = torch.empty(n, n, dtype=dtype, device=device)
-        structure.clear(gram)
-        for rows, grad_part, cost_part, extra in chunks:
-            structure.fold(gram, None, rows.to(dtype), None, extra)
-            grad += grad_part
-            total += cost_part
-            count += 1
-        structure.finish(gram)
+        structure.clear(gram)  # what its folds do not overwrite
     else:
         gram = torch.zeros(n, n, dtype=dtype, device=device)
-        for rows, grad_part, cost_part in chunks:
-            symmetric_rank_update(gram, rows.to(dtype))
-            grad += grad_part
-            total += cost_part
-            count += 1
+    count = 0
+    for chunk in chunks:
+        rows, grad_part, cost_part = chunk[0].to(dtype), chunk[1], chunk[2]
+        if structure is not None:
+            structure.fold(gram, None, rows, None, chunk[3])
+        else:
+            symmetric_rank_update(gram, rows)
+        grad += grad_part
+        total += cost_part
+        count += 1
+    if structure is not None:
+        structure.finish(gram)
+    else:
         gram.tril_()  # the lower triangle is the system (addmm, off the BLAS path, filled both)
     # The least-squares system: its solves floor the damping at eps * trace, which a float32
     # J^T H J near a minimum needs (a plain NormalEquations failed Cholesky on rounding-negative

@@ -402,9 +402,8 @@ class LMTrainer:
             return self._evaluate_batches()
         self._linearize()
         if not self.started:
-            # The trials' own sum when the linearization's (accumulated in float64) is finite.
-            _check_finite_start(self.lin.cost if not math.isfinite(self.lin.cost) else self.problem.cost(self.x),
-                                self.x.dtype)
+            # The linearization sums its cost as the trials do (ModuleProblem.cost_dtype).
+            _check_finite_start(self.lin.cost, self.x.dtype)
             self.started = True
         gradient = self._settle()
         if self.bayesian:
