@@ -43,6 +43,13 @@ ARCHITECTURES = {
                                                  nn.Linear(5, 2)),
     "leaky, silu+elu, output activation": lambda: _net(nn.Linear(3, 5), nn.LeakyReLU(0.1), nn.Linear(5, 5),
                                                        nn.SiLU(), nn.ELU(), nn.Linear(5, 1), nn.Sigmoid()),
+    # Each written over its input, the value the derivative is taken at (two in-place ELUs in a row
+    # are refused by autograd itself: the second overwrites what the first's backward reads).
+    "in-place elementwise activations": lambda: _net(nn.Linear(3, 5), nn.ELU(0.5, inplace=True), nn.Linear(5, 5),
+                                                     nn.SELU(inplace=True), nn.Linear(5, 5), nn.CELU(inplace=True),
+                                                     nn.Linear(5, 4), nn.Mish(inplace=True),
+                                                     nn.Hardswish(inplace=True), nn.Linear(4, 2),
+                                                     nn.Hardsigmoid(inplace=True)),
     "linear only": lambda: _net(nn.Linear(3, 2)),
     "consecutive affine layers": lambda: _net(nn.Linear(3, 4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2),
                                               nn.Linear(2, 2)),
