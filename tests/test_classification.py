@@ -293,3 +293,32 @@ def test_float32_cross_entropy_solves_by_cholesky_with_the_damping_floor():
     history = fit(model, X, labels, loss="cross_entropy", epochs=60, progress=False)
     assert set(history["solver"][1:]) == {"cholesky"}
     assert history["accuracy"][-1] == 1.0 and history["perf"][-1] < 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["cross_entropy", "binary_cross_entropy"])
+def test_half_precision_network_trains_with_cross_entropy_lm(dtype, loss):
+    # J^T H J was assembled in the network's dtype and factorized there: the first step
+    # failed with NotImplementedError '"cholesky_cpu" not implemented for Half', where the
+    # squared error assembles a half-precision network's system in float64 (accumulation_dtype).
+    X, labels = blobs(n_per_class=10)
+    y = labels if loss == "cross_entropy" else (labels == 0).double()
+    model = net(outputs=3 if loss == "cross_entropy" else 1, dtype=dtype)
+    history = fit(model, X, y, loss=loss, epochs=10, progress=False)
+    assert set(history["solver"][1:]) == {"cholesky"}
+    assert history["perf"][-1] < 0.2 * history["perf"][0]
+    assert history["accuracy"][-1] >= 0.9
+    assert all(p.dtype == dtype and bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_accumulate_gauss_newton_solves_half_precision_rows_in_float64():
+    rows = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.bfloat16)
+    grad = torch.tensor([1.0, -1.0], dtype=torch.bfloat16)
+    system, g, cost = accumulate_gauss_newton([(rows, grad, torch.tensor(0.25, dtype=torch.bfloat16))], 2,
+                                              dtype=torch.bfloat16, device="cpu")
+    assert g.dtype == torch.bfloat16 and g.tolist() == [1.0, -1.0] and cost == 0.25
+    assert system.gram.dtype == torch.bfloat16 and system.gram.tolist() == [[5.0, 1.0], [1.0, 1.0]]
+    # (J^T J + I) h = -g with J^T J = [[5, 1], [1, 1]]: h = [-3/11, 7/11], in the problem's dtype.
+    step = system.solve(g, 1.0, torch.ones(2, dtype=torch.bfloat16))
+    assert step.dtype == torch.bfloat16
+    torch.testing.assert_close(step.double(), torch.tensor([-3 / 11, 7 / 11], dtype=torch.float64), atol=4e-3, rtol=0)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .chunked import AccumulatedNormalEquations, symmetric_rank_update
+from .chunked import AccumulatedNormalEquations, PromotedEquations, accumulation_dtype, symmetric_rank_update
 
 #: Lower-precision dtypes some CPU loss kernels lack in older torch releases.
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -309,7 +309,7 @@ def make_loss(loss: str | Loss) -> Loss:
 
 def accumulate_gauss_newton(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], n: int, *, dtype: torch.dtype,
                             device: torch.device | str, structure=None
-                            ) -> tuple[AccumulatedNormalEquations, Tensor, float]:
+                            ) -> tuple[AccumulatedNormalEquations | PromotedEquations, Tensor, float]:
     """Fold ``(L J, J^T dl/dz, cost)`` chunks into ``J^T H J``, the gradient and the cost.
 
     The curvature rows play the part of Jacobian rows in
@@ -321,6 +321,11 @@ def accumulate_gauss_newton(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], n: 
     ``fold`` reads besides the rows (a linearization whose deltas are the curvature rows' own,
     ``L delta``: the rows ``L J`` keep the outer-product form of ``J``'s).
 
+    A float16 or bfloat16 system is assembled and solved in
+    :func:`~marquardt.chunked.accumulation_dtype` (LAPACK has no half-precision Cholesky) and
+    seen by the LM loop in ``dtype`` (:class:`~marquardt.chunked.PromotedEquations`), as the
+    squared error's is; the cost is summed in ``dtype``, as a trial's cost is.
+
     Examples
     --------
     >>> rows, grad = torch.eye(2), torch.ones(2)
@@ -329,16 +334,17 @@ def accumulate_gauss_newton(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], n: 
     >>> system.gram.tolist(), g.tolist(), cost
     ([[2.0, 0.0], [0.0, 2.0]], [2.0, 2.0], 1.0)
     """
-    grad = torch.zeros(n, dtype=dtype, device=device)
+    wide = _assembly_dtype(dtype, n)
+    grad = torch.zeros(n, dtype=wide, device=device)
     total = torch.zeros((), dtype=dtype, device=device)
     if structure is not None:
-        gram = torch.empty(n, n, dtype=dtype, device=device)
+        gram = torch.empty(n, n, dtype=wide, device=device)
         structure.clear(gram)  # what its folds do not overwrite
     else:
-        gram = torch.zeros(n, n, dtype=dtype, device=device)
+        gram = torch.zeros(n, n, dtype=wide, device=device)
     count = 0
     for chunk in chunks:
-        rows, grad_part, cost_part = chunk[0].to(dtype), chunk[1], chunk[2]
+        rows, grad_part, cost_part = chunk[0].to(wide), chunk[1], chunk[2]
         if structure is not None:
             structure.fold(gram, None, rows, None, chunk[3])
         else:
@@ -353,4 +359,15 @@ def accumulate_gauss_newton(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], n: 
     # The least-squares system: its solves floor the damping at eps * trace, which a float32
     # J^T H J near a minimum needs (a plain NormalEquations failed Cholesky on rounding-negative
     # eigenvalues and paid an eigen-decomposition in 16 of 40 epochs of a 4-20-20-3 network).
-    return AccumulatedNormalEquations(gram, chunks=max(count, 1)), grad, float(total)
+    system = AccumulatedNormalEquations(gram, chunks=max(count, 1))
+    if wide != dtype:
+        return PromotedEquations(system, dtype), grad.to(dtype), float(total)
+    return system, grad, float(total)
+
+
+def _assembly_dtype(dtype: torch.dtype, n: int) -> torch.dtype:
+    """The dtype ``J^T H J`` is assembled and solved in: ``dtype`` itself, but float16 and bfloat16
+    as the squared error assembles them (float64 up to ``PROMOTE_MAX_PARAMS`` parameters, float32
+    past it): a half-precision matrix has no Cholesky factor in torch ('"cholesky_cpu" not
+    implemented for Half' ended the first step)."""
+    return accumulation_dtype(dtype, n) if dtype in _HALF_DTYPES else dtype
