@@ -29,3 +29,44 @@ def test_fit_with_an_in_place_activation_takes_the_steps_of_the_out_of_place_one
     history = marquardt.fit(in_place, X, y, epochs=30, progress=False)
     torch.testing.assert_close(history["perf"], reference["perf"], rtol=1e-9, atol=0)
     assert history["perf"][-1] < 0.05 * history["perf"][0]
+
+
+def _conv_net(norm: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 3, 3), norm, nn.Tanh(), nn.Flatten(), nn.Linear(24, 1)).to(DT)
+
+
+def _signals() -> tuple[torch.Tensor, torch.Tensor]:
+    X = torch.randn(40, 2, 10, generator=torch.Generator().manual_seed(1), dtype=DT)
+    return X, X.mean((1, 2))[:, None]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("options", [dict(), dict(solver="matrix-free")])
+def test_fit_refuses_batch_norm_on_batch_statistics_before_any_work(mode, options):
+    # track_running_stats=False normalizes by the batch's statistics in eval mode too: each output
+    # depends on every sample, and the per-sample Jacobian rows (the batch norm of one sample)
+    # are not its derivatives. Before, LM stopped on "Maximum MU reached." at MSE 0.017.
+    model = _conv_net(nn.BatchNorm1d(3, track_running_stats=False)).train(mode == "train")
+    X, y = _signals()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"submodule\(s\) '1' \(BatchNorm1d\) normalize by the statistics of "
+                                         r"the batch \(track_running_stats=False\).*nn.LayerNorm"):
+        marquardt.fit(model, X, y, epochs=3, progress=False, **options)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.training == (mode == "train")
+
+
+def test_fit_refuses_instance_norm_updating_running_statistics_and_leaves_them_alone():
+    # InstanceNorm1d(track_running_stats=True) in training mode moves its running statistics at
+    # every call: before, the start's two forward passes moved them, then torch.func's vmap
+    # failed with a RuntimeError about batched running statistics.
+    model = _conv_net(nn.InstanceNorm1d(3, affine=True, track_running_stats=True))
+    X, y = _signals()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"submodule\(s\) '1' \(InstanceNorm1d\) in training mode.*model.eval"):
+        marquardt.fit(model, X, y, epochs=3, progress=False)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    history = marquardt.fit(model.eval(), X, y, epochs=3, progress=False)
+    assert history["perf"][-1] < history["perf"][0]
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if "running" in k)

@@ -107,22 +107,45 @@ class CurvatureFactors:
 
 def _check_deterministic(model: nn.Module) -> None:
     """A ValueError, before any work, for submodules in training mode whose forward pass is random
-    (dropout) or updates state and mixes the samples (batch norm).
+    (dropout) or updates state (batch norm, instance norm with running statistics), and for
+    batch norm that normalizes by the batch's statistics in any mode.
 
     LM keeps a step only if the cost at the trial weights is lower: a cost that changes from one
     call to the next at the same weights makes that test meaningless, and the per-sample rows of
     :mod:`torch.func` cannot be formed at all (``vmap`` refuses the random mask and the in-place
-    update of the running statistics, with a RuntimeError from inside torch).
+    update of the running statistics, with a RuntimeError from inside torch, after the start's
+    forward passes had moved those statistics). Batch statistics mix the samples: the rows of
+    one sample at a time are not the derivatives of the batch's outputs.
     """
-    stateful = [f"'{name or 'model'}' ({type(module).__name__})" for name, module in model.named_modules()
-                if module.training and ((isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
-                                        or isinstance(module, nn.modules.batchnorm._BatchNorm))]
+    batch_statistics = [_label(name, module) for name, module in model.named_modules()
+                        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None]
+    if batch_statistics:
+        raise ValueError(
+            f"Invalid model: submodule(s) {', '.join(batch_statistics)} normalize by the statistics of the batch "
+            "(track_running_stats=False), in eval mode too, so each sample's outputs depend on the other samples "
+            "and Levenberg-Marquardt's per-sample Jacobian rows are not their derivatives; build the batch norm "
+            "with track_running_stats=True and call model.eval(), use a per-sample normalization (nn.LayerNorm, "
+            "nn.GroupNorm), or train with a first-order method (method='momentum' or a torch.optim class).")
+    stateful = [_label(name, module) for name, module in model.named_modules() if module.training and _changes(module)]
     if stateful:
         raise ValueError(
             f"Invalid model: submodule(s) {', '.join(stateful)} in training mode make model(X) random or change "
             "it at every call, and Levenberg-Marquardt compares the cost of each trial step at fixed weights; call "
             "model.eval() first (dropout off, batch norm on its running statistics), or train with a "
             "first-order method (method='momentum' or a torch.optim class).")
+
+
+def _label(name: str, module: nn.Module) -> str:
+    return f"'{name or 'model'}' ({type(module).__name__})"
+
+
+def _changes(module: nn.Module) -> bool:
+    """Whether ``module``'s forward pass in training mode is random or updates its state."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
 
 
 #: The start of torch.func's error for a random operation inside ``vmap`` (its default randomness="error").
