@@ -111,6 +111,25 @@ class _MyLinear(nn.Linear):
     pass
 
 
+class _Residual(nn.Sequential):
+    """A residual block, as users write it: a Sequential whose forward adds its input."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _Doubled(nn.Identity):
+    def forward(self, x):
+        return 2 * x
+
+
+class _ScaledGELU(nn.GELU):
+    """Not elementwise: each output scaled by its sample's mean."""
+
+    def forward(self, x):
+        return super().forward(x) * x.mean(1, keepdim=True)
+
+
 UNSUPPORTED = {
     "convolution": lambda: nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1)),
     "bilinear": lambda: nn.Bilinear(2, 2, 1),
@@ -118,6 +137,13 @@ UNSUPPORTED = {
     "batch norm": lambda: nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)),
     "PReLU (own parameter)": lambda: nn.Sequential(nn.Linear(2, 3), nn.PReLU(), nn.Linear(3, 1)),
     "subclass of Linear": lambda: nn.Sequential(_MyLinear(2, 3), nn.Tanh(), nn.Linear(3, 1)),
+    # Subclasses with their own forward were read as what they derive from: the residual block as
+    # its two layers, the doubling as nothing, the scaled GELU as elementwise.
+    "nested Sequential subclass (residual block)": lambda: nn.Sequential(
+        nn.Linear(2, 3), nn.Tanh(), _Residual(nn.Linear(3, 3), nn.Tanh()), nn.Linear(3, 1)),
+    "subclass of Identity": lambda: nn.Sequential(nn.Linear(2, 3), _Doubled(), nn.Tanh(), nn.Linear(3, 1)),
+    "subclass of an elementwise activation": lambda: nn.Sequential(nn.Linear(2, 3), _ScaledGELU(),
+                                                                   nn.Linear(3, 1)),
     "softmax (not elementwise)": lambda: nn.Sequential(nn.Linear(2, 3), nn.Softmax(dim=1), nn.Linear(3, 1)),
     "bare Linear (not a Sequential)": lambda: nn.Linear(2, 1),
 }

@@ -160,9 +160,11 @@ _ELEMENTWISE = (nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.Mish, nn.Softsign, nn.Tanh
 
 
 def _activation(module: nn.Module) -> Activation | None:
+    """The activation of ``module``, or None; exact types only: a subclass may compute something
+    else in its own ``forward`` (a GELU scaled by the sample's mean is not elementwise)."""
     if type(module) in _CLOSED_FORM:
         return _CLOSED_FORM[type(module)](module)
-    if isinstance(module, _ELEMENTWISE):
+    if type(module) in _ELEMENTWISE:
         return _generic(module)
     return None
 
@@ -209,8 +211,10 @@ class LayeredNetwork:
 
 
 def _modules_of(module: nn.Module) -> list[nn.Module] | None:
-    """The leaf modules of nested ``nn.Sequential`` containers, in order."""
-    if not isinstance(module, nn.Sequential):
+    """The leaf modules of nested ``nn.Sequential`` containers, in order. A subclass is a leaf (which
+    the closed form then refuses): its ``forward`` may do more than chain its children (a residual
+    block adding its input was read as its layers alone)."""
+    if type(module) is not nn.Sequential:
         return [module]
     leaves: list[nn.Module] = []
     for child in module:
@@ -230,7 +234,7 @@ def _sequential(module: nn.Sequential, prefix: str) -> LayeredNetwork | None:
             base = names[id(leaf)] + "." if names[id(leaf)] else ""
             layers.append(Dense(base + "weight", base + "bias" if leaf.bias is not None else None))
             continue
-        if isinstance(leaf, nn.Identity):
+        if type(leaf) is nn.Identity:
             continue
         activation = _activation(leaf)
         if activation is None:
