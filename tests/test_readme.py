@@ -229,6 +229,23 @@ def test_cli_doc_reads_back_a_run(tmp_path, monkeypatch, capsys):
                        marquardt.load(tmp_path / "run" / "model")(torch.zeros(1, 1, dtype=torch.float64)))
 
 
+def test_cli_doc_errors_are_the_commands_output(tmp_path, monkeypatch, capsys):
+    """docs/cli.md's "Errors" block: each ``$ marquardt ...`` line prints the line under it."""
+    from marquardt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("data.csv").write_text("x,y\n0,0\n1,1\n2,4\n")
+    Path("bad.csv").write_text("x,y\n0,0\n1,1\nabc,4\n")
+    block = _section((ROOT / "docs" / "cli.md").read_text(), "### Errors", "The same holds")
+    lines = re.search(r"```\n(.*?)```", block, re.S).group(1).splitlines()
+    pairs = list(zip(lines[::2], lines[1::2]))
+    assert len(pairs) == 2 and all(command.startswith("$ marquardt ") for command, _ in pairs)
+    for command, expected in pairs:
+        assert main(shlex.split(command)[2:]) == 2
+        assert capsys.readouterr().err.strip() == expected
+        assert not Path("run").exists()
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
