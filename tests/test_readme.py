@@ -23,11 +23,13 @@ def python_blocks(path: Path = README) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
 
 
-def command_lines() -> list[str]:
-    """The ``marquardt ...`` commands of the README's shell blocks, comments removed."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+def command_lines(path: Path = README) -> list[str]:
+    """The ``marquardt ...`` commands of a page's shell blocks, comments removed; a
+    ``torchrun ... -m marquardt ARGS`` line is read as ``marquardt ARGS``."""
+    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(), re.S)
     lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
-    commands = [part.strip() for line in lines for part in line.split("&&")]
+    commands = [re.sub(r"^torchrun .*?-m marquardt ", "marquardt ", part.strip())
+                for line in lines for part in line.split("&&")]
     return [command for command in commands if command.startswith("marquardt ")]
 
 
@@ -92,9 +94,10 @@ def test_sklearn_doc_example():
     assert namespace["search"].best_params_["lmregressor__hidden_layer_sizes"] in [(5,), (10,), (10, 10)]
 
 
-@pytest.mark.parametrize("command", command_lines())
+@pytest.mark.parametrize("command", dict.fromkeys(
+    command for page in (README, ROOT / "docs" / "cli.md", ROOT / "docs" / "scaling.md") for command in command_lines(page)))
 def test_readme_command_lines_parse(command):
-    # Each option the README shows exists, with a value the command line takes.
+    # Each option the README, docs/cli.md and docs/scaling.md show exists, with a value the command line takes.
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert args.command == shlex.split(command)[1]
 
