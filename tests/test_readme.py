@@ -106,6 +106,18 @@ def test_readme_shows_every_command():
     assert {shlex.split(command)[1] for command in command_lines()} == {"demo", "fit", "predict", "evaluate"}
 
 
+def test_matlab_table_first_rows_run_on_matlab_shaped_data():
+    # x and t as MATLAB holds them (one sample per column); the table's code, in its order.
+    rows = [line for line in _section(README.read_text(), "## Quick start: MATLAB users", "Stop reasons").splitlines()
+            if line.startswith("| `")]
+    code = [re.findall(r"`([^`]*)`", row.split("|")[2]) for row in rows[:2]]
+    x = np.linspace(-1, 1, 94)[None, :]
+    namespace = {"marquardt": marquardt, "x": x, "t": np.sin(3 * x)}
+    for statement in code[1] + code[0]:
+        exec(statement, namespace)
+    assert namespace["model"](torch.zeros(5, 1)).shape == (5, 1)
+
+
 def test_memory_table_sample_space_row():
     # "fewer residuals than parameters, and the whole m x n J fits max_jacobian_bytes"
     X = torch.linspace(-1, 1, 20, dtype=torch.float64)[:, None]
