@@ -3,6 +3,7 @@ stand-in data), its command lines parse, and its checkable claims hold."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -57,6 +58,13 @@ def test_least_squares_and_pytorch_quick_starts(capsys):
     # "numpy in, numpy out; float64", and the optimizer found fit's Jacobian, as the comments say.
     assert isinstance(res.x, np.ndarray) and res.x.dtype == np.float64 and res.stderr.dtype == np.float64
     assert printed.splitlines()[-1] == "closed-form"
+
+
+def test_least_squares_result_fields_are_the_ones_listed():
+    listed = re.search(r"Results carry `([^`]*)`", " ".join(README.read_text().split())).group(1)
+    assert listed.split(", ") == [field.name for field in dataclasses.fields(marquardt.LeastSquaresResult)]
+    with pytest.raises(TypeError):
+        marquardt.least_squares(lambda b: b - 1, [0.0], bounds=(0, 2))
 
 
 def test_scikit_learn_quick_start():
