@@ -177,6 +177,51 @@ def test_torch_func_rows_of_unsupported_modules_equal_the_batch_jacobian(name):
     assert backend.forward_mode == name.startswith("PReLU")
 
 
+class _Recurrent(nn.Module):
+    """The last step's state of a recurrent layer, mapped to two outputs."""
+
+    def __init__(self, cell: type[nn.RNNBase]):
+        super().__init__()
+        self.rnn, self.out = cell(2, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.RNN, nn.GRU, nn.LSTM])
+def test_torch_func_rows_of_recurrent_layers_equal_the_batch_jacobian(cell):
+    # torch 2.13's vmap cannot run nn.RNN or nn.GRU over samples, in either mode (an in-place
+    # update of the unbatched initial state): a RuntimeError at the first linearization. Their
+    # rows come one sample at a time.
+    torch.manual_seed(0)
+    model = _Recurrent(cell).to(DT)
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    X = torch.randn(5, 3, 2, generator=torch.Generator().manual_seed(3), dtype=DT)
+    rows, outputs = zip(*FunctionalJacobian(model, layout).chunks(params, X, 3))
+    dense = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (X,)))(params)
+    expected = torch.cat([dense[n].reshape(10, -1) for n, _ in layout], dim=1)
+    torch.testing.assert_close(torch.cat(rows), expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(torch.cat(outputs), model(X).detach(), rtol=0, atol=1e-15)
+
+
+def test_rows_of_a_random_forward_are_refused_not_formed_one_sample_at_a_time():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(2, 1)
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(self.layer(x), 0.5, training=True)
+
+    model = Noisy().to(DT)
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    backend = FunctionalJacobian(model, layout)
+    with pytest.raises(RuntimeError, match="vmap: called random operation"):
+        next(backend.chunks({n: p.detach() for n, p in model.named_parameters()}, torch.ones(4, 2, dtype=DT), 2))
+    assert not backend.sample_loop
+
+
 def test_forward_mode_fallback_still_raises_a_module_error():
     model = nn.Sequential(nn.Linear(3, 2)).to(DT)
     layout = [(n, p.numel()) for n, p in model.named_parameters()]

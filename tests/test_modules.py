@@ -90,3 +90,26 @@ def test_fit_records_the_performance_of_a_residual_block_that_model_computes():
         mse = float(((model(X) - y) ** 2).mean())
     assert history["perf"][-1] == pytest.approx(mse, rel=1e-12)
     assert history["perf"][-1] < 0.5 * history["perf"][0]
+
+
+@pytest.mark.parametrize("cell", [nn.RNN, nn.GRU])
+def test_fit_trains_a_recurrent_network(cell):
+    # Before: RuntimeError "output with shape [1, 4] doesn't match the broadcast shape [30, 1, 4]"
+    # from inside torch.func at the first epoch (vmap of nn.RNN/nn.GRU over samples).
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = cell(2, 4, batch_first=True), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Recurrent().to(DT)
+    X = torch.randn(30, 5, 2, generator=torch.Generator().manual_seed(1), dtype=DT)
+    y = torch.tanh(X.sum((1, 2)))[:, None]
+    history = marquardt.fit(model, X, y, epochs=5, progress=False)
+    assert history["perf"][-1] < 0.5 * history["perf"][0]
+    with torch.no_grad():
+        assert history["perf"][-1] == pytest.approx(float(((model(X) - y) ** 2).mean()), rel=1e-12)
+

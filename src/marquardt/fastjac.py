@@ -833,13 +833,19 @@ class LayeredJacobian:
         return LinearizedNetwork(self.network, params, X, self.layout)
 
 
+#: The start of torch.func's error for a random operation inside ``vmap`` (its default randomness="error").
+VMAP_RANDOM = "vmap: called random operation"
+
+
 @dataclass
 class FunctionalJacobian:
     """Jacobian backend for any module: :mod:`torch.func` (``vmap`` of ``jacrev`` over samples).
 
     Where reverse mode cannot be batched over samples (torch 2.x's ``vmap`` of ``prelu``'s
     backward fails with a shape error), the rows come from ``vmap`` of ``jacfwd``: the same
-    Jacobian, one tangent per parameter instead of one cotangent per output.
+    Jacobian, one tangent per parameter instead of one cotangent per output. Where neither
+    can (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``: torch 2.13's ``vmap`` of their forward pass fails on
+    an in-place update of the unbatched initial state), ``jacrev`` runs one sample at a time.
     """
 
     model: nn.Module
@@ -847,6 +853,7 @@ class FunctionalJacobian:
     buffers: dict[str, Tensor] = field(default_factory=dict)
     name = "torch.func"
     forward_mode: bool = field(default=False, init=False)
+    sample_loop: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self._paths = _tensor_paths(self.model)
@@ -887,15 +894,30 @@ class FunctionalJacobian:
         return FunctionalLinearization(self, params, X)
 
     def _per_sample(self, params: dict[str, Tensor], batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Per-sample Jacobians and outputs; forward mode from the first batch reverse mode fails on.
+        """Per-sample Jacobians and outputs; forward mode from the first batch reverse mode fails
+        on, one sample at a time from the first batch forward mode fails on too.
 
-        A genuine error in the module fails in forward mode too and is raised from there."""
+        A genuine error in the module fails one sample at a time too and is raised from there; a
+        random operation (which ``vmap`` refuses, and the loop would not) is raised at once."""
         if not self.forward_mode:
             try:
                 return vmap(jacrev(self._single, has_aux=True), in_dims=(None, 0))(params, batch)
             except RuntimeError:
                 self.forward_mode = True
-        return vmap(jacfwd(self._single, has_aux=True), in_dims=(None, 0))(params, batch)
+        if not self.sample_loop:
+            try:
+                return vmap(jacfwd(self._single, has_aux=True), in_dims=(None, 0))(params, batch)
+            except RuntimeError as error:
+                if VMAP_RANDOM in str(error):
+                    raise
+                self.sample_loop = True
+        return self._sample_by_sample(params, batch)
+
+    def _sample_by_sample(self, params: dict[str, Tensor], batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """:meth:`_per_sample` without ``vmap`` over the samples: ``jacrev`` of each in turn."""
+        rows = [jacrev(self._single, has_aux=True)(params, sample) for sample in batch]
+        jacs = {name: torch.stack([jac[name] for jac, _ in rows]) for name in rows[0][0]}
+        return jacs, torch.stack([outputs for _, outputs in rows])
 
     def _single(self, params: dict[str, Tensor], sample: Tensor) -> tuple[Tensor, Tensor]:
         out = self._call(params, sample.unsqueeze(0)).squeeze(0)

@@ -40,7 +40,7 @@ from .chunked import (
     plan_assembly,
     single_thread,
 )
-from .fastjac import BufferedNetwork, FunctionalJacobian, LayeredJacobian, jacobian_backend
+from .fastjac import VMAP_RANDOM, BufferedNetwork, FunctionalJacobian, LayeredJacobian, jacobian_backend
 from .kronecker import LayerGram
 from .losses import Loss, SquaredError, accumulate_gauss_newton
 from .matfree import MatrixFreeEquations, curvature_sample_size, scaled_products, warm_start
@@ -148,15 +148,13 @@ def _changes(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
 
 
-#: The start of torch.func's error for a random operation inside ``vmap`` (its default randomness="error").
-_VMAP_RANDOM = "vmap: called random operation"
 
 
 def _raise_if_random(error: RuntimeError) -> None:
     """The ValueError of :func:`_check_deterministic` for randomness it cannot see: a random
     operation called in ``forward`` itself (``F.dropout(x, p, training=self.training)``), which
     the per-sample Jacobian meets as torch.func's RuntimeError. Other errors are left alone."""
-    if _VMAP_RANDOM not in str(error):
+    if VMAP_RANDOM not in str(error):
         return
     raise _random_model_error() from error
 
