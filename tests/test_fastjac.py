@@ -205,6 +205,22 @@ def test_torch_func_rows_of_recurrent_layers_equal_the_batch_jacobian(cell):
     torch.testing.assert_close(torch.cat(outputs), model(X).detach(), rtol=0, atol=1e-15)
 
 
+def test_jacobian_products_of_a_float32_lstm_without_forward_mode():
+    # CPU float32 nn.LSTM runs mkldnn_rnn_layer, which has no forward-mode derivative: J v raised
+    # NotImplementedError, and fit's matrix-free form with it. J v is then the transpose of J^T u.
+    torch.manual_seed(0)
+    model = _Recurrent(nn.LSTM)
+    layout = [(n, p.numel()) for n, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    X = torch.randn(5, 3, 2, generator=torch.Generator().manual_seed(3))
+    dense = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (X,)))(params)
+    J = torch.cat([dense[n].reshape(10, -1) for n, _ in layout], dim=1)
+    v = torch.randn(J.shape[1], generator=torch.Generator().manual_seed(4))
+    lin = FunctionalJacobian(model, layout).linearize(params, X)
+    for _ in range(2):  # the second from the kept transpose
+        torch.testing.assert_close(lin.jvp(v), J @ v, rtol=1e-5, atol=1e-6)
+
+
 def test_rows_of_a_random_forward_are_refused_not_formed_one_sample_at_a_time():
     class Noisy(nn.Module):
         def __init__(self):

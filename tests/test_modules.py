@@ -113,3 +113,22 @@ def test_fit_trains_a_recurrent_network(cell):
     with torch.no_grad():
         assert history["perf"][-1] == pytest.approx(float(((model(X) - y) ** 2).mean()), rel=1e-12)
 
+
+def test_fit_trains_a_float32_lstm_in_the_matrix_free_form():
+    # Before: NotImplementedError "Trying to use forward AD with mkldnn_rnn_layer" at the first
+    # epoch (J v of CPU float32 nn.LSTM), in the form "auto" takes past max_matrix_bytes.
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.LSTM(2, 4, batch_first=True), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Recurrent()
+    X = torch.randn(30, 5, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.tanh(X.sum((1, 2)))[:, None]
+    history = marquardt.fit(model, X, y, epochs=5, solver="matrix-free", progress=False)
+    assert history["perf"][-1] < 0.5 * history["perf"][0]
+    assert set(history["solver"][1:]) == {"cg"}

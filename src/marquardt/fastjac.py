@@ -854,6 +854,9 @@ class FunctionalJacobian:
     name = "torch.func"
     forward_mode: bool = field(default=False, init=False)
     sample_loop: bool = field(default=False, init=False)
+    #: ``J v`` by reverse mode twice (:meth:`FunctionalLinearization.jvp`), from the first that
+    #: forward mode raised NotImplementedError on.
+    transposed_jvp: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self._paths = _tensor_paths(self.model)
@@ -950,7 +953,10 @@ class FunctionalLinearization:
     """``J v`` and ``J^T u`` of a module at fixed parameters by :func:`torch.func.jvp` and ``vjp``.
 
     The reverse-mode graph is traced once and reused for every ``J^T u``; each ``J v`` is one
-    forward-mode pass. ``diag(J^T J)`` sums the squared Jacobian rows chunk by chunk.
+    forward-mode pass, or, for a module with an operation forward mode does not support (CPU
+    float32 ``nn.LSTM``'s ``mkldnn_rnn_layer``), the reverse-mode product of the linear map
+    ``u -> J^T u`` (its transpose, ``J``). ``diag(J^T J)`` sums the squared Jacobian rows chunk
+    by chunk.
     """
 
     def __init__(self, backend: FunctionalJacobian, params: dict[str, Tensor], X: Tensor) -> None:
@@ -964,6 +970,7 @@ class FunctionalLinearization:
         self._primals = tuple(params[name] for name in names)
         outputs, self._vjp = torch.func.vjp(flat_outputs, *self._primals)
         self.outputs = outputs.detach().reshape(X.shape[0], -1)
+        self._transposed_vjp: Callable[[tuple[Tensor, ...]], tuple[Tensor]] | None = None
 
     @property
     def n_params(self) -> int:
@@ -973,7 +980,20 @@ class FunctionalLinearization:
         """``J v`` for a flat parameter vector ``v``."""
         pieces = torch.split(vector, [numel for _, numel in self.backend.layout])
         tangents = tuple(p.view_as(q) for p, q in zip(pieces, self._primals))
-        return torch.func.jvp(self._function, self._primals, tangents)[1].detach()
+        if not self.backend.transposed_jvp:
+            try:
+                return torch.func.jvp(self._function, self._primals, tangents)[1].detach()
+            except NotImplementedError:
+                self.backend.transposed_jvp = True
+        return self._transposed(tangents)
+
+    def _transposed(self, tangents: tuple[Tensor, ...]) -> Tensor:
+        """``J v`` as the product of ``v`` with the transpose of ``u -> J^T u``: a second backward
+        pass through the traced graph, for what forward mode cannot differentiate."""
+        if self._transposed_vjp is None:
+            zeros = self.outputs.new_zeros(self.outputs.numel())
+            _, self._transposed_vjp = torch.func.vjp(self._vjp, zeros)
+        return self._transposed_vjp(tangents)[0].detach()
 
     def vjp(self, cotangent: Tensor) -> Tensor:
         """``J^T u`` as a flat parameter vector."""
