@@ -269,7 +269,8 @@ class GalerkinSpace:
         return self.size >= self.capacity
 
     def expand(self, direction: Tensor) -> bool:
-        """Add ``direction`` (orthogonalized) and its product; ``False`` if full or already spanned."""
+        """Add ``direction`` (orthogonalized) and its product; ``False`` if full, already spanned,
+        or its product is not finite (the basis is left as it was)."""
         if self.full:
             return False
         # Vector bookkeeping (O(k n)) runs on one thread; only the product uses them all.
@@ -278,6 +279,10 @@ class GalerkinSpace:
         if vector is None:
             return False
         image = self.product(vector)
+        if not bool(torch.isfinite(image).all()):
+            # A NaN or inf in the projected matrix made every later solve on this basis fail
+            # (LAPACK's gelsy refused it with an internal assertion out of fit).
+            return False
         with single_thread():
             k = self.size
             self.basis[k], self.images[k] = vector, image
@@ -401,7 +406,8 @@ class MatrixFreeEquations:
         Products made by the last solve (0 when a retry was solved on the existing basis).
     reason : str
         Why the last solve stopped: ``"tolerance"``, ``"stalled"``, ``"max_iter"`` (basis full)
-        or ``"breakdown"`` (no new direction).
+        or ``"breakdown"`` (no new direction, or a product that is not finite: the step is then
+        the solve on the basis made so far, NaN when that is empty).
 
     Notes
     -----
@@ -484,6 +490,11 @@ class MatrixFreeEquations:
                 reason = "breakdown"
                 break
         self.iterations, self.reason = space.size - before, reason
+        if y is None and reason == "breakdown":
+            # Not even the first direction has a finite product: no step to give, and a zero one
+            # reads as converged to the LM loop. A NaN step is a failed trial (more damping).
+            self._last = None
+            return torch.full_like(grad, math.nan)
         self._last = (step, y)
         return step.clone()
 
