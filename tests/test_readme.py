@@ -133,6 +133,28 @@ def test_optimizers_doc_examples_run():
         exec(compile(block, "docs/optimizers.md", "exec"), namespace)
 
 
+def test_scaling_doc_example_runs_as_one_rank(monkeypatch):
+    """docs/scaling.md's script, as torchrun starts it, here one rank of a one-rank gloo group."""
+    import atexit
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: None)  # the group is destroyed below
+    (block,) = python_blocks(ROOT / "docs" / "scaling.md")
+    namespace: dict = {}
+    try:
+        exec(compile(block.replace("epochs=100", "epochs=5"), "docs/scaling.md", "exec"), namespace)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert (namespace["start"], namespace["stop"]) == (0, 2000)
+    assert namespace["history"].stop_reason == "Maximum epoch reached." and len(namespace["history"]) == 6
+
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
