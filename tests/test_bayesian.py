@@ -256,3 +256,36 @@ def test_bad_br_options_are_rejected(kwargs, error, match):
     X, y = noisy_sine(n=10)
     with pytest.raises(error, match=match):
         fit(nn.Linear(1, 1).double(), X, (y > 0).double(), method="br", **kwargs)
+
+
+def _low_rank_jacobian(m=20, n=60, seed=0):
+    """m x n, rank m < n, column scales over three decades (as a network's J^T J spreads)."""
+    J = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=f64)
+    return J * torch.logspace(0, -3, n, dtype=f64)
+
+
+@pytest.mark.parametrize("alpha", [1e-9, 1e-6])
+def test_effective_parameters_never_counts_rounding_as_parameters(alpha):
+    # gamma = sum beta l / (beta l + alpha) counts at most rank(J) <= m directions. The null
+    # directions of a J^T J formed in floating point come out at the rounding level (about
+    # eps * trace), not 0: with a small alpha they counted as parameters, gamma exceeded the 20
+    # errors (30.3 from the float32 matrix, 20.0000003 from the float64 one) and beta = (N - gamma)
+    # / (2 E_D) went negative.
+    J = _low_rank_jacobian()
+    J32 = J.float()
+    exact = float((torch.linalg.svdvals(J) ** 2 / (torch.linalg.svdvals(J) ** 2 + alpha)).sum())
+    assert exact == pytest.approx(20.0, abs=1e-3)
+    assert effective_parameters(J.T @ J, alpha, beta=1.0) == pytest.approx(exact, abs=1e-9)
+    assert effective_parameters(J32.T @ J32, alpha, beta=1.0) == pytest.approx(exact, abs=1e-3)
+
+
+def test_br_float32_gamma_stays_below_the_number_of_errors():
+    # A float32 network past PROMOTE_MAX_PARAMS (1,027 parameters) forms J^T J in float32: its
+    # rounding counted as 142.8 effective parameters out of 20 errors after one epoch (beta was
+    # reset to 1 each epoch, and training interpolated the noise).
+    X = torch.linspace(-1, 1, 20)[:, None]
+    y = torch.sin(2 * math.pi * X) + 0.1 * torch.randn(20, 1, generator=torch.Generator().manual_seed(0))
+    model = mlp(1, 342, generator=torch.Generator().manual_seed(0))
+    history = fit(model, X, y, method="br", epochs=2, progress=False)
+    assert history["gamma"][0] == 1027
+    assert all(0 < gamma <= 20 for gamma in history["gamma"][1:])
