@@ -248,6 +248,17 @@ def test_fit_matrix_free_with_a_non_finite_jacobian_stops_at_maximum_mu_in_one_e
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_a_float32_gradient_whose_norm_overflows_float32_still_gets_its_step():
+    # ||g||^2 = 3.6e39 is past float32's 3.4e38 while every product is finite: the norms came out
+    # inf, the forcing test read inf <= inf and the solve returned h = 0 as "tolerance".
+    J = 1e19 * torch.eye(4)
+    r = torch.full((4,), 3.0)
+    system = MatrixFreeEquations(lambda v: J @ v, lambda u: J.T @ u, (J * J).sum(0), rtol=1e-6, precondition=False)
+    step = system.solve(J.T @ r, 1e-3, torch.ones(4))
+    assert system.reason == "tolerance" and system.iterations == 1
+    torch.testing.assert_close(step, torch.full((4,), -3e-19), rtol=1e-6, atol=0.0)
+
+
 def _nan_at(call: int, J: torch.Tensor):
     """``v -> J v`` whose ``call``-th product has a NaN entry (counted from 1)."""
     calls = []
@@ -284,3 +295,19 @@ def test_a_nan_first_product_gives_a_nan_step():
     step = system.solve(J.T @ r, 1e-3, torch.ones(8, dtype=DT))
     assert bool(torch.isnan(step).all()) and system.reason == "breakdown"
 
+
+
+def test_fit_matrix_free_float32_with_targets_near_1e17_makes_progress():
+    # A float32 network on unscaled targets: ||J^T r|| ~ 3e19 read as inf, every solve returned
+    # h = 0, and fit spent one epoch per damping increase at the starting cost.
+    from torch import nn
+
+    from marquardt import fit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1))
+    X = torch.rand(150, 2, generator=torch.Generator().manual_seed(1))
+    y = 3e17 * (X[:, :1] + torch.sin(3 * X[:, 1:]))
+    history = fit(model, X, y, epochs=2, solver="matrix-free")
+    assert history["solver"][1:] == ["cg", "cg"] and history["damping"][1:] == pytest.approx([1e-4, 1e-5])
+    assert history["perf"][2] < 0.2 * history["perf"][0]
