@@ -132,3 +132,35 @@ def test_fit_trains_a_float32_lstm_in_the_matrix_free_form():
     history = marquardt.fit(model, X, y, epochs=5, solver="matrix-free", progress=False)
     assert history["perf"][-1] < 0.5 * history["perf"][0]
     assert set(history["solver"][1:]) == {"cg"}
+
+
+class _Centered(nn.Module):
+    """Centers each batch by its own mean in forward: the outputs of one sample depend on the others."""
+
+    def __init__(self, scale: bool):
+        super().__init__()
+        self.net, self.scale = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)), scale
+
+    def forward(self, x):
+        x = x - x.mean(0)
+        return self.net(x / x.std(0) if self.scale else x)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("options", [dict(), dict(solver="matrix-free")])
+def test_fit_refuses_a_forward_that_mixes_the_samples_before_any_work(scale, options):
+    # The per-sample Jacobian rows differentiate each sample alone, where x - x.mean(0) is zero:
+    # LM stopped on "Maximum MU reached." at its starting MSE, and with x.std(0) (NaN for one
+    # sample) blamed the initial weights for a cost that is not finite.
+    torch.manual_seed(1)
+    model = _Centered(scale).to(DT)
+    X = 3 * torch.randn(60, 3, generator=torch.Generator().manual_seed(0), dtype=DT) + 1
+    y = torch.sin(X.sum(1, keepdim=True))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"model\(X\) mixes the samples: the outputs of sample 0 computed alone "
+                                         r"differ from its outputs in a batch of 8 \(largest difference .*"
+                                         r"first-order method"):
+        marquardt.fit(model, X, y, epochs=3, progress=False, **options)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    history = marquardt.fit(model, X, y, epochs=3, method="momentum", progress=False)
+    assert history["perf"][-1] < history["perf"][0]

@@ -922,6 +922,11 @@ class FunctionalJacobian:
         jacs = {name: torch.stack([jac[name] for jac, _ in rows]) for name in rows[0][0]}
         return jacs, torch.stack([outputs for _, outputs in rows])
 
+    def sample_outputs(self, params: dict[str, Tensor], X: Tensor) -> Tensor:
+        """The outputs of each sample of ``X`` computed alone (a batch of one), stacked: those the
+        per-sample rows are the derivatives of."""
+        return torch.stack([self._single(params, sample)[0] for sample in X])
+
     def _single(self, params: dict[str, Tensor], sample: Tensor) -> tuple[Tensor, Tensor]:
         out = self._call(params, sample.unsqueeze(0)).squeeze(0)
         return out, out

@@ -191,6 +191,40 @@ def _check_repeatable(backend: FunctionalJacobian, params: dict[str, Tensor], X:
         raise _random_model_error()
 
 
+#: Samples of the batch whose outputs :func:`_check_per_sample` compares with each sample's alone.
+MIXING_SAMPLES = 8
+
+
+def _check_per_sample(backend: FunctionalJacobian, params: dict[str, Tensor], X: Tensor) -> None:
+    """A ValueError, before any work, where a sample's outputs computed alone differ from its
+    outputs in a batch: a ``forward`` that mixes the samples (``x - x.mean(0)``).
+
+    The per-sample Jacobian rows of :mod:`torch.func` differentiate each sample alone, where such
+    a centered input is zero: LM stopped on "Maximum MU reached." at its starting cost, and with
+    ``x.std(0)`` (NaN for one sample) blamed the initial weights. Outputs that agree to
+    ``sqrt(eps)`` of the largest pass (a batch of one may take other kernels).
+    """
+    try:
+        with torch.no_grad():
+            batched, alone = backend.outputs(params, X), backend.sample_outputs(params, X)
+    except (RuntimeError, ValueError, IndexError):
+        return  # not this check's to judge: the Jacobian's own pass raises what is wrong
+    if not (isinstance(batched, Tensor) and batched.is_floating_point() and batched.numel()
+            and alone.numel() == batched.numel() and bool(torch.isfinite(batched).all())):
+        return
+    gaps = (batched.reshape(alone.shape) - alone).abs().reshape(X.shape[0], -1).amax(1).nan_to_num(nan=math.inf)
+    largest = float(batched.abs().max())
+    mixed = torch.nonzero(gaps > math.sqrt(torch.finfo(batched.dtype).eps) * largest)
+    if mixed.numel():
+        raise ValueError(
+            f"Invalid model: model(X) mixes the samples: the outputs of sample {int(mixed[0])} computed alone differ "
+            f"from its outputs in a batch of {X.shape[0]} (largest difference {float(gaps.max()):.3g}, against "
+            f"{largest:.3g} for the largest output). Levenberg-Marquardt's Jacobian rows are those of each sample "
+            "alone; compute statistics of the data (x - x.mean(0), x.std(0)) once from the training set, outside "
+            "the model or as fixed buffers, or train with a first-order method (method='momentum' or a "
+            "torch.optim class).")
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The named parameters that require gradients, in registration order."""
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -315,7 +349,9 @@ class ModuleProblem:
         layout = [(name, p.numel()) for name, p in named]
         self.backend = jacobian_backend(self.model, layout, self.buffers, X=self.X)
         if isinstance(self.backend, FunctionalJacobian):
-            _check_repeatable(self.backend, {name: p.detach() for name, p in named}, self.X[:REPEAT_SAMPLES])
+            params = {name: p.detach() for name, p in named}
+            _check_repeatable(self.backend, params, self.X[:REPEAT_SAMPLES])
+            _check_per_sample(self.backend, params, self.X[:MIXING_SAMPLES])
         self.dtype = self._working_dtype()
         # Least squares sums its cost in the dtype the normal equations are assembled in (float64
         # for a small float32/float16 problem): a trial's cost and the linearization's, whose
