@@ -291,7 +291,8 @@ def describe(model: nn.Module, trainable: Sequence[str]) -> LayeredNetwork | Non
     Supported: ``nn.Sequential`` (nested ones too) of ``nn.Linear`` and elementwise activations
     (``Tanh``, ``Sigmoid``, ``ReLU``, ``LeakyReLU``, ``Softplus``, ``SiLU``, ``Identity`` in closed
     form; ``ELU``, ``GELU``, ``SELU``, ``Mish``, ... by a forward-mode product), and
-    :class:`marquardt.MLP`. ``trainable`` must name exactly the weights and biases of the layers
+    :class:`marquardt.MLP`, each of exactly these types (a subclass, whose ``forward`` may differ,
+    means the general path). ``trainable`` must name exactly the weights and biases of the layers
     (a frozen layer or an extra parameter means the general path). A model whose call runs other
     code (:func:`_runs_other_code`: forward hooks or pre-hooks, a ``forward`` set on an instance)
     takes the general path too, which calls the module.
