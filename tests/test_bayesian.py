@@ -289,3 +289,19 @@ def test_br_float32_gamma_stays_below_the_number_of_errors():
     history = fit(model, X, y, method="br", epochs=2, progress=False)
     assert history["gamma"][0] == 1027
     assert all(0 < gamma <= 20 for gamma in history["gamma"][1:])
+
+
+def test_br_float32_sample_space_follows_the_float64_run():
+    # Fewer errors than parameters (sample space, J held): J^T J was formed from the float32 rows
+    # in float32, whose rounding hid the smallest data directions; gamma stayed at N = 20 and
+    # the run interpolated the noise (MSE 4.5e-11 at epoch 7, where float64 regularizes to
+    # 0.494), its steps from epoch 3 on in the QR fallback of the stacked float32 system (whose
+    # LAPACK SVD failed to converge, a LinAlgError, on the same network with 30 samples).
+    X = torch.linspace(-1, 1, 20, dtype=f64)[:, None]
+    y = torch.sin(2 * math.pi * X) + 0.1 * torch.randn(20, 1, generator=torch.Generator().manual_seed(0), dtype=f64)
+    model = mlp(1, 342, dtype=torch.float32, generator=torch.Generator().manual_seed(0))  # 1,027 parameters
+    history = fit(model, X.float(), y.float(), method="br", epochs=7, progress=False)
+    # The float64 run of the same network: gamma 20 (= N) for epochs 1-6, then 2.994; MSE 0.494.
+    assert history["gamma"][1:7] == pytest.approx([20.0] * 6, abs=0.02)
+    assert history["gamma"][7] == pytest.approx(2.994, rel=0.1)
+    assert history["perf"][7] == pytest.approx(0.494, rel=0.02)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .chunked import PromotedEquations, accumulation_dtype
+from .chunked import PromotedEquations
 from .linalg import NormalEquations
 from .solver import Linearization, Problem
 
@@ -124,23 +124,22 @@ def update_state(state: BayesianState, gram: Tensor, sse: float, ssw: float, n_e
 
 
 def data_gram(system: Any) -> Tensor:
-    """``J^T J`` of a linear system from :mod:`marquardt.linalg` (formed when it holds rows only),
-    in the dtype it was assembled in: float64 for a small float32/float16/bfloat16 problem, whose
-    :class:`~marquardt.chunked.PromotedEquations` would hand it back rounded to the problem's dtype."""
+    """``J^T J`` of a linear system from :mod:`marquardt.linalg`: in the dtype it was assembled in
+    (float64 for a small float32/float16/bfloat16 problem, whose
+    :class:`~marquardt.chunked.PromotedEquations` would hand it back rounded to the problem's
+    dtype), or formed in float64 when the system holds rows only (sample space)."""
     system = _assembled(system)
     gram = getattr(system, "gram", None)
     if gram is not None:
         return gram
-    # Sample space holds the rows in the problem's dtype: J^T J is formed in the dtype the
-    # normal form would assemble it in (a float16 one failed in Cholesky, a float32 one was
-    # solved in float32 where the normal form promotes it to float64).
-    jac = _widened(system.jac)
+    # Sample space holds the rows in the problem's dtype: J^T J is formed from them in float64
+    # (a float16 one failed in Cholesky). Past PROMOTE_MAX_PARAMS a float32 one was formed in
+    # float32, as the normal form assembles it: its rounding hid the smallest data directions
+    # from gamma (a 1-342-1 network interpolated the noise where float64 regularizes), and the
+    # QR fallback of the stacked float32 system failed in LAPACK's SVD. With fewer rows than
+    # parameters this costs m n^2, little next to gamma's O(n^3) eigenvalues.
+    jac = system.jac.to(torch.float64)
     return jac.T @ jac
-
-
-def _widened(jac: Tensor) -> Tensor:
-    """``jac`` in :func:`~marquardt.chunked.accumulation_dtype` for its shape."""
-    return jac.to(accumulation_dtype(jac.dtype, jac.shape[1]))
 
 
 def _assembled(system: Any) -> Any:
