@@ -396,7 +396,10 @@ class MatrixFreeEquations:
     rtol : float
         Forcing term: a solve stops when the linear residual is below ``rtol * ||grad||``.
     max_iter : int
-        Most products ``J^T J v`` for this linearization (the basis size), over all solves.
+        Most conjugate-gradient iterations for this linearization, over all solves. The basis
+        holds ``max_iter + 1`` vectors, one product ``J^T J v`` each: the warm start and
+        ``max_iter`` Krylov directions, or ``max_iter + 1`` Krylov directions without a warm start
+        (``fit``'s ``cg_max_iter = 20`` makes at most 21 products a linearization).
     precondition : bool
         Expand the basis by Jacobi-preconditioned residuals, ``r / (diag(J^T J) + damping * scale)``.
         Network problems (:class:`~marquardt.network.ModuleProblem`) turn it off: there the plain
