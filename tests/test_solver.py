@@ -581,3 +581,21 @@ def test_damping_rules_take_numpy_scalars_as_floats():
     assert [type(v) for v in (rule.initial, rule.decrease, rule.increase, rule.maximum)] == [float] * 4
     assert rule.update(rule.init(1.0), accepted=False, gain_ratio=-1.0).damping == 1.0
     assert type(NielsenDamping(np.float32(0.5)).tau) is float
+
+
+@pytest.mark.parametrize("rule", [MarquardtDamping(), NielsenDamping()], ids=["marquardt", "nielsen"])
+def test_lm_step_rejects_every_trial_of_a_matrix_free_system_whose_products_are_nan(rule):
+    # A NaN Jacobian-vector product inside CG raised torch.linalg.lstsq's internal assertion
+    # ("Argument 4 has illegal value") out of lm_step; now each trial's step is NaN, rejected
+    # without a cost evaluation, and x is untouched when the damping gives up.
+    from marquardt.matfree import MatrixFreeEquations
+
+    x = torch.tensor(X0, dtype=F64)
+    inner = FunctionProblem(decay, None, 30)
+    problem = CountingProblem(inner, [])
+    lin = inner.linearize(x)
+    jac = lin.jac
+    lin.system = MatrixFreeEquations(lambda v: torch.full((jac.shape[0],), math.nan, dtype=F64),
+                                     lambda u: jac.T @ u, (jac * jac).sum(0), precondition=False)
+    out = lm_step(problem, x, lin, torch.ones_like(x), rule, rule.init(1.0))
+    assert out.exhausted and not out.accepted and torch.equal(out.x, x) and problem.points == []
