@@ -146,6 +146,7 @@ class _Centered(nn.Module):
         return self.net(x / x.std(0) if self.scale else x)
 
 
+@pytest.mark.filterwarnings(r"ignore:std\(\)")  # the std of one sample, taken by the check
 @pytest.mark.parametrize("scale", [False, True])
 @pytest.mark.parametrize("options", [dict(), dict(solver="matrix-free")])
 def test_fit_refuses_a_forward_that_mixes_the_samples_before_any_work(scale, options):
