@@ -322,3 +322,61 @@ def test_accumulate_gauss_newton_solves_half_precision_rows_in_float64():
     step = system.solve(g, 1.0, torch.ones(2, dtype=torch.bfloat16))
     assert step.dtype == torch.bfloat16
     torch.testing.assert_close(step.double(), torch.tensor([-3 / 11, 7 / 11], dtype=torch.float64), atol=4e-3, rtol=0)
+
+
+def _blobs(classes: int = 3, n: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % classes
+    return torch.randn(n, 2, generator=generator) + 3.0 * labels[:, None], labels
+
+
+@pytest.mark.parametrize("head, loss, match", [
+    (nn.Softmax(dim=1), "cross_entropy", "last module is Softmax"),
+    (nn.Sequential(nn.Sigmoid()), "binary_cross_entropy", "last module is Sigmoid"),
+])
+def test_a_model_ending_in_probabilities_is_refused_before_training(head, loss, match):
+    # A patternnet-like model ends in a softmax: the loss applied its own softmax on top, and
+    # fit trained it silently to 81% accuracy where the logit model reaches 100%.
+    X, labels = _blobs()
+    outputs = 3 if loss == "cross_entropy" else 1
+    y = labels if loss == "cross_entropy" else (labels == 0).double()[:, None]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, outputs), head).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        fit(model, X.double(), y, loss=loss, epochs=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _SoftmaxHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(x), dim=1)
+
+
+def test_a_model_returning_softmax_rows_is_refused_for_cross_entropy():
+    X, labels = _blobs()
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="rows of probabilities summing to 1"):
+        fit(_SoftmaxHead().double(), X.double(), labels, loss="cross_entropy", epochs=5)
+
+
+def test_a_model_ending_in_log_softmax_trains_as_its_logits():
+    # softmax(log_softmax(z)) = softmax(z): LogSoftmax outputs are logits to the loss.
+    X, labels = _blobs()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3), nn.LogSoftmax(dim=1)).double()
+    history = fit(model, X.double(), labels, loss="cross_entropy", epochs=30)
+    assert history["accuracy"][-1] == 1.0
+
+
+def test_float_class_labels_a_bfloat16_model_cannot_hold_are_refused():
+    # MATLAB's labels are doubles: 257.0 became class 256 in a bfloat16 model.
+    X = torch.randn(10, 2)
+    labels = np.arange(250, 260).astype(float)
+    model = nn.Sequential(nn.Linear(2, 300)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="class index 259 cannot be held exactly"):
+        fit(model, X, labels, loss="cross_entropy", epochs=1)

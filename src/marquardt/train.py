@@ -165,14 +165,18 @@ def _check_class_indices_fit(name: str, y: Any, dtype: torch.dtype) -> None:
     (a bfloat16 model has 8 bits of mantissa: class 257 would become 256, another class)."""
     if isinstance(y, Tensor):
         integral, empty = not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool), y.numel() == 0
+        real = not y.is_complex()
     else:
         y = np.asarray(y)
         integral, empty = np.issubdtype(y.dtype, np.integer), y.size == 0
-    if not integral or empty:
+        real = np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
+    if empty or not real:
         return
     exact = 2.0 / torch.finfo(dtype).eps  # every integer up to this is exact in dtype
     largest = float(y.max())
-    if largest > exact:
+    # Class indices held as floats (MATLAB's labels are doubles) are rounded the same way; a
+    # float y past ``exact`` that is not whole is no class index and is left to the loss.
+    if largest > exact and (integral or float(largest).is_integer()):
         raise ValueError(f"Invalid {name}: class index {int(largest)} cannot be held exactly by the model's dtype "
                          f"{str(dtype).removeprefix('torch.')} (exact up to {int(exact)}); train the model in "
                          "float32 or float64.")
@@ -199,7 +203,43 @@ def _prepare(model: nn.Module, X: Any, y: Any, names: tuple[str, str], loss: Los
         raise ValueError(f"The model cannot take {names[0]} of shape {tuple(X_t.shape)} (samples first): "
                          f"{error}") from error
     _check_model_output(probe)
+    if loss.classification:
+        _check_logits(model, probe, loss)
     return Split(X_t, loss.targets(y_t, tuple(probe.shape), names[1]))
+
+
+#: Output modules that turn logits into probabilities: the classification losses apply the
+#: softmax or sigmoid themselves, so a model ending in one applies it twice.
+_PROBABILITY_OUTPUTS = (nn.Softmax, nn.Sigmoid, nn.Softmin)
+
+
+def _check_logits(model: nn.Module, probe: Tensor, loss: Loss) -> None:
+    """A ValueError, before any work, where the model outputs probabilities instead of logits.
+
+    ``cross_entropy`` and ``binary_cross_entropy`` take logits and apply the softmax or sigmoid
+    themselves (as ``torch.nn.CrossEntropyLoss`` does). A MATLAB ``patternnet`` ends in a softmax
+    layer, and a model built like it was trained silently and wrongly: with a final ``nn.Sigmoid``
+    and ``binary_cross_entropy`` the accuracy stayed at the class-1 fraction, with a final
+    ``nn.Softmax`` and ``cross_entropy`` it stalled at 81% where the logit model reaches 100%.
+    Refused: a last module (of nested ``nn.Sequential``) that is a softmax or sigmoid, and for
+    ``cross_entropy`` probe rows that are all probabilities summing to one. ``nn.LogSoftmax`` is
+    accepted: the softmax of its outputs is that of its inputs.
+    """
+    last = model
+    while isinstance(last, nn.Sequential) and len(last):
+        last = last[-1]
+    if isinstance(last, _PROBABILITY_OUTPUTS):
+        found = f"its last module is {type(last).__name__}"
+    elif loss.name == "cross_entropy" and probe.ndim == 2 and probe.shape[1] > 1 and bool(torch.isfinite(probe).all()) \
+            and bool(((probe >= 0) & (probe <= 1)).all()) \
+            and bool(((probe.double().sum(1) - 1).abs() <= 1e-4).all()):
+        found = "its outputs are rows of probabilities summing to 1"
+    else:
+        return
+    raise ValueError(f"Invalid model for loss={loss.name!r}: {found}. The loss takes logits and applies the "
+                     f"{'sigmoid' if loss.name == 'binary_cross_entropy' else 'softmax'} itself (as "
+                     "torch.nn.CrossEntropyLoss does); remove the final softmax/sigmoid layer and apply it to "
+                     "model(X) when you need probabilities.")
 
 
 def _check_model_output(outputs: Any) -> None:
