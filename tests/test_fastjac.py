@@ -149,6 +149,25 @@ UNSUPPORTED = {
 }
 
 
+class _Named(nn.Sequential):
+    """A stack named by a subclass with only an ``__init__``, as users often write one."""
+
+    def __init__(self, width: int = 5) -> None:
+        super().__init__(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2))
+
+
+@pytest.mark.parametrize("build", [lambda: _Named(), lambda: nn.Sequential(_Named(), nn.Sigmoid(), nn.Linear(2, 1))],
+                         ids=["top level", "nested"])
+def test_a_sequential_subclass_that_only_names_a_stack_takes_the_closed_form(build):
+    torch.manual_seed(0)
+    params, X, fast, slow = _setup(build().to(DT))
+    assert isinstance(fast, LayeredJacobian)
+    (J_fast, out_fast), = fast.chunks(params, X, 100)
+    (J_slow, out_slow), = slow.chunks(params, X, 100)
+    torch.testing.assert_close(J_fast, J_slow, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out_fast, out_slow, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("name", list(UNSUPPORTED))
 def test_unsupported_modules_fall_back_to_torch_func(name):
     model = UNSUPPORTED[name]()

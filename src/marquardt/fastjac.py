@@ -210,11 +210,23 @@ class LayeredNetwork:
         return [name for layer in self.layers for name in (layer.weight, layer.bias) if name is not None]
 
 
+def _plain_sequential(module: nn.Module) -> bool:
+    """Whether ``module`` chains its children as ``nn.Sequential`` does: that class, or a subclass
+    that overrides none of the methods a call or the closed form's walk goes through (``class
+    Net(nn.Sequential)`` with only an ``__init__``, a common way to name a stack)."""
+    kind = type(module)
+    if kind is nn.Sequential:
+        return True
+    return isinstance(module, nn.Sequential) and all(
+        getattr(kind, name) is getattr(nn.Sequential, name)
+        for name in ("forward", "__call__", "_call_impl", "__iter__", "__getitem__", "__len__"))
+
+
 def _modules_of(module: nn.Module) -> list[nn.Module] | None:
-    """The leaf modules of nested ``nn.Sequential`` containers, in order. A subclass is a leaf (which
-    the closed form then refuses): its ``forward`` may do more than chain its children (a residual
-    block adding its input was read as its layers alone)."""
-    if type(module) is not nn.Sequential:
+    """The leaf modules of nested ``nn.Sequential`` containers, in order. A subclass with its own
+    ``forward`` (or call) is a leaf, which the closed form then refuses: it may do more than chain
+    its children (a residual block adding its input was read as its layers alone)."""
+    if not _plain_sequential(module):
         return [module]
     leaves: list[nn.Module] = []
     for child in module:
@@ -292,7 +304,8 @@ def describe(model: nn.Module, trainable: Sequence[str]) -> LayeredNetwork | Non
     (``Tanh``, ``Sigmoid``, ``ReLU``, ``LeakyReLU``, ``Softplus``, ``SiLU``, ``Identity`` in closed
     form; ``ELU``, ``GELU``, ``SELU``, ``Mish``, ... by a forward-mode product), and
     :class:`marquardt.MLP`, each of exactly these types (a subclass, whose ``forward`` may differ,
-    means the general path). ``trainable`` must name exactly the weights and biases of the layers
+    means the general path; an ``nn.Sequential`` subclass that only names a stack, overriding
+    neither ``forward`` nor the call, is a Sequential). ``trainable`` must name exactly the weights and biases of the layers
     (a frozen layer or an extra parameter means the general path). A model whose call runs other
     code (:func:`_runs_other_code`: forward hooks or pre-hooks, a ``forward`` set on an instance)
     takes the general path too, which calls the module.
@@ -310,7 +323,7 @@ def describe(model: nn.Module, trainable: Sequence[str]) -> LayeredNetwork | Non
         return None
     if type(model) is MLP:
         spec = _mlp(model)
-    elif isinstance(model, nn.Sequential) and type(model) is nn.Sequential:
+    elif _plain_sequential(model):
         spec = _sequential(model, "")
     else:
         return None
