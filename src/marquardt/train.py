@@ -1101,11 +1101,17 @@ def fit(
     method : {"lm", "br", "gd", "momentum"} or torch.optim.Optimizer class
         Levenberg-Marquardt (MATLAB ``trainlm``), Bayesian regularization (``trainbr``; it
         ends with the last weights, not the lowest-error ones some MATLAB releases return: see
-        Notes), gradient descent (``traingd``), momentum (``traingdm``), or any optimizer class
-        such as :class:`torch.optim.Adam`.
+        Notes; its ``gamma`` is MATLAB's for a float64 network, and for a float32 one up to
+        1,024 parameters, whose ``J^T J`` is formed in float64: past that a float32 ``J^T J``
+        hides its smallest eigenvalues, and ``gamma`` can come out low (9.0 where float64 gives
+        13.3), so train such a network in float64 for MATLAB's regularization), gradient descent
+        (``traingd``), momentum (``traingdm``), or any optimizer class such as
+        :class:`torch.optim.Adam`.
     loss : {"mse", "cross_entropy", "binary_cross_entropy"}
         Squared error; softmax cross-entropy over the outputs (logits); sigmoid cross-entropy
-        on each output. LM uses the generalized Gauss-Newton matrix of the cross-entropies.
+        on each output. LM uses the generalized Gauss-Newton matrix of the cross-entropies. The
+        model outputs logits: no final softmax or sigmoid (refused), ``torch.softmax(model(X),
+        dim=1)`` gives the probabilities.
     epochs, goal, min_grad, max_fail, time_limit
         MATLAB's ``epochs``, ``goal``, ``min_grad``, ``max_fail`` and ``time`` (seconds).
         As in MATLAB, ``time_limit=0`` stops after epoch 0's record with ``"Maximum time
@@ -1193,10 +1199,15 @@ def fit(
         is frozen; LM with dropout or batch norm in training mode (call ``model.eval()``, or
         train with a first-order method), whose costs change between calls at the same weights
         (``F.dropout`` called in ``forward``, which no submodule shows, is found by two forward
-        passes of up to 64 samples at the start, which must agree to ``sqrt(eps)``);
-        a training cost that is not finite at the initial weights (NaN outputs, or a sum of
-        squares that overflows the model's dtype as LM's trials sum it), for every method and
-        with ``batch_size``, before the first step.
+        passes of up to 64 samples at the start, which must agree to ``sqrt(eps)``); LM with
+        batch norm on batch statistics (``track_running_stats=False``, eval mode too), or with a
+        ``forward`` that mixes the samples (``x - x.mean(0)``: up to 8 samples computed alone
+        must agree with the batch to ``sqrt(eps)``), since its Jacobian rows are each sample's
+        alone; a classification loss with a model that outputs probabilities (a final
+        ``nn.Softmax`` or ``nn.Sigmoid``: the losses take logits); a training cost that is not
+        finite at the initial weights (NaN outputs, or a sum of squares that overflows the
+        model's dtype as LM's trials sum it), for every method and with ``batch_size``, before
+        the first step.
     TypeError
         For non-numeric or complex data, and a model whose output is not one real tensor.
 
