@@ -58,6 +58,10 @@ def test_least_squares_and_pytorch_quick_starts(capsys):
     # "numpy in, numpy out; float64", and the optimizer found fit's Jacobian, as the comments say.
     assert isinstance(res.x, np.ndarray) and res.x.dtype == np.float64 and res.stderr.dtype == np.float64
     assert printed.splitlines()[-1] == "closed-form"
+    # "covariance is s^2 (J^T J)^+ with s^2 = 2 cost / (m - n); stderr the square roots of its diagonal"
+    s2 = 2 * res.cost / (res.fun.size - res.x.size)
+    np.testing.assert_allclose(res.covariance, s2 * np.linalg.pinv(res.jac.T @ res.jac), rtol=1e-10)
+    np.testing.assert_allclose(res.stderr, np.sqrt(np.diag(res.covariance)), rtol=1e-12)
 
 
 def test_least_squares_result_fields_are_the_ones_listed():
