@@ -160,6 +160,22 @@ def test_scaling_doc_example_runs_as_one_rank(monkeypatch):
     assert namespace["history"].stop_reason == "Maximum epoch reached." and len(namespace["history"]) == 6
 
 
+def test_optimizer_damping_n_mu_takes_fits_steps():
+    # docs/optimizers.md: "damping=N * mu takes the steps fit(..., mu=mu) takes on the same network".
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 10), torch.nn.Tanh(), torch.nn.Linear(10, 1)).double()
+    copy = torch.nn.Sequential(torch.nn.Linear(1, 10), torch.nn.Tanh(), torch.nn.Linear(10, 1)).double()
+    copy.load_state_dict(net.state_dict())
+    X = torch.linspace(-1, 1, 200, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * X)
+    marquardt.fit(net, X, y, epochs=5, mu=1e-3)
+    opt = marquardt.LevenbergMarquardt(copy.parameters(), damping=200 * 1e-3)
+    for _ in range(5):
+        opt.step(lambda: copy(X) - y)
+    for fitted, stepped in zip(net.parameters(), copy.parameters()):
+        torch.testing.assert_close(fitted, stepped, rtol=1e-10, atol=1e-12)
+
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
