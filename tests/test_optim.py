@@ -868,6 +868,19 @@ def _lbfgs_style_closure():
     return net, closure
 
 
+def _residuals_computed_before_the_step(model):
+    """``lambda: r`` for ``r = model(X) - y`` computed once, before the step: a closure that
+    returns the same tensor at every call, whatever the parameters the step tries."""
+    def make():
+        net, X, y = _tanh_problem()
+        if model == "linear":
+            net = torch.nn.Linear(1, 1, dtype=torch.float64)
+        r = net(X) - y
+        return net, lambda: r
+
+    return make
+
+
 # A bad closure or parameter set raises before or during the step; the weights are left as they were.
 _BAD_STEPS = {
     "no parameter requires grad": (_frozen_net, ValueError, "None of the optimizer's parameters requires grad"),
@@ -894,6 +907,17 @@ _BAD_STEPS = {
     "residual count changes within the step": (
         _fewer_residuals_at_trials, ValueError,
         "returned 30 residuals at a trial point of the step and 60 at the current parameters"),
+    # A linear model's graph saves no weight: every trial returned the start's residuals, and the
+    # step ended exhausted (damping 1e11) with the weights unmoved, at every step, silently.
+    "residuals computed before the step (linear model)": (
+        _residuals_computed_before_the_step("linear"), ValueError,
+        r"returned the same residual tensor at a trial point as at the current parameters.*"
+        r"opt.step\(lambda: model\(X\) - y\)"),
+    # A tanh network's graph saves its weights, which the step writes: torch's "modified by an
+    # inplace operation" from deep inside the Jacobian, with no word of the closure.
+    "residuals computed before the step (tanh network)": (
+        _residuals_computed_before_the_step("tanh"), RuntimeError,
+        r"computed before step\(\).*opt.step\(lambda: model\(X\) - y\)"),
 }
 
 

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import math
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -135,6 +136,12 @@ class ClosureProblem:
     #: The cost ``0.5 * sum(r**2)`` of those residuals, computed as :meth:`cost` computes a
     #: trial's (the same float for the same residuals; the system's own cost may be summed by chunks).
     start_cost: float = field(default=math.nan, init=False)
+    #: The tensor the closure returned last, and the one it returned at the current parameters
+    #: with that point (weak references: the graph is not kept alive through the trials); see
+    #: :meth:`_check_follows_parameters`.
+    _returned: Any = field(default=None, init=False, repr=False)
+    _start_returned: Any = field(default=None, init=False, repr=False)
+    _start_x: Tensor | None = field(default=None, init=False, repr=False)
 
     def write(self, x: Tensor) -> None:
         offset = 0
@@ -162,13 +169,33 @@ class ClosureProblem:
                 "the current parameters; a step compares costs of the same residuals, so draw a minibatch "
                 "outside the closure, once per step."
             )
+        self._returned = weakref.ref(value)
         return value.reshape(-1)
+
+    def _check_follows_parameters(self, x: Tensor) -> None:
+        """A ValueError when the closure returned, at the trial point ``x``, the very tensor it
+        returned at the current parameters: residuals computed once, before the step
+        (``r = model(X) - y; opt.step(lambda: r)``). Their values never follow the parameters the
+        step writes, so no trial lowers the cost, and every step ended exhausted with the weights
+        unmoved, silently. A tensor that shares a parameter's storage (the parameter itself, a
+        view of it) does follow them and passes."""
+        start = None if self._start_returned is None else self._start_returned()
+        if start is None or self._returned() is not start or torch.equal(x, self._start_x):
+            return
+        if _storage_key(start) in {_storage_key(p) for p in self.params}:
+            return
+        raise ValueError(
+            "The closure returned the same residual tensor at a trial point as at the current parameters: "
+            "residuals computed once, before step() (r = model(X) - y; opt.step(lambda: r)), do not follow the "
+            "parameters a step tries, so no trial can lower the cost. Compute them inside the closure: "
+            "opt.step(lambda: model(X) - y).")
 
     def cost(self, x: Tensor) -> float:
         self.write(x)
         try:
             with torch.enable_grad():
                 r = self.residuals().detach()
+            self._check_follows_parameters(x)
             # Read before the write-back below: residuals that alias a parameter (the closure
             # returns it, or a view of it) would read the linearization point's cost instead.
             value = 0.5 * float(r @ r)
@@ -189,6 +216,7 @@ class ClosureProblem:
             with _SavedBytes(copied) as saved, single_thread(self.serial), \
                     _ModuleCalls(self.closed_form) as calls:
                 r = self.residuals()
+            self._start_returned, self._start_x = self._returned, x
             self.size = r.numel()
             if r.numel() == 0:
                 raise ValueError("The closure returned an empty residual tensor; LevenbergMarquardt needs at "
@@ -209,7 +237,7 @@ class ClosureProblem:
                                  form=self.solver)
             self.serial = plan.serial
             if plan.form == "matrix-free":
-                with single_thread(plan.serial), _freed_graph_hint():
+                with single_thread(plan.serial), _graph_hints():
                     lin = self._matrix_free(r, plan, saved.nbytes, x)
                 if not bool(lin.grad.any()):
                     _check_reaches_parameters(r, self.params)
@@ -224,7 +252,7 @@ class ClosureProblem:
             # are m x graph each and were measured faster on two (T1: 103 vs 142 ms at load 3).
             # A non-finite J (sqrt at 0) is refused right after with a ValueError (_iterate); numpy's
             # "invalid value encountered in matmul" from the J^T J blocks would only precede it.
-            with single_thread(plan.serial and jac is not None), _freed_graph_hint(), \
+            with single_thread(plan.serial and jac is not None), _graph_hints(), \
                     np.errstate(invalid="ignore", over="ignore"):
                 lin = self._assemble(r, jac, plan, saved.nbytes, x)
             if not bool(lin.grad.any()):
@@ -464,18 +492,29 @@ def _check_start_residuals(r: Tensor) -> float:
 
 
 @contextlib.contextmanager
-def _freed_graph_hint() -> Iterator[None]:
-    """Re-raises autograd's 'backward through the graph a second time' as what a closure did:
-    called ``backward()`` on its residuals, as LBFGS closures do, which frees the graph the
-    Jacobian needs (torch's own advice, retain_graph, reads as if the optimizer should pass it)."""
+def _graph_hints() -> Iterator[None]:
+    """Re-raises two autograd errors of the Jacobian's backward passes as what a closure did.
+
+    'Backward through the graph a second time': it called ``backward()`` on its residuals, as
+    LBFGS closures do, which frees the graph the Jacobian needs (torch's own advice,
+    retain_graph, reads as if the optimizer should pass it). 'Modified by an inplace operation':
+    it returned residuals computed before the step, whose graph saved the weights the step has
+    since written (the same values, a new version), or it modified a saved tensor in place.
+    """
     try:
         yield
     except RuntimeError as error:
-        if "backward through the graph a second time" not in str(error):
-            raise
-        raise RuntimeError("The closure's autograd graph was freed before the step could form the Jacobian: a "
-                           "LevenbergMarquardt closure returns the residuals and does not call backward() on them "
-                           "(LBFGS closures do); remove that call, or give it retain_graph=True.") from error
+        if "backward through the graph a second time" in str(error):
+            raise RuntimeError("The closure's autograd graph was freed before the step could form the Jacobian: a "
+                               "LevenbergMarquardt closure returns the residuals and does not call backward() on "
+                               "them (LBFGS closures do); remove that call, or give it retain_graph=True.") from error
+        if "modified by an inplace operation" in str(error):
+            raise RuntimeError("The closure's residuals have a graph whose saved tensors were modified in place "
+                               "since: residuals computed before step() (r = model(X) - y; opt.step(lambda: r)) "
+                               "saved the weights that the step writes before it calls the closure. Compute them "
+                               "inside the closure, opt.step(lambda: model(X) - y), and modify no tensor in place "
+                               "after the operation that saved it.") from error
+        raise
 
 
 def _check_reaches_parameters(r: Tensor, params: list[Tensor]) -> None:
@@ -1124,7 +1163,9 @@ class LevenbergMarquardt(Optimizer):
     point the next step may still reject; that step then returns a cost from the point before,
     which may be higher. The closure is called at the current point and at each trial: it must
     return as many residuals each time within a step (a ValueError otherwise; draw a minibatch
-    outside the closure), and may change them between steps.
+    outside the closure), and may change them between steps. It computes them at each call:
+    residuals computed once before the step and returned again (``opt.step(lambda: r)``) are a
+    ValueError at the first trial, or a RuntimeError saying so when their graph saved the weights.
 
     Four paths, the first that applies: ``J`` in closed form, by columns or by rows of the
     closure's graph, or no ``J`` at all (matrix-free); ``state["jacobian"]`` records how ``J``
