@@ -881,6 +881,11 @@ def _residuals_computed_before_the_step(model):
     return make
 
 
+def _residuals_instead_of_a_closure():
+    net, X, y = _tanh_problem()
+    return net, net(X) - y
+
+
 # A bad closure or parameter set raises before or during the step; the weights are left as they were.
 _BAD_STEPS = {
     "no parameter requires grad": (_frozen_net, ValueError, "None of the optimizer's parameters requires grad"),
@@ -918,6 +923,10 @@ _BAD_STEPS = {
     "residuals computed before the step (tanh network)": (
         _residuals_computed_before_the_step("tanh"), RuntimeError,
         r"computed before step\(\).*opt.step\(lambda: model\(X\) - y\)"),
+    # TypeError: 'Tensor' object is not callable, from inside the linearization.
+    "residual tensor instead of a closure": (
+        _residuals_instead_of_a_closure, TypeError,
+        r"closure must be a callable that returns the residual tensor; received Tensor"),
 }
 
 

@@ -1450,6 +1450,10 @@ class LevenbergMarquardt(Optimizer):
         if closure is None:
             raise ValueError("LevenbergMarquardt.step needs a closure that returns the residual tensor, "
                              "e.g. opt.step(lambda: model(X) - y).")
+        if not callable(closure):
+            raise TypeError(f"LevenbergMarquardt.step's closure must be a callable that returns the residual tensor; "
+                            f"received {type(closure).__name__}. Pass a function that computes them, e.g. "
+                            "opt.step(lambda: model(X) - y), not the residuals themselves.")
         if torch.is_inference_mode_enabled():
             raise RuntimeError("LevenbergMarquardt.step differentiates the closure's residuals, which "
                                "torch.inference_mode() rules out: call step() outside torch.inference_mode() "
