@@ -131,8 +131,8 @@ def test_memory_table_sample_space_row():
 
 def test_optimizers_doc_examples_run():
     """docs/optimizers.md's Python blocks run in order, in one namespace, as a reader pastes them
-    (LM loops cut to 10 steps: the physics-informed closure takes the graph path, seconds a step
-    on a loaded machine; the scheduler's loop runs its 100 steps, as its total_steps needs)."""
+    (LM loops cut to 10 steps: the physics-informed closure takes the graph path, 0.1-0.2 s a step
+    on the loaded 2-core machine; the scheduler's loop runs its 100 steps, as its total_steps needs)."""
     blocks = python_blocks(ROOT / "docs" / "optimizers.md")
     assert len(blocks) >= 3
     namespace: dict = {}
