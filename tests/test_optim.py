@@ -2158,6 +2158,29 @@ def test_the_step_after_a_rejected_point_starts_from_the_point_before_with_the_d
     assert torch.equal(_state(opt)["previous_point"], torch.tensor([1.0], dtype=torch.float64))
 
 
+def _mixed_dtype_sqrt_problem(w0=1.0, shift=0.1):
+    """``sqrt(w X) - shift`` (as :func:`_sqrt_residuals`) with ``w`` a float32 parameter and
+    ``shift`` a float64 one: the flat parameter vector is float64, ``w`` holds it rounded."""
+    w = torch.nn.Parameter(torch.tensor([w0], dtype=torch.float32))
+    shift = torch.nn.Parameter(torch.tensor([shift], dtype=torch.float64))
+    return [w, shift], lambda: _sqrt_residuals(w.double()) + 0.1 - shift
+
+
+def test_a_point_with_a_nan_jacobian_is_stepped_back_from_with_parameters_of_mixed_dtypes():
+    # The accepted point's digest was taken of the float64 step, not of the weights the float32
+    # parameter holds (rounded): the next step never recognised its own point and raised "The
+    # gradient J^T r is not finite" where a float64 run steps back.
+    params, closure = _mixed_dtype_sqrt_problem()
+    opt = LevenbergMarquardt(params)
+    opt.step(closure)
+    assert float(params[0].detach()) < 0 and _state(opt)["previous_damping"] == 1e-3  # accepted where J is NaN
+    reference, by_hand_closure = _mixed_dtype_sqrt_problem()
+    by_hand = LevenbergMarquardt(reference, damping=1e-2)  # from the start, the accepted trial rejected
+    expected = by_hand.step(by_hand_closure)
+    assert opt.step(closure) == expected and torch.equal(_params_of(params), _params_of(reference))
+    assert opt.damping_state == by_hand.damping_state
+
+
 @pytest.mark.parametrize("change", ["initial weights", "weights set since", "new data", "other closure"])
 def test_a_non_finite_gradient_at_a_point_the_optimizer_did_not_choose_stays_a_value_error(change):
     w = torch.nn.Parameter(torch.tensor([1.0 if change != "initial weights" else -0.5], dtype=torch.float64))
@@ -2244,7 +2267,7 @@ def test_a_state_dict_with_a_bad_damping_to_step_back_with_is_refused(field):
 
 
 def _without_step_back(monkeypatch):
-    monkeypatch.setattr(marquardt.optim, "_keep_step_back", lambda stored, start, out: None)
+    monkeypatch.setattr(marquardt.optim, "_keep_step_back", lambda stored, start, out, held: None)
 
 
 @pytest.mark.parametrize("path", ["closed-form", "graph", "matrix-free", "nielsen"])

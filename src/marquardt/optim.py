@@ -1484,7 +1484,7 @@ class LevenbergMarquardt(Optimizer):
                       grad_norm=float(torch.linalg.vector_norm(lin.grad)))
         _keep_solve(stored, problem.forcing, out)
         _keep_resume_state(stored, problem)
-        _keep_step_back(stored, start_point, out)
+        _keep_step_back(stored, start_point, out, _held_point(params, out.x))
         self._kept, self._refused = problem.kept, problem.refused
         if problem.used_mode == "closed-form":
             self._kept.problem.recycle(lin)  # lin is not used after: its n x n buffers serve the next step
@@ -1518,19 +1518,29 @@ def _check_damping_state(entry: dict, where: str, prefix: str = "") -> None:
                          "for the next rejection: 2 after an accepted step, doubled at each rejection).")
 
 
-def _keep_step_back(stored: dict, start: Tensor, out: StepResult) -> None:
+def _keep_step_back(stored: dict, start: Tensor, out: StepResult, held: Tensor) -> None:
     """After an accepted step, keep what :meth:`LevenbergMarquardt._step_back` needs should the
     new point's linearization not be finite: the point the step started from (its
     linearization was finite; the tensor itself, a copy the step made, so one vector of ``n``
     numbers is held), the damping state its accepted trial was computed with, and what tells
-    the accepted point at the next step: the digest of its bytes and the cost the closure gave
-    there. Removed after a step that accepted nothing: its point was linearized."""
+    the accepted point at the next step: the digest of its bytes as the parameters hold it
+    (``held``, :func:`_held_point`) and the cost the closure gave there. Removed after a step that
+    accepted nothing: its point was linearized."""
     if not out.accepted:
         for key in STEP_BACK_KEYS:
             stored.pop(key, None)
         return
     stored.update(previous_point=start, previous_damping=out.trial_state.damping,
-                  previous_nu=out.trial_state.nu, accepted_point=_digest(out.x), accepted_cost=out.cost)
+                  previous_nu=out.trial_state.nu, accepted_point=_digest(held), accepted_cost=out.cost)
+
+
+def _held_point(params: list[Tensor], x: Tensor) -> Tensor:
+    """The flat vector ``x`` as ``params`` hold it once written: ``x`` itself, or, where a
+    parameter's dtype is narrower than ``x``'s (float32 and float64 parameters make a float64
+    ``x``), the parameters read back, rounded as the write rounded them: the next step's ``x``."""
+    if all(p.dtype == x.dtype for p in params):
+        return x
+    return torch.cat([p.detach().reshape(-1) for p in params]).to(x.dtype)
 
 
 #: The state keys of :func:`_keep_step_back`.
