@@ -783,3 +783,39 @@ def test_fit_on_a_terminal_without_tqdm_trains_without_a_bar(regression_csv, tmp
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert run_fit(regression_csv, tmp_path / "out", "--target", "y", "--features", "x1,x2") == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+LONG = "n" * 300  # past NAME_MAX (255 on Linux's file systems): the system refuses it as "File name too long"
+
+
+def untrained_model(folder: Path) -> Path:
+    """A model folder as `marquardt fit` writes it, without the seconds of training and plots."""
+    from marquardt.io import save
+    from marquardt.mlp import mlp
+
+    cli_meta = {"task": "regression", "loss": "mse", "targets": ["y"], "features": ["x1", "x2"], "classes": None}
+    save(mlp(2, (3,), 1, dtype=torch.float64), folder / "model", metadata={"cli": cli_meta})
+    return folder
+
+
+@pytest.mark.parametrize("argv, argument", [
+    (["fit", "{tmp}/" + LONG + ".csv", "--target", "y", "--out", "{tmp}/out"], "DATA.csv"),
+    (["fit", "{data}", "--target", "y", "--features", "x1", "--out", "{tmp}/" + LONG], "--out"),
+    (["fit", "{data}", "--target", "y", "--features", "x1", "--seed", "0", "--checkpoint", "{tmp}/" + LONG,
+      "--out", "{tmp}/out"], "--checkpoint"),
+    (["predict", "{tmp}/" + LONG, "{data}", "-o", "{tmp}/out"], "DIR"),
+    (["predict", "{model}", "{data}", "-o", "{tmp}/" + LONG + ".csv"], "-o"),
+    (["evaluate", "{model}", "{tmp}/" + LONG + ".csv"], "DATA.csv"),
+    (["demo", "--out", "{tmp}/" + LONG, "--epochs", "1"], "--out"),
+])
+def test_a_path_the_system_refuses_is_one_line_with_exit_status_2(regression_csv, tmp_path, capsys, argv,
+                                                                  argument):
+    # A file name past the system's limit was an OSError traceback (errno 36) at the first stat of the path.
+    names = {"tmp": tmp_path, "data": regression_csv, "model": untrained_model(tmp_path / "model")}
+    argv = [arg.format(**names) for arg in argv]
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"marquardt {argv[0]}: error: {argument} {str(tmp_path)[:40]}"), err
+    assert err.count("\n") == 1 and err.endswith("characters): File name too long\n"), err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written

@@ -601,11 +601,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `marquardt fit ... | head`: the reader has gone, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as error:
+        # A path the operating system refuses (a name too long, no permission to read): the
+        # checks of the paths stat them, so this comes before any training.
+        print(f"marquardt {args.command}: error: {_path_problem(args, error)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         resume = (" (run the same command to resume from the last checkpoint)"
                   if getattr(args, "checkpoint", None) is not None else "")
         print(f"marquardt {args.command}: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _path_problem(args: argparse.Namespace, error: OSError) -> str:
+    """The one-line message for an OSError: the argument and path refused, and the system's reason.
+
+    Examples
+    --------
+    >>> args = argparse.Namespace(command="fit", data="d.csv", out=Path("run"), checkpoint=None)
+    >>> _path_problem(args, OSError(36, "File name too long", "run/model.json"))
+    '--out run: cannot use run/model.json: File name too long'
+    >>> _path_problem(args, OSError(13, "Permission denied", "d.csv"))
+    'DATA.csv d.csv: Permission denied'
+    """
+    reason = error.strerror or str(error)
+    if error.filename is None:
+        return reason
+    path = os.fsdecode(error.filename)
+    argument = _argument_of(args, path)
+    if argument is None:
+        return f"{_short_path(path)}: {reason}"
+    label, value = argument
+    given = f"{label} {_short_path(value)}"
+    if os.path.abspath(value) == os.path.abspath(path):
+        return f"{given}: {reason}"
+    return f"{given}: cannot use {_short_path(path)}: {reason}"
+
+
+# The path arguments of each command, by the name its usage line gives them.
+_PATH_ARGUMENTS = {"fit": (("DATA.csv", "data"), ("--out", "out"), ("--checkpoint", "checkpoint")),
+                   "predict": (("DIR", "model_dir"), ("DATA.csv", "data"), ("-o", "output")),
+                   "evaluate": (("DIR", "model_dir"), ("DATA.csv", "data")), "demo": (("--out", "out"),)}
+
+
+def _argument_of(args: argparse.Namespace, path: str) -> tuple[str, str] | None:
+    """(label, value) of the path argument that ``path`` is, lies under or above; None if none."""
+    failed = os.path.abspath(path)
+    for label, name in _PATH_ARGUMENTS.get(args.command, ()):
+        value = getattr(args, name, None)
+        if value is None or str(value) == "-":
+            continue
+        given = os.path.abspath(value)
+        if os.path.commonpath([failed, given]) in (failed, given):
+            return label, str(value)
+    return None
+
+
+def _short_path(path: str, keep: int = 60) -> str:
+    """``path``, or its ends around the character count when longer than the line it is printed on."""
+    if len(path) <= 2 * keep + 3:
+        return path
+    return f"{path[:keep]}...{path[-keep:]} ({len(path)} characters)"
 
 
 def _out_of_memory(error: BaseException) -> bool:
