@@ -92,6 +92,19 @@ def test_sklearn_doc_example():
     assert namespace["search"].best_params_["lmregressor__hidden_layer_sizes"] in [(5,), (10,), (10, 10)]
 
 
+def test_sklearn_doc_br_max_fail_default_stops_on_validation():
+    # docs/sklearn.md: "the default max_fail=6 stops method='br' on validation too; max_fail=None never does".
+    pytest.importorskip("sklearn")
+    from marquardt import LMRegressor
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, size=(60, 2))
+    y = np.sin(3 * X[:, 0]) * X[:, 1]
+    reasons = [LMRegressor((5,), method="br", random_state=0, **options).fit(X, y).history_.stop_reason
+               for options in ({}, {"max_fail": None})]
+    assert reasons[0] == "Validation stop." and reasons[1] != "Validation stop."
+
+
 @pytest.mark.parametrize("command", dict.fromkeys(
     command for page in (README, ROOT / "docs" / "cli.md", ROOT / "docs" / "scaling.md") for command in command_lines(page)))
 def test_readme_command_lines_parse(command):
