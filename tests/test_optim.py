@@ -1722,6 +1722,37 @@ def test_closed_form_matrix_free_run_resumed_takes_the_same_next_step(samples, h
     assert again.step(resumed_closure) == cost and torch.equal(_params(resumed), _params(net))
 
 
+def _mixed_dtype_network():
+    """A 2-16-1 tanh network whose first layer is float32 and last float64 (65 parameters, 300
+    samples), its closure on the graph path: the flat parameter vector is float64."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16).float(), nn.Tanh(), nn.Linear(16, 1).double())
+    X = torch.randn(300, 2, dtype=torch.float64)
+    y = torch.sin(X.sum(1, keepdim=True))
+    return net, lambda: net[2](torch.tanh(net[0](X.float())).double()) - y
+
+
+@pytest.mark.parametrize("solver", ["matrix-free", "auto"])
+def test_a_run_with_parameters_of_mixed_dtypes_resumed_takes_the_same_next_step(solver):
+    # torch's load_state_dict casts every state tensor to its parameter's dtype: the float64
+    # warm start and point to step back to, kept under the float32 first parameter, came back
+    # float32. The matrix-free solve then dropped its warm start (resumed cost 6.245 against
+    # 5.542), and the step back could no longer take place.
+    net, closure = _mixed_dtype_network()
+    opt = LevenbergMarquardt(net.parameters(), solver=solver)
+    for _ in range(3):
+        opt.step(closure)
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    cost = opt.step(closure)
+    resumed, resumed_closure = _mixed_dtype_network()
+    resumed.load_state_dict(weights)
+    again = LevenbergMarquardt(resumed.parameters(), solver=solver)
+    again.load_state_dict(saved)
+    assert _state(again)["previous_point"].dtype == torch.float64
+    assert torch.equal(_state(again)["previous_point"], saved["state"][0]["previous_point"])
+    assert again.step(resumed_closure) == cost and torch.equal(_params(resumed), _params(net))
+
+
 def test_closed_form_resume_state_is_dropped_after_another_form():
     net, opt, closure = _closed_form_matrix_free(300)
     opt.step(closure)

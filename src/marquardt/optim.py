@@ -1378,6 +1378,16 @@ class LevenbergMarquardt(Optimizer):
                     _check_damping_state(entry, f"state_dict['state'][{index!r}]", prefix)
         super().load_state_dict(state_dict)
         self._restore_strings(state_dict)
+        self._restore_flat_vectors(state_dict)
+
+    def _loaded_entries(self, state_dict: dict) -> Iterator[tuple[Tensor, dict]]:
+        """``(parameter, saved entry)`` for each parameter whose state ``state_dict`` holds."""
+        saved = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, param in zip(saved, params):
+            entry = state_dict["state"].get(index)
+            if isinstance(entry, dict):
+                yield param, entry
 
     def _restore_strings(self, state_dict: dict) -> None:
         """Put back the string entries of the loaded state (``solver``, ``jacobian``).
@@ -1387,12 +1397,25 @@ class LevenbergMarquardt(Optimizer):
         ``"<generator object Optimizer.load_state_dict.<locals>...>"`` until the next step, and a
         state dict saved right after loading (a checkpoint rewritten) kept it.
         """
-        saved = [index for group in state_dict["param_groups"] for index in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, param in zip(saved, params):
-            entry = state_dict["state"].get(index)
-            if isinstance(entry, dict):
-                self.state[param].update({key: value for key, value in entry.items() if isinstance(value, str)})
+        for param, entry in self._loaded_entries(state_dict):
+            self.state[param].update({key: value for key, value in entry.items() if isinstance(value, str)})
+
+    def _restore_flat_vectors(self, state_dict: dict) -> None:
+        """Cast the loaded vectors of the flat parameter vector's space (:data:`FLAT_VECTOR_KEYS`)
+        to that vector's dtype, the parameters' promoted one, from the saved tensors.
+
+        torch's ``load_state_dict`` casts every state tensor to the dtype of the parameter it is
+        kept under, the first: with float32 and float64 parameters the float64 warm start and
+        point to step back to came back float32, and the resumed run dropped them (another next
+        step). With one dtype this is torch's cast (a model converted since included).
+        """
+        group = self.param_groups[0]["params"]
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in (self._params or group)])
+        for param, entry in self._loaded_entries(state_dict):
+            for key in FLAT_VECTOR_KEYS:
+                value = entry.get(key)
+                if isinstance(value, Tensor) and value.is_floating_point() and dtype.is_floating_point:
+                    self.state[param][key] = value.to(dtype=dtype, device=param.device)
 
     @property
     def exhausted(self) -> bool:
@@ -1545,6 +1568,11 @@ def _held_point(params: list[Tensor], x: Tensor) -> Tensor:
 
 #: The state keys of :func:`_keep_step_back`.
 STEP_BACK_KEYS = ("previous_point", "previous_damping", "previous_nu", "accepted_point", "accepted_cost")
+
+#: The state tensors that live in the flat parameter vector's space (its dtype: the parameters'
+#: promoted one): the point to step back to, the matrix-free warm start and the closed-form
+#: problem's last point.
+FLAT_VECTOR_KEYS = ("previous_point", "warm_start", "closed_form_point")
 
 
 def _digest(x: Tensor) -> int:
