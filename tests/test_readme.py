@@ -100,7 +100,7 @@ def test_sklearn_doc_br_max_fail_default_stops_on_validation():
     rng = np.random.default_rng(0)
     X = rng.uniform(-1, 1, size=(60, 2))
     y = np.sin(3 * X[:, 0]) * X[:, 1]
-    reasons = [LMRegressor((5,), method="br", random_state=0, **options).fit(X, y).history_.stop_reason
+    reasons = [LMRegressor((5,), method="br", epochs=20, random_state=0, **options).fit(X, y).history_.stop_reason
                for options in ({}, {"max_fail": None})]
     assert reasons[0] == "Validation stop." and reasons[1] != "Validation stop."
 
