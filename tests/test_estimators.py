@@ -317,3 +317,19 @@ def test_estimators_train_in_their_own_process_under_a_process_group(monkeypatch
     X, y = make_classification(n_samples=30, n_features=3, n_informative=2, n_redundant=0, random_state=0)
     estimator.fit(X, y.astype(float) if isinstance(estimator, LMRegressor) else y)
     assert received["distributed"] is False
+
+
+def test_regressor_reads_text_targets_as_numbers_and_refuses_labels():
+    # numpy text targets passed validate_data(y_numeric=True), which converts object arrays only,
+    # and failed in np.abs with "ufunc 'absolute' did not contain a loop ... StrDType".
+    X, y = regression_data(30)
+    numbers = LMRegressor((3,), epochs=3, random_state=0).fit(X, y)
+    text = LMRegressor((3,), epochs=3, random_state=0).fit(X, np.array([repr(v) for v in y.tolist()]))
+    np.testing.assert_array_equal(text.predict(X), numbers.predict(X))
+    labels = np.where(y > 0, "up", "down")
+    with pytest.raises(ValueError, match=re.escape(f"Invalid y: text values of dtype <U4 that are not all numbers "
+                                                   f"(such as {labels.tolist()[0]!r}); LMRegressor fits numeric targets: "
+                                                   "for class labels use LMClassifier.")):
+        LMRegressor((3,), epochs=3).fit(X, labels)
+    with pytest.raises(ValueError, match="Input y contains NaN"):
+        LMRegressor((3,), epochs=3).fit(X, np.array(["nan"] + ["1.5"] * 29))

@@ -23,7 +23,7 @@ try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
     from sklearn.utils import check_random_state
     from sklearn.utils.multiclass import check_classification_targets
-    from sklearn.utils.validation import check_is_fitted, validate_data
+    from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 except ImportError as error:
     # validate_data and __sklearn_tags__ came with scikit-learn 1.6; older releases fail on the
     # import above with a message that does not say so.
@@ -163,6 +163,33 @@ def _unchanged_on_error(estimator: BaseEstimator) -> Iterator[None]:
         raise
 
 
+def _numeric_targets(y: np.ndarray) -> np.ndarray:
+    """Regression targets as numbers: text (numpy's ``str_``/``bytes_``) read as floats, as
+    ``validate_data`` reads an object array.
+
+    ``y_numeric=True`` converts object arrays only; text went on to a ufunc error ("ufunc
+    'absolute' did not contain a loop ... StrDType") and its ``'nan'`` was never checked.
+    """
+    if y.dtype.kind not in "SU":
+        return y
+    try:
+        numbers = y.astype(np.float64)
+    except ValueError:
+        raise ValueError(f"Invalid y: text values of dtype {y.dtype} that are not all numbers (such as "
+                         f"{_first_non_number(y)!r}); LMRegressor fits numeric targets: for class labels use "
+                         "LMClassifier.") from None
+    return check_array(numbers, ensure_2d=False, dtype=np.float64, input_name="y")
+
+
+def _first_non_number(y: np.ndarray) -> Any:
+    for value in y.ravel().tolist():
+        try:
+            float(value)
+        except ValueError:
+            return value
+    return None
+
+
 def _check_hidden_layer_sizes(sizes: Any) -> None:
     try:
         _check_hidden(sizes)
@@ -269,6 +296,7 @@ class LMRegressor(RegressorMixin, _LMEstimator):
         self._check_parameters()
         with _unchanged_on_error(self):
             X, y = validate_data(self, X, y, dtype=np.float64, multi_output=True, y_numeric=True)
+            y = _numeric_targets(y)
             self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
             # predict gives y's shape back: a (n, 1) target predicts (n, 1), as LinearRegression.
             self._target_ndim = y.ndim
