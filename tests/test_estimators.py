@@ -333,3 +333,19 @@ def test_regressor_reads_text_targets_as_numbers_and_refuses_labels():
         LMRegressor((3,), epochs=3).fit(X, labels)
     with pytest.raises(ValueError, match="Input y contains NaN"):
         LMRegressor((3,), epochs=3).fit(X, np.array(["nan"] + ["1.5"] * 29))
+
+
+@pytest.mark.parametrize("estimator, n, held_out", [(LMRegressor(validation_fraction=0.9), 3, 3),
+                                                    (LMRegressor(validation_fraction=0.99), 40, 40),
+                                                    (LMClassifier(validation_fraction=0.8), 2, 2)])
+def test_a_validation_fraction_that_holds_out_every_sample_is_named(estimator, n, held_out):
+    # fit's refusal named its own split argument, which the estimator's user never set:
+    # "split (0.09999999999999998, 0.9, 0.0) leaves no training samples out of 3."
+    X = np.arange(2.0 * n).reshape(n, 2)
+    message = (f"Invalid validation_fraction value: {estimator.validation_fraction!r}; with {n} samples it holds out "
+               f"{held_out} (rounded), leaving none to train on: use a smaller fraction, or 0 to train on every sample.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        estimator.fit(X, np.arange(n) % 2)
+    assert not hasattr(estimator, "model_")
+    # 0.8 of 3 samples holds out 2 and trains on 1: accepted
+    LMRegressor((2,), epochs=1, validation_fraction=0.8, random_state=0).fit(np.arange(6.0).reshape(3, 2), [0, 1, 2])

@@ -31,6 +31,7 @@ except ImportError as error:
                       "install or upgrade it: pip install 'scikit-learn>=1.6'.") from error
 
 from .damping import is_real_number
+from .division import divide
 from .history import History
 from .mlp import MLP, _check_hidden, mlp
 from .train import fit
@@ -99,6 +100,7 @@ class _LMEstimator(BaseEstimator):
 
     def _train(self, X: np.ndarray, y: np.ndarray, n_outputs: int, loss: str) -> None:
         """Build the network from ``random_state`` and train it on ``(X, y)``; set fitted attributes."""
+        self._check_training_rows(len(X))
         dtype = self._torch_dtype()
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         # fit(seed=...) seeds torch's global generator; fork_rng leaves the caller's stream as it was.
@@ -111,12 +113,28 @@ class _LMEstimator(BaseEstimator):
         self.history_: History = history
         self.n_iter_: int = int(history.last["epoch"])
 
+    def _check_training_rows(self, n_samples: int) -> None:
+        """Refuse a ``validation_fraction`` that holds out every sample, naming it: fit's own
+        refusal named its ``split`` argument, which the estimator's user never set."""
+        if float(self.validation_fraction) == 0:
+            return
+        train, held_out, _ = divide(n_samples, "random", self._split())  # the counts fit's division takes
+        if len(train) == 0:
+            raise ValueError(f"Invalid validation_fraction value: {self.validation_fraction!r}; with {n_samples} "
+                             f"samples it holds out {len(held_out)} (rounded), leaving none to train on: use a "
+                             "smaller fraction, or 0 to train on every sample.")
+
+    def _split(self) -> tuple[float, float, float]:
+        """fit's ``split``: training, validation (``validation_fraction``) and no test samples."""
+        held_out = float(self.validation_fraction)
+        return (1.0 - held_out, held_out, 0.0)
+
     def _fit_options(self, seed: int, loss: str) -> dict[str, Any]:
         held_out = float(self.validation_fraction)
         method = torch.optim.Adam if self.method == "adam" else self.method
         return dict(method=method, loss=loss, epochs=self.epochs, goal=self.goal, min_grad=self.min_grad,
                     max_fail=self.max_fail, division="random" if held_out > 0 else None,
-                    split=(1.0 - held_out, held_out, 0.0), batch_size=self.batch_size, time_limit=self.time_limit,
+                    split=self._split(), batch_size=self.batch_size, time_limit=self.time_limit,
                     seed=seed, progress=bool(self.verbose),
                     # An estimator trains on the data it is given, in this process: under a process
                     # group (a torchrun job) fit would sum over the ranks and take rank 0's weights.
