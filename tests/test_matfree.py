@@ -311,3 +311,21 @@ def test_fit_matrix_free_float32_with_targets_near_1e17_makes_progress():
     history = fit(model, X, y, epochs=2, solver="matrix-free")
     assert history["solver"][1:] == ["cg", "cg"] and history["damping"][1:] == pytest.approx([1e-4, 1e-5])
     assert history["perf"][2] < 0.2 * history["perf"][0]
+
+
+def test_matrix_free_forcing_reads_a_float32_gradient_norm_past_float32s_range():
+    # ||J^T r|| ~ 3e19 summed in float32 was inf: the next solve's Eisenstat-Walker forcing term
+    # was computed from inf (the step itself is right since c1f96be; its tolerance was not).
+    from torch import nn
+
+    from marquardt.network import ModuleProblem, flatten_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1))
+    X = torch.rand(150, 2, generator=torch.Generator().manual_seed(1))
+    problem = ModuleProblem(model, X, 3e17 * (X[:, :1] + torch.sin(3 * X[:, 1:])), solver="matrix-free")
+    x = flatten_parameters(model)
+    lin = problem.linearize(x)
+    norm = problem._previous[1]
+    assert lin.grad.dtype == torch.float32 and math.isinf(float(torch.linalg.vector_norm(lin.grad)))
+    assert math.isfinite(norm) and norm == pytest.approx(float(torch.linalg.vector_norm(lin.grad.double())), rel=1e-12)

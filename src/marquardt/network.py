@@ -299,7 +299,8 @@ class ModuleProblem:
     max_matrix_bytes : int
         Budget for the ``n x n`` normal matrix; past it ``"auto"`` goes matrix-free.
     cg_max_iter : int
-        Most conjugate-gradient products per matrix-free linearization.
+        Most conjugate-gradient directions per matrix-free linearization: up to
+        ``cg_max_iter + 1`` Jacobian products (the warm start's and one per direction).
     curvature_samples : int, optional
         Samples whose Jacobian products model ``J^T J`` in the matrix-free form (the gradient
         and the cost always use all samples); default :func:`~marquardt.matfree.curvature_sample_size`.
@@ -733,7 +734,9 @@ class ModuleProblem:
         residuals = lin.outputs.reshape(-1) - self.y.reshape(-1)
         grad = lin.vjp(residuals)
         curvature, factor = self._curvature_products(x, lin)
-        norm = float(torch.linalg.vector_norm(grad))
+        # Summed in float64: a float32 gradient's norm past ~1.8e19 read as inf, and the forcing
+        # term of the next solve with it.
+        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float64))
         previous = self._previous
         if previous is not None:  # the step from the last linearization's point, an accepted one
             previous_x, previous_norm, previous_forcing = previous
