@@ -118,7 +118,8 @@ class _LMEstimator(BaseEstimator):
         refusal named its ``split`` argument, which the estimator's user never set."""
         if float(self.validation_fraction) == 0:
             return
-        train, held_out, _ = divide(n_samples, "random", self._split())  # the counts fit's division takes
+        # The counts fit's division takes; a generator of its own leaves torch's global stream alone.
+        train, held_out, _ = divide(n_samples, "random", self._split(), torch.Generator())
         if len(train) == 0:
             raise ValueError(f"Invalid validation_fraction value: {self.validation_fraction!r}; with {n_samples} "
                              f"samples it holds out {len(held_out)} (rounded), leaving none to train on: use a "
