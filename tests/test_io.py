@@ -191,6 +191,19 @@ def test_tied_weights_are_saved(tmp_path):
     assert torch.equal(target[2].weight, model[0].weight)
 
 
+def test_a_layer_called_twice_round_trips(tmp_path):
+    # named_children() skips a module met before: the record of Sequential(lin, Tanh, lin) had two
+    # entries, and load refused its own save ("unexpected 2.bias; unexpected 2.weight").
+    lin = nn.Linear(3, 3, dtype=torch.float64)
+    model = nn.Sequential(lin, nn.Tanh(), nn.Sequential(lin, nn.Tanh()), lin)
+    save(model, tmp_path / "model")
+    assert [layer["name"] for layer in _record(tmp_path)["architecture"]["layers"]] == ["0", "1", "2", "3"]
+    loaded = load(tmp_path / "model")
+    x = _inputs()
+    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(loaded[3].weight, lin.weight) and torch.equal(loaded[2][0].bias, lin.bias)
+
+
 def test_load_does_not_disturb_global_rng(tmp_path):
     save(_trained_like_mlp(torch.float64), tmp_path / "model")
     torch.manual_seed(0)

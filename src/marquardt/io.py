@@ -321,7 +321,11 @@ def _layer_spec(name: str, layer: nn.Module) -> dict[str, Any] | None:
 
 def _sequential_spec(seq: nn.Sequential) -> list[dict[str, Any]] | None:
     """Layer list of a Sequential of supported layers, or None if any layer is unsupported."""
-    specs = [_layer_spec(name, layer) for name, layer in seq.named_children()]
+    # Every entry, not named_children(), which skips a module met before: a Sequential that
+    # calls one layer twice (nn.Sequential(lin, nn.Tanh(), lin)) lost the second call from its
+    # record, and its save could not be loaded. Rebuilt, the two entries hold equal copies, as
+    # parameters tied across layers do.
+    specs = [_layer_spec(name, layer) for name, layer in seq._modules.items()]
     return None if any(spec is None for spec in specs) else specs
 
 
