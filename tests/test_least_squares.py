@@ -712,3 +712,37 @@ def test_a_1d_jacobian_of_one_residual_is_a_row_as_in_scipy(kind):
     assert res.success and res.jac.shape == (1, 2) and float(res.x @ row) == pytest.approx(5.0)
     with pytest.raises(ValueError, match=r"jac returned shape \(2,\); expected \(m, n\) = \(2, 1\)"):
         least_squares(lambda b: torch.cat([b - 1.0, b - 2.0]), [0.0], jac=lambda b: np.ones(2))
+
+
+def _failing_drivers(monkeypatch, failing: set[str]) -> list[str]:
+    """Make torch.linalg.lstsq raise LinAlgError for the ``failing`` drivers; returns the drivers called."""
+    calls: list[str] = []
+    real = torch.linalg.lstsq
+
+    def lstsq(a, b, *, driver=None, **kwargs):
+        calls.append(driver)
+        if driver in failing:
+            raise torch.linalg.LinAlgError("SVD did not converge")
+        return real(a, b, driver=driver, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "lstsq", lstsq)
+    return calls
+
+
+def test_damped_lstsq_falls_back_to_pivoted_qr_when_the_svd_does_not_converge(monkeypatch):
+    # gelsd's SVD failed to converge on a float32 stacked system mid-training, and the
+    # LinAlgError left the LM loop; gelsy solves the same least-squares problem.
+    J = torch.tensor([[2.0, 1.0], [1.0, 3.0], [0.0, 1.0]], dtype=torch.float64)
+    r = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    scale = torch.ones(2, dtype=torch.float64)
+    expected = damped_lstsq(J, r, 0.1, scale)
+    calls = _failing_drivers(monkeypatch, {"gelsd"})
+    torch.testing.assert_close(damped_lstsq(J, r, 0.1, scale), expected, rtol=1e-12, atol=0)
+    assert calls == ["gelsd", "gelsy"]
+
+
+def test_damped_lstsq_gives_a_nan_step_when_no_driver_solves(monkeypatch):
+    J = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    _failing_drivers(monkeypatch, {"gelsd", "gelsy"})
+    step = damped_lstsq(J, torch.ones(2, dtype=torch.float64), 0.1, torch.ones(2, dtype=torch.float64))
+    assert step.shape == (2,) and bool(torch.isnan(step).all())

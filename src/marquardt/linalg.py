@@ -81,8 +81,16 @@ def damped_lstsq(jac: Tensor, residuals: Tensor, damping: float, scale: Tensor) 
         # An overflowed damping scale (inf * 0): LAPACK's gelsd refuses a NaN with an internal
         # assertion.
         return no_step(n, jac)
-    driver = "gelsd" if augmented.device.type == "cpu" else "gels"
-    return columns * torch.linalg.lstsq(scaled, rhs, driver=driver).solution.squeeze(1)
+    drivers = ("gelsd", "gelsy") if augmented.device.type == "cpu" else ("gels",)
+    for driver in drivers:
+        try:
+            return columns * torch.linalg.lstsq(scaled, rhs, driver=driver).solution.squeeze(1)
+        except torch.linalg.LinAlgError:
+            # LAPACK's SVD (gelsd) can fail to converge: it did on the stacked float32 system of a
+            # 1-342-1 network, mid-training. Pivoted QR (gelsy) solves the same problem; where
+            # nothing does, the trial fails and the damping rises, as for any failed solve.
+            continue
+    return no_step(n, jac)
 
 
 def no_step(n: int, like: Tensor) -> Tensor:
