@@ -2348,3 +2348,12 @@ def test_the_closed_form_is_found_where_global_hooks_take_no_keywords(monkeypatc
     expected = run()
     monkeypatch.setattr(optim_module, "_GLOBAL_HOOK_KWARGS", False)
     assert run() == expected and expected[1] == "closed-form"
+
+
+def test_a_parameter_listed_twice_is_refused_at_construction():
+    # torch.optim only warns: each listed copy got its own column of J and both halves of the
+    # step were written into the one tensor, so half of the solved step was applied.
+    layer = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"Invalid params: the parameter at index 2 is the one at index 0"):
+        marquardt.LevenbergMarquardt([layer.weight, layer.bias, layer.weight])
+    marquardt.LevenbergMarquardt(torch.nn.Sequential(layer, torch.nn.Tanh(), layer).parameters())  # shared once

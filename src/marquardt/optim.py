@@ -450,6 +450,19 @@ class ClosureProblem:
         return jac if _products_agree(jac, probe.detach(), g.detach()) else None
 
 
+def _refuse_duplicates(params: Any) -> None:
+    """A ValueError for a parameter listed twice (torch.optim only warns): the step solves for
+    each listed copy and writes both into the one tensor, so half of the step was applied."""
+    params = [params] if isinstance(params, Tensor) else list(params)
+    seen: dict[int, int] = {}
+    for index, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(f"Invalid params: the parameter at index {index} is the one at index {seen[id(p)]} "
+                             f"(shape {tuple(p.shape)}) listed again; expected each parameter once (e.g. "
+                             "list(dict.fromkeys(params)) or model.parameters(), which lists shared weights once).")
+        seen[id(p)] = index
+
+
 def _random_marks(device: torch.device) -> list[Any]:
     """The state of the generators a closure draws from by default: torch's on the CPU and, for a
     CUDA device, that device's (dropout on the GPU draws from it), and numpy's global one
@@ -1344,6 +1357,7 @@ class LevenbergMarquardt(Optimizer):
         # Options given in the group itself (torch.optim's per-group form) are checked and stored
         # as the constructor's keywords are: they were taken unchecked until the first step.
         given = {key: param_group.get(key, self.defaults[key]) for key in LM_OPTIONS}
+        _refuse_duplicates(param_group["params"])
         super().add_param_group({**param_group, **_lm_options(*(given[key] for key in LM_OPTIONS))})
 
     @property
