@@ -450,10 +450,9 @@ class ClosureProblem:
         return jac if _products_agree(jac, probe.detach(), g.detach()) else None
 
 
-def _refuse_duplicates(params: Any) -> None:
+def _refuse_duplicates(params: list[Tensor]) -> None:
     """A ValueError for a parameter listed twice (torch.optim only warns): the step solves for
     each listed copy and writes both into the one tensor, so half of the step was applied."""
-    params = [params] if isinstance(params, Tensor) else list(params)
     seen: dict[int, int] = {}
     for index, p in enumerate(params):
         if id(p) in seen:
@@ -1357,8 +1356,12 @@ class LevenbergMarquardt(Optimizer):
         # Options given in the group itself (torch.optim's per-group form) are checked and stored
         # as the constructor's keywords are: they were taken unchecked until the first step.
         given = {key: param_group.get(key, self.defaults[key]) for key in LM_OPTIONS}
-        _refuse_duplicates(param_group["params"])
-        super().add_param_group({**param_group, **_lm_options(*(given[key] for key in LM_OPTIONS))})
+        params = param_group["params"]
+        if not isinstance(params, set):  # torch.optim refuses a set (no order) with its TypeError
+            params = [params] if isinstance(params, Tensor) else list(params)  # a generator is read once
+            _refuse_duplicates(params)
+        super().add_param_group({**param_group, "params": params,
+                                 **_lm_options(*(given[key] for key in LM_OPTIONS))})
 
     @property
     def _params(self) -> list[Tensor]:
