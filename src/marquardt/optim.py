@@ -379,7 +379,8 @@ class ClosureProblem:
         if jvp is None:
             jvp = functools.partial(self._rows_times, r, plan.chunk_rows, batch)
         diagonal = functools.partial(self._gram_diagonal, r, plan.chunk_rows, batch)
-        start, self.forcing = warm_start(self.previous, float(torch.linalg.vector_norm(grad)), x)
+        # The norm summed in float64, as fit's: a float32 gradient past ~1.8e19 read as inf.
+        start, self.forcing = warm_start(self.previous, float(torch.linalg.vector_norm(grad, dtype=torch.float64)), x)
         self._point = x.clone()
         system = MatrixFreeEquations(jvp, vjp, diagonal, initial=start, rtol=self.forcing, max_iter=self.cg_max_iter,
                                      precondition=False)
