@@ -599,3 +599,16 @@ def test_an_mlp_on_the_meta_device_draws_no_weights():
     assert all(p.is_meta for p in model.parameters())
     assert torch.equal(torch.random.get_rng_state(), state)
     assert tuple(model.net[0].weight.shape) == (200, 50)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_numpy_input_error_names_the_conversion_that_works(dtype):
+    # The hint said dtype=torch.float64 for every network: following it on the default float32
+    # mlp gave "mat1 and mat2 must have the same dtype".
+    model = mlp(1, dtype=dtype)
+    with pytest.raises(TypeError) as error:
+        model(np.zeros((2, 1)))
+    hint = str(error.value).split("Convert with ")[1]
+    assert hint == f"torch.as_tensor(x, dtype={dtype})"
+    converted = eval(hint, {"torch": torch, "x": np.zeros((2, 1))})  # the hint, run as written
+    assert model(converted).dtype == dtype

@@ -585,11 +585,16 @@ class MLP(nn.Module):
         """Evaluate the layers on normalised inputs, returning normalised outputs."""
         return self.net(x_norm)
 
+    def _dtype_name(self) -> str:
+        """The network's dtype as code, ``torch.float32``: what a converted input must have."""
+        weight = next(self.parameters(), None)
+        return str(weight.dtype if weight is not None else torch.get_default_dtype())
+
     def forward(self, x: Tensor) -> Tensor:
         """Map raw inputs (N, n_inputs) to raw outputs (N, n_outputs)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"MLP inputs must be a torch.Tensor of shape (N, {self.n_inputs}); received "
-                            f"{type(x).__name__}. Convert with torch.as_tensor(x, dtype=torch.float64)")
+                            f"{type(x).__name__}. Convert with torch.as_tensor(x, dtype={self._dtype_name()})")
         if x.shape[-1:] != (self.n_inputs,):
             raise ValueError(f"MLP with n_inputs={self.n_inputs} needs inputs of shape (N, {self.n_inputs}); "
                              f"received shape {tuple(x.shape)}")
