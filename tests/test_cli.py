@@ -306,7 +306,10 @@ BAD_INPUT = [
     ("out is a file", ["fit", "{data}", "--target", "y", "--features", "x1", "--out", "{data}"],
      "--out {data} is a file; pass a folder"),
     ("no header line", ["fit", "{noheader}", "--target", "y", *OUT],
-     "--target: {noheader} has no column 'y'; its first line is numbers, not column names; the file needs a header"),
+     "--target: {noheader} has no header: its first line is numbers, not column names; the file needs a header"),
+    # A target named as a number of that line trained on the other rows, silently.
+    ("no header line, target a number of it", ["fit", "{noheader}", "--target", "1.5", *OUT],
+     "--target: {noheader} has no header: its first line is numbers, not column names; the file needs a header"),
     ("target listed twice", ["fit", "{data}", "--target", "y,y", *OUT],
      "--target: column(s) 'y' listed more than once"),
     ("br with classes", ["fit", "{labels}", "--target", "c", "--loss", "cross_entropy", "--method", "br", *OUT],

@@ -222,13 +222,15 @@ def _check_header(path: str, columns: list[str]) -> list[str]:
 
 
 def _check_columns(table: Table, names: Sequence[str], option: str) -> list[str]:
+    if _all_numbers(table.columns):
+        # Also when a name matches a number of that line (--target 2.5): the first data row was
+        # taken as the header and the rest trained on, silently.
+        raise UsageError(f"{option}: {table.path} has no header: its first line is numbers, not column names; the "
+                         "file needs a header line naming the columns first")
     for name in names:
         if name not in table.columns:
             close = _closest(name, table.columns)
             hint = f"did you mean {close!r}?" if close else f"the columns are {', '.join(table.columns)}"
-            if _all_numbers(table.columns):
-                hint = ("its first line is numbers, not column names; the file needs a header line naming the "
-                        "columns first")
             raise UsageError(f"{option}: {table.path} has no column {name!r}; {hint}")
     twice = sorted({name for name in names if list(names).count(name) > 1})
     if twice:
