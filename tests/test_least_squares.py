@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -746,3 +747,30 @@ def test_damped_lstsq_gives_a_nan_step_when_no_driver_solves(monkeypatch):
     _failing_drivers(monkeypatch, {"gelsd", "gelsy"})
     step = damped_lstsq(J, torch.ones(2, dtype=torch.float64), 0.1, torch.ones(2, dtype=torch.float64))
     assert step.shape == (2,) and bool(torch.isnan(step).all())
+
+
+@pytest.mark.parametrize(
+    ("fun", "x0"),
+    [
+        (lambda b: b - torch.tensor([2.0, 3.0], dtype=b.dtype), [2.0, 3.0]),  # zero residuals at x0
+        (lambda b: torch.stack([b[0] ** 2 - 4.0, b[0] * b[1] - 6.0]), [2.0, 3.0]),
+        (lambda b: torch.stack([b[0] ** 2 - 1.0, b[0] ** 2 + 1.0]), [0.0]),  # J = 0: a zero Gauss-Newton step
+    ],
+    ids=["linear", "nonlinear", "flat"],
+)
+def test_a_start_at_the_minimum_evaluates_fun_once_as_scipy_does(fun, x0):
+    # The closing Gauss-Newton step was evaluated even when it was zero: fun was called at x0
+    # a second time and nfev was 2 where scipy's method="lm" reports 1.
+    calls = []
+
+    def counted(b):
+        calls.append(b.clone())
+        return fun(b)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "flat": J = 0 leaves b undetermined
+        res = least_squares(counted, x0, jac="2-point")
+    theirs = scipy.optimize.least_squares(lambda b: fun(torch.as_tensor(b)).numpy(), x0, method="lm")
+    assert (res.status, res.nfev, res.njev, res.n_iter) == (theirs.status, 1, 1, 0) == (1, theirs.nfev, 1, 0)
+    assert np.array_equal(res.x, x0)
+    assert len(calls) == 1 + len(x0)  # x0, then one shifted point per parameter for the Jacobian

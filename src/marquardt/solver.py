@@ -888,6 +888,10 @@ class _Run:
         step = gauss_newton_step(lin.jac, lin.residuals)
         if not bool(torch.isfinite(step).all()):
             return x, lin
+        if torch.equal(x + step, x):
+            # Already at the Gauss-Newton point (zero residuals, or x0 the minimiser): a call of
+            # fun at x again could not lower the cost and made nfev 2 where scipy reports 1.
+            return x, lin
         self.nfev += 1
         if not self.problem.cost(x + step) < lin.cost:
             return x, lin
