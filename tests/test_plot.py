@@ -554,3 +554,18 @@ def test_import_and_plotting_do_not_import_pyplot():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_zero_value_is_left_out_of_a_log_axis_as_semilogy_does():
+    # matplotlib's default clips values <= 0 to ~1e-300: a performance of 0 at epoch 2 was drawn
+    # as a drop just after epoch 1, off the bottom of the axes. MATLAB's semilogy leaves it out.
+    history = History()
+    for epoch, perf in enumerate([1.0, 0.1, 0.0]):
+        history.append(epoch=epoch, perf=perf, vperf=perf + 0.2, damping=1e-3, gradient=perf, val_fail=0)
+    axes = [plot_performance(history).axes[0], plot_comparison({"LM": history}).axes[0],
+            plot_training_state(history).axes[0]]  # the Gradient panel
+    for ax in axes:
+        assert ax.get_yscale() == "log"
+        x_zero, y_zero = ax.transData.transform((2.0, 0.0))
+        assert not np.isfinite(y_zero)  # clipped, it was a finite position below the axes
+        assert np.isfinite(ax.transData.transform((1.0, 0.1))).all()

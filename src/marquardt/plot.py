@@ -524,7 +524,14 @@ def _log_scale_if_positive(ax: Axes, series: list[np.ndarray]) -> None:
     # A run that fits its data exactly records a performance of 0: with no positive value a log
     # axis has nothing to show (matplotlib warns and draws an empty panel), so it stays linear.
     if any((values[np.isfinite(values)] > 0).any() for values in series):
-        ax.set_yscale("log")
+        _log_y(ax)
+
+
+def _log_y(ax: Axes) -> None:
+    """A log y axis that leaves out values <= 0, as MATLAB's ``semilogy`` does. matplotlib's
+    default clips them to about 1e-300 instead: a performance of 0 at epoch 2 was drawn as a
+    vertical drop just after epoch 1, off the bottom of the axes."""
+    ax.set_yscale("log", nonpositive="mask")
 
 
 def _epoch_axis(ax: Axes, epochs: np.ndarray) -> None:
@@ -646,7 +653,7 @@ def _state_panel(ax: Axes, epochs: np.ndarray, values: np.ndarray, *,
     ax.set_title(f"{name} = {values[last]:.4g}, at epoch {_int_text(epochs[last])}")
     ax.set_ylabel(ylabel)
     if log and (values[finite] > 0).any():
-        ax.set_yscale("log")
+        _log_y(ax)
     elif ylabel == "val_fail":
         from matplotlib.ticker import MaxNLocator
 
