@@ -661,6 +661,13 @@ def edit_trainer_state_fields(folder: Path) -> None:
     save_state(path, tensors, meta)
 
 
+def drop_model_tensor(folder: Path) -> None:
+    path = latest_checkpoint(folder)
+    tensors, meta = load_state(path)
+    del tensors["model/net.2.bias"]
+    save_state(path, tensors, meta)
+
+
 # (damage, the checkpoint file named, what the message says of it)
 DAMAGES = [
     (edit_record(epoch="four"), "checkpoint-00000002.safetensors", 'its epoch record is "four", expected an integer'),
@@ -679,6 +686,10 @@ DAMAGES = [
      r'its requires_grad record is \["net.0.weight"\], expected an object mapping parameter names to true or false'),
     (garble_pointer, "latest.txt", "can't decode byte 0xff"),
     (point_nowhere, "checkpoint-00000099.safetensors", "does not exist"),
+    # Past the record checks: these failed while loading, after the model had taken the weights.
+    (edit_record(random={"numpy": ["PCG64", 0, 0, 0.0]}), "checkpoint-00000002.safetensors",
+     "ValueError: set_state can only be used with legacy MT19937 state instances"),
+    (drop_model_tensor, "checkpoint-00000002.safetensors", 'RuntimeError: .*Missing key.*"net.2.bias"'),
 ]
 
 
@@ -688,13 +699,14 @@ def test_unreadable_checkpoint_is_named_before_the_model_changes(tmp_path, damag
     fit(network(), X, y, epochs=2, checkpoint=tmp_path, checkpoint_every=1, progress=False)
     damage(tmp_path)
     model = network()
-    before = {key: value.detach().clone() for key, value in model.named_parameters()}
+    before = {key: value.detach().clone() for key, value in model.state_dict().items()}  # ranges unset
     expected = f"The checkpoint .*{name} in {tmp_path} cannot be read: .*{message}"
     with pytest.raises(CheckpointError, match=expected) as err:
         fit(model, X, y, epochs=4, checkpoint=tmp_path, progress=False)
     assert str(err.value).endswith("Pass another checkpoint folder, or resume=False to start over and replace it.")
     assert not isinstance(err.value, CheckpointMismatch) and err.value.path.name == name
-    assert same_weights(dict(model.named_parameters()), before)
+    assert same_weights(model.state_dict(), before) and not model.normalization_set
+    assert all(p.requires_grad for p in model.parameters())
     history = fit(network(), X, y, epochs=2, checkpoint=tmp_path, resume=False, progress=False)  # the way out
     assert history["epoch"] == [0, 1, 2]
 

@@ -48,7 +48,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,18 +246,8 @@ class Checkpointer:
         _check_record(path, tensors, meta)
         _check_not_past(path, meta["epoch"], loop.rules["epochs"])
         trainable = _saved_requires_grad(path, meta)
-        device = next(loop.model.parameters()).device
-        _restore_requires_grad(loop.model, trainable)
-        loop.model.load_state_dict(_prefixed(tensors, "model/"))
-        # Before the trainer's state: an LM trainer built for the fresh model's trainable set
-        # rebuilds its problem for the checkpoint's, whose state is then loaded into it.
-        loop.trainer.resume_from_model()
-        _restore_trainer(loop.trainer, _prefixed(tensors, "trainer/"), meta["trainer"], device)
-        _restore_history(loop.history, meta["history"])
-        best.perf, best.epoch = meta["best"]["perf"], meta["best"]["epoch"]
-        weights = _prefixed(tensors, "best/")
-        best.weights = {name: value.to(device) for name, value in weights.items()} if weights else None
-        _restore_random(tensors, meta["random"], self.generator)
+        with _unchanged_on_failure(path, loop, self.generator):
+            _load(loop, best, tensors, meta, trainable, self.generator)
         return meta["epoch"], meta["val_fail"], meta["elapsed"]
 
     def _check_compatible(self, path: Path, loop: Any, meta: Mapping[str, Any]) -> None:
@@ -420,6 +411,59 @@ def _run_seed(generator: torch.Generator | None) -> tuple[int | None, bool]:
 # (which no train_done dropped) would refuse the others. Per process, the descriptor of each
 # folder it holds: a run of this process that raised left its lock, and the next takes it over.
 _HELD: dict[Path, int] = {}
+
+
+def _load(loop: Any, best: Any, tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
+          trainable: Mapping[str, bool] | None, generator: torch.Generator | None) -> None:
+    """Put a checkpoint's state into the loop, its best-epoch tracker and the random generators."""
+    device = next(loop.model.parameters()).device
+    _restore_requires_grad(loop.model, trainable)
+    loop.model.load_state_dict(_prefixed(tensors, "model/"))
+    # Before the trainer's state: an LM trainer built for the fresh model's trainable set
+    # rebuilds its problem for the checkpoint's, whose state is then loaded into it.
+    loop.trainer.resume_from_model()
+    _restore_trainer(loop.trainer, _prefixed(tensors, "trainer/"), meta["trainer"], device)
+    _restore_history(loop.history, meta["history"])
+    best.perf, best.epoch = meta["best"]["perf"], meta["best"]["epoch"]
+    weights = _prefixed(tensors, "best/")
+    best.weights = {name: value.to(device) for name, value in weights.items()} if weights else None
+    _restore_random(tensors, meta["random"], generator)
+
+
+@contextmanager
+def _unchanged_on_failure(path: Path, loop: Any, generator: torch.Generator | None) -> Iterator[None]:
+    """Undo a load that fails part way, and name the checkpoint in a :class:`CheckpointError`.
+
+    The record checks cannot foresee every hand edit (a numpy random state of another kind, a
+    tensor missing from the file): such a checkpoint failed inside ``load_state_dict`` or
+    ``np.random.set_state``, after the user's model had taken the checkpoint's weights, with an
+    error that did not say the checkpoint was the cause. The model's tensors and
+    ``requires_grad``, the History (empty before a resume: ``fit`` then treats the call as one
+    that trained nothing) and the random generators are put back as they were.
+    """
+    state = {name: value.detach().clone() for name, value in loop.model.state_dict().items()}
+    flags = {name: parameter.requires_grad for name, parameter in loop.model.named_parameters()}
+    history = (loop.history.method, list(loop.history.records))
+    randoms = (torch.get_rng_state(), np.random.get_state(), None if generator is None else generator.get_state())
+    try:
+        yield
+    except Exception as error:
+        loop.model.load_state_dict(state)
+        _restore_requires_grad(loop.model, flags)
+        loop.history.method, loop.history.records = history
+        torch.set_rng_state(randoms[0])
+        np.random.set_state(randoms[1])
+        if generator is not None:
+            generator.set_state(randoms[2])
+        raise CheckpointError(
+            path, f"in {path.parent} cannot be read: {type(error).__name__}: {_one_line(error)}",
+            "Pass another checkpoint folder, or resume=False to start over and replace it."
+        ) from error
+
+
+def _one_line(error: BaseException) -> str:
+    """``error``'s text on one line, without its final period (the message goes on after it)."""
+    return " ".join(str(error).split()).rstrip(".")
 
 
 def _check_not_past(path: Path, epoch: int, epochs: int) -> None:
