@@ -612,3 +612,21 @@ def test_a_numpy_input_error_names_the_conversion_that_works(dtype):
     assert hint == f"torch.as_tensor(x, dtype={dtype})"
     converted = eval(hint, {"torch": torch, "x": np.zeros((2, 1))})  # the hint, run as written
     assert model(converted).dtype == dtype
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_float64_tensor_given_to_a_float32_network_names_the_conversion(normalize):
+    # torch.as_tensor of numpy data is float64: it reached nn.Linear and failed there with torch's
+    # "mat1 and mat2 must have the same dtype, but got Double and Float".
+    torch.manual_seed(0)
+    model = mlp(2, hidden=(3,), normalize=normalize)
+    if normalize:
+        model.set_normalization(torch.tensor([[0.0, 1.0], [2.0, 5.0]]), torch.tensor([1.0, 3.0]))
+    x = torch.as_tensor(np.array([[1.0, 2.0], [0.5, 4.0]]))
+    with pytest.raises(TypeError, match=r"MLP inputs must have the network's dtype torch\.float32; received a "
+                                        r"tensor of dtype torch\.float64\. Convert with x\.to\(torch\.float32\), "
+                                        r"or build the network with mlp\(\.\.\., dtype=torch\.float64\)"):
+        model(x)
+    assert model(x.to(torch.float32)).dtype == torch.float32
+    if normalize:  # integers are promoted by the normalization, as before
+        assert torch.equal(model(torch.tensor([[1, 2]])), model(torch.tensor([[1.0, 2.0]])))

@@ -598,7 +598,22 @@ class MLP(nn.Module):
         if x.shape[-1:] != (self.n_inputs,):
             raise ValueError(f"MLP with n_inputs={self.n_inputs} needs inputs of shape (N, {self.n_inputs}); "
                              f"received shape {tuple(x.shape)}")
-        return self.denormalize_outputs(self.forward_normalized(self.normalize_inputs(x)))
+        mapped = self.normalize_inputs(x)
+        _check_input_dtype(x, mapped, self.net)
+        return self.denormalize_outputs(self.forward_normalized(mapped))
+
+
+def _check_input_dtype(x: Tensor, mapped: Tensor, net: nn.Sequential) -> None:
+    """A TypeError naming the conversion where the layers cannot take the (normalized) inputs:
+    numpy's float64 given to a float32 network (``torch.as_tensor(X)``) reached ``nn.Linear``
+    and failed there with torch's 'mat1 and mat2 must have the same dtype'. Inputs the
+    normalization promotes to the network's dtype (integers, float16) pass as before."""
+    weight = next(net.parameters(), None)
+    if weight is None or mapped.dtype == weight.dtype:
+        return
+    other = f", or build the network with mlp(..., dtype={x.dtype})" if x.is_floating_point() else ""
+    raise TypeError(f"MLP inputs must have the network's dtype {weight.dtype}; received a tensor of dtype "
+                    f"{x.dtype}. Convert with x.to({weight.dtype}){other}")
 
 
 def mlp(
