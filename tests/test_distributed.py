@@ -406,6 +406,11 @@ class StopAlone(Callback):
             raise StopIteration
 
 
+def _activated_net(activation: type) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 6), activation(), nn.Linear(6, 1)).double()
+
+
 def _wider_net(rank: int) -> nn.Module:
     torch.manual_seed(0)
     width = 6 if rank == 0 else 7
@@ -416,6 +421,9 @@ def _wider_net(rank: int) -> nn.Module:
 MISMATCHES = {
     "wider model": lambda rank, X, y: dict(model=_wider_net(rank), X=X, y=y, epochs=3),
     "float32 model": lambda rank, X, y: dict(model=tiny_net() if rank == 0 else tiny_net().float(), X=X, y=y, epochs=3),
+    # Same tensors, another activation: the ranks summed Jacobians of two networks, silently.
+    "sigmoid on rank 1": lambda rank, X, y: dict(model=_activated_net(nn.Sigmoid if rank else nn.Tanh), X=X, y=y,
+                                                 epochs=3),
     "callback stops one rank": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=6,
                                                        callbacks=[StopAlone(rank)]),
     "fewer epochs on rank 0": lambda rank, X, y: dict(model=tiny_net(), X=X, y=y, epochs=2 if rank == 0 else 6),
@@ -449,6 +457,15 @@ def _mismatches_body(folder: str, reducer: Any) -> dict[str, Any]:
         try:
             history = fit(**arguments(reducer.rank, X, y))
             out[name] = ("ok", f"{history.stop_reason} after epoch {len(history) - 1}")
+        except Exception as error:  # noqa: BLE001 - the test asserts on every outcome
+            out[name] = (type(error).__name__, str(error))
+    # The training options fit passes: mu on rank 1 alone (each rank then damped its own steps
+    # and the weights parted silently), and the same options on both ranks.
+    for name, options in {"options": {"method": "lm", "mu": 0.1 if reducer.rank else 1e-3},
+                          "same options": {"method": torch.optim.Adam, "lr": 0.01}}.items():
+        try:
+            synchronize_module(tiny_net(), reducer, options)
+            out[name] = ("ok", "")
         except Exception as error:  # noqa: BLE001 - the test asserts on every outcome
             out[name] = (type(error).__name__, str(error))
     return out
@@ -941,6 +958,11 @@ def mismatches(mismatch_folder) -> dict[int, tuple[str, Any]]:
                                   "rank 1: 4 tensors, 29 elements, 232 bytes"),
     ("float32 model", "ValueError", "rank 0: 4 tensors, 25 elements, 200 bytes; rank 1: 4 tensors, 25 elements, "
                                     "100 bytes"),
+    ("sigmoid on rank 1", "ValueError", "The model's layers differ between ranks (layer 1: 'Tanh()' on rank 0, "
+                                        "'Sigmoid()' on rank 1). Build the same model"),
+    ("options", "ValueError", "The training options differ between ranks (mu: 0.001 on rank 0, 0.1 on rank 1). "
+                              "Pass the same options on every rank"),
+    ("same options", "ok", ""),
     # Rank 0 returned success while rank 1 waited in its next collective.
     ("fewer epochs on rank 0", "DistributedError", "rank(s) [0] finished while rank(s) [1] went on"),
     # Rank 0 stopped alone; now the ranks agree on the stop each epoch.

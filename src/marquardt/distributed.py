@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import math
 import os
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -822,16 +823,24 @@ def shard_bounds(n_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n_samples // world_size, (rank + 1) * n_samples // world_size
 
 
-def synchronize_module(model: nn.Module, reducer: Reducer) -> None:
+def synchronize_module(model: nn.Module, reducer: Reducer, options: Mapping[str, Any] | None = None) -> None:
     """Copy rank 0's parameters and buffers into ``model`` on every rank (in place, once).
 
     The ranks first agree that their models have the same tensors (count, elements, bytes and
-    a checksum of the shapes and dtypes): a broadcast of tensors of different sizes would abort
-    a process inside the backend. A mismatch raises ValueError on every rank, naming the ranks.
+    a checksum of the shapes and dtypes) and the same layers (each submodule's class and
+    ``extra_repr``, so ``Tanh`` on one rank and ``Sigmoid`` on another), and, when given, the
+    same ``options`` (the training options, which must match on every rank). A broadcast of
+    tensors of different sizes would abort a process inside the backend; layers or options that
+    differ gave every rank other steps, and weights that parted silently. A mismatch raises
+    ValueError on every rank, naming the ranks (and the options) that differ.
+
+    Examples
+    --------
+    >>> synchronize_module(torch.nn.Linear(1, 1), LocalReducer(), {"method": "lm"})
     """
     if reducer.world_size == 1:
         return
-    _require_same_layout(model, reducer)
+    _require_same_layout(model, reducer, {} if options is None else options)
     with torch.no_grad():
         for tensor in _state_tensors(model):
             tensor.copy_(reducer.broadcast(tensor))
@@ -842,21 +851,80 @@ def _state_tensors(model: nn.Module) -> Iterable[Tensor]:
     yield from model.buffers()
 
 
-def _require_same_layout(model: nn.Module, reducer: Reducer) -> None:
-    """Raise ValueError on every rank unless all ranks' models have the same tensors (one reduction)."""
+def _layers_text(model: nn.Module) -> str:
+    """Each submodule's name, class and ``extra_repr`` (sizes, slopes): the model's structure,
+    without a device or an address that may differ between ranks of one run."""
+    return json.dumps([[name, type(module).__qualname__, module.extra_repr()] for name, module in model.named_modules()])
+
+
+def _option_value(value: Any) -> Any:
+    # A class or function (method=torch.optim.Adam) by its name, a tensor by its values; any
+    # other object by its type, whose repr may hold an address that differs between ranks.
+    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if isinstance(value, (Tensor, np.ndarray, np.generic)):
+        return value.tolist()
+    return f"<{type(value).__name__}>"
+
+
+def _options_text(options: Mapping[str, Any]) -> str:
+    return json.dumps({str(key): value for key, value in options.items()}, sort_keys=True, default=_option_value)
+
+
+def _require_same_layout(model: nn.Module, reducer: Reducer, options: Mapping[str, Any]) -> None:
+    """Raise ValueError on every rank unless all ranks' models and options agree (one reduction)."""
     tensors = list(_state_tensors(model))
     shapes = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in tensors)
+    layers, settings = _layers_text(model), _options_text(options)
     # crc32 < 2^32 and the counts are exact in float64.
     code = [len(tensors), sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors),
-            zlib.crc32(shapes.encode())]
+            zlib.crc32(shapes.encode()), zlib.crc32(layers.encode()), zlib.crc32(settings.encode())]
     rows = gather_rows(torch.tensor([code], dtype=torch.float64), reducer).long().tolist()
-    differ = [r for r, row in enumerate(rows) if row != rows[0]]
+    differ = [r for r, row in enumerate(rows) if row[:4] != rows[0][:4]]
     if differ:
         describe = lambda r: f"rank {r}: {rows[r][0]} tensors, {rows[r][1]} elements, {rows[r][2]} bytes"  # noqa: E731
         raise ValueError(
             f"The model differs between ranks ({'; '.join(describe(r) for r in [0, *differ])}; same counts mean "
             "other shapes or dtypes). Build the same model, with the same layers, sizes and dtype, on every rank."
         )
+    # Every rank holds the same rows, so all of them join (or skip) these gathers together.
+    if any(row[4] != rows[0][4] for row in rows):
+        texts = _gather_texts(layers, reducer)
+        raise ValueError(f"The model's layers differ between ranks ({_text_differences(texts)}). Build the same "
+                         "model, with the same layers and activations, on every rank.")
+    if any(row[5] != rows[0][5] for row in rows):
+        texts = _gather_texts(settings, reducer)
+        raise ValueError(f"The training options differ between ranks ({_text_differences(texts)}). Pass the same "
+                         "options on every rank: each rank would take other steps, and the weights would part.")
+
+
+#: Bytes of a model's or options' description that the ranks exchange to name a difference.
+_TEXT_BYTES = 4096
+
+
+def _gather_texts(text: str, reducer: Reducer) -> list[str]:
+    """Every rank's ``text`` (at most ``_TEXT_BYTES`` of it), in rank order."""
+    row = torch.zeros(1, _TEXT_BYTES, dtype=torch.uint8)
+    data = text.encode("utf-8")[:_TEXT_BYTES]
+    if data:
+        row[0, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return [bytes(r).rstrip(b"\0").decode("utf-8", "replace") for r in gather_rows(row, reducer).numpy()]
+
+
+def _text_differences(texts: list[str], shown: int = 4) -> str:
+    """What differs between rank 0's JSON description and each other rank's, in words."""
+    try:
+        parsed = [json.loads(text) for text in texts]
+    except ValueError:  # cut at _TEXT_BYTES: name the ranks only
+        return "; ".join(f"rank {r} differs from rank 0" for r in range(1, len(texts)) if texts[r] != texts[0])
+    if all(isinstance(item, list) for item in parsed):  # layers: [name, class, extra_repr] rows
+        parsed = [{f"layer {row[0]}" if row[0] else "model": f"{row[1]}({row[2]})" for row in item} for item in parsed]
+    text = lambda entries, key: repr(entries[key]) if key in entries else "not given"  # noqa: E731
+    lines = [f"{key}: {text(parsed[0], key)} on rank 0, {text(other, key)} on rank {r}"
+             for r, other in enumerate(parsed[1:], start=1) for key in dict.fromkeys([*parsed[0], *other])
+             if text(parsed[0], key) != text(other, key)]
+    more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
+    return "; ".join(lines[:shown]) + more
 
 
 def global_scale(local_scale: float, reducer: Reducer) -> float:
