@@ -774,3 +774,23 @@ def test_a_start_at_the_minimum_evaluates_fun_once_as_scipy_does(fun, x0):
     assert (res.status, res.nfev, res.njev, res.n_iter) == (theirs.status, 1, 1, 0) == (1, theirs.nfev, 1, 0)
     assert np.array_equal(res.x, x0)
     assert len(calls) == 1 + len(x0)  # x0, then one shifted point per parameter for the Jacobian
+
+
+def test_a_jac_computing_rows_by_torch_autograd_grad_is_solved():
+    # jac ran with autograd off: torch.autograd.grad inside it failed with "element 0 of
+    # tensors does not require grad and does not have a grad_fn", though jacrev inside jac worked.
+    calls = []
+
+    def jac(b):
+        calls.append(torch.is_grad_enabled())
+        b = b.detach().requires_grad_(True)
+        r = decay(b)
+        return torch.stack([torch.autograd.grad(r[i], b, retain_graph=True)[0] for i in range(r.shape[0])])
+
+    res = least_squares(decay, X0, jac=jac)
+    reference = least_squares(decay, X0, jac=decay_jac)
+    assert res.status == reference.status and res.nfev == reference.nfev and res.njev == reference.njev
+    np.testing.assert_allclose(res.x, reference.x, rtol=1e-12)
+    np.testing.assert_allclose(res.x, [2.503082, 1.306379, 0.402746], rtol=1e-6)
+    # Tried once with autograd off at x0, then always with it on: no second failing call per point.
+    assert calls == [False] + [True] * res.njev

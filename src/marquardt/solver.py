@@ -396,6 +396,9 @@ class FunctionProblem:
     #: Whether ``fun`` must run with autograd on even where no Jacobian is traced (it calls
     #: ``torch.autograd.grad`` itself, as a physics-informed residual does): found at ``x0``.
     needs_grad: bool = False
+    #: Whether ``jac`` takes derivatives itself (``torch.autograd.grad`` or ``backward()`` on
+    #: ``x.requires_grad_()``), so that it must run with autograd on: found at its first call.
+    jac_needs_grad: bool = field(default=False, init=False)
     _last: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def residuals(self, x: Tensor) -> Tensor:
@@ -447,8 +450,7 @@ class FunctionProblem:
         r = self._residuals_at(x)
         if self.jac == "2-point":
             return r, finite_difference_jacobian(self._plain_residuals, x, r, self.fd_eps)
-        with self._untraced():
-            value = _dense(self.jac(x))
+        value = _dense(self._jac_value(x))
         _check_real("jac", value, "torch.cat([J.real, J.imag]) for residuals torch.cat([r.real, r.imag])")
         jac = self._as_jacobian(value, x)
         if jac.ndim == 1 and self.n_residuals == 1:
@@ -459,6 +461,31 @@ class FunctionProblem:
             raise ValueError(f"jac returned shape {tuple(jac.shape)}; expected (m, n) = "
                              f"({self.n_residuals}, {x.shape[0]}) (at x = {_describe_point(x)}).")
         return r, jac
+
+    def _jac_value(self, x: Tensor) -> Any:
+        """``jac(x)`` with autograd off, or on where ``jac`` takes derivatives itself.
+
+        A ``jac`` written with ``torch.autograd.grad`` (rows of ``J`` by backward passes) failed
+        with autograd off ("element 0 of tensors does not require grad"), though ``jacrev`` or
+        ``torch.autograd.functional.jacobian`` inside ``jac``, which switch it on themselves,
+        worked. As for ``fun`` (:func:`_first_call`), a ``RuntimeError`` with autograd off is
+        tried once more with it on; if that succeeds ``jac`` runs with it on from then on, and a
+        ``jac`` that fails both ways raises its first error.
+        """
+        if self.needs_grad or self.jac_needs_grad:
+            with torch.enable_grad():
+                return self.jac(x)
+        try:
+            with torch.no_grad():
+                return self.jac(x)
+        except RuntimeError as error:
+            try:
+                with torch.enable_grad():
+                    value = self.jac(x)
+            except Exception:  # noqa: BLE001 - not a grad-mode failure: the first error is jac's own
+                raise error from None
+            self.jac_needs_grad = True
+            return value
 
     def _as_jacobian(self, value: Any, x: Tensor) -> Tensor:
         """``jac``'s output as a tensor like ``x``, or a TypeError naming ``jac``: torch's and
@@ -578,7 +605,8 @@ def least_squares(
         ``n <= m``, reverse mode otherwise). A callable ``jac(x, *args, **kwargs)`` returning the
         ``(m, n)`` Jacobian (a tensor, an array, or a scipy/torch sparse matrix, made dense;
         shape ``(n,)`` when ``m == 1``, as scipy reads it; anything else, ``None`` included, is a
-        TypeError naming ``jac``). ``"2-point"``: forward differences, only when asked for,
+        TypeError naming ``jac``). It may take derivatives itself (``torch.autograd.grad``); it then
+        runs with autograd on, as ``fun`` does. ``"2-point"``: forward differences, only when asked for,
         with MINPACK's relative steps ``sqrt(eps) * |x_j|`` (``sqrt(eps)`` where ``x_j == 0``), as
         ``lmdif`` takes them, with ``eps`` that of the coarser of ``fun``'s and ``x``'s precisions.
     args, kwargs
