@@ -674,6 +674,8 @@ DAMAGES = [
     (edit_record(epoch=-3), "checkpoint-00000002.safetensors", "its epoch record is -3, expected an integer >= 1"),
     (edit_record(epoch=5), "checkpoint-00000002.safetensors",
      "its history records record is \"2 records\", expected a list of 5 records"),
+    (edit_record(history=lambda saved: {**saved, "records": [saved["records"][0], {"perf": 0.5}]}),
+     "checkpoint-00000002.safetensors", r'its history row record is \{"perf": 0.5\}, expected records numbered'),
     (edit_record(val_fail=None), "checkpoint-00000002.safetensors", "its val_fail record is null"),
     (edit_record(best={}), "checkpoint-00000002.safetensors", "its best record is {}"),
     (edit_record(elapsed="x"), "checkpoint-00000002.safetensors", 'its elapsed record is "x"'),

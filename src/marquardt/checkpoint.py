@@ -706,6 +706,14 @@ def _is_trainer_field(value: Any) -> bool:
             and set(fields) == {field.name for field in dataclasses.fields(cls)})
 
 
+def _bad_record(records: Any) -> Any:
+    """The first History record that is not an object holding its own epoch number, or None."""
+    if not isinstance(records, list):
+        return None
+    return next((record for i, record in enumerate(records)
+                 if not (isinstance(record, Mapping) and _is_count(record.get("epoch")) and record["epoch"] == i)), None)
+
+
 def _check_record(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
     """Refuse, before the model is touched, a checkpoint whose record was edited or damaged by
     hand (the checksum covers the tensors only), rather than fail halfway through loading it
@@ -729,8 +737,11 @@ def _check_record(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, 
          'an object {"perf": number, "epoch": integer or null}'),
         ("history method", get("history", "method"), isinstance(get("history", "method"), str), "a string"),
         ("history records", f"{len(records)} records" if isinstance(records, list) else records,
-         isinstance(records, list) and all(isinstance(record, Mapping) for record in records)
-         and len(records) == get("epoch"), f"a list of {get('epoch')} records, one per epoch before it"),
+         isinstance(records, list) and len(records) == get("epoch"),
+         f"a list of {get('epoch')} records, one per epoch before it"),
+        # A record edited or replaced by hand became a History row of its own (epoch None), silently.
+        ("history row", _bad_record(records), _bad_record(records) is None,
+         'records numbered from 0, each an object with its "epoch"'),
         ("trainer fields", fields, isinstance(fields, Mapping), "an object"),
         (f"trainer field {bad_field!r}", get("trainer", "fields", str(bad_field)), bad_field is None,
          f"a scalar, or one of {sorted(_STATE_CLASSES)} with its fields"),
