@@ -37,9 +37,11 @@ fields are attributes: ``tr.best_epoch`` is ``history.best_epoch``, ``tr.stop`` 
 ``history.stop`` (alias of ``stop_reason``), ``tr.num_epochs`` is ``history.num_epochs``, and
 ``tr.best_perf``, ``tr.best_vperf``, ``tr.best_tperf`` are ``history.best_perf``,
 ``history.best_vperf``, ``history.best_tperf`` (the record of ``best_epoch``). ``tr.trainFcn``
-is named differently: ``history.method`` (``"lm"``, not ``"trainlm"``). A History does not
-hold MATLAB's training parameters, data division (``trainInd``, ``valInd``, ``testInd``,
-masks) or ``states``; asking for them raises a ``KeyError`` that says so.
+is named differently: ``history.method`` (``"lm"``, not ``"trainlm"``). The rows of a division,
+``tr.trainInd``, ``tr.valInd`` and ``tr.testInd``, are the attributes ``history.trainInd``,
+``history.valInd`` and ``history.testInd`` (0-based). A History does not hold MATLAB's training
+parameters, division settings, masks or ``states``; asking for them raises a ``KeyError`` that
+says so.
 """
 
 from __future__ import annotations
@@ -475,7 +477,7 @@ def _refuse_matlab_field(key: str) -> None:
     if key in _MATLAB_NOT_HELD:
         raise KeyError(
             f"A History does not hold MATLAB's tr.{key}: it records only the per-epoch values, "
-            "method, stop_reason and best_epoch"
+            "method, stop_reason, best_epoch and the rows of a division (history.trainInd, valInd, testInd)"
         )
 
 
