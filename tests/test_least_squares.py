@@ -90,6 +90,8 @@ X0 = [1.0, 1.0, 0.0]
         (lambda b, c: decay(b) * c, X0, dict(args=2.0), TypeError,
          r"args must be a tuple of extra arguments for fun; received float 2.0 \(write args=\(2.0,\)"),
         (decay, X0, dict(kwargs=[1]), TypeError, "kwargs must be a dict of keyword arguments for fun; received list"),
+        # Python's "keywords must be strings", at the first call of fun, named neither kwargs nor the key
+        (decay, X0, dict(kwargs={1: 2.0}), TypeError, r"kwargs must map argument names \(str\) to values; received key 1 of type int"),
         (decay, X0, dict(callback="print"), TypeError, "callback must be callable or None; received str"),
         # numpy's own conversion errors, naming no argument
         (decay, [[1.0], [1.0, 2.0]], {}, TypeError, r"x0 must be a 1-D array-like of numbers or a tensor; received list"),

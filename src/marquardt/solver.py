@@ -1079,6 +1079,11 @@ def _validate_call(*, args: Any, kwargs: Any, callback: Any, geodesic: Any) -> N
                         f"{args!r} (write args=({args!r},) for one argument).")
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a dict of keyword arguments for fun; received {type(kwargs).__name__}.")
+    bad_keys = [key for key in kwargs if not isinstance(key, str)]
+    if bad_keys:
+        # Python's own error, at the first call of fun, names neither kwargs nor the key.
+        raise TypeError(f"kwargs must map argument names (str) to values; received key {bad_keys[0]!r} of type "
+                        f"{type(bad_keys[0]).__name__}.")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None; received {type(callback).__name__}.")
 
