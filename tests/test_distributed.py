@@ -963,13 +963,16 @@ def mismatches(mismatch_folder) -> dict[int, tuple[str, Any]]:
     ("options", "ValueError", "The training options differ between ranks (mu: 0.001 on rank 0, 0.1 on rank 1). "
                               "Pass the same options on every rank"),
     ("same options", "ok", ""),
-    # Rank 0 returned success while rank 1 waited in its next collective.
-    ("fewer epochs on rank 0", "DistributedError", "rank(s) [0] finished while rank(s) [1] went on"),
+    # Rank 0 returned success while rank 1 waited in its next collective; since the options are
+    # compared before any work, both name the option.
+    ("fewer epochs on rank 0", "ValueError", "The training options differ between ranks (epochs: 2 on rank 0, 6 on "
+                                             "rank 1). Pass the same options on every rank"),
     # Rank 0 stopped alone; now the ranks agree on the stop each epoch.
     ("callback stops one rank", "ok", "User stop. after epoch 1"),
-    # gloo aborted rank 0 on the mismatched sizes; now both name what each rank reached.
-    ("momentum on rank 1", "DistributedError", "the ranks reached different collectives (rank 0: a sum of 1 float64 "
-                                               "numbers; rank 1: a sum of 25 float64 numbers)"),
+    # gloo aborted rank 0 on the mismatched sizes; then both named the collectives each rank
+    # reached; now the options are compared before any work.
+    ("momentum on rank 1", "ValueError", "The training options differ between ranks (method: 'lm' on rank 0, "
+                                         "'momentum' on rank 1; min_grad:"),
     ("checkpoint on rank 0 only", "DistributedError", "the ranks reached different collectives (rank 0: a sum of 2 "
                                                       "float64 numbers; rank 1: a sum of 3 float64 numbers)"),
     # The message said "give every rank validation_data" for a test set on one rank too.

@@ -1337,7 +1337,13 @@ def fit(
                                                    loss_fn)
         _check_optimizer_options(kind, spec, model)
         _check_bayesian_form(kind, spec, model)
-        synchronize_module(model, reducer)
+        # Options that differ between ranks gave each rank its own steps and weights that parted
+        # silently (mu 0.001 on one, 0.1 on another); the seed, callbacks, progress and checkpoint
+        # settings may differ or are checked where they are used.
+        synchronize_module(model, reducer, dict(method=method, loss=loss, epochs=epochs, goal=goal,
+                                                min_grad=min_grad, max_fail=max_fail, time_limit=time_limit,
+                                                division=division, split=split, batch_size=batch_size,
+                                                **method_options))
         history = History(kind)
         if rows is not None:
             history.set_division(*rows)
