@@ -485,6 +485,9 @@ Y_INF[1, 0] = math.inf
         (X_OK, Y_OK, dict(batch_size=0), ValueError, "Invalid batch_size value: 0"),
         (X_OK, Y_OK, dict(division="random", split=(0.5, 0.2, 0.2)), ValueError, "must sum to 1"),
         (X_OK, Y_OK, dict(division="shuffle"), ValueError, "Invalid division: 'shuffle'"),
+        (X_OK, Y_OK, dict(division="dividerand"), ValueError,
+         r"Invalid division: 'dividerand'; expected one of \('random', 'block', 'interleaved'\) or None \(MATLAB's "
+         r"'dividerand' is division='random'\)"),
         (X_OK, Y_OK, dict(mu=-1.0), ValueError, r"Invalid mu value: -1.0; expected a finite number > 0"),
         (X_OK, Y_OK, dict(mu_dec=2), ValueError, r"Invalid mu_dec value: 2; expected a number with 0 < mu_dec < 1"),
         (X_OK, Y_OK, dict(mu_inc=0.5), ValueError, r"Invalid mu_inc value: 0.5; expected a finite number > 1"),

@@ -75,6 +75,9 @@ _DEFAULT_MIN_GRAD = 1e-7
 _MIN_GRAD = {"gd": 1e-5, "momentum": 1e-5}
 # MATLAB's names, named in the error when one is passed: what a trainFcn or trainParam becomes here.
 _MATLAB_METHODS = {"trainlm": "lm", "trainbr": "br", "traingd": "gd", "traingdm": "momentum"}
+#: MATLAB's division functions by the name ``fit`` takes (``divideind`` is ``validation_data``/``test_data``).
+_MATLAB_DIVISIONS = {"dividerand": "random", "divideblock": "block", "divideint": "interleaved",
+                     "dividetrain": "none"}
 _MATLAB_OPTIONS = {"mc": "beta", "time": "time_limit"}
 
 
@@ -1016,7 +1019,9 @@ def _validate_options(epochs: Any, goal: Any, min_grad: Any, max_fail: Any, time
         if not ok:
             raise ValueError(f"Invalid {name} value: {value!r}; expected {expected}.")
     if division is not None and division not in DIVISIONS + ("none",):
-        raise ValueError(f"Invalid division: {division!r}; expected one of {DIVISIONS} or None.")
+        matlab = _MATLAB_DIVISIONS.get(division) if isinstance(division, str) else None
+        hint = f" (MATLAB's {division!r} is division={matlab!r})" if matlab else ""
+        raise ValueError(f"Invalid division: {division!r}; expected one of {DIVISIONS} or None{hint}.")
     for callback in callbacks:
         if not isinstance(callback, Callback):
             raise TypeError(f"callbacks must be marquardt.Callback instances; received {type(callback).__name__}.")
