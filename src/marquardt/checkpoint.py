@@ -455,10 +455,12 @@ def _unchanged_on_failure(path: Path, loop: Any, generator: torch.Generator | No
         np.random.set_state(randoms[1])
         if generator is not None:
             generator.set_state(randoms[2])
-        raise CheckpointError(
-            path, f"in {path.parent} cannot be read: {type(error).__name__}: {_one_line(error)}",
-            "Pass another checkpoint folder, or resume=False to start over and replace it."
-        ) from error
+        raise _unreadable(path, path.parent, f"{type(error).__name__}: {_one_line(error)}") from error
+
+
+def _unreadable(path: Path, folder: Path, detail: str) -> CheckpointError:
+    """The error for a checkpoint in ``folder`` that cannot be read: ``detail`` says why."""
+    return CheckpointError(path, f"in {folder} cannot be read: {detail}", "Pass another checkpoint folder, or resume=False to start over and replace it.")
 
 
 def _one_line(error: BaseException) -> str:
@@ -532,10 +534,7 @@ def _read_latest(folder: Path) -> tuple[Path, dict[str, Tensor], dict[str, Any]]
         path = latest_checkpoint(folder)
         return None if path is None else (path, *load_state(path))
     except (OSError, ValueError) as error:  # UnicodeDecodeError (a garbled pointer) is a ValueError
-        raise CheckpointError(
-            path, f"in {folder} cannot be read: {error}",
-            "Pass another checkpoint folder, or resume=False to start over and replace it."
-        ) from error
+        raise _unreadable(path, folder, str(error)) from error
 
 
 def _fingerprint(loop: Any) -> dict[str, Any]:
@@ -711,7 +710,8 @@ def _bad_record(records: Any) -> Any:
     if not isinstance(records, list):
         return None
     return next((record for i, record in enumerate(records)
-                 if not (isinstance(record, Mapping) and _is_count(record.get("epoch")) and record["epoch"] == i)), None)
+                 if not (isinstance(record, Mapping) and _is_count(record.get("epoch")) and record["epoch"] == i)),
+                None)
 
 
 def _check_record(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -725,6 +725,7 @@ def _check_record(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, 
         return value
 
     records = get("history", "records")
+    bad_record = _bad_record(records)
     fields = get("trainer", "fields")
     bad_field = next((name for name, value in fields.items() if not _is_trainer_field(value)), None) \
         if isinstance(fields, Mapping) else None
@@ -740,7 +741,7 @@ def _check_record(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, 
          isinstance(records, list) and len(records) == get("epoch"),
          f"a list of {get('epoch')} records, one per epoch before it"),
         # A record edited or replaced by hand became a History row of its own (epoch None), silently.
-        ("history row", _bad_record(records), _bad_record(records) is None,
+        ("history row", bad_record, bad_record is None,
          'records numbered from 0, each an object with its "epoch"'),
         ("trainer fields", fields, isinstance(fields, Mapping), "an object"),
         (f"trainer field {bad_field!r}", get("trainer", "fields", str(bad_field)), bad_field is None,
@@ -752,11 +753,8 @@ def _check_record(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, 
     ]
     for what, value, ok, expected in checks:
         if not ok:
-            raise CheckpointError(
-                path, f"in {path.parent} cannot be read: its {what} record is {json.dumps(value, default=str)[:80]}, "
-                f"expected {expected}",
-                "Pass another checkpoint folder, or resume=False to start over and replace it."
-            )
+            raise _unreadable(path, path.parent,
+                              f"its {what} record is {json.dumps(value, default=str)[:80]}, expected {expected}")
 
 
 def _saved_requires_grad(path: Path, meta: Mapping[str, Any]) -> dict[str, bool] | None:
@@ -765,11 +763,8 @@ def _saved_requires_grad(path: Path, meta: Mapping[str, Any]) -> dict[str, bool]
     if saved is None:
         return None
     if not (isinstance(saved, Mapping) and all(isinstance(value, bool) for value in saved.values())):
-        raise CheckpointError(
-            path, f"in {path.parent} cannot be read: its requires_grad record is {json.dumps(saved)[:80]}, "
-            "expected an object mapping parameter names to true or false",
-            "Pass another checkpoint folder, or resume=False to start over and replace it."
-        )
+        raise _unreadable(path, path.parent, f"its requires_grad record is {json.dumps(saved)[:80]}, expected an "
+                                             "object mapping parameter names to true or false")
     return dict(saved)
 
 

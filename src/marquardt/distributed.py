@@ -854,7 +854,8 @@ def _state_tensors(model: nn.Module) -> Iterable[Tensor]:
 def _layers_text(model: nn.Module) -> str:
     """Each submodule's name, class and ``extra_repr`` (sizes, slopes): the model's structure,
     without a device or an address that may differ between ranks of one run."""
-    return json.dumps([[name, type(module).__qualname__, module.extra_repr()] for name, module in model.named_modules()])
+    return json.dumps([[name, type(module).__qualname__, module.extra_repr()]
+                       for name, module in model.named_modules()])
 
 
 def _option_value(value: Any) -> Any:

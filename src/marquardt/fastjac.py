@@ -305,8 +305,9 @@ def describe(model: nn.Module, trainable: Sequence[str]) -> LayeredNetwork | Non
     form; ``ELU``, ``GELU``, ``SELU``, ``Mish``, ... by a forward-mode product), and
     :class:`marquardt.MLP`, each of exactly these types (a subclass, whose ``forward`` may differ,
     means the general path; an ``nn.Sequential`` subclass that only names a stack, overriding
-    neither ``forward`` nor the call, is a Sequential). ``trainable`` must name exactly the weights and biases of the layers
-    (a frozen layer or an extra parameter means the general path). A model whose call runs other
+    neither ``forward`` nor the call, is a Sequential). ``trainable`` must name exactly the
+    weights and biases of the layers (a frozen layer or an extra parameter means the general
+    path). A model whose call runs other
     code (:func:`_runs_other_code`: forward hooks or pre-hooks, a ``forward`` set on an instance)
     takes the general path too, which calls the module.
 

@@ -32,6 +32,7 @@ __all__ = [
     "conjugate_gradient",
     "curvature_sample_size",
     "eisenstat_walker",
+    "float64_norm",
     "scaled_products",
     "warm_start",
 ]
@@ -111,9 +112,9 @@ def conjugate_gradient(
     """
     x, product, iterations = _start(operator, rhs, x0)
     residual = rhs - product
-    bnorm = _norm(rhs)
+    bnorm = float64_norm(rhs)
     target = rtol * bnorm
-    rnorm = _norm(residual)
+    rnorm = float64_norm(residual)
     if rnorm <= target or bnorm == 0.0:
         return CGResult(x, product, iterations, rnorm, "tolerance")
     z = _precondition(residual, preconditioner)
@@ -132,7 +133,7 @@ def conjugate_gradient(
         x.add_(direction, alpha=alpha)
         product.add_(ad, alpha=alpha)
         residual.sub_(ad, alpha=alpha)
-        rnorm = _norm(residual)
+        rnorm = float64_norm(residual)
         models.append(_model(x, residual, rhs))
         if rnorm <= target:
             reason = "tolerance"
@@ -147,10 +148,17 @@ def conjugate_gradient(
     return CGResult(x, product, iterations, rnorm, reason)
 
 
-def _norm(vector: Tensor) -> float:
+def float64_norm(vector: Tensor) -> float:
     """``||v||``, summed in float64: torch sums float32 squares in float32, and a float32 gradient
     of norm past 1.8e19 (unscaled inputs) read as inf, so the forcing test ``inf <= inf`` passed
-    at once with a zero step."""
+    at once with a zero step. Every matrix-free front end reads its norms through this.
+
+    Examples
+    --------
+    >>> v = torch.tensor([3e19, 4e19])  # float32
+    >>> float(torch.linalg.vector_norm(v)), float64_norm(v)
+    (inf, 5.0000000562239226e+19)
+    """
     return float(torch.linalg.vector_norm(vector, dtype=torch.float64))
 
 
@@ -304,7 +312,7 @@ class GalerkinSpace:
         vector = direction.clone()
         for _ in range(2):
             vector -= (basis @ vector) @ basis
-        norm, scale = _norm(vector), _norm(direction)
+        norm, scale = float64_norm(vector), float64_norm(direction)
         if not (math.isfinite(norm) and norm > 100 * torch.finfo(vector.dtype).eps * scale):
             return None
         return vector / norm
@@ -476,7 +484,7 @@ class MatrixFreeEquations:
             return torch.full_like(grad, math.nan)
         reused = self._space is not None and torch.equal(self._space.rhs, -grad)
         space = self._space if reused else self._new_space(grad)
-        target = self.rtol * _norm(grad)
+        target = self.rtol * float64_norm(grad)
         before, models, reason = space.size if reused else 0, [0.0], "max_iter"
         step, y = torch.zeros_like(grad), None
         residual = space.rhs
@@ -485,7 +493,7 @@ class MatrixFreeEquations:
                 step, y, residual = space.solve(damping, scale)
                 models.append(-0.5 * float((space.basis[: space.size] @ space.rhs).double() @ y))
             with single_thread():
-                converged = _norm(residual) <= target
+                converged = float64_norm(residual) <= target
             if converged:
                 reason = "tolerance"
                 break

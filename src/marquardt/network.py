@@ -43,7 +43,7 @@ from .chunked import (
 from .fastjac import VMAP_RANDOM, BufferedNetwork, FunctionalJacobian, LayeredJacobian, jacobian_backend
 from .kronecker import LayerGram
 from .losses import Loss, SquaredError, accumulate_gauss_newton
-from .matfree import MatrixFreeEquations, curvature_sample_size, scaled_products, warm_start
+from .matfree import MatrixFreeEquations, curvature_sample_size, float64_norm, scaled_products, warm_start
 from .solver import Linearization
 
 
@@ -146,8 +146,6 @@ def _changes(module: nn.Module) -> bool:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
     return isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
-
-
 
 
 def _raise_if_random(error: RuntimeError) -> None:
@@ -734,9 +732,7 @@ class ModuleProblem:
         residuals = lin.outputs.reshape(-1) - self.y.reshape(-1)
         grad = lin.vjp(residuals)
         curvature, factor = self._curvature_products(x, lin)
-        # Summed in float64: a float32 gradient's norm past ~1.8e19 read as inf, and the forcing
-        # term of the next solve with it.
-        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float64))
+        norm = float64_norm(grad)  # a float32 gradient's own norm reads inf past ~1.8e19
         previous = self._previous
         if previous is not None:  # the step from the last linearization's point, an accepted one
             previous_x, previous_norm, previous_forcing = previous

@@ -34,7 +34,7 @@ from .chunked import (DEFAULT_JACOBIAN_BYTES, DEFAULT_MATRIX_BYTES, FORMS, Plan,
                       assemble_sample_space, plan_assembly, single_thread)
 from .damping import DAMPING_FLOOR, DampingState, MarquardtDamping, NielsenDamping, is_real_number
 from .fastjac import LayeredJacobian
-from .matfree import MatrixFreeEquations, warm_start
+from .matfree import MatrixFreeEquations, float64_norm, warm_start
 from .network import ModuleProblem, trainable_parameters
 from .solver import Linearization, StepResult, lm_step, reject_accepted
 
@@ -379,8 +379,7 @@ class ClosureProblem:
         if jvp is None:
             jvp = functools.partial(self._rows_times, r, plan.chunk_rows, batch)
         diagonal = functools.partial(self._gram_diagonal, r, plan.chunk_rows, batch)
-        # The norm summed in float64, as fit's: a float32 gradient past ~1.8e19 read as inf.
-        start, self.forcing = warm_start(self.previous, float(torch.linalg.vector_norm(grad, dtype=torch.float64)), x)
+        start, self.forcing = warm_start(self.previous, float64_norm(grad), x)
         self._point = x.clone()
         system = MatrixFreeEquations(jvp, vjp, diagonal, initial=start, rtol=self.forcing, max_iter=self.cg_max_iter,
                                      precondition=False)

@@ -475,17 +475,8 @@ class FunctionProblem:
         if self.needs_grad or self.jac_needs_grad:
             with torch.enable_grad():
                 return self.jac(x)
-        try:
-            with torch.no_grad():
-                return self.jac(x)
-        except RuntimeError as error:
-            try:
-                with torch.enable_grad():
-                    value = self.jac(x)
-            except Exception:  # noqa: BLE001 - not a grad-mode failure: the first error is jac's own
-                raise error from None
-            self.jac_needs_grad = True
-            return value
+        value, self.jac_needs_grad = _first_call(self.jac, x)
+        return value
 
     def _as_jacobian(self, value: Any, x: Tensor) -> Tensor:
         """``jac``'s output as a tensor like ``x``, or a TypeError naming ``jac``: torch's and
